@@ -1,0 +1,224 @@
+"""Who this process is in the job, and how the job's processes are started.
+
+The environment is read here and nowhere else: under ``torchrun`` the rendezvous comes from its
+variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); otherwise :func:`spawn` starts P local
+processes on a loopback port. Every process group gets a timeout, so a dead peer ends the job with an
+error that names it instead of a hang.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import multiprocessing as mp
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from scalesgd.errors import ConfigError, DistributedError, ScalesgdError
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job."""
+
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the processes meet: ``tcp://addr:port`` plus this process's rank and the world size."""
+
+    addr: str
+    port: int
+    rank: int
+    size: int
+    local_rank: int
+
+
+def torchrun_rendezvous(environ: dict[str, str] | None = None) -> Rendezvous | None:
+    """The rendezvous torchrun (or any launcher that sets the same variables) put in the environment."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    try:
+        return Rendezvous(addr=env.get("MASTER_ADDR", "127.0.0.1"), port=int(env.get("MASTER_PORT", "29500")),
+                          rank=int(env["RANK"]), size=int(env["WORLD_SIZE"]),
+                          local_rank=int(env.get("LOCAL_RANK", env["RANK"])))
+    except ValueError as e:
+        raise DistributedError(f"malformed torchrun environment ({e}); launch with torchrun or unset RANK/WORLD_SIZE")
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` is NCCL when CUDA is present, gloo otherwise."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("--backend nccl needs CUDA GPUs, and none is visible; use --backend gloo on CPU")
+    return backend
+
+
+def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World:
+    """Join the process group described by ``rdv`` (a no-op group of one when size is 1)."""
+    backend = resolve_backend(backend)
+    if backend == "nccl":
+        device = torch.device("cuda", rdv.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if rdv.size > 1 and not dist.is_initialized():
+        try:
+            dist.init_process_group(backend=backend, init_method=f"tcp://{rdv.addr}:{rdv.port}",
+                                    rank=rdv.rank, world_size=rdv.size,
+                                    timeout=_dt.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as e:  # noqa: PERF203 - converted to a clear message
+            raise DistributedError(
+                f"rank {rdv.rank} could not join the process group at {rdv.addr}:{rdv.port} ({e}); "
+                "check that every rank uses the same address and port and that the port is free") from e
+    return World(rank=rdv.rank, size=rdv.size, local_rank=rdv.local_rank, device=device, backend=backend)
+
+
+def shutdown_world() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``addr`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return int(s.getsockname()[1])
+
+
+def check_port_free(port: int, addr: str = "127.0.0.1") -> None:
+    """Raise a clear error if ``port`` is taken (the rendezvous would otherwise fail obscurely)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr, port))
+        except OSError as e:
+            raise DistributedError(f"rendezvous port {port} on {addr} is in use ({e.strerror}); pass another "
+                                   "--master-port or leave it out to pick a free one") from e
+
+
+def _child(fn: Callable[..., Any], rdv: Rendezvous, args: tuple, results: Any) -> None:
+    """Entry point of a spawned worker: run ``fn(rdv, *args)`` and report its outcome on ``results``."""
+    try:
+        out = fn(rdv, *args)
+        results.put(("ok", rdv.rank, out))
+    except ScalesgdError as e:
+        results.put(("error", rdv.rank, f"{type(e).__name__}:{e}"))
+        sys.exit(3)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent with its traceback, then re-raised
+        results.put(("crash", rdv.rank, "".join(traceback.format_exception(e))))
+        raise
+
+
+def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | None = None,
+          addr: str = "127.0.0.1", timeout_s: float | None = None) -> list[Any]:
+    """Run ``fn(rendezvous, *args)`` in ``nprocs`` fresh local processes and return their results by rank.
+
+    If one worker fails, the others are terminated and its error is raised here (the first failing rank is
+    named), so no worker is left hanging. ``timeout_s`` bounds the whole job.
+    """
+    if port is None:
+        port = free_port(addr)
+    else:
+        check_port_free(port, addr)
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = []
+    for rank in range(nprocs):
+        rdv = Rendezvous(addr=addr, port=port, rank=rank, size=nprocs, local_rank=rank)
+        p = ctx.Process(target=_child, args=(fn, rdv, args, results), daemon=False)
+        p.start()
+        procs.append(p)
+    outcomes: dict[int, tuple[str, Any]] = {}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failure: tuple[int, str, Any] | None = None
+    try:
+        while len(outcomes) < nprocs:
+            while not results.empty():
+                status, rank, payload = results.get()
+                outcomes[rank] = (status, payload)
+                if status != "ok" and failure is None:
+                    failure = (rank, status, payload)
+            if failure is not None:
+                break
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcomes]
+            if dead:
+                time.sleep(0.2)  # let a dying worker's report arrive before blaming it
+                if results.empty():
+                    r = dead[0]
+                    failure = (r, "crash", f"worker {r} exited with code {procs[r].exitcode}")
+                    break
+                continue
+            if all(p.exitcode == 0 for p in procs) and results.empty() and len(outcomes) < nprocs:
+                time.sleep(0.1)
+                if results.empty():
+                    missing = sorted(set(range(nprocs)) - set(outcomes))
+                    failure = (missing[0], "crash", f"worker {missing[0]} exited without a result")
+                    break
+            if deadline is not None and time.monotonic() > deadline:
+                failure = (-1, "timeout", f"the job did not finish within {timeout_s:.0f} s")
+                break
+            time.sleep(0.02)
+    finally:
+        if failure is not None:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failure is not None:
+        rank, status, payload = failure
+        if status == "error":
+            kind, _, message = str(payload).partition(":")
+            raise _rebuild_error(kind, message)
+        if status == "timeout":
+            raise DistributedError(f"{payload}; the workers were stopped")
+        raise DistributedError(f"worker {rank} failed:\n{payload}")
+    return [outcomes[r][1] for r in range(nprocs)]
+
+
+def _rebuild_error(kind: str, message: str) -> ScalesgdError:
+    import scalesgd.errors as errors
+
+    cls = getattr(errors, kind, ScalesgdError)
+    if not (isinstance(cls, type) and issubclass(cls, ScalesgdError)):
+        cls = ScalesgdError
+    return cls(message)
+
+
+def all_reduce_scalars(values: list[float], world: World) -> list[float]:
+    """Sum a few Python floats over all ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=world.device if world.backend == "nccl" else "cpu")
+    if world.size > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+

@@ -1,0 +1,137 @@
+"""Model constructors, by name.
+
+Every constructor takes explicit keyword arguments: the input shape (without the batch axis), the number
+of outputs, and its own knobs (width, dropout, norm). No BatchNorm anywhere: per-example gradients are not
+defined under it (examples in a batch stop being independent); ``norm="group"`` offers GroupNorm instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+NORMS = ("none", "group")
+
+
+def _check(name: str, width: int, dropout: float, norm: str = "none") -> None:
+    if width < 1:
+        raise ValueError(f"model {name!r}: width must be a positive integer, got {width}; pass --width 32, say")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model {name!r}: dropout must be in [0, 1), got {dropout}; pass --dropout 0.1, say")
+    if norm not in NORMS:
+        raise ValueError(f"model {name!r}: unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+
+
+def _group_norm(channels: int) -> nn.Module:
+    groups = math.gcd(channels, 8) or 1
+    return nn.GroupNorm(groups, channels)
+
+
+def logreg(*, input_shape: Sequence[int], num_outputs: int, width: int = 1, dropout: float = 0.0,
+           norm: str = "none") -> nn.Module:
+    """Multinomial logistic regression (or linear regression with ``num_outputs=1``): flatten, one Linear.
+
+    ``width`` and ``norm`` are accepted for a uniform signature and ignored.
+    """
+    _check("logreg", max(width, 1), dropout)
+    layers: list[nn.Module] = [nn.Flatten()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(math.prod(input_shape), num_outputs))
+    return nn.Sequential(*layers)
+
+
+def mlp(*, input_shape: Sequence[int], num_outputs: int, width: int = 256, depth: int = 2,
+        dropout: float = 0.0, norm: str = "none") -> nn.Module:
+    """Fully connected ReLU network: flatten, ``depth`` hidden layers of ``width`` units, linear head."""
+    _check("mlp", width, dropout, norm)
+    if depth < 1:
+        raise ValueError(f"model 'mlp': depth must be >= 1, got {depth}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    fan_in = math.prod(input_shape)
+    for _ in range(depth):
+        layers.append(nn.Linear(fan_in, width))
+        if norm == "group":
+            layers.append(nn.LayerNorm(width))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        fan_in = width
+    layers.append(nn.Linear(fan_in, num_outputs))
+    return nn.Sequential(*layers)
+
+
+def cnn1d(*, input_shape: Sequence[int], num_outputs: int, width: int = 32, dropout: float = 0.0,
+          norm: str = "none") -> nn.Module:
+    """1-D CNN in the style of the MNIST-1D paper: three strided Conv1d + ReLU, then a linear head.
+
+    Input ``(L,)`` (one channel) or ``(C, L)``.
+    """
+    _check("cnn1d", width, dropout, norm)
+    if len(input_shape) == 1:
+        channels, length = 1, int(input_shape[0])
+        layers: list[nn.Module] = [nn.Unflatten(1, (1, length))]
+    elif len(input_shape) == 2:
+        channels, length = int(input_shape[0]), int(input_shape[1])
+        layers = []
+    else:
+        raise ValueError(f"model 'cnn1d' takes inputs of shape (L,) or (C, L), got {tuple(input_shape)}; "
+                         "use --model mlp or --model cnn for other shapes")
+    specs = [(channels, width, 5, 2, 1), (width, width, 3, 2, 1), (width, width, 3, 2, 1)]
+    for c_in, c_out, k, s, p in specs:
+        layers.append(nn.Conv1d(c_in, c_out, k, stride=s, padding=p))
+        if norm == "group":
+            layers.append(_group_norm(c_out))
+        layers.append(nn.ReLU())
+        length = (length + 2 * p - k) // s + 1
+    if length < 1:
+        raise ValueError(f"model 'cnn1d': input length {input_shape[-1]} is too short (need >= 9)")
+    layers.append(nn.Flatten())
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(width * length, num_outputs))
+    return nn.Sequential(*layers)
+
+
+def cnn(*, input_shape: Sequence[int], num_outputs: int, width: int = 64, dropout: float = 0.0,
+        norm: str = "none") -> nn.Module:
+    """Small cuda-convnet-style CNN for 32x32x3 images (the seed paper's CIFAR-10 network, scaled by width).
+
+    conv5x5(width) ReLU maxpool3/2, conv5x5(width) ReLU maxpool3/2, FC(6·width) ReLU, FC(3·width) ReLU, FC.
+    Any (C, H, W) input with H, W >= 8 works.
+    """
+    _check("cnn", width, dropout, norm)
+    if len(input_shape) != 3:
+        raise ValueError(f"model 'cnn' takes image inputs (C, H, W), got shape {tuple(input_shape)}; "
+                         "use --model cnn1d for sequences or --model mlp for flat features")
+    c, h, w = (int(v) for v in input_shape)
+    layers: list[nn.Module] = []
+    for c_in in (c, width):
+        layers.append(nn.Conv2d(c_in, width, 5, padding=2))
+        if norm == "group":
+            layers.append(_group_norm(width))
+        layers += [nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1)]
+        h, w = (h + 1) // 2, (w + 1) // 2
+    layers.append(nn.Flatten())
+    layers += [nn.Linear(width * h * w, 6 * width), nn.ReLU()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers += [nn.Linear(6 * width, 3 * width), nn.ReLU()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(3 * width, num_outputs))
+    return nn.Sequential(*layers)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cnn1d": cnn1d, "cnn": cnn}
+
+# The width a model gets when the user does not say.
+DEFAULT_WIDTH = {"logreg": 1, "mlp": 256, "cnn1d": 32, "cnn": 64}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
