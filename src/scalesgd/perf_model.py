@@ -1,0 +1,452 @@
+"""A numpy-only model of step time and time to accuracy: fit it from a short profile, then predict.
+
+time to accuracy = time per pass × passes to accuracy                       (REFERENCES.md §2)
+
+- Step time on one host, where our trainer runs backward, then one all-reduce of the whole gradient
+  (compute and communication do not overlap):
+  ``T_step(B, P) = T_compute(ceil(B/P)) + T_allreduce(N_grad_bytes, P) + overhead``.
+- ``T_compute(b) = t0 + t1·b`` (affine: a fixed per-step cost plus a per-example cost), fitted to median
+  fwd+bwd+update times at a few local batch sizes. Its throughput ``b/(t0 + t1·b)`` saturates at
+  ``1/t1``, which is the shape CPU and GPU profiles have once the batch fills the device.
+- ``T_allreduce(N, P) = 2(P−1)·α + 2(P−1)/P·N·β``: the bandwidth-optimal ring (reduce-scatter then
+  all-gather), α seconds per message, β seconds per byte; zero on one worker.
+- time per pass = (n/B)·T_step(B, P).
+- passes to accuracy: ``passes(B) = passes_min·(1 + B/B_crit)`` (McCandlish et al. 2018, epochs form),
+  with ``B_crit = B_S − 1`` from the measured diversity batch bound ``B_S = n·Δ``. The two views agree:
+  Yin et al. (arXiv 1706.05699) give gradient evaluations ∝ 1 + (B−1)/B_S, which is
+  ``(B_S−1)/B_S · (1 + B/(B_S−1))``, and n·Δ = B_simple + 1 (§3).
+
+Everything here is plain numbers in, plain numbers out; :mod:`scalesgd.predict` does the measuring.
+The α–β fit lives here (:func:`fit_alpha_beta`) so that this model needs nothing but numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from scalesgd.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------------------
+# Compute curve
+
+
+@dataclass(frozen=True)
+class ComputeFit:
+    """``T_compute(b) = t0_s + t1_s·b`` seconds for one fwd+bwd+update at local batch size ``b``.
+
+    ``max_rel_err`` is the worst |fit − measured|/measured over the profile the fit came from (0 when
+    built by hand); a value above a few percent says the affine curve does not describe this machine.
+    """
+
+    t0_s: float
+    t1_s: float
+    max_rel_err: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.t0_s) and math.isfinite(self.t1_s)) or self.t0_s < 0 or self.t1_s < 0:
+            raise ConfigError(f"compute fit needs finite t0_s >= 0 and t1_s >= 0, got t0_s={self.t0_s}, "
+                              f"t1_s={self.t1_s}; profile at more batch sizes or with more steps")
+
+    def __call__(self, local_batch_size):
+        """Seconds per step at ``local_batch_size`` (scalar or array)."""
+        return self.t0_s + self.t1_s * np.asarray(local_batch_size, dtype=np.float64)
+
+    @property
+    def peak_examples_per_s(self) -> float:
+        """Throughput as b → ∞ (``1/t1``)."""
+        return math.inf if self.t1_s == 0 else 1.0 / self.t1_s
+
+
+def _nonneg_weighted_lstsq(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Minimise Σ((features·θ − t)/t)² over θ ≥ 0 (relative error, so small timings count as much as big).
+
+    Tiny active-set search: try the full fit, then every subset with one fewer coefficient, keeping the
+    best non-negative one. Two or three coefficients make that exhaustive and exact.
+    """
+    w = 1.0 / targets
+    a = features * w[:, None]
+    y = np.ones_like(targets)
+    k = features.shape[1]
+    best, best_res = np.zeros(k), float(np.sum(y ** 2))
+    for mask in range(1, 2 ** k):
+        cols = [j for j in range(k) if mask >> j & 1]
+        sol, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+        if np.any(sol < 0):
+            continue
+        theta = np.zeros(k)
+        theta[cols] = sol
+        res = float(np.sum((a @ theta - y) ** 2))
+        if res < best_res - 1e-15:
+            best, best_res = theta, res
+    return best
+
+
+def _as_positive_1d(name: str, values: Iterable[float]) -> np.ndarray:
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ConfigError(f"{name} must be a non-empty list of positive finite numbers, got {arr.tolist()}")
+    return arr
+
+
+def fit_compute(batch_sizes: Sequence[float], times_s: Sequence[float]) -> ComputeFit:
+    """Fit ``T_compute(b) = t0 + t1·b`` (t0, t1 ≥ 0) to median step times at local batch sizes.
+
+    Args:
+        batch_sizes: local batch sizes profiled (at least two distinct values).
+        times_s: median seconds per fwd+bwd+update at each size.
+    Returns:
+        :class:`ComputeFit` with the worst relative residual in ``max_rel_err``.
+    The fit minimises relative error, so a 1 ms step at b = 8 weighs as much as a 50 ms one at b = 512.
+    """
+    b = _as_positive_1d("batch_sizes", batch_sizes)
+    t = _as_positive_1d("times_s", times_s)
+    if b.size != t.size:
+        raise ConfigError(f"fit_compute: {b.size} batch sizes but {t.size} timings; pass one timing per size")
+    if np.unique(b).size < 2:
+        raise ConfigError(f"fit_compute needs at least two distinct batch sizes, got {b.tolist()}")
+    t0, t1 = _nonneg_weighted_lstsq(np.stack([np.ones_like(b), b], axis=1), t)
+    rel = np.abs(t0 + t1 * b - t) / t
+    return ComputeFit(t0_s=float(t0), t1_s=float(t1), max_rel_err=float(rel.max()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Network: α–β ring all-reduce
+
+
+@dataclass(frozen=True)
+class Network:
+    """α (seconds per message) and β (seconds per byte) of the ring all-reduce cost model.
+
+    ``source`` says where the numbers came from ("measured here", or the string the user gave).
+    """
+
+    alpha_s: float
+    beta_s_per_byte: float
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha_s) and math.isfinite(self.beta_s_per_byte)) \
+                or self.alpha_s < 0 or self.beta_s_per_byte < 0:
+            raise ConfigError(f"network needs finite alpha_s >= 0 and beta_s_per_byte >= 0, got "
+                              f"alpha_s={self.alpha_s}, beta_s_per_byte={self.beta_s_per_byte}")
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        return math.inf if self.beta_s_per_byte == 0 else 1.0 / self.beta_s_per_byte
+
+    def describe(self) -> str:
+        gbit = self.bandwidth_bytes_per_s * 8 / 1e9
+        return f"{gbit:.3g} Gbit/s, {self.alpha_s * 1e6:.3g} us" + (f" ({self.source})" if self.source else "")
+
+
+def allreduce_time(message_bytes, workers, network: Network):
+    """Ring all-reduce seconds: ``2(P−1)·α + 2(P−1)/P·N·β`` (0 when P = 1). Scalars or arrays.
+
+    Source: Patarasuk & Yuan's bandwidth-optimal ring, as in baidu-allreduce and Horovod (REFERENCES §1).
+    """
+    n = np.asarray(message_bytes, dtype=np.float64)
+    p = np.asarray(workers, dtype=np.float64)
+    if np.any(p < 1):
+        raise ConfigError(f"worker count must be >= 1, got {p.tolist()}")
+    return 2.0 * (p - 1.0) * network.alpha_s + 2.0 * (p - 1.0) / p * n * network.beta_s_per_byte
+
+
+def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[int],
+                   times_s: Sequence[float]) -> tuple[float, float]:
+    """Fit α (s) and β (s/byte) of ``T = 2(P−1)α + 2(P−1)/P·N·β`` to measured all-reduce times.
+
+    Args:
+        sizes_bytes, world_sizes, times_s: one entry per measurement (median seconds per all-reduce of a
+            message of that many bytes on that many workers). Rows with P = 1 carry no information and
+            are skipped. Needs at least two distinct message sizes.
+    Returns:
+        ``(alpha_s, beta_s_per_byte)``, both ≥ 0 (relative-error least squares, so the small messages
+        that pin α count as much as the big ones that pin β).
+    """
+    n = np.asarray(list(sizes_bytes), dtype=np.float64)
+    p = np.asarray(list(world_sizes), dtype=np.float64)
+    t = np.asarray(list(times_s), dtype=np.float64)
+    if not (n.size == p.size == t.size) or n.size == 0:
+        raise ConfigError(f"fit_alpha_beta needs equal-length non-empty lists, got {n.size} sizes, "
+                          f"{p.size} world sizes, {t.size} times")
+    if not (np.all(np.isfinite(t)) and np.all(t > 0) and np.all(n >= 0) and np.all(p >= 1)):
+        raise ConfigError("fit_alpha_beta needs sizes >= 0, world sizes >= 1 and positive finite times")
+    keep = p > 1
+    n, p, t = n[keep], p[keep], t[keep]
+    if np.unique(n).size < 2:
+        raise ConfigError("fit_alpha_beta needs timings on >= 2 workers at two or more distinct message "
+                          "sizes to separate latency from bandwidth")
+    features = np.stack([2.0 * (p - 1.0), 2.0 * (p - 1.0) / p * n], axis=1)
+    alpha, beta = _nonneg_weighted_lstsq(features, t)
+    return float(alpha), float(beta)
+
+
+_BANDWIDTH_UNITS = {  # unit (lower case, no spaces) -> bytes per second
+    "bit/s": 1 / 8, "bps": 1 / 8, "b/s": 1 / 8,
+    "kbit/s": 1e3 / 8, "kbps": 1e3 / 8, "kb/s": 1e3 / 8,
+    "mbit/s": 1e6 / 8, "mbps": 1e6 / 8, "mb/s": 1e6 / 8,
+    "gbit/s": 1e9 / 8, "gbps": 1e9 / 8, "gb/s": 1e9 / 8,
+    "tbit/s": 1e12 / 8, "tbps": 1e12 / 8, "tb/s": 1e12 / 8,
+}
+_BYTE_BANDWIDTH_UNITS = {  # case-sensitive: capital B means bytes
+    "B/s": 1.0, "kB/s": 1e3, "KB/s": 1e3, "MB/s": 1e6, "GB/s": 1e9, "TB/s": 1e12,
+    "KiB/s": 2.0 ** 10, "MiB/s": 2.0 ** 20, "GiB/s": 2.0 ** 30, "TiB/s": 2.0 ** 40,
+}
+_LATENCY_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
+_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([^\s0-9].*?)\s*$")
+
+
+def parse_network(spec: str) -> Network:
+    """Parse ``"25 Gbit/s, 10 us"`` (bandwidth and latency, either order) into a :class:`Network`.
+
+    Bandwidth units: bit/s, kbit/s, Mbit/s, Gbit/s, Tbit/s (also Gbps, Gb/s) for bits; B/s, kB/s, MB/s,
+    GB/s, TB/s, GiB/s for bytes (capital B = bytes). Latency units: s, ms, us, µs, ns.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError("--network needs a bandwidth and a latency, e.g. --network '25 Gbit/s, 10 us'")
+    parts = [s for s in spec.split(",") if s.strip()]
+    if len(parts) != 2:
+        raise ConfigError(f"--network {spec!r}: expected 'BANDWIDTH, LATENCY' like '25 Gbit/s, 10 us' "
+                          f"(two comma-separated quantities), got {len(parts)}")
+    bandwidth = latency = None
+    for part in parts:
+        m = _QUANTITY.match(part)
+        if not m:
+            raise ConfigError(f"--network {spec!r}: cannot read {part.strip()!r} as a number with a unit; "
+                              "write e.g. '25 Gbit/s, 10 us'")
+        value, unit = float(m.group(1)), m.group(2).replace(" ", "")
+        if unit in _BYTE_BANDWIDTH_UNITS:
+            kind, scaled = "bandwidth", value * _BYTE_BANDWIDTH_UNITS[unit]
+        elif unit.lower() in _BANDWIDTH_UNITS:
+            kind, scaled = "bandwidth", value * _BANDWIDTH_UNITS[unit.lower()]
+        elif unit in _LATENCY_UNITS or unit.lower() in _LATENCY_UNITS:
+            kind, scaled = "latency", value * _LATENCY_UNITS.get(unit, _LATENCY_UNITS.get(unit.lower(), 0.0))
+        else:
+            raise ConfigError(f"--network {spec!r}: unknown unit {unit!r}; bandwidth in bit/s, Gbit/s, GB/s "
+                              "(etc.), latency in s, ms, us, ns")
+        if kind == "bandwidth":
+            if bandwidth is not None:
+                raise ConfigError(f"--network {spec!r}: two bandwidths and no latency; write e.g. "
+                                  "'25 Gbit/s, 10 us'")
+            bandwidth = scaled
+        else:
+            if latency is not None:
+                raise ConfigError(f"--network {spec!r}: two latencies and no bandwidth; write e.g. "
+                                  "'25 Gbit/s, 10 us'")
+            latency = scaled
+    if not bandwidth or bandwidth <= 0 or not math.isfinite(bandwidth):
+        raise ConfigError(f"--network {spec!r}: bandwidth must be positive")
+    return Network(alpha_s=float(latency), beta_s_per_byte=1.0 / bandwidth, source=spec.strip())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Step time, passes, time to accuracy
+
+
+def local_batch_size(global_batch_size, workers):
+    """Largest per-worker shard, ``ceil(B/P)``: the slowest worker sets the pace of a synchronous step."""
+    b = np.asarray(global_batch_size, dtype=np.float64)
+    p = np.asarray(workers, dtype=np.float64)
+    return np.ceil(b / p)
+
+
+def step_time(global_batch_size, workers, *, compute: ComputeFit, network: Network, grad_bytes: float,
+              overhead_s: float = 0.0):
+    """Seconds per synchronous step: ``T_compute(ceil(B/P)) + T_allreduce(grad_bytes, P) + overhead_s``.
+
+    Compute and communication add (no overlap): the trainer all-reduces the gradient once, after backward.
+    Scalars or broadcastable arrays.
+    """
+    return (compute(local_batch_size(global_batch_size, workers))
+            + allreduce_time(grad_bytes, workers, network) + overhead_s)
+
+
+def time_per_pass(n_train: int, global_batch_size, workers, *, compute: ComputeFit, network: Network,
+                  grad_bytes: float, overhead_s: float = 0.0):
+    """Seconds per pass over ``n_train`` examples: ``(n/B)·T_step(B, P)``."""
+    b = np.asarray(global_batch_size, dtype=np.float64)
+    return n_train / b * step_time(b, workers, compute=compute, network=network, grad_bytes=grad_bytes,
+                                   overhead_s=overhead_s)
+
+
+def batch_crit_from_bound(batch_bound: float) -> float:
+    """``B_crit = B_S − 1`` (= B_simple of McCandlish et al., since n·Δ = B_simple + 1; REFERENCES §3)."""
+    if not (math.isfinite(batch_bound) and batch_bound > 1):
+        raise ConfigError(f"the diversity batch bound B_S must be a finite number > 1, got {batch_bound}; "
+                          "take it from a run's batch_bound_est (--from-run) or pass --batch-bound")
+    return float(batch_bound) - 1.0
+
+
+def passes_to_accuracy(global_batch_size, *, passes_min: float, batch_crit: float):
+    """Passes over the data to reach the target: ``passes_min·(1 + B/B_crit)``.
+
+    Below ``B_crit`` a bigger batch costs few extra passes (near-linear speedup in steps); above it the
+    passes grow linearly in B (Yin et al. 2018; McCandlish et al. 2018, E = E_min(1 + B/B_noise)).
+    """
+    if not (passes_min > 0 and batch_crit > 0):
+        raise ConfigError(f"passes_min and batch_crit must be positive, got {passes_min}, {batch_crit}")
+    return passes_min * (1.0 + np.asarray(global_batch_size, dtype=np.float64) / batch_crit)
+
+
+def passes_min_from_measurement(passes: float, global_batch_size: float, batch_crit: float) -> float:
+    """Invert :func:`passes_to_accuracy` for one run: ``passes_min = passes/(1 + B/B_crit)``."""
+    if not (passes > 0 and global_batch_size >= 1):
+        raise ConfigError(f"a measured run needs passes > 0 and a batch size >= 1, got passes={passes}, "
+                          f"batch size {global_batch_size}")
+    return float(passes) / (1.0 + float(global_batch_size) / batch_crit)
+
+
+def fit_passes_min(batch_sizes: Sequence[float], passes: Sequence[float], batch_crit: float) -> float:
+    """Least-squares ``passes_min`` (relative error) from several runs at a known ``B_crit``.
+
+    With x = 1 + B/B_crit, minimising Σ((pm·x − p)/p)² gives pm = Σ(x/p) / Σ(x/p)².
+    """
+    b = _as_positive_1d("batch_sizes", batch_sizes)
+    p = _as_positive_1d("passes", passes)
+    if b.size != p.size:
+        raise ConfigError(f"fit_passes_min: {b.size} batch sizes but {p.size} pass counts")
+    r = (1.0 + b / batch_crit) / p
+    return float(r.sum() / (r ** 2).sum())
+
+
+def time_to_accuracy(n_train: int, global_batch_size, workers, *, compute: ComputeFit, network: Network,
+                     grad_bytes: float, passes_min: float, batch_crit: float, overhead_s: float = 0.0):
+    """Seconds to the target accuracy: time per pass × passes to accuracy (REFERENCES §2)."""
+    return (time_per_pass(n_train, global_batch_size, workers, compute=compute, network=network,
+                          grad_bytes=grad_bytes, overhead_s=overhead_s)
+            * passes_to_accuracy(global_batch_size, passes_min=passes_min, batch_crit=batch_crit))
+
+
+def efficiency(global_batch_size, workers, *, compute: ComputeFit, network: Network, grad_bytes: float,
+               overhead_s: float = 0.0):
+    """Parallel efficiency at fixed B: ``T_step(B, 1) / (P·T_step(B, P))``, in [0, 1].
+
+    It cannot exceed 1: P·(t0 + t1·ceil(B/P)) ≥ t0 + t1·B, and communication only adds.
+    """
+    one = step_time(global_batch_size, 1, compute=compute, network=network, grad_bytes=grad_bytes,
+                    overhead_s=overhead_s)
+    many = step_time(global_batch_size, workers, compute=compute, network=network, grad_bytes=grad_bytes,
+                     overhead_s=overhead_s)
+    return one / (np.asarray(workers, dtype=np.float64) * many)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grid and recommendation
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One (B, P) configuration's predicted costs."""
+
+    global_batch_size: int
+    workers: int
+    local_batch_size: int
+    compute_s: float  # per step
+    comm_s: float  # per step
+    step_time_s: float
+    time_per_pass_s: float
+    passes: float
+    time_to_accuracy_s: float
+    efficiency: float
+
+    @property
+    def worker_seconds(self) -> float:
+        """Cost of the configuration: P × time to accuracy."""
+        return self.workers * self.time_to_accuracy_s
+
+
+def predict_grid(batch_sizes: Iterable[int], workers: Iterable[int], *, n_train: int, compute: ComputeFit,
+                 network: Network, grad_bytes: float, passes_min: float, batch_crit: float,
+                 overhead_s: float = 0.0) -> list[Prediction]:
+    """Predict every (B, P) with P ≤ B (a worker needs at least one example), ordered by B then P."""
+    if n_train < 1 or grad_bytes < 0 or overhead_s < 0:
+        raise ConfigError(f"predict_grid needs n_train >= 1, grad_bytes >= 0 and overhead_s >= 0, got "
+                          f"{n_train}, {grad_bytes}, {overhead_s}")
+    rows = []
+    for b in sorted({int(v) for v in batch_sizes}):
+        for p in sorted({int(v) for v in workers}):
+            if b < 1 or p < 1:
+                raise ConfigError(f"batch sizes and worker counts must be >= 1, got B={b}, P={p}")
+            if p > b:
+                continue
+            comp = float(compute(local_batch_size(b, p)))
+            comm = float(allreduce_time(grad_bytes, p, network))
+            step = comp + comm + overhead_s
+            tpp = n_train / b * step
+            passes = float(passes_to_accuracy(b, passes_min=passes_min, batch_crit=batch_crit))
+            eff = float(efficiency(b, p, compute=compute, network=network, grad_bytes=grad_bytes,
+                                   overhead_s=overhead_s))
+            rows.append(Prediction(global_batch_size=b, workers=p, local_batch_size=int(local_batch_size(b, p)),
+                                   compute_s=comp, comm_s=comm, step_time_s=step, time_per_pass_s=tpp,
+                                   passes=passes, time_to_accuracy_s=tpp * passes, efficiency=eff))
+    if not rows:
+        raise ConfigError("no (B, P) configuration with P <= B; pass larger --batch-sizes or fewer workers")
+    return rows
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The fastest configuration, and the cheapest one (fewest worker-seconds) within ``tolerance`` of it."""
+
+    fastest: Prediction
+    cheapest: Prediction
+    tolerance: float
+
+
+def recommend(table: Sequence[Prediction], tolerance: float = 0.10) -> Recommendation:
+    """Pick the fastest row, then the row with the fewest worker-seconds whose time ≤ (1+tol)·fastest.
+
+    Ties go to fewer workers, then the smaller batch.
+    """
+    if not table:
+        raise ConfigError("recommend needs at least one prediction")
+    if tolerance < 0:
+        raise ConfigError(f"tolerance must be >= 0, got {tolerance}")
+    fastest = min(table, key=lambda r: (r.time_to_accuracy_s, r.workers, r.global_batch_size))
+    limit = fastest.time_to_accuracy_s * (1.0 + tolerance)
+    near = [r for r in table if r.time_to_accuracy_s <= limit]
+    cheapest = min(near, key=lambda r: (r.worker_seconds, r.workers, r.global_batch_size))
+    return Recommendation(fastest=fastest, cheapest=cheapest, tolerance=tolerance)
+
+
+def format_seconds(seconds: float) -> str:
+    """``0.42 ms``, ``3.1 s``, ``12.0 min``, ``5.2 h``: short and unit-bearing."""
+    if not math.isfinite(seconds):
+        return str(seconds)
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.3g} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g} ms"
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds / 3600:.3g} h"
+
+
+def format_table(table: Sequence[Prediction]) -> str:
+    """A fixed-width text table of predictions, one row per configuration."""
+    head = (f"{'B':>7} {'P':>5} {'b':>6} {'compute/step':>13} {'comm/step':>10} {'time/pass':>10} "
+            f"{'passes':>8} {'time to acc':>12} {'effic.':>7}")
+    lines = [head, "-" * len(head)]
+    for r in table:
+        lines.append(f"{r.global_batch_size:>7} {r.workers:>5} {r.local_batch_size:>6} "
+                     f"{format_seconds(r.compute_s):>13} {format_seconds(r.comm_s):>10} "
+                     f"{format_seconds(r.time_per_pass_s):>10} {r.passes:>8.3g} "
+                     f"{format_seconds(r.time_to_accuracy_s):>12} {r.efficiency:>7.2f}")
+    return "\n".join(lines)
+
+
+def format_recommendation(rec: Recommendation) -> str:
+    f, c = rec.fastest, rec.cheapest
+    return (f"fastest: B={f.global_batch_size} on P={f.workers} workers: "
+            f"{format_seconds(f.time_to_accuracy_s)} to accuracy ({f.passes:.3g} passes, "
+            f"{format_seconds(f.worker_seconds)} worker-time)\n"
+            f"cheapest within {rec.tolerance:.0%} of fastest: B={c.global_batch_size} on P={c.workers} workers: "
+            f"{format_seconds(c.time_to_accuracy_s)} to accuracy ({c.passes:.3g} passes, "
+            f"{format_seconds(c.worker_seconds)} worker-time)")

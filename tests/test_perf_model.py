@@ -1,0 +1,247 @@
+"""Invariants of the step-time and time-to-accuracy model, over seeded random parameters.
+
+(`hypothesis` is not installed; each property loops over parameters drawn from a seeded numpy generator.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from scalesgd.errors import ConfigError
+from scalesgd.perf_model import (
+    ComputeFit,
+    Network,
+    allreduce_time,
+    batch_crit_from_bound,
+    efficiency,
+    fit_alpha_beta,
+    fit_compute,
+    fit_passes_min,
+    format_recommendation,
+    format_table,
+    parse_network,
+    passes_min_from_measurement,
+    passes_to_accuracy,
+    predict_grid,
+    recommend,
+    step_time,
+    time_per_pass,
+    time_to_accuracy,
+)
+
+CASES = 50
+
+
+def random_setup(rng: np.random.Generator):
+    compute = ComputeFit(t0_s=float(10 ** rng.uniform(-5, -1)), t1_s=float(10 ** rng.uniform(-7, -3)))
+    network = Network(alpha_s=float(10 ** rng.uniform(-7, -3)), beta_s_per_byte=float(10 ** rng.uniform(-11, -8)))
+    grad_bytes = float(10 ** rng.uniform(3, 9))
+    return compute, network, grad_bytes
+
+
+def test_efficiency_in_unit_interval():
+    rng = np.random.default_rng(0)
+    for _ in range(CASES):
+        compute, network, grad_bytes = random_setup(rng)
+        overhead = float(rng.uniform(0, 1e-3))
+        batch = np.array([1, 3, 64, 100, 1000, 4096, 65536])
+        for p in (1, 2, 3, 7, 64, 1024):
+            b = batch[batch >= p]
+            e = efficiency(b, p, compute=compute, network=network, grad_bytes=grad_bytes, overhead_s=overhead)
+            assert np.all(e >= 0) and np.all(e <= 1 + 1e-12), (p, e)
+        assert float(efficiency(512, 1, compute=compute, network=network, grad_bytes=grad_bytes)) == \
+            pytest.approx(1.0)
+
+
+def test_step_time_non_decreasing_in_message_size():
+    rng = np.random.default_rng(1)
+    for _ in range(CASES):
+        compute, network, _ = random_setup(rng)
+        sizes = np.sort(10 ** rng.uniform(0, 10, size=20))
+        for p in (1, 2, 8, 1024):
+            t = step_time(4096, p, compute=compute, network=network, grad_bytes=sizes)
+            assert np.all(np.diff(t) >= 0)
+
+
+def test_allreduce_matches_ring_formula_and_is_free_on_one_worker():
+    net = Network(alpha_s=1e-5, beta_s_per_byte=1e-9)
+    assert allreduce_time(1e6, 1, net) == 0.0
+    # P = 4: 2·3·α + 2·3/4·N·β
+    assert allreduce_time(1e6, 4, net) == pytest.approx(6e-5 + 1.5e6 * 1e-9)
+    # bandwidth term approaches 2·N·β from below as P grows (bandwidth-optimal)
+    t = allreduce_time(1e8, np.array([2, 16, 1024]), Network(alpha_s=0.0, beta_s_per_byte=1e-9))
+    assert np.all(np.diff(t) > 0) and t[-1] < 2 * 1e8 * 1e-9
+
+
+def test_compute_fit_recovers_parameters_from_noisy_timings():
+    rng = np.random.default_rng(2)
+    for _ in range(CASES):
+        t0, t1 = float(10 ** rng.uniform(-5, -2)), float(10 ** rng.uniform(-7, -4))
+        b = np.array([8, 16, 32, 64, 128, 256, 512])
+        t = (t0 + t1 * b) * (1 + rng.normal(0, 0.002, size=b.size))
+        fit = fit_compute(b, t)
+        assert fit.max_rel_err < 0.02
+        # recover parameters to within what the noise allows at these sizes
+        assert fit.t1_s == pytest.approx(t1, rel=0.05 + 0.05 * t0 / (t1 * 512))
+        assert fit(256) == pytest.approx(t0 + t1 * 256, rel=0.01)
+
+
+def test_compute_fit_exact_and_nonnegative():
+    fit = fit_compute([1, 2, 4], [3e-3 + 1e-4, 3e-3 + 2e-4, 3e-3 + 4e-4])
+    assert fit.t0_s == pytest.approx(3e-3) and fit.t1_s == pytest.approx(1e-4)
+    assert fit.max_rel_err < 1e-9
+    # timings that decrease with b (noise) must not give a negative per-example cost
+    fit = fit_compute([8, 16, 32], [1.0e-3, 0.99e-3, 0.98e-3])
+    assert fit.t1_s >= 0 and fit.t0_s > 0
+    with pytest.raises(ConfigError):
+        fit_compute([8, 8], [1e-3, 1e-3])
+    with pytest.raises(ConfigError):
+        fit_compute([8, 16], [1e-3])
+    with pytest.raises(ConfigError):
+        fit_compute([8, 16], [1e-3, -1.0])
+
+
+def test_alpha_beta_fit_recovers_parameters():
+    rng = np.random.default_rng(3)
+    for _ in range(CASES):
+        alpha, beta = float(10 ** rng.uniform(-6, -3)), float(10 ** rng.uniform(-11, -8))
+        sizes = np.repeat(2.0 ** np.arange(4, 26, 2), 3)
+        ps = np.tile([2, 3, 4], sizes.size // 3)
+        exact = allreduce_time(sizes, ps, Network(alpha_s=alpha, beta_s_per_byte=beta))
+        t = exact * (1 + rng.normal(0, 0.001, size=sizes.size))
+        a_hat, b_hat = fit_alpha_beta(sizes, ps, t)
+        assert a_hat == pytest.approx(alpha, rel=0.05)
+        assert b_hat == pytest.approx(beta, rel=0.05)
+
+
+def test_alpha_beta_fit_rejects_unidentifiable_input():
+    with pytest.raises(ConfigError):
+        fit_alpha_beta([1024, 1024], [2, 2], [1e-4, 1e-4])
+    with pytest.raises(ConfigError):
+        fit_alpha_beta([1024, 4096], [1, 1], [1e-4, 2e-4])  # one worker: no communication at all
+    a, b = fit_alpha_beta([1024, 4096, 8], [2, 2, 1], [2e-5 + 1024e-9, 2e-5 + 4096e-9, 1e-3])
+    assert a == pytest.approx(1e-5) and b == pytest.approx(1e-9)
+
+
+def test_more_workers_never_increase_compute_per_step():
+    rng = np.random.default_rng(4)
+    ps = np.arange(1, 1025)
+    for _ in range(CASES):
+        compute, _, _ = random_setup(rng)
+        b = int(rng.integers(1, 100000))
+        zero_net = Network(alpha_s=0.0, beta_s_per_byte=0.0)
+        t = step_time(b, ps, compute=compute, network=zero_net, grad_bytes=0.0)
+        assert np.all(np.diff(t) <= 1e-15)
+
+
+def test_time_per_pass_decreases_then_flattens_in_batch_size():
+    rng = np.random.default_rng(5)
+    n = 60000
+    for _ in range(CASES):
+        compute, network, grad_bytes = random_setup(rng)
+        for p in (1, 4, 64):
+            bs = p * 2.0 ** np.arange(0, 16)
+            tpp = time_per_pass(n, bs, p, compute=compute, network=network, grad_bytes=grad_bytes)
+            assert np.all(np.diff(tpp) <= 1e-12 * tpp[0])
+            # flattens: the successive ratios rise towards 1, and the tail sits at the compute floor n·t1/P
+            ratios = tpp[1:] / tpp[:-1]
+            assert np.all(np.diff(ratios) >= -1e-9)
+            floor = n * compute.t1_s / p
+            assert tpp[-1] >= floor
+            gap0 = tpp[0] - floor
+            assert tpp[-1] - floor <= gap0 / 2 ** 14 * 1.0001
+
+
+def test_passes_model_and_its_inverse():
+    bc = batch_crit_from_bound(257.0)
+    assert bc == 256.0
+    # at B = B_crit the passes double
+    assert passes_to_accuracy(256, passes_min=3.0, batch_crit=bc) == pytest.approx(6.0)
+    pm = passes_min_from_measurement(10.0, 32, bc)
+    assert passes_to_accuracy(32, passes_min=pm, batch_crit=bc) == pytest.approx(10.0)
+    # the Yin et al. form: passes(B)/passes(1) = 1 + (B-1)/B_S
+    b_s = 257.0
+    ratio = passes_to_accuracy(100, passes_min=1, batch_crit=bc) / passes_to_accuracy(1, passes_min=1, batch_crit=bc)
+    assert ratio == pytest.approx(1 + 99 / b_s)
+    bs = np.array([16, 64, 256, 1024])
+    assert fit_passes_min(bs, passes_to_accuracy(bs, passes_min=4.2, batch_crit=bc), bc) == pytest.approx(4.2)
+    with pytest.raises(ConfigError):
+        batch_crit_from_bound(1.0)
+    with pytest.raises(ConfigError):
+        batch_crit_from_bound(float("nan"))
+
+
+def test_time_to_accuracy_optimum_on_one_worker_is_sqrt_t0_bcrit_over_t1():
+    # P = 1, no comm: TTA ∝ (t0/B + t1)(1 + B/Bc), minimised at B* = sqrt(t0·Bc/t1)
+    compute = ComputeFit(t0_s=2e-3, t1_s=2e-5)
+    bc = 400.0
+    bs = np.arange(1, 5000)
+    tta = time_to_accuracy(10000, bs, 1, compute=compute, network=Network(1e-5, 1e-9), grad_bytes=1e6,
+                           passes_min=3.0, batch_crit=bc)
+    assert bs[np.argmin(tta)] == pytest.approx(math.sqrt(2e-3 * bc / 2e-5), abs=1)
+
+
+def test_predict_grid_and_recommend():
+    compute = ComputeFit(t0_s=1e-3, t1_s=1e-5)
+    net = parse_network("10 Gbit/s, 20 us")
+    table = predict_grid([32, 256, 2048, 16384], [1, 2, 8, 64, 1024], n_train=50000, compute=compute,
+                         network=net, grad_bytes=4e5, passes_min=5.0, batch_crit=500.0)
+    assert all(r.workers <= r.global_batch_size for r in table)
+    assert {(r.global_batch_size, r.workers) for r in table} >= {(32, 1), (16384, 1024)}
+    for r in table:
+        assert r.step_time_s == pytest.approx(r.compute_s + r.comm_s)
+        assert r.time_to_accuracy_s == pytest.approx(r.time_per_pass_s * r.passes)
+        assert 0 <= r.efficiency <= 1
+    rec = recommend(table)
+    assert rec.fastest.time_to_accuracy_s == min(r.time_to_accuracy_s for r in table)
+    assert rec.cheapest.time_to_accuracy_s <= 1.1 * rec.fastest.time_to_accuracy_s
+    assert rec.cheapest.worker_seconds <= rec.fastest.worker_seconds
+    for r in table:
+        if r.time_to_accuracy_s <= 1.1 * rec.fastest.time_to_accuracy_s:
+            assert rec.cheapest.worker_seconds <= r.worker_seconds
+    assert "B=" in format_recommendation(rec)
+    assert len(format_table(table).splitlines()) == len(table) + 2
+    with pytest.raises(ConfigError):
+        predict_grid([4], [8], n_train=100, compute=compute, network=net, grad_bytes=1.0, passes_min=1,
+                     batch_crit=10)
+
+
+def test_recommend_with_zero_tolerance_picks_fastest():
+    compute = ComputeFit(t0_s=1e-3, t1_s=1e-5)
+    table = predict_grid([64, 512], [1, 4], n_train=1000, compute=compute, network=Network(1e-5, 1e-9),
+                         grad_bytes=1e4, passes_min=2, batch_crit=100)
+    rec = recommend(table, tolerance=0.0)
+    assert rec.cheapest.time_to_accuracy_s == rec.fastest.time_to_accuracy_s
+
+
+@pytest.mark.parametrize("spec, alpha, bandwidth", [
+    ("25 Gbit/s, 10 us", 10e-6, 25e9 / 8),
+    ("10 us, 25 Gbit/s", 10e-6, 25e9 / 8),
+    ("100Gbps,2us", 2e-6, 100e9 / 8),
+    ("12.5 GB/s, 1.5 µs", 1.5e-6, 12.5e9),
+    ("1 GiB/s, 0.1 ms", 1e-4, 2.0 ** 30),
+    ("800 Mbit/s, 1e-3 s", 1e-3, 800e6 / 8),
+    ("1 Gb/s, 50 ns", 50e-9, 1e9 / 8),
+])
+def test_parse_network(spec, alpha, bandwidth):
+    net = parse_network(spec)
+    assert net.alpha_s == pytest.approx(alpha)
+    assert net.bandwidth_bytes_per_s == pytest.approx(bandwidth)
+    assert "Gbit/s" in net.describe()
+
+
+@pytest.mark.parametrize("spec", ["", "fast", "25 Gbit/s", "25 Gbit/s, 10 furlongs", "10 us, 5 ms",
+                                  "1 GB/s, 2 GB/s", "0 Gbit/s, 1 us", "25 Gbit/s, 10 us, 3 us", "x Gbit/s, 1 us"])
+def test_parse_network_rejects_garbage(spec):
+    with pytest.raises(ConfigError, match="network"):
+        parse_network(spec)
+
+
+def test_constructors_validate():
+    with pytest.raises(ConfigError):
+        ComputeFit(t0_s=-1.0, t1_s=0.0)
+    with pytest.raises(ConfigError):
+        Network(alpha_s=float("nan"), beta_s_per_byte=0.0)
