@@ -1,0 +1,202 @@
+"""Run configuration: one frozen dataclass that validates itself.
+
+Errors say what was wrong and how to fix it. Checks that need the data set (batch larger than the data)
+live in :func:`check_against_data`, called once the data set is loaded and before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from scalesgd.errors import ConfigError
+
+LR_SCHEDULES = ("constant", "cosine", "step")
+LR_RULES = ("constant", "linear", "sqrt", "adascale")
+BATCH_POLICIES = ("fixed", "diversity", "schedule")
+DIVERSITY_MODES = ("off", "cheap", "exact")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs. Field names are the command-line options with ``-`` → ``_``."""
+
+    # data
+    dataset: str = "mnist1d"
+    n_train: int | None = None  # examples to generate for generated sets (mnist1d, synthetic-*)
+    dim: int | None = None  # synthetic sets: input dimension (None: the data set's default)
+    noise: float | None = None  # synthetic sets: label noise (None: the data set's default)
+    replicate: int = 1  # keep n/r distinct training examples, refill to n (lowers diversity)
+    data_seed: int | None = None  # generated sets and splits (None: the data set's default)
+    # model
+    model: str = "cnn1d"
+    width: int | None = None  # None: the model's default width
+    depth: int = 2  # mlp hidden layers
+    dropout: float = 0.0
+    norm: str = "none"
+    # optimisation
+    global_batch_size: int = 128
+    lr: float = 0.05  # learning rate of the mean loss, at the base batch size
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # base schedule: constant, cosine or step
+    lr_milestones: tuple[float, ...] = ()  # epochs at which `step` multiplies the lr by lr_gamma
+    lr_gamma: float = 0.1
+    lr_rule: str = "constant"  # how the lr follows the batch size: constant, linear, sqrt, adascale
+    warmup_epochs: float = 0.0
+    base_batch_size: int | None = None  # B₀ of the lr rule; None: the starting global batch size
+    langevin_noise: float = 0.0  # std of Gaussian noise added to each update (SGLD-style), per unit lr
+    # batch-size policy
+    batch_policy: str = "fixed"
+    batch_schedule: str = ""  # for `schedule`: "epoch:batch,epoch:batch", e.g. "0:64,5:256"
+    delta: float = 0.5  # for `diversity`: batch = delta * B_S + 1
+    min_batch: int | None = None
+    max_batch: int | None = None
+    # length
+    epochs: float = 12.0
+    steps: int | None = None  # if set, overrides epochs
+    target_accuracy: float | None = None
+    # evaluation
+    eval_every: int | None = None  # steps between evaluations; None: once per epoch
+    eval_train_examples: int = 5000
+    # diversity tracking
+    diversity: str = "cheap"
+    diversity_decay: float = 0.99
+    # engine
+    workers: int = 2
+    backend: str = "auto"
+    comm: str = "allreduce"
+    qsgd_levels: int = 16
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    threads_per_worker: int | None = None
+    timeout_s: float = 600.0
+    check_replicas_every: int = 0  # all-gather the parameters every k steps and check they are identical
+    seed: int = 0
+    # output
+    run_dir: str | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form tags recorded in config.json
+
+    def __post_init__(self) -> None:
+        _positive_int("global-batch-size", self.global_batch_size)
+        _positive_int("workers", self.workers)
+        if self.global_batch_size < self.workers:
+            raise ConfigError(f"--global-batch-size {self.global_batch_size} is smaller than --workers "
+                              f"{self.workers}: every worker needs at least one example; raise the batch "
+                              f"to at least {self.workers} or use fewer workers")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}; try --lr 0.05")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("--nesterov needs a non-zero --momentum")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.langevin_noise < 0:
+            raise ConfigError(f"--langevin-noise must be >= 0, got {self.langevin_noise}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.width is not None:
+            _positive_int("width", self.width)
+        _positive_int("depth", self.depth)
+        _positive_int("replicate", self.replicate)
+        if self.n_train is not None:
+            _positive_int("n-train", self.n_train)
+        if self.dim is not None:
+            _positive_int("dim", self.dim)
+        if self.noise is not None and self.noise < 0:
+            raise ConfigError(f"--noise must be >= 0, got {self.noise}")
+        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("lr-rule", self.lr_rule, LR_RULES)
+        _choice("batch-policy", self.batch_policy, BATCH_POLICIES)
+        _choice("diversity", self.diversity, DIVERSITY_MODES)
+        if self.batch_policy == "schedule" and not self.batch_schedule:
+            raise ConfigError("--batch-policy schedule needs --batch-schedule, e.g. \"0:64,5:256,10:1024\"")
+        if self.batch_policy == "diversity" and self.diversity == "off":
+            raise ConfigError("--batch-policy diversity needs the diversity estimate; use --diversity cheap "
+                              "or exact")
+        if self.lr_rule == "adascale" and self.diversity == "off":
+            raise ConfigError("--lr-rule adascale needs the gradient statistics; use --diversity cheap or exact")
+        if not self.delta > 0:
+            raise ConfigError(f"--delta must be positive, got {self.delta}")
+        for name in ("min_batch", "max_batch", "base_batch_size"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(name.replace("_", "-"), value)
+        if self.min_batch and self.max_batch and self.min_batch > self.max_batch:
+            raise ConfigError(f"--min-batch {self.min_batch} exceeds --max-batch {self.max_batch}")
+        if self.steps is not None:
+            _positive_int("steps", self.steps)
+        elif not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ConfigError(f"--epochs must be positive, got {self.epochs}; or give --steps")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ConfigError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}; "
+                              "e.g. 0.94 for 94%")
+        if self.eval_every is not None:
+            _positive_int("eval-every", self.eval_every)
+        if self.eval_train_examples < 0:
+            raise ConfigError("--eval-train-examples must be >= 0")
+        if not 0 < self.diversity_decay < 1:
+            raise ConfigError(f"--diversity-decay must be in (0, 1), got {self.diversity_decay}")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ConfigError(f"--master-port must be in 1..65535, got {self.master_port}")
+        if self.threads_per_worker is not None:
+            _positive_int("threads-per-worker", self.threads_per_worker)
+        if self.check_replicas_every < 0:
+            raise ConfigError("--check-replicas-every must be >= 0 (0 turns the check off)")
+        if not self.timeout_s > 0:
+            raise ConfigError("--timeout-s must be positive")
+        _positive_int("qsgd-levels", self.qsgd_levels)
+        if not 0 < self.lr_gamma <= 1:
+            raise ConfigError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.warmup_epochs < 0:
+            raise ConfigError("--warmup-epochs must be >= 0")
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+
+def _positive_int(option: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"--{option} must be a positive integer, got {value!r}")
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{option}: unknown value {value!r}; choose one of {', '.join(choices)}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def config_from_mapping(values: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """Normalise keys (``-`` → ``_``) of a mapping such as a TOML file and reject unknown ones."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS or name == "extra":
+            close = [k.replace("_", "-") for k in FIELDS if k.startswith(name[:4])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}; keys mirror the command-line options")
+        if name == "lr_milestones" and isinstance(value, list):
+            value = tuple(float(v) for v in value)
+        out[name] = value
+    return out
+
+
+def check_against_data(cfg: RunConfig, n_train: int) -> None:
+    """Checks that need the size of the training set."""
+    if cfg.global_batch_size > n_train:
+        raise ConfigError(f"--global-batch-size {cfg.global_batch_size} is larger than the training set "
+                          f"({n_train} examples); use a batch of at most {n_train}")
+    if cfg.max_batch is not None and cfg.max_batch > n_train:
+        raise ConfigError(f"--max-batch {cfg.max_batch} is larger than the training set ({n_train} examples)")

@@ -1,0 +1,277 @@
+"""The thin training loop: build, step, evaluate, adapt, write. No maths of its own.
+
+:func:`train` is what ``scalesgd train`` calls: it spawns local workers (or, under torchrun, runs as the
+rank torchrun made) and returns rank 0's summary. :func:`worker` is one rank's whole job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scalesgd import distributed
+from scalesgd.comm import make_comm
+from scalesgd.config import RunConfig, check_against_data
+from scalesgd.data import Dataset, load_dataset
+from scalesgd.data.sharding import BatchStream, Cursor, shard
+from scalesgd.distributed import Rendezvous, World
+from scalesgd.errors import DivergedError, DistributedError
+from scalesgd.models import DEFAULT_WIDTH, MODELS
+from scalesgd.step import FlatModel, evaluate, train_step
+from scalesgd.transforms import Hyper, sgd
+from scalesgd.writer import RunWriter, default_run_dir, environment
+
+
+def load_data(cfg: RunConfig) -> Dataset:
+    """The data set a config names, checked against the batch size."""
+    options = {k: v for k, v in (("n_train", cfg.n_train), ("seed", cfg.data_seed), ("dim", cfg.dim),
+                                 ("noise", cfg.noise)) if v is not None}
+    ds = load_dataset(cfg.dataset, replicate=cfg.replicate, **options)
+    check_against_data(cfg, ds.n_train)
+    return ds
+
+
+def build_model(cfg: RunConfig, ds: Dataset, seed: int) -> nn.Module:
+    """The model of ``cfg`` for ``ds``, initialised from ``seed`` (the same on every rank)."""
+    torch.manual_seed(seed)
+    width = cfg.width if cfg.width is not None else DEFAULT_WIDTH[cfg.model]
+    kwargs: dict[str, Any] = dict(input_shape=ds.input_shape, num_outputs=ds.num_outputs, width=width,
+                                  dropout=cfg.dropout, norm=cfg.norm)
+    if cfg.model == "mlp":
+        kwargs["depth"] = cfg.depth
+    return MODELS[cfg.model](**kwargs)
+
+
+def loss_function(task: str):
+    """Per-example loss with sum reduction (see the reduction convention in :mod:`scalesgd.step`)."""
+    if task == "classification":
+        return lambda out, y: nn.functional.cross_entropy(out, y, reduction="sum")
+    return lambda out, y: 0.5 * nn.functional.mse_loss(out, y, reduction="sum")
+
+
+def base_schedule_factor(cfg: RunConfig, progress: float, epoch_float: float) -> float:
+    """Multiplier of the base schedule at ``progress`` ∈ [0, 1] of the run (or ``epoch_float`` for step)."""
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    if cfg.lr_schedule == "step":
+        return cfg.lr_gamma ** sum(1 for m in cfg.lr_milestones if epoch_float >= m)
+    return 1.0
+
+
+@dataclass
+class Progress:
+    """Where the loop is; returned by the loop body, never hidden in globals."""
+
+    step: int = 0
+    examples: int = 0
+    cursor: Cursor = Cursor()
+    train_time_s: float = 0.0  # wall time spent in training steps (evaluation excluded)
+
+
+def _threads(cfg: RunConfig, world: World) -> int:
+    if cfg.threads_per_worker is not None:
+        return cfg.threads_per_worker
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size if world.size <= (os.cpu_count() or 1) else 1))
+    return max(1, (os.cpu_count() or 1) // max(local, 1))
+
+
+def verify_replicas(params: torch.Tensor, world: World, step: int) -> None:
+    """Check that every rank holds bit-identical parameters; name the first rank that differs."""
+    if world.size == 1:
+        return
+    gathered = [torch.empty_like(params) for _ in range(world.size)]
+    torch.distributed.all_gather(gathered, params)
+    for r, other in enumerate(gathered):
+        if not torch.equal(other, gathered[0]):
+            raise DistributedError(f"rank {r}'s parameters differ from rank 0's after step {step}: the "
+                                   "replicas diverged; check that all ranks run the same code and data")
+
+
+def worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset | None = None) -> dict[str, Any]:
+    """One rank's whole job; returns the run summary (rank 0's is the one written)."""
+    world = distributed.init_world(rdv, cfg.backend, timeout_s=cfg.timeout_s)
+    try:
+        return _train(cfg, world, ds)
+    finally:
+        distributed.shutdown_world()
+
+
+def _train(cfg: RunConfig, world: World, ds: Dataset | None) -> dict[str, Any]:
+    torch.set_num_threads(_threads(cfg, world))
+    if ds is None:
+        ds = load_data(cfg)
+    classification = ds.task == "classification"
+    model = build_model(cfg, ds, cfg.seed).to(world.device)
+    model.train()
+    flat = FlatModel(model, world.size, world.device)
+    loss_fn = loss_function(ds.task)
+    comm = make_comm(cfg.comm, world_size=world.size, rank=world.rank,
+                     generator=torch.Generator().manual_seed(cfg.seed * 1000 + world.rank),
+                     **({"levels": cfg.qsgd_levels} if cfg.comm == "qsgd" else {}))
+    tx = sgd(momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+             langevin_noise=cfg.langevin_noise, seed=cfg.seed)
+    tx_state = tx.init(flat.params)
+
+    run_dir = None
+    if world.is_main:
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(
+            cfg.model, cfg.dataset, cfg.global_batch_size, world.size, cfg.seed)
+    writer = RunWriter(run_dir, enabled=world.is_main)
+    try:
+        resolved = cfg.replace(workers=world.size, run_dir=str(run_dir) if run_dir else cfg.run_dir)
+        writer.write_json("config.json", {**resolved.to_dict(), "n_train": ds.n_train, "n_test": ds.n_test,
+                                          "input_shape": list(ds.input_shape), "num_outputs": ds.num_outputs,
+                                          "num_parameters": flat.numel})
+        writer.write_json("env.json", environment(world_size=world.size, backend=world.backend,
+                                                  device=world.device))
+        summary = _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classification)
+        summary["run_dir"] = str(run_dir) if run_dir else None
+        writer.save_checkpoint({"model": model.state_dict(), "step": summary["steps"],
+                                "config": resolved.to_dict()})
+        writer.write_json("summary.json", summary)
+        return summary
+    finally:
+        writer.close()
+
+
+def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classification) -> dict[str, Any]:
+    x_train, y_train = ds.x_train.to(world.device), ds.y_train.to(world.device)
+    stream = BatchStream(ds.n_train, cfg.seed)
+    total_examples = cfg.steps * cfg.global_batch_size if cfg.steps else int(math.ceil(cfg.epochs * ds.n_train))
+    eval_train_idx = torch.randperm(ds.n_train, generator=torch.Generator().manual_seed(cfg.seed + 17))[
+        : cfg.eval_train_examples]
+    bar = _progress_bar(cfg, world, total_examples)
+    prog = Progress()
+    time_to_target_s = train_time_to_target_s = None
+    last_eval: dict[str, Any] = {}
+    start = time.perf_counter()
+    global_batch_size = cfg.global_batch_size
+    diverged_at = None
+
+    def run_eval(epoch_float: float) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        test = evaluate(flat.model, loss_fn, ds.x_test, ds.y_test, rank=world.rank, world_size=world.size,
+                        device=world.device, classification=classification)
+        train = evaluate(flat.model, loss_fn, ds.x_train[eval_train_idx], ds.y_train[eval_train_idx],
+                         rank=world.rank, world_size=world.size, device=world.device,
+                         classification=classification)
+        s = distributed.all_reduce_scalars([*test, *train], world)
+        rec = {"kind": "eval", "step": prog.step, "epoch": epoch_float,
+               "test_loss": s[0] / max(s[2], 1), "train_loss": s[3] / max(s[5], 1),
+               "test_accuracy": s[1] / max(s[2], 1) if classification else None,
+               "train_accuracy": s[4] / max(s[5], 1) if classification else None,
+               "time_s": time.perf_counter() - start, "train_time_s": prog.train_time_s,
+               "eval_s": time.perf_counter() - t0}
+        writer.log(rec)
+        return rec
+
+    try:
+        while prog.examples < total_examples:
+            epoch_float = prog.cursor.epoch + prog.cursor.offset / ds.n_train
+            want = min(global_batch_size, total_examples - prog.examples) if cfg.steps is None else global_batch_size
+            batch, next_cursor = stream.next(prog.cursor, want)
+            b = int(batch.indices.numel())
+            local = shard(batch.indices, world.rank, world.size)
+            shard_sizes = [int(t.numel()) for t in torch.tensor_split(batch.indices, world.size)]
+            lr = cfg.lr * base_schedule_factor(cfg, prog.examples / total_examples, epoch_float)
+            result, tx_state = train_step(
+                flat=flat, loss_fn=loss_fn, x=x_train[local], y=y_train[local], global_batch_size=b,
+                shard_sizes=shard_sizes, rank=world.rank, comm=comm, tx=tx, tx_state=tx_state,
+                hyper=Hyper(lr=lr, step=prog.step), classification=classification)
+            step_s = result.compute_s + result.comm_s + result.update_s
+            prog = Progress(step=prog.step + 1, examples=prog.examples + b, cursor=next_cursor,
+                            train_time_s=prog.train_time_s + step_s)
+            epoch_now = next_cursor.epoch + next_cursor.offset / ds.n_train
+            record = {
+                "kind": "step", "step": prog.step, "epoch": epoch_now, "global_batch_size": b,
+                "local_batch_size": int(local.numel()), "lr": lr, "loss": result.loss,
+                "train_batch_accuracy": result.correct / b if classification else None,
+                "examples_per_s": b / step_s if step_s > 0 else None,
+                "time_s": time.perf_counter() - start, "step_time_s": step_s,
+                "compute_s": result.compute_s, "comm_s": result.comm_s, "update_s": result.update_s,
+                "wait_s": result.wait_s, "bytes_sent": result.bytes_sent,
+                **{f"compute_s_rank{r}": t for r, t in enumerate(result.compute_s_per_rank)},
+                **result.extra,
+            }
+            writer.log(record)
+            if not math.isfinite(result.loss):
+                diverged_at = prog.step
+                raise DivergedError(
+                    f"the loss became {result.loss} at step {prog.step} (lr {lr:.4g}); training stopped. "
+                    f"Lower the learning rate (e.g. --lr {cfg.lr / 4:.3g}) or add warm-up "
+                    f"(--warmup-epochs 1); the metrics so far are in {writer.run_dir or 'the run directory'}")
+            if cfg.check_replicas_every and prog.step % cfg.check_replicas_every == 0:
+                verify_replicas(flat.params, world, prog.step)
+            if bar is not None:
+                bar.update(b)
+                postfix = {"loss": f"{result.loss:.3f}", "ex/s": f"{b / step_s:,.0f}" if step_s > 0 else "-"}
+                if last_eval.get("test_accuracy") is not None:
+                    postfix["test_acc"] = f"{last_eval['test_accuracy']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+            due = (cfg.eval_every is not None and prog.step % cfg.eval_every == 0) or (
+                cfg.eval_every is None and batch.epoch_end)
+            if due or prog.examples >= total_examples:
+                last_eval = run_eval(epoch_now)
+                acc = last_eval.get("test_accuracy")
+                if (cfg.target_accuracy is not None and acc is not None and acc >= cfg.target_accuracy
+                        and time_to_target_s is None):
+                    time_to_target_s = last_eval["time_s"]
+                    train_time_to_target_s = prog.train_time_s
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    if diverged_at is not None:  # pragma: no cover - raised above
+        raise AssertionError("unreachable")
+    if not last_eval or last_eval["step"] != prog.step:
+        last_eval = run_eval(prog.cursor.epoch + prog.cursor.offset / ds.n_train)
+    wall_s = time.perf_counter() - start
+    return {
+        "final_test_accuracy": last_eval.get("test_accuracy"),
+        "final_train_accuracy": last_eval.get("train_accuracy"),
+        "final_test_loss": last_eval.get("test_loss"),
+        "steps": prog.step,
+        "epochs": prog.cursor.epoch + prog.cursor.offset / ds.n_train,
+        "examples": prog.examples,
+        "wall_s": wall_s,
+        "train_time_s": prog.train_time_s,
+        "target_accuracy": cfg.target_accuracy,
+        "time_to_target_s": time_to_target_s,
+        "train_time_to_target_s": train_time_to_target_s,
+        "world_size": world.size,
+        "backend": world.backend,
+        "num_parameters": flat.numel,
+    }
+
+
+def _progress_bar(cfg: RunConfig, world: World, total_examples: int):
+    if not (cfg.progress and world.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_examples, unit="ex", unit_scale=True, dynamic_ncols=True, leave=True,
+                desc=f"train P={world.size}", mininterval=0.5)
+
+
+def train(cfg: RunConfig, ds: Dataset | None = None) -> dict[str, Any]:
+    """Run ``cfg``: under torchrun as the rank it made, otherwise on ``cfg.workers`` local processes.
+
+    Returns rank 0's summary (under torchrun: this rank's).
+    """
+    rdv = distributed.torchrun_rendezvous()
+    if ds is None:
+        ds = load_data(cfg)  # validate data and options before anything is spawned or written
+    if rdv is not None:
+        return worker(rdv, cfg, ds)
+    if cfg.workers == 1:
+        return worker(Rendezvous("127.0.0.1", 0, 0, 1, 0), cfg, ds)
+    results = distributed.spawn(worker, cfg.workers, (cfg, ds), port=cfg.master_port, addr=cfg.master_addr,
+                                timeout_s=None)
+    return results[0]

@@ -1,0 +1,197 @@
+"""One synchronous data-parallel training step, with the all-reduce and the statistics tap in plain view.
+
+Memory layout: every parameter is a view into one flat vector ``params`` (N,), and every ``.grad`` is a
+view into the front of one flat communication buffer ``buffer`` (N + tail,). Backward therefore writes the
+local gradient straight into the buffer; the tail carries this rank's exact statistics (loss sum, correct
+count, example count, diversity sums, its compute time) and is summed by the *same* all-reduce, so a step
+costs one collective whatever is measured.
+
+Reduction convention: rank p backpropagates ``Σ_{i∈shard_p} ℓᵢ / B`` with B the global batch, so the sum
+over ranks is exactly the gradient of the mean loss over the global batch (DDP's averaging of per-rank
+means would weight unequal shards wrongly).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from scalesgd.comm import CommStrategy
+from scalesgd.transforms import GradientTransformation, Hyper
+
+# Fixed slots at the head of the statistics tail; per-rank compute times follow them.
+SLOT_LOSS, SLOT_CORRECT, SLOT_COUNT = 0, 1, 2
+SLOT_TAP = 3  # first of the slots a statistics tap may use
+N_TAP_SLOTS = 5
+N_FIXED_SLOTS = SLOT_TAP + N_TAP_SLOTS
+
+
+class FlatModel:
+    """A model whose parameters live in one flat vector and whose gradients land in one flat buffer."""
+
+    def __init__(self, model: nn.Module, world_size: int, device: torch.device):
+        self.model = model
+        self.params_list = [p for p in model.parameters() if p.requires_grad]
+        self.numel = sum(p.numel() for p in self.params_list)
+        self.tail = N_FIXED_SLOTS + world_size
+        dtype = self.params_list[0].dtype if self.params_list else torch.float32
+        self.params = torch.empty(self.numel, dtype=dtype, device=device)  # (N,)
+        self.buffer = torch.zeros(self.numel + self.tail, dtype=dtype, device=device)  # (N + tail,)
+        offset = 0
+        for p in self.params_list:
+            n = p.numel()
+            self.params[offset:offset + n].copy_(p.detach().reshape(-1))
+            p.data = self.params[offset:offset + n].view_as(p)
+            p.grad = self.buffer[offset:offset + n].view_as(p)
+            offset += n
+
+    @property
+    def grad(self) -> torch.Tensor:
+        return self.buffer[: self.numel]
+
+    @property
+    def stats(self) -> torch.Tensor:
+        return self.buffer[self.numel:]
+
+
+class StatsTap(Protocol):
+    """Something that measures gradient statistics inside the step (e.g. diversity estimators).
+
+    ``before_backward`` may return a context manager around backward; ``local_stats`` writes up to
+    :data:`N_TAP_SLOTS` values into the tail before the all-reduce; ``after_reduce`` reads the summed
+    tail and the reduced gradient and returns a dict of metrics.
+    """
+
+    def backward_context(self) -> Any: ...
+
+    def local_stats(self, flat: FlatModel, local_batch_size: int, global_batch_size: int,
+                    loss_scale: float) -> list[float]: ...
+
+    def after_reduce(self, flat: FlatModel, tap_sums: list[float], shard_sizes: list[int],
+                     global_batch_size: int) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step measured. Times in seconds; loss is the global mean over the batch."""
+
+    loss: float
+    correct: int
+    global_batch_size: int
+    compute_s: float  # forward + backward + local statistics, this rank
+    comm_s: float  # the all-reduce, as this rank saw it (includes waiting for slower peers)
+    update_s: float  # the optimizer update
+    wait_s: float  # estimated wait for the slowest peer: max over ranks of compute_s − own compute_s
+    compute_s_per_rank: tuple[float, ...]
+    bytes_sent: int
+    extra: dict[str, float]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               x: torch.Tensor, y: torch.Tensor, global_batch_size: int, shard_sizes: list[int], rank: int,
+               comm: CommStrategy, tx: GradientTransformation, tx_state: Any, hyper: Hyper,
+               tap: StatsTap | None = None, classification: bool = True) -> tuple[StepResult, Any]:
+    """Forward/backward on this rank's shard, one all-reduce, the same update on every rank.
+
+    Args:
+        flat: the model with flat parameters and gradient buffer.
+        loss_fn: per-example loss, ``reduction="sum"`` semantics: ``loss_fn(out, y)`` returns Σᵢ ℓᵢ.
+        x, y: this rank's shard of the global batch (may be empty for a tiny last batch).
+        global_batch_size: B, the size of the whole global batch.
+        shard_sizes: the size of every rank's shard (for estimators that need them).
+        comm: the communication strategy.
+        tx, tx_state: the gradient transformation and its state.
+        hyper: learning rate and step number.
+        tap: optional statistics tap (diversity).
+    Returns:
+        (StepResult, new tx_state).
+    """
+    device = flat.buffer.device
+    t0 = time.perf_counter()
+    flat.buffer.zero_()
+    stats = flat.stats
+    local_b = int(x.shape[0])
+    loss_scale = 1.0 / global_batch_size
+    if local_b > 0:
+        out = flat.model(x)
+        loss_sum = loss_fn(out, y)
+        if tap is not None:
+            with tap.backward_context():
+                (loss_sum * loss_scale).backward()
+        else:
+            (loss_sum * loss_scale).backward()
+        with torch.no_grad():
+            stats[SLOT_LOSS] = loss_sum.detach()
+            if classification:
+                stats[SLOT_CORRECT] = (out.argmax(1) == y).sum()
+    stats[SLOT_COUNT] = local_b
+    if tap is not None:
+        values = tap.local_stats(flat, local_b, global_batch_size, loss_scale)
+        for i, v in enumerate(values):
+            stats[SLOT_TAP + i] = v
+    _sync(device)
+    t1 = time.perf_counter()
+    compute_s = t1 - t0
+    stats[N_FIXED_SLOTS + rank] = compute_s
+
+    comm_stats = comm.allreduce_(flat.buffer, exact_tail=flat.tail)
+    _sync(device)
+    t2 = time.perf_counter()
+
+    summed = stats.tolist()
+    extra: dict[str, float] = {}
+    if tap is not None:
+        extra = tap.after_reduce(flat, summed[SLOT_TAP:SLOT_TAP + N_TAP_SLOTS], shard_sizes, global_batch_size)
+    with torch.no_grad():
+        updates, tx_state = tx.update(flat.grad, tx_state, flat.params, hyper)
+        flat.params.add_(updates)
+    _sync(device)
+    t3 = time.perf_counter()
+
+    per_rank = tuple(summed[N_FIXED_SLOTS:])
+    count = max(summed[SLOT_COUNT], 1.0)
+    result = StepResult(
+        loss=summed[SLOT_LOSS] / count,
+        correct=int(round(summed[SLOT_CORRECT])),
+        global_batch_size=int(round(summed[SLOT_COUNT])),
+        compute_s=compute_s,
+        comm_s=t2 - t1,
+        update_s=t3 - t2,
+        wait_s=max(per_rank) - compute_s if per_rank else 0.0,
+        compute_s_per_rank=per_rank,
+        bytes_sent=comm_stats.bytes_sent,
+        extra=extra,
+    )
+    return result, tx_state
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, rank: int,
+             world_size: int, device: torch.device, classification: bool, batch_size: int = 4096
+             ) -> tuple[float, float, float]:
+    """This rank's share of (loss sum, correct count, example count) on (x, y); sum over ranks outside.
+
+    Runs in eval mode (dropout off) and restores the previous mode.
+    """
+    was_training = model.training
+    model.eval()
+    idx = torch.tensor_split(torch.arange(x.shape[0]), world_size)[rank]
+    loss_sum = correct = 0.0
+    for start in range(0, idx.numel(), batch_size):
+        part = idx[start:start + batch_size]
+        xb, yb = x[part].to(device, non_blocking=True), y[part].to(device, non_blocking=True)
+        out = model(xb)
+        loss_sum += float(loss_fn(out, yb))
+        if classification:
+            correct += float((out.argmax(1) == yb).sum())
+    model.train(was_training)
+    return loss_sum, correct, float(idx.numel())

@@ -1,0 +1,134 @@
+"""Gradient transformations in the style of optax: ``(init, update)`` pairs composed with :func:`chain`.
+
+They act on the flat parameter and gradient vectors (every parameter of the model is a view into one flat
+buffer, see :mod:`scalesgd.step`), so an update is a handful of vector operations. The composition
+``chain(add_decayed_weights(wd), trace(momentum, nesterov), scale_by_lr(), langevin(sigma))`` reproduces
+``torch.optim.SGD(lr, momentum, weight_decay, nesterov)`` operation for operation:
+
+    d = g + wd·w;  buf = d (first step) or momentum·buf + d;  d = buf (or d + momentum·buf, Nesterov);
+    w ← w − lr·d
+
+State is returned by ``update``; the buffers inside it are updated in place for speed, but nothing is
+hidden in the transformation objects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Per-step hyperparameters: the learning rate in use and the step number."""
+
+    lr: float
+    step: int
+
+
+class GradientTransformation(NamedTuple):
+    init: Callable[[torch.Tensor], Any]
+    update: Callable[[torch.Tensor, Any, torch.Tensor, Hyper], tuple[torch.Tensor, Any]]
+
+
+def add_decayed_weights(weight_decay: float) -> GradientTransformation:
+    """d ← g + wd·w (L2 regularisation folded into the gradient, as torch.optim.SGD does)."""
+
+    def init(params: torch.Tensor) -> None:
+        return None
+
+    def update(updates, state, params, hyper):
+        if weight_decay:
+            updates = updates.add_(params, alpha=weight_decay)
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+class TraceState(NamedTuple):
+    momentum_buffer: torch.Tensor | None
+
+
+def trace(momentum: float, nesterov: bool = False) -> GradientTransformation:
+    """Heavy-ball momentum: buf ← d (first step), then buf ← momentum·buf + d; output buf (or d + m·buf)."""
+
+    def init(params: torch.Tensor) -> TraceState:
+        return TraceState(None)
+
+    def update(updates, state, params, hyper):
+        if momentum == 0:
+            return updates, state
+        buf = state.momentum_buffer
+        if buf is None:
+            buf = updates.clone()
+        else:
+            buf.mul_(momentum).add_(updates)
+        out = updates.add_(buf, alpha=momentum) if nesterov else buf
+        return out, TraceState(buf)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_lr() -> GradientTransformation:
+    """u ← −lr·d, with lr taken from the step's :class:`Hyper`."""
+
+    def init(params: torch.Tensor) -> None:
+        return None
+
+    def update(updates, state, params, hyper):
+        return updates.mul(-hyper.lr), state
+
+    return GradientTransformation(init, update)
+
+
+class LangevinState(NamedTuple):
+    generator: torch.Generator
+
+
+def langevin(noise_std: float, seed: int) -> GradientTransformation:
+    """Add Gaussian noise of std ``noise_std·sqrt(lr)`` to each update (SGLD-style, a diversity-inducing
+    mechanism). The generator is seeded from the run's seed alone, so every rank adds the same noise and
+    the replicas stay identical."""
+
+    def init(params: torch.Tensor) -> LangevinState:
+        return LangevinState(torch.Generator(device=params.device).manual_seed(seed + 7919))
+
+    def update(updates, state, params, hyper):
+        if noise_std == 0:
+            return updates, state
+        noise = torch.randn(updates.shape, generator=state.generator, device=updates.device,
+                            dtype=updates.dtype)
+        return updates.add_(noise, alpha=noise_std * math.sqrt(hyper.lr)), state
+
+    return GradientTransformation(init, update)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply transformations in order; the state is the tuple of their states."""
+
+    def init(params: torch.Tensor) -> tuple:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(updates, state, params, hyper):
+        new_state = []
+        for t, s in zip(transforms, state):
+            updates, s = t.update(updates, s, params, hyper)
+            new_state.append(s)
+        return updates, tuple(new_state)
+
+    return GradientTransformation(init, update)
+
+
+def sgd(*, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+        langevin_noise: float = 0.0, seed: int = 0) -> GradientTransformation:
+    """SGD as torch.optim.SGD defines it (dampening 0), optionally with Langevin noise."""
+    return chain(add_decayed_weights(weight_decay), trace(momentum, nesterov), scale_by_lr(),
+                 langevin(langevin_noise, seed))
+
+
+def apply_updates_(params: torch.Tensor, updates: torch.Tensor) -> None:
+    """w ← w + u, in place on the flat parameter vector."""
+    params.add_(updates)

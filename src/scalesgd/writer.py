@@ -1,0 +1,155 @@
+"""The run directory: the one place training output is written, by rank 0 only.
+
+``RunWriter(enabled=False)`` is a no-op, so the training loop calls it unconditionally on every rank.
+Layout (a run directory describes itself; reports read nothing else)::
+
+    run_dir/config.json      resolved configuration
+    run_dir/env.json         versions, git sha, world size, backend, host
+    run_dir/metrics.jsonl    one JSON object per step; evaluation lines add test/train accuracy
+    run_dir/tensorboard/     TensorBoard event files
+    run_dir/summary.json     written last: final accuracy, steps, epochs, wall time, time to target
+    run_dir/checkpoint.pt    final model parameters and optimizer step
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_jsonable)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf are not JSON; write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def git_sha(start: Path | None = None) -> str | None:
+    """The commit of the source tree scalesgd runs from (or the working directory), if it is a git checkout."""
+    for where in (Path(__file__).resolve().parent, start or Path.cwd()):
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                                 timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return None
+
+
+def environment(*, world_size: int, backend: str, device: torch.device) -> dict[str, Any]:
+    """What a reader needs to know about where a run ran."""
+    import numpy
+
+    import scalesgd
+
+    env: dict[str, Any] = {
+        "scalesgd": scalesgd.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "git_sha": git_sha(),
+        "world_size": world_size,
+        "backend": backend,
+        "device": str(device),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def default_run_dir(model: str, dataset: str, global_batch_size: int, workers: int, seed: int,
+                    root: Path = Path("runs")) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tag = dataset.split(":")[0]
+    base = root / f"{stamp}-{model}-{tag}-B{global_batch_size}-P{workers}-s{seed}"
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+class RunWriter:
+    """Writes the run directory on rank 0; does nothing elsewhere."""
+
+    def __init__(self, run_dir: Path | None, *, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled and run_dir is not None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._metrics = None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.enabled:
+            write_json_atomic(self.run_dir / name, obj)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one metrics line (and its numeric fields to TensorBoard, keyed by step)."""
+        if not self.enabled:
+            return
+        clean = {k: _clean(v) for k, v in record.items()}
+        self._metrics.write(json.dumps(clean) + "\n")
+        if self._tb is not None and "step" in record:
+            step = int(record["step"])
+            for key, value in record.items():
+                if key in ("step", "kind") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                if isinstance(value, float) and not math.isfinite(value):
+                    continue
+                self._tb.add_scalar(key, value, step)
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        path = self.run_dir / "checkpoint.pt"
+        tmp = path.with_name(".checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
