@@ -1,0 +1,448 @@
+"""Measure this machine (compute curve, all-reduce α and β) and predict time to accuracy for larger clusters.
+
+``scalesgd predict`` profiles fwd+bwd+update of the model at a few local batch sizes, measures (or takes
+from ``--network``) the all-reduce cost, takes the diversity batch bound B_S and the passes needed at a
+small batch (from ``--from-run RUN_DIR`` or the command line), and prints the :mod:`scalesgd.perf_model`
+predictions over a grid of global batch sizes B and worker counts P, with plots and a recommendation.
+
+Timing follows the trainer's layout on one host: one worker process per core, each with
+``torch.set_num_threads(1)``; warm-up steps are excluded and medians reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from scalesgd import perf_model as pm
+from scalesgd.errors import ConfigError, DataError
+
+# ---------------------------------------------------------------------------------------------------------
+# Compute profile
+
+
+@dataclass(frozen=True)
+class ComputeProfile:
+    """Median seconds per fwd+bwd+update at each local batch size, and the affine fit to them."""
+
+    local_batch_sizes: tuple[int, ...]
+    median_s: tuple[float, ...]
+    fit: pm.ComputeFit
+    threads: int
+
+
+def _loss_fn(num_outputs: int, task: str):
+    if task == "classification":
+        return nn.CrossEntropyLoss(reduction="sum")
+    return nn.MSELoss(reduction="sum")
+
+
+def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: int,
+                    batch_sizes: Sequence[int], steps: int = 20, *, warmup_steps: int = 3, threads: int = 1,
+                    task: str = "classification", lr: float = 0.01, seed: int = 0) -> ComputeProfile:
+    """Median time of one training step's compute (forward, backward, SGD update) at each local batch size.
+
+    Mirrors :func:`scalesgd.step.train_step` without the all-reduce: zero the gradients, sum-reduced loss
+    scaled by 1/b, backward, ``w ← w − lr·g`` under no_grad. Runs on CPU with ``threads`` torch threads
+    (restored afterwards); ``warmup_steps`` per size are discarded, then ``steps`` are timed one by one.
+
+    Args:
+        model: the network (modified in place by the updates; pass a fresh one).
+        input_shape: one example's shape, without the batch axis.
+        num_outputs: classes (classification) or regression outputs.
+        batch_sizes: local batch sizes to profile (at least two distinct).
+        steps: timed steps per size.
+    Returns:
+        :class:`ComputeProfile` with medians and the affine :class:`~scalesgd.perf_model.ComputeFit`.
+    """
+    sizes = sorted({int(b) for b in batch_sizes})
+    if len(sizes) < 2 or sizes[0] < 1:
+        raise ConfigError(f"profile needs at least two distinct positive local batch sizes, got {list(batch_sizes)}")
+    if steps < 1 or warmup_steps < 0 or threads < 1:
+        raise ConfigError(f"profile needs steps >= 1, warm-up >= 0 and threads >= 1, got {steps}, "
+                          f"{warmup_steps}, {threads}")
+    gen = torch.Generator().manual_seed(seed)
+    loss_fn = _loss_fn(num_outputs, task)
+    params = [p for p in model.parameters() if p.requires_grad]
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    medians = []
+    try:
+        model.train()
+        for b in sizes:
+            x = torch.randn((b, *input_shape), generator=gen)  # (b, *input_shape)
+            if task == "classification":
+                y = torch.randint(0, num_outputs, (b,), generator=gen)  # (b,)
+            else:
+                y = torch.randn((b, num_outputs), generator=gen)  # (b, num_outputs)
+            times = []
+            for i in range(warmup_steps + steps):
+                t0 = time.perf_counter()
+                for p in params:
+                    p.grad = None
+                out = model(x)
+                loss = loss_fn(out, y) * (1.0 / b)
+                loss.backward()
+                with torch.no_grad():
+                    for p in params:
+                        p.add_(p.grad, alpha=-lr)
+                t1 = time.perf_counter()
+                if i >= warmup_steps:
+                    times.append(t1 - t0)
+            medians.append(statistics.median(times))
+    finally:
+        torch.set_num_threads(old_threads)
+    fit = pm.fit_compute(sizes, medians)
+    return ComputeProfile(local_batch_sizes=tuple(sizes), median_s=tuple(medians), fit=fit, threads=threads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# All-reduce α, β on this machine
+
+
+@dataclass(frozen=True)
+class AllreduceSweep:
+    """Median seconds per gloo all-reduce at each message size, on ``world_size`` local processes."""
+
+    sizes_bytes: tuple[int, ...]
+    world_size: int
+    median_s: tuple[float, ...]
+    network: pm.Network
+
+
+def _allreduce_worker(rdv, sizes_bytes: Sequence[int], repeats: int, warmup: int) -> list[float]:
+    import torch.distributed as dist
+
+    from scalesgd import distributed
+
+    torch.set_num_threads(1)
+    distributed.init_world(rdv, "gloo", timeout_s=120.0)
+    try:
+        medians = []
+        for size in sizes_bytes:
+            buf = torch.ones(max(1, int(size) // 4), dtype=torch.float32)  # (size/4,) float32
+            times = []
+            for i in range(warmup + repeats):
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_reduce(buf)
+                t1 = time.perf_counter()
+                if i >= warmup:
+                    times.append(t1 - t0)
+            # Every rank must agree on one number: take the slowest rank's median (the step waits for it).
+            t = torch.tensor([statistics.median(times)], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            medians.append(float(t))
+        return medians
+    finally:
+        distributed.shutdown_world()
+
+
+DEFAULT_SWEEP_BYTES = (4, 1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22)
+
+
+def measure_allreduce(sizes_bytes: Sequence[int] = DEFAULT_SWEEP_BYTES, *, world_size: int = 2,
+                      repeats: int = 20, warmup: int = 3, timeout_s: float = 300.0) -> AllreduceSweep:
+    """Time ``dist.all_reduce`` of float32 buffers on ``world_size`` local gloo processes; fit α and β.
+
+    Args:
+        sizes_bytes: message sizes (at least two distinct), small ones pin α, big ones β.
+        world_size: local processes (2 on a 2-core box: one per core, like the trainer).
+        repeats, warmup: timed and discarded all-reduces per size (a barrier before each).
+    Returns:
+        :class:`AllreduceSweep` with medians (slowest rank's) and the fitted :class:`~scalesgd.perf_model.Network`.
+    """
+    from scalesgd.distributed import spawn
+
+    sizes = tuple(int(s) for s in sizes_bytes)
+    if world_size < 2:
+        raise ConfigError(f"measuring the all-reduce needs >= 2 workers, got {world_size}")
+    results = spawn(_allreduce_worker, world_size, (sizes, repeats, warmup), timeout_s=timeout_s)
+    medians = tuple(results[0])
+    alpha, beta = pm.fit_alpha_beta(sizes, [world_size] * len(sizes), medians)
+    net = pm.Network(alpha_s=alpha, beta_s_per_byte=beta,
+                     source=f"measured here: gloo, {world_size} local processes")
+    return AllreduceSweep(sizes_bytes=sizes, world_size=world_size, median_s=medians, network=net)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a measured run
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run directory says about statistical efficiency: B_S and the passes it needed at its batch."""
+
+    batch_bound: float | None
+    passes_to_target: float | None
+    global_batch_size: int | None
+    target_accuracy: float | None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no} is not valid JSON ({e}); is the run directory complete?") from None
+    return rows
+
+
+def read_run(run_dir: str | Path) -> RunFacts:
+    """B_S (median of the run's finite ``batch_bound_est`` values) and the passes to the target accuracy.
+
+    The passes are the ``epoch`` of the first evaluation that reached ``target_accuracy``
+    (from summary.json, else config.json); None when the run never reached it.
+    """
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.exists():
+        raise DataError(f"{metrics_path} not found; --from-run needs a run directory written by `scalesgd train`")
+    rows = _read_jsonl(metrics_path)
+    bounds = [float(r["batch_bound_est"]) for r in rows
+              if isinstance(r.get("batch_bound_est"), (int, float)) and math.isfinite(r["batch_bound_est"])
+              and r["batch_bound_est"] > 1]
+    summary: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    for name, target in (("summary.json", summary), ("config.json", config)):
+        if (run_dir / name).exists():
+            with open(run_dir / name) as f:
+                target.update(json.load(f))
+    target_acc = summary.get("target_accuracy", config.get("target_accuracy"))
+    passes = None
+    if target_acc is not None:
+        for r in rows:
+            acc = r.get("test_accuracy")
+            if acc is not None and acc >= target_acc and r.get("epoch") is not None:
+                passes = float(r["epoch"])
+                break
+    batch = config.get("global_batch_size")
+    if batch is None:
+        steps = [r for r in rows if r.get("global_batch_size") is not None]
+        batch = steps[0]["global_batch_size"] if steps else None
+    return RunFacts(batch_bound=float(np.median(bounds)) if bounds else None, passes_to_target=passes,
+                    global_batch_size=int(batch) if batch is not None else None,
+                    target_accuracy=float(target_acc) if target_acc is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_predictions(table: Sequence[pm.Prediction], out_dir: Path) -> list[Path]:
+    """Two PNGs: time to accuracy vs B for several P, and vs P for several B (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch_sizes = sorted({r.global_batch_size for r in table})
+    workers = sorted({r.workers for r in table})
+
+    def pick(values: list[int], k: int = 6) -> list[int]:
+        if len(values) <= k:
+            return values
+        idx = np.unique(np.round(np.linspace(0, len(values) - 1, k)).astype(int))
+        return [values[i] for i in idx]
+
+    paths = []
+    by_key = {(r.global_batch_size, r.workers): r for r in table}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for p in pick(workers):
+        pts = [(b, by_key[b, p].time_to_accuracy_s) for b in batch_sizes if (b, p) in by_key]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"P = {p}")
+    ax.set(xscale="log", yscale="log", xlabel="global batch size B", ylabel="predicted time to accuracy (s)",
+           title="Time to accuracy vs batch size")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "time_to_accuracy_vs_batch.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for b in pick(batch_sizes):
+        pts = [(p, by_key[b, p].time_to_accuracy_s) for p in workers if (b, p) in by_key]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"B = {b}")
+    ax.set(xscale="log", yscale="log", xlabel="workers P", ylabel="predicted time to accuracy (s)",
+           title="Time to accuracy vs workers")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "time_to_accuracy_vs_workers.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_table(table: Sequence[pm.Prediction], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        fields = list(asdict(table[0]).keys()) + ["worker_seconds"]
+        w.writerow(fields)
+        for r in table:
+            w.writerow(list(asdict(r).values()) + [r.worker_seconds])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``predict`` on the CLI's subparsers; ``set_defaults(func=cmd_predict)``."""
+    from scalesgd.models import MODELS
+
+    p = subparsers.add_parser(
+        "predict", help="predict time per pass, passes and time to accuracy for up to 1024 workers",
+        description="Profile this machine (compute at a few local batch sizes, all-reduce alpha/beta), "
+                    "then predict time to accuracy = (n/B)*T_step(B,P) * passes(B) over a (B, P) grid, with "
+                    "T_step = T_compute(ceil(B/P)) + 2(P-1)alpha + 2(P-1)/P*N*beta and "
+                    "passes(B) = passes_min*(1 + B/(B_S-1)).")
+    p.add_argument("--model", default="cnn1d", choices=sorted(MODELS), help="model (default: cnn1d)")
+    p.add_argument("--dataset", default="mnist1d", help="data set spec, for input shape, n and outputs "
+                   "(default: mnist1d)")
+    p.add_argument("--n-train", type=int, default=None, help="training examples (default: the data set's)")
+    p.add_argument("--width", type=int, default=None, help="model width (default: the model's own)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--norm", default="none")
+    p.add_argument("--network", default=None, metavar="'BW, LATENCY'",
+                   help="target network, e.g. '25 Gbit/s, 10 us' (default: measured here with gloo)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[2 ** k for k in range(4, 17)],
+                   help="global batch sizes to predict (default: 16,32,...,65536)")
+    p.add_argument("--max-workers", type=int, default=1024, help="largest P; the grid is 1,2,4,... (default 1024)")
+    p.add_argument("--batch-bound", type=float, default=None,
+                   help="diversity batch bound B_S = n*Delta from a measured run (or use --from-run)")
+    p.add_argument("--passes-at-small-batch", type=float, default=None,
+                   help="passes to the target accuracy measured at --small-batch-size (or use --from-run)")
+    p.add_argument("--small-batch-size", type=int, default=32,
+                   help="the batch size --passes-at-small-batch was measured at (default 32)")
+    p.add_argument("--from-run", default=None, metavar="RUN_DIR",
+                   help="take B_S (median batch_bound_est) and the passes to its target from a run directory")
+    p.add_argument("--profile-batch-sizes", type=_int_list, default=[8, 32, 128, 512],
+                   help="local batch sizes to profile (default 8,32,128,512)")
+    p.add_argument("--profile-steps", type=int, default=20, help="timed steps per profiled size (default 20)")
+    p.add_argument("--overhead-s", type=float, default=0.0, help="fixed extra seconds per step (default 0)")
+    p.add_argument("--tolerance", type=float, default=0.10,
+                   help="the cheapest recommendation may be this much slower than the fastest (default 0.10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="DIR", help="write predictions.csv, prediction.json and "
+                   "PNG plots here")
+    p.set_defaults(func=cmd_predict)
+    return p
+
+
+def _statistical_inputs(args: argparse.Namespace) -> tuple[float, float, str]:
+    """(B_S, passes_min, description) from the command line and/or a run directory."""
+    facts = read_run(args.from_run) if args.from_run else None
+    batch_bound = args.batch_bound if args.batch_bound is not None else (facts.batch_bound if facts else None)
+    if batch_bound is None:
+        raise ConfigError("predict needs the diversity batch bound B_S: pass --batch-bound (from a run's "
+                          "batch_bound_est) or --from-run RUN_DIR of a run trained with --diversity cheap")
+    batch_crit = pm.batch_crit_from_bound(batch_bound)
+    if args.passes_at_small_batch is not None:
+        passes, batch, where = args.passes_at_small_batch, args.small_batch_size, "command line"
+    elif facts is not None and facts.passes_to_target is not None and facts.global_batch_size:
+        passes, batch, where = facts.passes_to_target, facts.global_batch_size, str(args.from_run)
+    else:
+        raise ConfigError("predict needs the passes to the target at a small batch: pass "
+                          "--passes-at-small-batch P --small-batch-size B, or --from-run RUN_DIR of a run "
+                          "trained with --target-accuracy that reached its target")
+    passes_min = pm.passes_min_from_measurement(passes, batch, batch_crit)
+    return batch_bound, passes_min, f"{passes:.3g} passes at B={batch} ({where}), B_S={batch_bound:.4g}"
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """The ``predict`` subcommand: measure, predict, print, plot."""
+    from scalesgd.data import load_dataset
+    from scalesgd.models import DEFAULT_WIDTH, MODELS, count_parameters
+
+    if args.max_workers < 1:
+        raise ConfigError(f"--max-workers must be >= 1, got {args.max_workers}")
+    network = pm.parse_network(args.network) if args.network else None  # fail fast on a bad string
+    batch_bound, passes_min, stat_source = _statistical_inputs(args)
+    ds = load_dataset(args.dataset, n_train=args.n_train)
+    width = args.width if args.width is not None else DEFAULT_WIDTH[args.model]
+    torch.manual_seed(args.seed)
+    try:
+        model = MODELS[args.model](input_shape=ds.input_shape, num_outputs=ds.num_outputs, width=width,
+                                   dropout=args.dropout, norm=args.norm)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    grad_bytes = 4 * count_parameters(model)
+    prof = profile_compute(model, ds.input_shape, ds.num_outputs, args.profile_batch_sizes, args.profile_steps,
+                           task=ds.task, seed=args.seed)
+    print(f"compute profile ({args.model}, {count_parameters(model):,} parameters, 1 thread): " + ", ".join(
+        f"b={b}: {pm.format_seconds(t)}" for b, t in zip(prof.local_batch_sizes, prof.median_s)))
+    print(f"  fit T_compute(b) = {pm.format_seconds(prof.fit.t0_s)} + b * {pm.format_seconds(prof.fit.t1_s)} "
+          f"(worst relative error {prof.fit.max_rel_err:.1%})")
+    if prof.fit.max_rel_err > 0.05:
+        print("  warning: the affine compute curve misses a profiled point by more than 5%; predictions far "
+              "from the profiled sizes are less reliable")
+    sweep = None
+    if network is None:
+        sweep = measure_allreduce()
+        network = sweep.network
+    print(f"network: {network.describe()}; gradient {grad_bytes:,} bytes")
+    print(f"statistics: {stat_source} -> passes_min {passes_min:.3g}")
+    workers = [2 ** k for k in range(int(math.log2(args.max_workers)) + 1)]
+    if workers[-1] != args.max_workers:
+        workers.append(args.max_workers)
+    table = pm.predict_grid(args.batch_sizes, workers, n_train=ds.n_train, compute=prof.fit, network=network,
+                            grad_bytes=grad_bytes, passes_min=passes_min,
+                            batch_crit=pm.batch_crit_from_bound(batch_bound), overhead_s=args.overhead_s)
+    print(pm.format_table(table))
+    rec = pm.recommend(table, tolerance=args.tolerance)
+    print(pm.format_recommendation(rec))
+    if args.out:
+        out = Path(args.out)
+        write_table(table, out / "predictions.csv")
+        info = {
+            "model": args.model, "dataset": args.dataset, "n_train": ds.n_train, "grad_bytes": grad_bytes,
+            "compute_profile": {"local_batch_sizes": prof.local_batch_sizes, "median_s": prof.median_s,
+                                "t0_s": prof.fit.t0_s, "t1_s": prof.fit.t1_s,
+                                "max_rel_err": prof.fit.max_rel_err, "threads": prof.threads},
+            "network": {"alpha_s": network.alpha_s, "beta_s_per_byte": network.beta_s_per_byte,
+                        "source": network.source},
+            "allreduce_sweep": None if sweep is None else {"sizes_bytes": sweep.sizes_bytes,
+                                                           "world_size": sweep.world_size,
+                                                           "median_s": sweep.median_s},
+            "batch_bound": batch_bound, "passes_min": passes_min, "overhead_s": args.overhead_s,
+            "recommendation": {"tolerance": rec.tolerance, "fastest": asdict(rec.fastest),
+                               "cheapest": asdict(rec.cheapest)},
+        }
+        with open(out / "prediction.json", "w") as f:
+            json.dump(info, f, indent=2)
+        for path in plot_predictions(table, out):
+            print(f"plot: {path}")
+        print(f"table: {out / 'predictions.csv'}")
+    return 0

@@ -1,0 +1,137 @@
+"""The measuring half of the performance model: compute profile, all-reduce sweep, run reader, `predict` CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from scalesgd import perf_model as pm
+from scalesgd.errors import ConfigError, DataError
+from scalesgd.predict import add_parser, measure_allreduce, profile_compute, read_run
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_profile_compute_times_each_size_and_restores_threads():
+    before = torch.get_num_threads()
+    model = tiny_model()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    prof = profile_compute(model, (12,), 3, [8, 2, 32, 8], steps=3, warmup_steps=1)
+    assert prof.local_batch_sizes == (2, 8, 32)
+    assert len(prof.median_s) == 3 and all(t > 0 for t in prof.median_s)
+    assert prof.fit.t0_s >= 0 and prof.fit.t1_s >= 0
+    assert prof.threads == 1 and torch.get_num_threads() == before
+    # the update really ran (the timing covers fwd + bwd + update, like a training step)
+    assert any(not torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+
+
+def test_profile_compute_regression_task():
+    model = nn.Sequential(nn.Linear(5, 2))
+    prof = profile_compute(model, (5,), 2, [4, 16], steps=2, warmup_steps=0, task="regression")
+    assert len(prof.median_s) == 2
+
+
+def test_profile_compute_rejects_bad_input():
+    with pytest.raises(ConfigError):
+        profile_compute(tiny_model(), (12,), 3, [8], steps=2)
+    with pytest.raises(ConfigError):
+        profile_compute(tiny_model(), (12,), 3, [8, 16], steps=0)
+
+
+@pytest.mark.timeout(120)
+def test_measure_allreduce_two_gloo_processes():
+    sweep = measure_allreduce([4, 1 << 12, 1 << 18], world_size=2, repeats=3, warmup=1, timeout_s=100)
+    assert sweep.world_size == 2 and len(sweep.median_s) == 3
+    assert all(t > 0 for t in sweep.median_s)
+    assert sweep.network.alpha_s >= 0 and sweep.network.beta_s_per_byte >= 0
+    assert "measured here" in sweep.network.source
+
+
+def write_run(run_dir, *, bounds, evals, target=0.9, batch=64):
+    run_dir.mkdir()
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for i, b in enumerate(bounds):
+            f.write(json.dumps({"kind": "step", "step": i + 1, "global_batch_size": batch,
+                                "batch_bound_est": b}) + "\n")
+        for epoch, acc in evals:
+            f.write(json.dumps({"kind": "eval", "epoch": epoch, "test_accuracy": acc}) + "\n")
+    (run_dir / "config.json").write_text(json.dumps({"global_batch_size": batch, "target_accuracy": target}))
+    (run_dir / "summary.json").write_text(json.dumps({"target_accuracy": target, "epochs": evals[-1][0]}))
+
+
+def test_read_run_takes_median_bound_and_first_epoch_at_target(tmp_path):
+    write_run(tmp_path / "r", bounds=[None, float("nan"), 100.0, 300.0, 200.0],
+              evals=[(1.0, 0.5), (2.0, 0.91), (3.0, 0.95)])
+    facts = read_run(tmp_path / "r")
+    assert facts.batch_bound == 200.0
+    assert facts.passes_to_target == 2.0
+    assert facts.global_batch_size == 64 and facts.target_accuracy == 0.9
+
+
+def test_read_run_target_not_reached_and_missing_dir(tmp_path):
+    write_run(tmp_path / "r", bounds=[50.0], evals=[(1.0, 0.5)])
+    assert read_run(tmp_path / "r").passes_to_target is None
+    with pytest.raises(DataError):
+        read_run(tmp_path / "nope")
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["predict", *argv])
+
+
+FAST = ["--profile-batch-sizes", "4,32", "--profile-steps", "2", "--network", "25 Gbit/s, 10 us"]
+
+
+def test_predict_cli_prints_table_recommendation_and_writes_outputs(tmp_path, capsys):
+    args = parse([*FAST, "--batch-bound", "200", "--passes-at-small-batch", "10", "--small-batch-size", "32",
+                  "--batch-sizes", "32,256,2048", "--max-workers", "1024", "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "fastest: B=" in text and "cheapest within 10% of fastest" in text
+    assert "time to acc" in text
+    out = tmp_path / "out"
+    for name in ("predictions.csv", "prediction.json", "time_to_accuracy_vs_batch.png",
+                 "time_to_accuracy_vs_workers.png"):
+        assert (out / name).stat().st_size > 0
+    info = json.loads((out / "prediction.json").read_text())
+    assert info["batch_bound"] == 200 and info["network"]["alpha_s"] == pytest.approx(10e-6)
+    # passes at the measured batch are reproduced by the model
+    assert info["passes_min"] * (1 + 32 / 199) == pytest.approx(10.0)
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert max(int(r.split(",")[1]) for r in rows[1:]) == 1024
+
+
+def test_predict_cli_from_run(tmp_path, capsys):
+    write_run(tmp_path / "r", bounds=[150.0, 250.0], evals=[(4.0, 0.8), (6.5, 0.92)])
+    args = parse([*FAST, "--from-run", str(tmp_path / "r"), "--batch-sizes", "64,512", "--max-workers", "8"])
+    assert args.func(args) == 0
+    assert "6.5 passes at B=64" in capsys.readouterr().out
+
+
+def test_predict_cli_errors_say_how_to_fix(tmp_path):
+    with pytest.raises(ConfigError, match="--batch-bound"):
+        args = parse([*FAST, "--passes-at-small-batch", "10"])
+        args.func(args)
+    with pytest.raises(ConfigError, match="--passes-at-small-batch"):
+        args = parse([*FAST, "--batch-bound", "100"])
+        args.func(args)
+    with pytest.raises(ConfigError, match="network"):
+        args = parse(["--network", "fast please", "--batch-bound", "100", "--passes-at-small-batch", "3"])
+        args.func(args)
+    write_run(tmp_path / "r", bounds=[150.0], evals=[(1.0, 0.5)])
+    with pytest.raises(ConfigError, match="reached its target"):
+        args = parse([*FAST, "--from-run", str(tmp_path / "r")])
+        args.func(args)
+
+
+def test_predicted_local_batch_matches_ceil():
+    assert int(pm.local_batch_size(100, 8)) == 13
