@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import sys
 import time
@@ -118,11 +119,12 @@ def check_port_free(port: int, addr: str = "127.0.0.1") -> None:
                                    "--master-port or leave it out to pick a free one") from e
 
 
-def _child(fn: Callable[..., Any], rdv: Rendezvous, args: tuple, results: Any) -> None:
+def _child(payload: bytes, rdv: Rendezvous, results: Any) -> None:
     """Entry point of a spawned worker: run ``fn(rdv, *args)`` and report its outcome on ``results``."""
     try:
+        fn, args = pickle.loads(payload)
         out = fn(rdv, *args)
-        results.put(("ok", rdv.rank, out))
+        results.put(("ok", rdv.rank, pickle.dumps(out)))  # by value: this process may exit before it is read
     except ScalesgdError as e:
         results.put(("error", rdv.rank, f"{type(e).__name__}:{e}"))
         sys.exit(3)
@@ -144,10 +146,13 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
         check_port_free(port, addr)
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
+    # Plain pickle copies tensors by value; multiprocessing's own pickler would share them through file
+    # descriptors served by this process, which breaks when several jobs are spawned in a row.
+    payload = pickle.dumps((fn, args))
     procs = []
     for rank in range(nprocs):
         rdv = Rendezvous(addr=addr, port=port, rank=rank, size=nprocs, local_rank=rank)
-        p = ctx.Process(target=_child, args=(fn, rdv, args, results), daemon=False)
+        p = ctx.Process(target=_child, args=(payload, rdv, results), daemon=False)
         p.start()
         procs.append(p)
     outcomes: dict[int, tuple[str, Any]] = {}
@@ -198,7 +203,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
         if status == "timeout":
             raise DistributedError(f"{payload}; the workers were stopped")
         raise DistributedError(f"worker {rank} failed:\n{payload}")
-    return [outcomes[r][1] for r in range(nprocs)]
+    return [pickle.loads(outcomes[r][1]) for r in range(nprocs)]
 
 
 def _rebuild_error(kind: str, message: str) -> ScalesgdError:

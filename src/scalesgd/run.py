@@ -172,15 +172,21 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
         writer.log(rec)
         return rec
 
+    def finished() -> bool:
+        return prog.step >= cfg.steps if cfg.steps else prog.examples >= total_examples
+
+    def fraction_done() -> float:
+        return prog.step / cfg.steps if cfg.steps else prog.examples / total_examples
+
     try:
-        while prog.examples < total_examples:
+        while not finished():
             epoch_float = prog.cursor.epoch + prog.cursor.offset / ds.n_train
             want = min(global_batch_size, total_examples - prog.examples) if cfg.steps is None else global_batch_size
             batch, next_cursor = stream.next(prog.cursor, want)
             b = int(batch.indices.numel())
             local = shard(batch.indices, world.rank, world.size)
             shard_sizes = [int(t.numel()) for t in torch.tensor_split(batch.indices, world.size)]
-            lr = cfg.lr * base_schedule_factor(cfg, prog.examples / total_examples, epoch_float)
+            lr = cfg.lr * base_schedule_factor(cfg, fraction_done(), epoch_float)
             result, tx_state = train_step(
                 flat=flat, loss_fn=loss_fn, x=x_train[local], y=y_train[local], global_batch_size=b,
                 shard_sizes=shard_sizes, rank=world.rank, comm=comm, tx=tx, tx_state=tx_state,
@@ -217,7 +223,7 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
                 bar.set_postfix(postfix, refresh=False)
             due = (cfg.eval_every is not None and prog.step % cfg.eval_every == 0) or (
                 cfg.eval_every is None and batch.epoch_end)
-            if due or prog.examples >= total_examples:
+            if due or finished():
                 last_eval = run_eval(epoch_now)
                 acc = last_eval.get("test_accuracy")
                 if (cfg.target_accuracy is not None and acc is not None and acc >= cfg.target_accuracy

@@ -1,0 +1,91 @@
+"""Plain PyTorch DistributedDataParallel + ``torch.optim.SGD``: the reference a user would compare with.
+
+Used by the equivalence tests (same seeds, same global batches → same parameters), by
+``bench/throughput.py`` and by ``bench/time_to_accuracy.py``. It is deliberately the textbook DDP loop,
+with one difference that makes it exact for shards of unequal size: DDP averages the ranks' gradients,
+so each rank backpropagates ``P · Σ_{i∈shard} ℓᵢ / B``, which averages to the mean loss of the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from scalesgd import distributed
+from scalesgd.config import RunConfig
+from scalesgd.data import Dataset
+from scalesgd.data.sharding import BatchStream, Cursor, shard
+from scalesgd.distributed import Rendezvous
+
+
+def ddp_worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset, *, return_params: bool = False,
+               eval_every_epoch: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` with DDP + torch.optim.SGD (constant or cosine lr); returns timings and accuracy."""
+    from scalesgd.run import base_schedule_factor, build_model, loss_function
+
+    world = distributed.init_world(rdv, cfg.backend, timeout_s=cfg.timeout_s)
+    try:
+        torch.set_num_threads(cfg.threads_per_worker or 1)
+        model = build_model(cfg, ds, cfg.seed).to(world.device)
+        ddp = DDP(model) if world.size > 1 else model
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        loss_fn = loss_function(ds.task)
+        classification = ds.task == "classification"
+        x_train, y_train = ds.x_train.to(world.device), ds.y_train.to(world.device)
+        stream = BatchStream(ds.n_train, cfg.seed)
+        total = cfg.steps * cfg.global_batch_size if cfg.steps else int(math.ceil(cfg.epochs * ds.n_train))
+        cursor, step, examples, train_time = Cursor(), 0, 0, 0.0
+        start = time.perf_counter()
+        time_to_target = None
+        accuracy = None
+        while (step < cfg.steps) if cfg.steps else (examples < total):
+            epoch_float = cursor.epoch + cursor.offset / ds.n_train
+            want = cfg.global_batch_size if cfg.steps else min(cfg.global_batch_size, total - examples)
+            batch, cursor = stream.next(cursor, want)
+            b = int(batch.indices.numel())
+            local = shard(batch.indices, world.rank, world.size)
+            for group in opt.param_groups:
+                done = step / cfg.steps if cfg.steps else examples / total
+                group["lr"] = cfg.lr * base_schedule_factor(cfg, done, epoch_float)
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=False)
+            out = ddp(x_train[local])
+            loss = loss_fn(out, y_train[local]) * (world.size / b)
+            loss.backward()
+            opt.step()
+            if world.device.type == "cuda":
+                torch.cuda.synchronize()
+            train_time += time.perf_counter() - t0
+            step += 1
+            examples += b
+            last = (step >= cfg.steps) if cfg.steps else (examples >= total)
+            if eval_every_epoch and (batch.epoch_end or last) and classification:
+                accuracy = _accuracy(model, ds, world)
+                if cfg.target_accuracy is not None and accuracy >= cfg.target_accuracy:
+                    time_to_target = time.perf_counter() - start
+                    break
+        out: dict[str, Any] = {"steps": step, "train_time_s": train_time, "wall_s": time.perf_counter() - start,
+                               "final_test_accuracy": accuracy, "time_to_target_s": time_to_target,
+                               "epochs": cursor.epoch + cursor.offset / ds.n_train}
+        if return_params:
+            out["params"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return out
+    finally:
+        distributed.shutdown_world()
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, ds: Dataset, world) -> float:
+    from scalesgd.step import evaluate
+
+    loss_sum, correct, count = evaluate(model, lambda o, y: torch.zeros(()), ds.x_test, ds.y_test,
+                                        rank=world.rank, world_size=world.size, device=world.device,
+                                        classification=True)
+    total = distributed.all_reduce_scalars([correct, count], world)
+    return total[0] / max(total[1], 1.0)
