@@ -84,7 +84,8 @@ def statistical_efficiency(grad_sq_norm: float | None, trace_cov: float | None, 
 def warmup_factor(rule_factor: float, progress: float) -> float:
     """Goyal's gradual warm-up: 1 + (rule_factor − 1)·min(1, progress).
 
-    progress = t/T_warmup ∈ [0, ∞); at 0 the rate is η₀ (the base-batch rate), at ≥ 1 it is η₀·rule_factor.
+    progress = t/T_warmup ∈ [0, ∞); at 0 the rate is η₀ (the base-batch rate), at >= 1 it is
+    η₀·rule_factor.
     """
     return 1.0 + (rule_factor - 1.0) * min(1.0, max(0.0, progress))
 
