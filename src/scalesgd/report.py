@@ -1,0 +1,77 @@
+"""``scalesgd report``: report.md with PNG figures, from run directories only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from scalesgd import plots
+from scalesgd.rundata import RunData
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    if value is None:
+        return "—"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
+    """Write ``report.md`` and its figures for ``run_dirs`` into ``out_dir`` (default: the first run).
+
+    Returns the path of report.md. The file is written via a temporary name, so a failed report leaves
+    nothing half-written.
+    """
+    runs = [RunData.open(p) for p in run_dirs]
+    out_dir = Path(out_dir) if out_dir is not None else runs[0].path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = {
+        "loss_accuracy_vs_step.png": plots.loss_and_accuracy(runs, out_dir / "loss_accuracy_vs_step.png",
+                                                             x_axis="step"),
+        "loss_accuracy_vs_time.png": plots.loss_and_accuracy(runs, out_dir / "loss_accuracy_vs_time.png",
+                                                             x_axis="time_s"),
+    }
+    lines = ["# scalesgd report", ""]
+    lines += ["| run | model | data set | B | P | comm | steps | epochs | final test acc | wall (s) | "
+              "time to target (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        c, s = run.config, run.summary or {}
+        lines.append(f"| `{run.path.name}` | {c.get('model')} | {c.get('dataset')} | {c.get('global_batch_size')} "
+                     f"| {c.get('workers')} | {c.get('comm')} | {_fmt(s.get('steps'), 'd')} | "
+                     f"{_fmt(s.get('epochs'), '.2f')} | {_fmt(s.get('final_test_accuracy'))} | "
+                     f"{_fmt(s.get('wall_s'), '.1f')} | {_fmt(s.get('time_to_target_s'), '.1f')} |")
+        if not run.summary:
+            lines.append(f"\n`{run.path.name}` has no summary.json: it was interrupted or diverged.\n")
+    lines += ["", "## Loss and accuracy", "", "![against steps](loss_accuracy_vs_step.png)", "",
+              "![against wall time](loss_accuracy_vs_time.png)", ""]
+    lines += ["## Where the step time goes", "",
+              "Median per step and per worker (warm-up excluded). *Waiting* is the time a rank sits at the "
+              "all-reduce for the slowest peer; a tall waiting bar on some ranks means imbalance, a tall "
+              "transfer bar means the network limits scaling.", ""]
+    for i, run in enumerate(runs):
+        if not run.steps:
+            continue
+        name = f"time_breakdown_{i}.png"
+        figs[name] = plots.time_breakdown(run, out_dir / name)
+        b = run.time_breakdown()
+        lines.append(f"![time breakdown {run.label}]({name})")
+        lines.append("")
+        lines.append("| rank | compute (ms) | wait (ms) | transfer (ms) | update (ms) |")
+        lines.append("|---|---|---|---|---|")
+        for r in range(len(b["compute_s"])):
+            lines.append(f"| {r} | {b['compute_s'][r] * 1e3:.3f} | {b['wait_s'][r] * 1e3:.3f} | "
+                         f"{b['transfer_s'][r] * 1e3:.3f} | {b['update_s'][r] * 1e3:.3f} |")
+        lines.append("")
+    extra = [r for r in runs if any("batch_bound_est" in s for s in r.steps[-1:])]
+    if extra:
+        lines += ["## Gradient diversity (online estimate)", ""]
+        for run in extra:
+            last = run.steps[-1]
+            lines.append(f"- {run.label}: B_S estimate {_fmt(last.get('batch_bound_est'), '.1f')} at step "
+                         f"{last['step']}")
+        lines.append("")
+    path = out_dir / "report.md"
+    tmp = out_dir / ".report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
