@@ -26,7 +26,8 @@ from scalesgd.distributed import Rendezvous
 def ddp_worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset, *, return_params: bool = False,
                eval_every_epoch: bool = True) -> dict[str, Any]:
     """Train ``cfg`` with DDP + torch.optim.SGD (constant or cosine lr); returns timings and accuracy."""
-    from scalesgd.run import base_schedule_factor, build_model, loss_function
+    from scalesgd.lr_rules import learning_rate
+    from scalesgd.run import build_model, loss_function, lr_config
 
     world = distributed.init_world(rdv, cfg.backend, timeout_s=cfg.timeout_s)
     try:
@@ -40,6 +41,7 @@ def ddp_worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset, *, return_params: b
         x_train, y_train = ds.x_train.to(world.device), ds.y_train.to(world.device)
         stream = BatchStream(ds.n_train, cfg.seed)
         total = cfg.steps * cfg.global_batch_size if cfg.steps else int(math.ceil(cfg.epochs * ds.n_train))
+        lr_cfg = lr_config(cfg)
         cursor, step, examples, train_time = Cursor(), 0, 0, 0.0
         start = time.perf_counter()
         time_to_target = None
@@ -51,8 +53,8 @@ def ddp_worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset, *, return_params: b
             b = int(batch.indices.numel())
             local = shard(batch.indices, world.rank, world.size)
             for group in opt.param_groups:
-                done = step / cfg.steps if cfg.steps else examples / total
-                group["lr"] = cfg.lr * base_schedule_factor(cfg, done, epoch_float)
+                group["lr"] = learning_rate(lr_cfg, step=step, epoch=epoch_float,
+                                              global_batch_size=cfg.global_batch_size)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=False)
             out = ddp(x_train[local])

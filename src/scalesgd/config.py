@@ -13,9 +13,10 @@ from typing import Any
 
 from scalesgd.errors import ConfigError
 
-LR_SCHEDULES = ("constant", "cosine", "step")
-LR_RULES = ("constant", "linear", "sqrt", "adascale")
-BATCH_POLICIES = ("fixed", "diversity", "schedule")
+from scalesgd.batch_policy import BATCH_POLICIES, parse_schedule
+from scalesgd.lr_rules import BASE_SCHEDULES as LR_SCHEDULES
+from scalesgd.lr_rules import LR_RULES
+
 DIVERSITY_MODES = ("off", "cheap", "exact")
 
 
@@ -112,10 +113,14 @@ class RunConfig:
             raise ConfigError(f"--noise must be >= 0, got {self.noise}")
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("lr-rule", self.lr_rule, LR_RULES)
-        _choice("batch-policy", self.batch_policy, BATCH_POLICIES)
+        _choice("batch-policy", self.batch_policy, tuple(BATCH_POLICIES))
         _choice("diversity", self.diversity, DIVERSITY_MODES)
-        if self.batch_policy == "schedule" and not self.batch_schedule:
-            raise ConfigError("--batch-policy schedule needs --batch-schedule, e.g. \"0:64,5:256,10:1024\"")
+        if self.batch_policy == "schedule":
+            if not self.batch_schedule:
+                raise ConfigError("--batch-policy schedule needs --batch-schedule, e.g. \"0:64,5:256,10:1024\"")
+            parse_schedule(self.batch_schedule)
+        if self.lr_schedule == "step" and not self.lr_milestones:
+            raise ConfigError("--lr-schedule step needs --lr-milestones, e.g. --lr-milestones 5,8 (epochs)")
         if self.batch_policy == "diversity" and self.diversity == "off":
             raise ConfigError("--batch-policy diversity needs the diversity estimate; use --diversity cheap "
                               "or exact")

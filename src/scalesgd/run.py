@@ -23,6 +23,8 @@ from scalesgd.data import Dataset, load_dataset
 from scalesgd.data.sharding import BatchStream, Cursor, shard
 from scalesgd.distributed import Rendezvous, World
 from scalesgd.errors import DivergedError, DistributedError
+from scalesgd.batch_policy import BatchPolicy, StepObservation, make_batch_policy
+from scalesgd.lr_rules import LrConfig, lr_terms
 from scalesgd.models import DEFAULT_WIDTH, MODELS
 from scalesgd.step import FlatModel, evaluate, train_step
 from scalesgd.transforms import Hyper, sgd
@@ -56,13 +58,24 @@ def loss_function(task: str):
     return lambda out, y: 0.5 * nn.functional.mse_loss(out, y, reduction="sum")
 
 
-def base_schedule_factor(cfg: RunConfig, progress: float, epoch_float: float) -> float:
-    """Multiplier of the base schedule at ``progress`` ∈ [0, 1] of the run (or ``epoch_float`` for step)."""
-    if cfg.lr_schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    if cfg.lr_schedule == "step":
-        return cfg.lr_gamma ** sum(1 for m in cfg.lr_milestones if epoch_float >= m)
-    return 1.0
+def lr_config(cfg: RunConfig) -> LrConfig:
+    """The learning-rate rule and base schedule of ``cfg`` (cosine spans the whole run)."""
+    return LrConfig(base_lr=cfg.lr, base_batch_size=cfg.base_batch_size or cfg.global_batch_size,
+                    rule=cfg.lr_rule, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs,
+                    total_steps=cfg.steps if cfg.lr_schedule == "cosine" and cfg.steps else None,
+                    total_epochs=cfg.epochs if cfg.lr_schedule == "cosine" and not cfg.steps else None,
+                    milestone_epochs=cfg.lr_milestones if cfg.lr_schedule == "step" else (),
+                    gamma=cfg.lr_gamma)
+
+
+def batch_policy(cfg: RunConfig, n_train: int) -> BatchPolicy:
+    """The batch-size policy of ``cfg``; the diversity policy never asks for more than the data set."""
+    if cfg.batch_policy == "diversity":
+        return make_batch_policy("diversity", delta=cfg.delta, min_batch=cfg.min_batch or 1,
+                                 max_batch=min(cfg.max_batch or n_train, n_train))
+    if cfg.batch_policy == "schedule":
+        return make_batch_policy("schedule", schedule=cfg.batch_schedule)
+    return make_batch_policy("fixed", global_batch_size=cfg.global_batch_size)
 
 
 @dataclass
@@ -154,6 +167,10 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
     start = time.perf_counter()
     global_batch_size = cfg.global_batch_size
     diverged_at = None
+    lr_cfg = lr_config(cfg)
+    policy = batch_policy(cfg, ds.n_train)
+    policy_state = policy.init_state()
+    estimates: dict[str, float] = {}  # latest smoothed gradient statistics from the tap
 
     def run_eval(epoch_float: float) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -175,18 +192,26 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
     def finished() -> bool:
         return prog.step >= cfg.steps if cfg.steps else prog.examples >= total_examples
 
-    def fraction_done() -> float:
-        return prog.step / cfg.steps if cfg.steps else prog.examples / total_examples
-
     try:
         while not finished():
             epoch_float = prog.cursor.epoch + prog.cursor.offset / ds.n_train
+            decision, policy_state = policy.next(policy_state, StepObservation(
+                step=prog.step, epoch=epoch_float, global_batch_size=global_batch_size,
+                batch_bound_est=estimates.get("batch_bound_est"), world_size=world.size))
+            if decision.changed:
+                writer.log({"kind": "batch_change", "step": prog.step, "epoch": epoch_float,
+                            "from": global_batch_size, "to": decision.global_batch_size,
+                            "reason": decision.reason})
+            global_batch_size = decision.global_batch_size
             want = min(global_batch_size, total_examples - prog.examples) if cfg.steps is None else global_batch_size
             batch, next_cursor = stream.next(prog.cursor, want)
             b = int(batch.indices.numel())
             local = shard(batch.indices, world.rank, world.size)
             shard_sizes = [int(t.numel()) for t in torch.tensor_split(batch.indices, world.size)]
-            lr = cfg.lr * base_schedule_factor(cfg, fraction_done(), epoch_float)
+            terms = lr_terms(lr_cfg, step=prog.step, epoch=epoch_float, global_batch_size=global_batch_size,
+                             grad_sq_norm_est=estimates.get("grad_sq_norm_est"),
+                             trace_cov_est=estimates.get("trace_cov_est"))
+            lr = terms.lr
             result, tx_state = train_step(
                 flat=flat, loss_fn=loss_fn, x=x_train[local], y=y_train[local], global_batch_size=b,
                 shard_sizes=shard_sizes, rank=world.rank, comm=comm, tx=tx, tx_state=tx_state,
@@ -206,6 +231,9 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
                 **{f"compute_s_rank{r}": t for r, t in enumerate(result.compute_s_per_rank)},
                 **result.extra,
             }
+            if cfg.lr_rule == "adascale":
+                record["adascale_gain"] = terms.gain
+            estimates = result.extra or estimates
             writer.log(record)
             if not math.isfinite(result.loss):
                 diverged_at = prog.step
