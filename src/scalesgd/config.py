@@ -14,6 +14,8 @@ from typing import Any
 from scalesgd.errors import ConfigError
 
 from scalesgd.batch_policy import BATCH_POLICIES, parse_schedule
+from scalesgd.comm import COMM_STRATEGIES
+from scalesgd.models import MODELS, NORMS
 from scalesgd.lr_rules import BASE_SCHEDULES as LR_SCHEDULES
 from scalesgd.lr_rules import LR_RULES
 
@@ -111,6 +113,9 @@ class RunConfig:
             _positive_int("dim", self.dim)
         if self.noise is not None and self.noise < 0:
             raise ConfigError(f"--noise must be >= 0, got {self.noise}")
+        _choice("model", self.model, tuple(MODELS))
+        _choice("comm", self.comm, tuple(sorted(COMM_STRATEGIES)))
+        _choice("norm", self.norm, NORMS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("lr-rule", self.lr_rule, LR_RULES)
         _choice("batch-policy", self.batch_policy, tuple(BATCH_POLICIES))

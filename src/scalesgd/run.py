@@ -22,7 +22,7 @@ from scalesgd.config import RunConfig, check_against_data
 from scalesgd.data import Dataset, load_dataset
 from scalesgd.data.sharding import BatchStream, Cursor, shard
 from scalesgd.distributed import Rendezvous, World
-from scalesgd.errors import DivergedError, DistributedError
+from scalesgd.errors import ConfigError, DivergedError, DistributedError
 from scalesgd.batch_policy import BatchPolicy, StepObservation, make_batch_policy
 from scalesgd.lr_rules import LrConfig, lr_terms
 from scalesgd.models import DEFAULT_WIDTH, MODELS
@@ -294,6 +294,17 @@ def _progress_bar(cfg: RunConfig, world: World, total_examples: int):
                 desc=f"train P={world.size}", mininterval=0.5)
 
 
+def preflight(cfg: RunConfig, ds: Dataset) -> None:
+    """Checks that need the data set, run before anything is spawned or written: the model fits the data,
+    the lr rule and the batch policy accept their options."""
+    try:
+        build_model(cfg, ds, cfg.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    lr_config(cfg)
+    batch_policy(cfg, ds.n_train)
+
+
 def train(cfg: RunConfig, ds: Dataset | None = None) -> dict[str, Any]:
     """Run ``cfg``: under torchrun as the rank it made, otherwise on ``cfg.workers`` local processes.
 
@@ -301,7 +312,8 @@ def train(cfg: RunConfig, ds: Dataset | None = None) -> dict[str, Any]:
     """
     rdv = distributed.torchrun_rendezvous()
     if ds is None:
-        ds = load_data(cfg)  # validate data and options before anything is spawned or written
+        ds = load_data(cfg)
+    preflight(cfg, ds)
     if rdv is not None:
         return worker(rdv, cfg, ds)
     if cfg.workers == 1:

@@ -1,0 +1,128 @@
+"""Bad input: one clear line on stderr naming the problem and the fix, a non-zero exit, no traceback,
+and nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from scalesgd.cli import main
+
+
+def _idx_dir(tmp_path, *, magic=0x00000803, truncate=False):
+    d = tmp_path / "idx"
+    d.mkdir()
+    n = 4
+    images = struct.pack(">IIII", magic, n, 28, 28) + bytes(range(256)) * ((n * 28 * 28) // 256 + 1)
+    images = images[: 16 + n * 28 * 28]
+    if truncate:
+        images = images[: len(images) // 2]
+    labels = struct.pack(">II", 0x00000801, n) + bytes([0, 1, 2, 3])
+    for prefix in ("train", "t10k"):
+        (d / f"{prefix}-images-idx3-ubyte").write_bytes(images)
+        (d / f"{prefix}-labels-idx1-ubyte").write_bytes(labels)
+    return d
+
+
+def _toml(tmp_path, text):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    return p
+
+
+# (case name, argv builder, words the message must contain)
+CASES = [
+    ("unknown data set", lambda t: ["--dataset", "imagenet"], ["imagenet", "mnist1d"]),
+    ("unknown model", lambda t: ["--model", "resnet"], ["resnet", "mlp"]),
+    ("missing data file", lambda t: ["--dataset", f"idx:{t / 'nowhere'}"], ["nowhere"]),
+    ("truncated data file", lambda t: ["--dataset", f"idx:{_idx_dir(t, truncate=True)}", "--model", "mlp"],
+     ["truncated"]),
+    ("wrong magic number", lambda t: ["--dataset", f"idx:{_idx_dir(t, magic=0x1234)}", "--model", "mlp"],
+     ["magic"]),
+    ("batch smaller than workers", lambda t: ["--global-batch-size", "1", "--workers", "2"],
+     ["--global-batch-size", "workers"]),
+    ("batch larger than data", lambda t: ["--dataset", "digits", "--model", "mlp", "--global-batch-size", "100000"],
+     ["larger than the training set"]),
+    ("non-positive lr", lambda t: ["--lr", "0"], ["--lr", "positive"]),
+    ("negative lr", lambda t: ["--lr", "-0.1"], ["--lr", "positive"]),
+    ("unknown comm", lambda t: ["--comm", "carrier-pigeon"], ["carrier-pigeon", "allreduce"]),
+    ("bad toml key", lambda t: ["--config", str(_toml(t, "learning_rate = 0.1\n"))], ["learning_rate"]),
+    ("broken toml", lambda t: ["--config", str(_toml(t, "lr = = 1\n"))], ["TOML"]),
+    ("missing toml", lambda t: ["--config", str(t / "absent.toml")], ["not found"]),
+    ("step schedule without milestones", lambda t: ["--lr-schedule", "step"], ["--lr-milestones"]),
+    ("bad batch schedule", lambda t: ["--batch-policy", "schedule", "--batch-schedule", "5:x"], ["schedule"]),
+    ("target accuracy as percent", lambda t: ["--target-accuracy", "94"], ["fraction"]),
+]
+
+
+@pytest.mark.parametrize("name,argv,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, name, argv, words):
+    run_dir = tmp_path / "run"
+    args = argv(tmp_path)
+    if "--workers" not in args:
+        args += ["--workers", "1"]
+    code = main(["train", *args, "--run-dir", str(run_dir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("scalesgd: error:"), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+    assert not run_dir.exists(), "nothing may be written for bad input"
+
+
+def _run_cli(args, tmp_path, timeout=120):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "scalesgd", "train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=tmp_path)
+
+
+@pytest.mark.timeout(150)
+def test_divergence_stops_names_step_and_keeps_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _run_cli(["--dataset", "synthetic-linreg", "--model", "logreg", "--lr", "1e6", "--workers", "2",
+                     "--global-batch-size", "32", "--epochs", "1", "--momentum", "0", "--no-progress",
+                     "--run-dir", str(run_dir)], tmp_path)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "at step" in lines[0] and "--lr" in lines[0] and "Lower the learning rate" in lines[0]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records and records[-1]["loss"] is None  # the non-finite loss is recorded as null
+    assert not (run_dir / "summary.json").exists()
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+@pytest.mark.timeout(60)
+def test_port_in_use(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        run_dir = tmp_path / "run"
+        proc = _run_cli(["--dataset", "digits", "--model", "mlp", "--workers", "2", "--steps", "2",
+                         "--master-port", str(port), "--no-progress", "--run-dir", str(run_dir)], tmp_path)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(port) in lines[0] and "in use" in lines[0] and "--master-port" in lines[0]
+    assert not run_dir.exists()
+
+
+def test_gzip_idx_corrupt(tmp_path, capsys):
+    d = _idx_dir(tmp_path)
+    (d / "train-images-idx3-ubyte").unlink()
+    (d / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+    code = main(["train", "--dataset", f"idx:{d}", "--model", "mlp", "--workers", "1", "--no-progress",
+                 "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
