@@ -104,6 +104,50 @@ def test_compute_fit_exact_and_nonnegative():
         fit_compute([8, 16], [1e-3, -1.0])
 
 
+def random_piecewise(rng: np.random.Generator) -> ComputeFit:
+    """A profile with saturating throughput (per-example cost never rises with b), fitted piecewise."""
+    b = np.array([1, 4, 16, 64, 256, 1024])
+    per_example = np.sort(10 ** rng.uniform(-7, -4, size=b.size))[::-1]  # non-increasing in b
+    t = float(10 ** rng.uniform(-5, -2)) + b * per_example
+    t = np.maximum.accumulate(t)
+    return fit_compute(b, t, kind="piecewise")
+
+
+def test_piecewise_curve_passes_through_the_profile_and_extends_linearly():
+    b = [8, 32, 128, 512, 2048]
+    t = [1.0e-3, 1.1e-3, 1.8e-3, 5.0e-3, 21e-3]  # a kink an affine curve misses by > 5%
+    fit = fit_compute(b, t)
+    assert fit.kind == "piecewise" and fit.max_rel_err > 0.05
+    assert np.allclose(fit(np.array(b)), t)
+    assert float(fit(1024)) == pytest.approx(5.0e-3 + (21e-3 - 5.0e-3) / 3)
+    assert float(fit(4096)) == pytest.approx(21e-3 + 2048 * (21e-3 - 5.0e-3) / 1536)
+    assert 0 < float(fit(1)) <= 1.0e-3
+    assert "piecewise" in fit.describe()
+    # a noisy dip is flattened: the curve never decreases in b
+    fit = fit_compute([8, 16, 32, 64], [1e-3, 0.5e-3, 2e-3, 4e-3], kind="piecewise")
+    assert np.all(np.diff(fit(np.arange(1, 200))) >= 0)
+    assert fit_compute(b, t, kind="affine").kind == "affine"
+    with pytest.raises(ConfigError):
+        fit_compute(b, t, kind="spline")
+    with pytest.raises(ConfigError):
+        ComputeFit(t0_s=0.0, t1_s=0.0, knots_b=(8.0, 4.0), knots_s=(1.0, 2.0))
+
+
+def test_piecewise_curves_keep_the_invariants():
+    rng = np.random.default_rng(6)
+    ps = np.arange(1, 1025)
+    zero_net = Network(alpha_s=0.0, beta_s_per_byte=0.0)
+    for _ in range(CASES):
+        compute = random_piecewise(rng)
+        _, network, grad_bytes = random_setup(rng)
+        b = int(rng.integers(1, 100000))
+        assert np.all(np.diff(step_time(b, ps, compute=compute, network=zero_net, grad_bytes=0.0)) <= 1e-15)
+        bs = np.array([1, 5, 64, 1000, 5000, 65536])
+        for p in (1, 2, 7, 64, 1024):
+            e = efficiency(bs[bs >= p], p, compute=compute, network=network, grad_bytes=grad_bytes)
+            assert np.all(e >= 0) and np.all(e <= 1 + 1e-9), (p, e)
+
+
 def test_alpha_beta_fit_recovers_parameters():
     rng = np.random.default_rng(3)
     for _ in range(CASES):

@@ -7,7 +7,9 @@ time to accuracy = time per pass × passes to accuracy                       (RE
   ``T_step(B, P) = T_compute(ceil(B/P)) + T_allreduce(N_grad_bytes, P) + overhead``.
 - ``T_compute(b) = t0 + t1·b`` (affine: a fixed per-step cost plus a per-example cost), fitted to median
   fwd+bwd+update times at a few local batch sizes. Its throughput ``b/(t0 + t1·b)`` saturates at
-  ``1/t1``, which is the shape CPU and GPU profiles have once the batch fills the device.
+  ``1/t1``, which is the shape CPU and GPU profiles have once the batch fills the device. Where that
+  misses a profiled point by more than 5% (CPU kernels that switch algorithm or spill a cache at some
+  size), the curve is the piecewise-linear interpolation of the profiled medians instead.
 - ``T_allreduce(N, P) = 2(P−1)·α + 2(P−1)/P·N·β``: the bandwidth-optimal ring (reduce-scatter then
   all-gather), α seconds per message, β seconds per byte; zero on one worker.
 - time per pass = (n/B)·T_step(B, P).
@@ -35,31 +37,66 @@ from scalesgd.errors import ConfigError
 # Compute curve
 
 
+COMPUTE_KINDS = ("auto", "affine", "piecewise")
+
+
 @dataclass(frozen=True)
 class ComputeFit:
-    """``T_compute(b) = t0_s + t1_s·b`` seconds for one fwd+bwd+update at local batch size ``b``.
+    """Seconds for one fwd+bwd+update at local batch size ``b``.
 
-    ``max_rel_err`` is the worst |fit − measured|/measured over the profile the fit came from (0 when
-    built by hand); a value above a few percent says the affine curve does not describe this machine.
+    ``affine`` (no knots): ``T(b) = t0_s + t1_s·b``. ``piecewise`` (knots given): linear interpolation
+    through the profiled medians ``(knots_b, knots_s)`` (made non-decreasing), extended beyond the last
+    knot with the last segment's per-example slope and below the first with the first segment's (never
+    below 0). Piecewise is for profiles an affine curve misses by more than a few percent (CPU kernels
+    that switch algorithm or spill a cache at some batch size). ``t0_s, t1_s`` always hold the affine fit,
+    and ``max_rel_err`` its worst |fit − measured|/measured over the profile (0 when built by hand).
     """
 
     t0_s: float
     t1_s: float
     max_rel_err: float = 0.0
+    knots_b: tuple[float, ...] = ()
+    knots_s: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.t0_s) and math.isfinite(self.t1_s)) or self.t0_s < 0 or self.t1_s < 0:
             raise ConfigError(f"compute fit needs finite t0_s >= 0 and t1_s >= 0, got t0_s={self.t0_s}, "
                               f"t1_s={self.t1_s}; profile at more batch sizes or with more steps")
+        if self.knots_b or self.knots_s:
+            kb, ks = np.asarray(self.knots_b, dtype=np.float64), np.asarray(self.knots_s, dtype=np.float64)
+            if (kb.size < 2 or kb.size != ks.size or np.any(np.diff(kb) <= 0) or np.any(np.diff(ks) < 0)
+                    or kb[0] < 1 or not np.all(np.isfinite(ks)) or np.any(ks <= 0)):
+                raise ConfigError("a piecewise compute curve needs >= 2 knots at increasing batch sizes >= 1 "
+                                  "with positive, non-decreasing times")
+
+    @property
+    def kind(self) -> str:
+        return "piecewise" if self.knots_b else "affine"
 
     def __call__(self, local_batch_size):
         """Seconds per step at ``local_batch_size`` (scalar or array)."""
-        return self.t0_s + self.t1_s * np.asarray(local_batch_size, dtype=np.float64)
+        b = np.asarray(local_batch_size, dtype=np.float64)
+        if not self.knots_b:
+            return self.t0_s + self.t1_s * b
+        kb, ks = np.asarray(self.knots_b), np.asarray(self.knots_s)
+        lo_slope = (ks[1] - ks[0]) / (kb[1] - kb[0])
+        hi_slope = (ks[-1] - ks[-2]) / (kb[-1] - kb[-2])
+        inside = np.interp(b, kb, ks)
+        below = np.maximum(ks[0] + lo_slope * (b - kb[0]), 0.0)
+        above = ks[-1] + hi_slope * (b - kb[-1])
+        return np.where(b < kb[0], below, np.where(b > kb[-1], above, inside))
 
     @property
     def peak_examples_per_s(self) -> float:
-        """Throughput as b → ∞ (``1/t1``)."""
+        """Throughput of the affine fit as b → ∞ (``1/t1``)."""
         return math.inf if self.t1_s == 0 else 1.0 / self.t1_s
+
+    def describe(self) -> str:
+        affine = f"{self.t0_s * 1e3:.3g} ms + b * {self.t1_s * 1e6:.3g} us"
+        if self.kind == "affine":
+            return f"affine: T_compute(b) = {affine} (worst error on the profile {self.max_rel_err:.1%})"
+        return (f"piecewise-linear through the profiled medians (the affine fit {affine} missed a point by "
+                f"{self.max_rel_err:.1%})")
 
 
 def _nonneg_weighted_lstsq(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -93,16 +130,22 @@ def _as_positive_1d(name: str, values: Iterable[float]) -> np.ndarray:
     return arr
 
 
-def fit_compute(batch_sizes: Sequence[float], times_s: Sequence[float]) -> ComputeFit:
-    """Fit ``T_compute(b) = t0 + t1·b`` (t0, t1 ≥ 0) to median step times at local batch sizes.
+def fit_compute(batch_sizes: Sequence[float], times_s: Sequence[float], *, kind: str = "auto",
+                max_affine_rel_err: float = 0.05) -> ComputeFit:
+    """Fit the compute curve to median step times at local batch sizes.
 
     Args:
         batch_sizes: local batch sizes profiled (at least two distinct values).
         times_s: median seconds per fwd+bwd+update at each size.
+        kind: ``affine`` (``t0 + t1·b``, t0, t1 ≥ 0), ``piecewise`` (through the medians), or ``auto``:
+            affine when it misses no profiled point by more than ``max_affine_rel_err``, else piecewise.
     Returns:
-        :class:`ComputeFit` with the worst relative residual in ``max_rel_err``.
-    The fit minimises relative error, so a 1 ms step at b = 8 weighs as much as a 50 ms one at b = 512.
+        :class:`ComputeFit`; its ``max_rel_err`` is the affine fit's worst relative residual.
+    The affine fit minimises relative error, so a 1 ms step at b = 8 weighs as much as a 50 ms one at b = 512.
+    A piecewise curve takes the median per distinct size and a running maximum, so it never decreases in b.
     """
+    if kind not in COMPUTE_KINDS:
+        raise ConfigError(f"unknown compute curve {kind!r}; choose one of {', '.join(COMPUTE_KINDS)}")
     b = _as_positive_1d("batch_sizes", batch_sizes)
     t = _as_positive_1d("times_s", times_s)
     if b.size != t.size:
@@ -110,8 +153,13 @@ def fit_compute(batch_sizes: Sequence[float], times_s: Sequence[float]) -> Compu
     if np.unique(b).size < 2:
         raise ConfigError(f"fit_compute needs at least two distinct batch sizes, got {b.tolist()}")
     t0, t1 = _nonneg_weighted_lstsq(np.stack([np.ones_like(b), b], axis=1), t)
-    rel = np.abs(t0 + t1 * b - t) / t
-    return ComputeFit(t0_s=float(t0), t1_s=float(t1), max_rel_err=float(rel.max()))
+    rel = float((np.abs(t0 + t1 * b - t) / t).max())
+    if kind == "affine" or (kind == "auto" and rel <= max_affine_rel_err):
+        return ComputeFit(t0_s=float(t0), t1_s=float(t1), max_rel_err=rel)
+    kb = np.unique(b)
+    ks = np.maximum.accumulate(np.array([np.median(t[b == v]) for v in kb]))
+    return ComputeFit(t0_s=float(t0), t1_s=float(t1), max_rel_err=rel, knots_b=tuple(float(v) for v in kb),
+                      knots_s=tuple(float(v) for v in ks))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,7 +374,9 @@ def efficiency(global_batch_size, workers, *, compute: ComputeFit, network: Netw
                overhead_s: float = 0.0):
     """Parallel efficiency at fixed B: ``T_step(B, 1) / (P·T_step(B, P))``, in [0, 1].
 
-    It cannot exceed 1: P·(t0 + t1·ceil(B/P)) ≥ t0 + t1·B, and communication only adds.
+    It cannot exceed 1 when per-example compute cost never rises with b (true of the affine curve:
+    P·(t0 + t1·ceil(B/P)) ≥ t0 + t1·B; communication only adds). A piecewise profile whose throughput
+    drops at large b (a cache spill) can predict a superlinear speedup, and then it exceeds 1.
     """
     one = step_time(global_batch_size, 1, compute=compute, network=network, grad_bytes=grad_bytes,
                     overhead_s=overhead_s)

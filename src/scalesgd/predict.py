@@ -42,30 +42,33 @@ class ComputeProfile:
     threads: int
 
 
-def _loss_fn(num_outputs: int, task: str):
-    if task == "classification":
-        return nn.CrossEntropyLoss(reduction="sum")
-    return nn.MSELoss(reduction="sum")
-
-
 def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: int,
                     batch_sizes: Sequence[int], steps: int = 20, *, warmup_steps: int = 3, threads: int = 1,
-                    task: str = "classification", lr: float = 0.01, seed: int = 0) -> ComputeProfile:
-    """Median time of one training step's compute (forward, backward, SGD update) at each local batch size.
+                    task: str = "classification", momentum: float = 0.9, weight_decay: float = 5e-4,
+                    lr: float = 0.01, curve: str = "auto", seed: int = 0) -> ComputeProfile:
+    """Median seconds of one training step without communication, at each local batch size.
 
-    Mirrors :func:`scalesgd.step.train_step` without the all-reduce: zero the gradients, sum-reduced loss
-    scaled by 1/b, backward, ``w ← w − lr·g`` under no_grad. Runs on CPU with ``threads`` torch threads
-    (restored afterwards); ``warmup_steps`` per size are discarded, then ``steps`` are timed one by one.
+    Runs the trainer's own :func:`scalesgd.step.train_step` on one process (the all-reduce is a no-op at
+    P = 1), so the time covers exactly what the trainer labels ``compute_s + comm_s + update_s``:
+    forward, sum-reduced loss, backward into the flat buffer, the statistics tail, and the SGD update
+    (momentum and weight decay as the trainer's defaults). CPU, ``threads`` torch threads (restored
+    afterwards); ``warmup_steps`` per size are discarded, then ``steps`` are timed one by one.
 
     Args:
-        model: the network (modified in place by the updates; pass a fresh one).
+        model: the network; it is re-laid out onto flat parameters and updated, so pass a fresh one.
         input_shape: one example's shape, without the batch axis.
         num_outputs: classes (classification) or regression outputs.
         batch_sizes: local batch sizes to profile (at least two distinct).
         steps: timed steps per size.
+        curve: ``auto``, ``affine`` or ``piecewise`` (see :func:`scalesgd.perf_model.fit_compute`).
     Returns:
-        :class:`ComputeProfile` with medians and the affine :class:`~scalesgd.perf_model.ComputeFit`.
+        :class:`ComputeProfile` with medians and the fitted :class:`~scalesgd.perf_model.ComputeFit`.
     """
+    from scalesgd.comm import make_comm
+    from scalesgd.run import loss_function
+    from scalesgd.step import FlatModel, train_step
+    from scalesgd.transforms import Hyper, sgd
+
     sizes = sorted({int(b) for b in batch_sizes})
     if len(sizes) < 2 or sizes[0] < 1:
         raise ConfigError(f"profile needs at least two distinct positive local batch sizes, got {list(batch_sizes)}")
@@ -73,37 +76,34 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
         raise ConfigError(f"profile needs steps >= 1, warm-up >= 0 and threads >= 1, got {steps}, "
                           f"{warmup_steps}, {threads}")
     gen = torch.Generator().manual_seed(seed)
-    loss_fn = _loss_fn(num_outputs, task)
-    params = [p for p in model.parameters() if p.requires_grad]
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     medians = []
     try:
         model.train()
+        flat = FlatModel(model, 1, torch.device("cpu"))
+        comm = make_comm("allreduce", world_size=1, rank=0)
+        tx = sgd(momentum=momentum, weight_decay=weight_decay)
+        tx_state = tx.init(flat.params)
+        loss_fn = loss_function(task)
+        classification = task == "classification"
         for b in sizes:
             x = torch.randn((b, *input_shape), generator=gen)  # (b, *input_shape)
-            if task == "classification":
+            if classification:
                 y = torch.randint(0, num_outputs, (b,), generator=gen)  # (b,)
             else:
                 y = torch.randn((b, num_outputs), generator=gen)  # (b, num_outputs)
             times = []
             for i in range(warmup_steps + steps):
-                t0 = time.perf_counter()
-                for p in params:
-                    p.grad = None
-                out = model(x)
-                loss = loss_fn(out, y) * (1.0 / b)
-                loss.backward()
-                with torch.no_grad():
-                    for p in params:
-                        p.add_(p.grad, alpha=-lr)
-                t1 = time.perf_counter()
+                result, tx_state = train_step(flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=b,
+                                              shard_sizes=[b], rank=0, comm=comm, tx=tx, tx_state=tx_state,
+                                              hyper=Hyper(lr=lr, step=i), classification=classification)
                 if i >= warmup_steps:
-                    times.append(t1 - t0)
+                    times.append(result.compute_s + result.comm_s + result.update_s)
             medians.append(statistics.median(times))
     finally:
         torch.set_num_threads(old_threads)
-    fit = pm.fit_compute(sizes, medians)
+    fit = pm.fit_compute(sizes, medians, kind=curve)
     return ComputeProfile(local_batch_sizes=tuple(sizes), median_s=tuple(medians), fit=fit, threads=threads)
 
 
@@ -348,9 +348,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="the batch size --passes-at-small-batch was measured at (default 32)")
     p.add_argument("--from-run", default=None, metavar="RUN_DIR",
                    help="take B_S (median batch_bound_est) and the passes to its target from a run directory")
-    p.add_argument("--profile-batch-sizes", type=_int_list, default=[8, 32, 128, 512],
-                   help="local batch sizes to profile (default 8,32,128,512)")
+    p.add_argument("--profile-batch-sizes", type=_int_list, default=[8, 32, 128, 512, 2048],
+                   help="local batch sizes to profile (default 8,32,128,512,2048)")
     p.add_argument("--profile-steps", type=int, default=20, help="timed steps per profiled size (default 20)")
+    p.add_argument("--compute-curve", default="auto", choices=pm.COMPUTE_KINDS,
+                   help="compute curve: affine t0 + t1*b, piecewise through the profile, or auto (affine "
+                        "when it fits every profiled point within 5%%; default)")
     p.add_argument("--overhead-s", type=float, default=0.0, help="fixed extra seconds per step (default 0)")
     p.add_argument("--tolerance", type=float, default=0.10,
                    help="the cheapest recommendation may be this much slower than the fastest (default 0.10)")
@@ -400,14 +403,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError(str(e)) from None
     grad_bytes = 4 * count_parameters(model)
     prof = profile_compute(model, ds.input_shape, ds.num_outputs, args.profile_batch_sizes, args.profile_steps,
-                           task=ds.task, seed=args.seed)
+                           task=ds.task, curve=args.compute_curve, seed=args.seed)
     print(f"compute profile ({args.model}, {count_parameters(model):,} parameters, 1 thread): " + ", ".join(
         f"b={b}: {pm.format_seconds(t)}" for b, t in zip(prof.local_batch_sizes, prof.median_s)))
-    print(f"  fit T_compute(b) = {pm.format_seconds(prof.fit.t0_s)} + b * {pm.format_seconds(prof.fit.t1_s)} "
-          f"(worst relative error {prof.fit.max_rel_err:.1%})")
-    if prof.fit.max_rel_err > 0.05:
-        print("  warning: the affine compute curve misses a profiled point by more than 5%; predictions far "
-              "from the profiled sizes are less reliable")
+    print(f"  compute curve: {prof.fit.describe()}")
     sweep = None
     if network is None:
         sweep = measure_allreduce()
@@ -430,7 +429,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "model": args.model, "dataset": args.dataset, "n_train": ds.n_train, "grad_bytes": grad_bytes,
             "compute_profile": {"local_batch_sizes": prof.local_batch_sizes, "median_s": prof.median_s,
                                 "t0_s": prof.fit.t0_s, "t1_s": prof.fit.t1_s,
-                                "max_rel_err": prof.fit.max_rel_err, "threads": prof.threads},
+                                "max_rel_err": prof.fit.max_rel_err, "threads": prof.threads,
+                                "kind": prof.fit.kind, "knots_b": prof.fit.knots_b, "knots_s": prof.fit.knots_s},
             "network": {"alpha_s": network.alpha_s, "beta_s_per_byte": network.beta_s_per_byte,
                         "source": network.source},
             "allreduce_sweep": None if sweep is None else {"sizes_bytes": sweep.sizes_bytes,
