@@ -1,0 +1,311 @@
+"""Communication strategies: each one against an exact float64 reference, on 1 process and on 2–4 gloo ones.
+
+Multi-process checks are batched: one job per world size runs every strategy on every awkward size and
+returns digests and error summaries (launching processes costs seconds; reducing costs milliseconds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from scalesgd.comm import (COMM_STRATEGIES, QSGDAllReduce, make_comm, qsgd_decode, qsgd_encode)
+from scalesgd.distributed import init_world, shutdown_world, spawn
+from scalesgd.errors import ConfigError
+
+EXACT_STRATEGIES = ("allreduce", "ring", "ps")
+QSGD_CASES = (  # (levels, bucket_size, scale)
+    (7, 512, "max"), (127, 64, "l2"), (1, 5, "l2"), (3, 1, "max"))
+
+
+def _sizes(p: int) -> list[int]:
+    return sorted({0, 1, 2, p - 1, p, p + 1, 2 * p + 1, 1000, 65537, 1000003})
+
+
+def _inputs(size: int, rank: int, integer: bool, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(size * 131 + rank * 7 + (1 if integer else 0))
+    if integer:
+        return torch.randint(-1000, 1000, (size,), generator=g).to(dtype)
+    return (torch.randn(size, generator=g, dtype=torch.float64) * (rank + 1)).to(dtype)
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _qsgd_reference(xs: list[torch.Tensor], levels: int, bucket_size: int, scale: str, seeds: list[int],
+                    exact_tail: int) -> torch.Tensor:
+    """What the distributed qsgd sum must be, bit for bit: every rank's own quantization, added in rank
+    order, plus the verbatim tails added in rank order."""
+    n = xs[0].numel()
+    nq = n - exact_tail
+    out = torch.zeros_like(xs[0])
+    for x, seed in zip(xs, seeds):
+        q = qsgd_encode(x[:nq], num_levels=levels, bucket_size=bucket_size, scale=scale,
+                        generator=torch.Generator().manual_seed(seed))
+        qsgd_decode(q, out=out[:nq])
+        out[nq:] += x[nq:]
+    return out
+
+
+def _worker(rdv, n_draws: int) -> dict:
+    """One job per world size: the exact strategies, then qsgd."""
+    torch.set_num_threads(1)
+    world = init_world(rdv, "gloo", timeout_s=60)
+    try:
+        return {"exact": _exactness_checks(world), "qsgd": _qsgd_checks(world, n_draws)}
+    finally:
+        shutdown_world()
+
+
+def _exactness_checks(world) -> dict:
+    """Every strategy on every size, random and integer data; returns digests and worst errors."""
+    P, r = world.size, world.rank
+    out: dict = {"digest": {}, "rel_err": {}, "int_exact": {}, "bytes": {}}
+    comms = {name: make_comm(name, world_size=P, rank=r) for name in EXACT_STRATEGIES}
+    comms["ring_small_chunks"] = make_comm("ring", world_size=P, rank=r, chunk_bytes=4096)
+    for size in _sizes(P):
+        for integer in (False, True):
+            xs = [_inputs(size, p, integer) for p in range(P)]
+            ref = torch.stack([x.double() for x in xs]).sum(0) if size else torch.zeros(0, dtype=torch.float64)
+            # Round-off bound of any order of P − 1 float32 additions.
+            tol = (P - 1) * 2.0 ** -24 * torch.stack([x.double().abs() for x in xs]).sum(0) if size else ref
+            for name, comm in comms.items():
+                buf = xs[r].clone()
+                stats = comm.allreduce_(buf, exact_tail=min(3, size))
+                key = f"{name}/{size}/{'int' if integer else 'float'}"
+                out["digest"][key] = _digest(buf)
+                out["bytes"][key] = stats.bytes_sent
+                if integer:
+                    out["int_exact"][key] = bool(torch.equal(buf.double(), ref))
+                else:
+                    excess = (buf.double() - ref).abs() - tol
+                    out["rel_err"][key] = float(excess.max()) if size else -1.0
+    # float64 buffers and back-to-back calls with shrinking sizes reuse the scratch buffers safely
+    for name, comm in comms.items():
+        for size in (5000, 17):
+            xs = [_inputs(size, p, True, torch.float64) for p in range(P)]
+            buf = xs[r].clone()
+            comm.allreduce_(buf)
+            out["int_exact"][f"{name}/{size}/f64"] = bool(torch.equal(buf, sum(xs)))
+    return out
+
+
+def _qsgd_checks(world, n_draws: int) -> dict:
+    """qsgd: the distributed sum equals the locally recomputed one bit for bit; and ``n_draws`` draws for
+    the unbiasedness check."""
+    P, r = world.size, world.rank
+    out: dict = {"digest": {}, "matches_reference": {}, "tail_exact": {}, "bytes": {}, "draws": None}
+    for levels, bucket_size, scale in QSGD_CASES:
+        for size, tail in ((0, 0), (1, 0), (3, 3), (P + 1, 1), (1001, 2), (4099, 0), (20011, 5)):
+            seeds = [1000 * levels + 17 * p + size for p in range(P)]
+            comm = make_comm("qsgd", world_size=P, rank=r, generator=torch.Generator().manual_seed(seeds[r]),
+                             levels=levels, bucket_size=bucket_size, scale=scale)
+            xs = [_inputs(size, p, False) for p in range(P)]
+            for x in xs:  # an integer-valued tail, so "exact" can be checked with ==
+                x[size - tail:] = torch.arange(tail, dtype=x.dtype) * 3 + 1
+            buf = xs[r].clone()
+            stats = comm.allreduce_(buf, exact_tail=tail)
+            key = f"{levels}/{bucket_size}/{scale}/{size}/{tail}"
+            out["digest"][key] = _digest(buf)
+            out["bytes"][key] = (stats.bytes_sent, comm.payload_bytes(size, tail, 4) if size else 0)
+            ref = _qsgd_reference(xs, levels, bucket_size, scale, seeds, tail)
+            out["matches_reference"][key] = bool(torch.equal(buf, ref))
+            out["tail_exact"][key] = bool(torch.equal(buf[size - tail:], sum(x[size - tail:] for x in xs)))
+    if n_draws:
+        size = 700  # one full bucket of 512 and a partial one
+        comm = make_comm("qsgd", world_size=P, rank=r, generator=torch.Generator().manual_seed(5 + r),
+                         levels=2, bucket_size=512, scale="l2")
+        x = _inputs(size, r, False)
+        draws = torch.empty(n_draws, size, dtype=torch.float64)
+        for k in range(n_draws):
+            buf = x.clone()
+            comm.allreduce_(buf)
+            draws[k] = buf.double()
+        out["draws"] = draws if r == 0 else None
+    return out
+
+
+def _analytic_coord_variance(v: torch.Tensor, levels: int, bucket_size: int, scale: str) -> torch.Tensor:
+    """Var Q(v)ᵢ = (σ/s)²·pᵢ(1 − pᵢ), pᵢ = frac(s|vᵢ|/σ): Q(v)ᵢ takes one of two neighbouring levels."""
+    nb = -(-v.numel() // bucket_size)
+    padded = torch.zeros(nb * bucket_size, dtype=torch.float64)
+    padded[:v.numel()] = v.double()
+    b = padded.view(nb, bucket_size)
+    sigma = b.abs().amax(1) if scale == "max" else b.norm(dim=1)
+    safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    x = b.abs() / safe[:, None] * levels
+    frac = x - x.floor()
+    return ((safe / levels) ** 2)[:, None] * frac * (1 - frac)  # (n_buckets, bucket_size)
+
+
+def _analytic_qsgd_variance(v: torch.Tensor, levels: int, bucket_size: int, scale: str) -> torch.Tensor:
+    """E‖Q(v) − v‖² per bucket."""
+    return _analytic_coord_variance(v, levels, bucket_size, scale).sum(1)
+
+
+def _qsgd_bound(v: torch.Tensor, levels: int, bucket_size: int) -> torch.Tensor:
+    """min(d/s², √d/s)·‖v‖² per bucket (Alistarh et al. 2017, Lemma 3.1), d the bucket's true length."""
+    out = []
+    for start in range(0, v.numel(), bucket_size):
+        b = v[start:start + bucket_size].double()
+        d = b.numel()
+        out.append(min(d / levels ** 2, math.sqrt(d) / levels) * float(b @ b))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Single process
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_registry_names_and_errors():
+    assert {"allreduce", "ring", "ps", "qsgd"} <= set(COMM_STRATEGIES)
+    with pytest.raises(ConfigError, match="unknown communication strategy"):
+        make_comm("nope", world_size=1, rank=0)
+    for bad in ({"levels": 0}, {"levels": 128}, {"bucket_size": 0}, {"scale": "mean"}):
+        with pytest.raises(ConfigError):
+            make_comm("qsgd", world_size=1, rank=0, **bad)
+    with pytest.raises(ConfigError, match="chunk_bytes"):
+        make_comm("ring", world_size=2, rank=0, chunk_bytes=0)
+    with pytest.raises(ConfigError, match="rank"):
+        make_comm("ring", world_size=2, rank=2)
+    with pytest.raises(ConfigError, match="exact_tail"):
+        make_comm("ring", world_size=1, rank=0).allreduce_(torch.zeros(3), exact_tail=4)
+
+
+@pytest.mark.parametrize("name", ["ring", "ps"])
+def test_one_process_is_identity(name):
+    comm = make_comm(name, world_size=1, rank=0)
+    x = torch.randn(101)
+    buf = x.clone()
+    assert comm.allreduce_(buf, exact_tail=2).bytes_sent == 0
+    assert torch.equal(buf, x)
+
+
+def test_qsgd_one_process_quantizes_gradient_part_and_keeps_tail():
+    g = torch.Generator().manual_seed(3)
+    comm = make_comm("qsgd", world_size=1, rank=0, generator=g, levels=3, bucket_size=8)
+    x = torch.randn(30)
+    buf = x.clone()
+    assert comm.allreduce_(buf, exact_tail=4).bytes_sent == 0
+    assert torch.equal(buf[26:], x[26:])
+    ref = qsgd_decode(qsgd_encode(x[:26], num_levels=3, bucket_size=8, scale="max",
+                                  generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(buf[:26], ref)
+    # every coordinate is one of the bucket's 2s + 1 levels
+    for start in range(0, 26, 8):
+        b, q = x[start:start + 8][:26 - start], buf[start:start + 8][:26 - start]
+        steps = q / (b.abs().max() / 3)
+        assert torch.allclose(steps, steps.round(), atol=1e-5) and steps.abs().max() <= 3 + 1e-5
+
+
+@pytest.mark.parametrize("levels,bucket_size,scale", [(1, 512, "l2"), (2, 64, "l2"), (7, 512, "max"),
+                                                      (7, 16, "l2"), (127, 512, "max")])
+def test_qsgd_codec_unbiased_and_within_variance_bound(levels, bucket_size, scale):
+    """E[Q(v)] = v and E‖Q(v) − v‖² per bucket equals Σ(σ/s)²p(1−p) ≤ min(d/s², √d/s)·‖v‖²."""
+    g = torch.Generator().manual_seed(levels * 1000 + bucket_size)
+    v = torch.randn(3 * bucket_size + bucket_size // 3, dtype=torch.float64, generator=g)
+    v[:bucket_size] *= torch.linspace(0, 4, bucket_size, dtype=torch.float64)  # uneven magnitudes
+    v = v.float()
+    n_draws = 3000
+    draws = torch.stack([qsgd_decode(qsgd_encode(v, num_levels=levels, bucket_size=bucket_size, scale=scale,
+                                                 generator=g)).double() for _ in range(n_draws)])
+    err = draws - v.double()  # (n_draws, d)
+    # unbiased: every coordinate's mean error is within 5 (analytic) standard errors; the slack covers
+    # float32 round-off for coordinates that sit on a level and never move
+    sd = _analytic_coord_variance(v, levels, bucket_size, scale).view(-1)[:v.numel()].sqrt()
+    assert (err.mean(0).abs() <= 5 * sd / math.sqrt(n_draws) + 1e-5).all()
+    # variance: the empirical per-bucket E‖Q(v) − v‖² matches the analytic value, which obeys the bound
+    nb = -(-v.numel() // bucket_size)
+    padded = torch.zeros(n_draws, nb * bucket_size, dtype=torch.float64)
+    padded[:, :v.numel()] = err
+    empirical = (padded.view(n_draws, nb, bucket_size) ** 2).sum(2)  # (n_draws, nb)
+    analytic = _analytic_qsgd_variance(v, levels, bucket_size, scale)
+    se = empirical.std(0) / math.sqrt(n_draws)
+    assert ((empirical.mean(0) - analytic).abs() <= 5 * se + 1e-9).all()
+    assert (analytic <= _qsgd_bound(v, levels, bucket_size) * (1 + 1e-9)).all()
+
+
+def test_qsgd_zero_bucket_and_payload_size():
+    g = torch.Generator().manual_seed(0)
+    v = torch.zeros(20)
+    v[10:] = torch.randn(10)
+    q = qsgd_encode(v, num_levels=7, bucket_size=10, scale="l2", generator=g)
+    dec = qsgd_decode(q)
+    assert torch.equal(dec[:10], torch.zeros(10)) and torch.isfinite(dec).all()
+    c4 = QSGDAllReduce(world_size=2, rank=0, levels=7, bucket_size=512)
+    c8 = QSGDAllReduce(world_size=2, rank=0, levels=127, bucket_size=512)
+    # 4-bit codes: 8x smaller than float32 up to the per-bucket scale
+    assert c4.payload_bytes(1 << 20, 0, 4) == (1 << 19) + 4 * (1 << 11)
+    # 8-bit codes, the last bucket zero-padded to 512 codes, 2048 scales and the 2-element tail
+    assert c8.payload_bytes(1 << 20, 2, 4) == (1 << 20) + 4 * (2048 + 2)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2, 3 and 4 gloo processes
+# ------------------------------------------------------------------------------------------------------------
+
+
+DRAWS = {2: 1500, 3: 200, 4: 200}  # qsgd draws per job for the unbiasedness check
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda p: f"P{p}")
+def job(request):
+    """One gloo job per world size, shared by the tests below: (P, results by rank)."""
+    P = request.param
+    return P, spawn(_worker, P, (DRAWS[P],), timeout_s=200)
+
+
+@pytest.mark.timeout(240)
+def test_exact_strategies_match_reference_and_agree_bitwise(job):
+    P, results = job
+    results = [r["exact"] for r in results]
+    r0 = results[0]
+    for key in r0["digest"]:
+        assert all(r["digest"][key] == r0["digest"][key] for r in results), f"ranks differ: {key}"
+    for key in r0["rel_err"]:
+        assert all(r["rel_err"][key] <= 0 for r in results), f"beyond float round-off: {key}"
+    for key in r0["int_exact"]:
+        assert all(r["int_exact"][key] for r in results), f"integer sum not exact: {key}"
+    for key in r0["bytes"]:
+        name, size, _ = key.split("/")
+        total = sum(r["bytes"][key] for r in results)
+        if name != "allreduce":  # ours move exactly 2(P−1)·N in total
+            assert total == 2 * (P - 1) * int(size) * 4, key
+
+
+@pytest.mark.timeout(240)
+def test_qsgd_distributed_sum_is_bitwise_the_sum_of_quantizations(job):
+    P, results = job
+    results = [r["qsgd"] for r in results]
+    r0 = results[0]
+    for key in r0["digest"]:
+        assert all(r["digest"][key] == r0["digest"][key] for r in results), f"ranks differ: {key}"
+        assert all(r["matches_reference"][key] for r in results), f"not the sum of the quantizations: {key}"
+        assert all(r["tail_exact"][key] for r in results), f"tail not exact: {key}"
+        sent, payload = r0["bytes"][key]
+        assert sent == (P - 1) * payload, key
+
+
+@pytest.mark.timeout(240)
+def test_qsgd_distributed_sum_is_unbiased_within_the_variance_bound(job):
+    P, results = job
+    n_draws = DRAWS[P]
+    size = 700
+    true = sum(_inputs(size, p, False).double() for p in range(P))
+    draws = results[0]["qsgd"]["draws"]  # (n_draws, size)
+    # The mean over draws of the quantized sum converges to the true sum ...
+    sd = sum(_analytic_coord_variance(_inputs(size, p, False), 2, 512, "l2").view(-1)[:size]
+             for p in range(P)).sqrt()
+    assert ((draws.mean(0) - true).abs() <= 5 * sd / math.sqrt(n_draws) + 1e-5).all()
+    # ... and its variance is the sum of the ranks' variances, each within the QSGD bound.
+    err2 = ((draws - true) ** 2).sum(1)  # (n_draws,)
+    bound = sum(float(_qsgd_bound(_inputs(size, p, False), 2, 512).sum()) for p in range(P))
+    analytic = sum(float(_analytic_qsgd_variance(_inputs(size, p, False), 2, 512, "l2").sum())
+                   for p in range(P))
+    assert abs(float(err2.mean()) - analytic) <= 5 * float(err2.std()) / math.sqrt(n_draws)
+    assert analytic <= bound
