@@ -51,6 +51,7 @@ class Rendezvous:
     rank: int
     size: int
     local_rank: int
+    from_env: bool = False  # made by torchrun: join through env:// (reuses torchrun's own store)
 
 
 def torchrun_rendezvous(environ: dict[str, str] | None = None) -> Rendezvous | None:
@@ -61,7 +62,7 @@ def torchrun_rendezvous(environ: dict[str, str] | None = None) -> Rendezvous | N
     try:
         return Rendezvous(addr=env.get("MASTER_ADDR", "127.0.0.1"), port=int(env.get("MASTER_PORT", "29500")),
                           rank=int(env["RANK"]), size=int(env["WORLD_SIZE"]),
-                          local_rank=int(env.get("LOCAL_RANK", env["RANK"])))
+                          local_rank=int(env.get("LOCAL_RANK", env["RANK"])), from_env=True)
     except ValueError as e:
         raise DistributedError(f"malformed torchrun environment ({e}); launch with torchrun or unset RANK/WORLD_SIZE")
 
@@ -87,7 +88,8 @@ def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World
         device = torch.device("cpu")
     if rdv.size > 1 and not dist.is_initialized():
         try:
-            dist.init_process_group(backend=backend, init_method=f"tcp://{rdv.addr}:{rdv.port}",
+            init_method = "env://" if rdv.from_env else f"tcp://{rdv.addr}:{rdv.port}"
+            dist.init_process_group(backend=backend, init_method=init_method,
                                     rank=rdv.rank, world_size=rdv.size,
                                     timeout=_dt.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:  # noqa: PERF203 - converted to a clear message

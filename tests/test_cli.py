@@ -1,0 +1,83 @@
+"""The command line: defaults, TOML config with command-line precedence, torchrun, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from scalesgd.cli import build_parser, config_from_args, main
+from scalesgd.config import RunConfig
+
+
+def test_defaults_are_runconfig_defaults():
+    cfg = config_from_args(build_parser().parse_args(["train"]))
+    assert cfg == RunConfig()
+
+
+def test_toml_then_command_line(tmp_path):
+    p = tmp_path / "run.toml"
+    p.write_text('dataset = "digits"\nmodel = "mlp"\nlr = 0.3\nglobal-batch-size = 64\nlr_milestones = [1, 2]\n')
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(p), "--lr", "0.01"]))
+    assert (cfg.dataset, cfg.model, cfg.global_batch_size) == ("digits", "mlp", 64)
+    assert cfg.lr == 0.01  # the command line wins
+    assert cfg.lr_milestones == (1.0, 2.0)
+
+
+@pytest.mark.timeout(150)
+def test_train_digits_and_report(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "--dataset", "digits", "--model", "mlp", "--workers", "2", "--epochs", "3",
+                 "--global-batch-size", "64", "--lr", "0.1", "--no-progress", "--target-accuracy", "0.5",
+                 "--threads-per-worker", "1", "--run-dir", str(run)])
+    out = capsys.readouterr().out
+    assert code == 0 and f"run directory: {run}" in out
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("final_test_accuracy", "steps", "epochs", "wall_s", "time_to_target_s"):
+        assert key in summary
+    assert summary["time_to_target_s"] is not None and summary["final_test_accuracy"] >= 0.5
+    env = json.loads((run / "env.json").read_text())
+    assert env["world_size"] == 2 and env["backend"] == "gloo" and env["torch"]
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in steps if r["kind"] == "step")
+    for key in ("step", "epoch", "global_batch_size", "lr", "loss", "examples_per_s", "time_s", "compute_s",
+                "comm_s"):
+        assert key in first
+    assert any(r["kind"] == "eval" and "test_accuracy" in r and "train_accuracy" in r for r in steps)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "loss_accuracy_vs_step.png" in report and "time_breakdown_0.png" in report
+    for png in ("loss_accuracy_vs_step.png", "loss_accuracy_vs_time.png", "time_breakdown_0.png"):
+        assert (run / png).stat().st_size > 1000
+
+
+def test_report_rejects_non_run_dir(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_python_dash_m_and_help():
+    out = subprocess.run([sys.executable, "-m", "scalesgd", "train", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "--global-batch-size" in out.stdout and "--target-accuracy" in out.stdout
+
+
+@pytest.mark.timeout(180)
+def test_same_command_under_torchrun(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    assert torchrun, "torchrun ships with torch"
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "scalesgd", "train", "--dataset", "digits", "--model", "mlp", "--steps", "5", "--no-progress",
+         "--threads-per-worker", "1", "--timeout-s", "60", "--run-dir", str(run)],
+        capture_output=True, text=True, timeout=170, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    assert json.loads((run / "summary.json").read_text())["steps"] == 5
+    assert proc.stdout.count("run directory:") == 1  # rank 0 alone prints the summary
