@@ -1,0 +1,534 @@
+"""``scalesgd allreduce-bench``: time the communication strategies, nccl-tests style, against the link.
+
+For every world size P one local job of P processes is started; inside it every strategy of
+:mod:`scalesgd.comm` reduces buffers of each size. One row per (strategy, P, size) reports the median over
+iterations of the slowest rank's time T, algbw = N/T and busbw = algbw·2(P−1)/P (the nccl-tests
+convention: busbw is what each link carried, comparable with the link's own rate). In the same run the
+loopback TCP stream rate (a plain socket sender/receiver pair of processes, the ceiling busbw can approach)
+and the TCP round-trip time (a small ping-pong, the floor for a small message) are measured, and the ring
+cost model T = 2(P−1)α + 2(P−1)/P·N·β (REFERENCES §1) is fitted per strategy; each row shows how well the
+fit predicts it.
+
+The fit, :func:`fit_alpha_beta`, is pure numpy so that the performance model can reuse it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from scalesgd.errors import ConfigError
+
+DEFAULT_STRATEGIES = ("allreduce", "ring", "ps", "qsgd")
+# 4 KiB … 64 MiB, doubling (nccl-tests' usual sweep, cut to what a CPU box moves in a few minutes).
+DEFAULT_SIZES = tuple(4096 << k for k in range(15))
+QUICK_SIZES = (4096, 65536, 1 << 20, 8 << 20)
+# Rows the targets look at.
+RING_VS_BUILTIN_RANGE = (4 << 20, 25 << 20)
+SMALL_MESSAGE_MAX = 4096
+FIT_RANGE = (64 << 10, 64 << 20)
+RING_FAMILY = ("allreduce", "ring")  # strategies the ring cost model describes
+
+ROW_COLUMNS = ("strategy", "world_size", "size_bytes", "numel", "iters", "time_s", "time_min_s", "time_max_s",
+               "algbw_GBps", "busbw_GBps", "bytes_sent")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The α–β model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ring_time_s(size_bytes, world_size, alpha_s: float, beta_s_per_byte: float):
+    """Ring all-reduce cost T = 2(P−1)α + 2(P−1)/P·N·β (baidu-allreduce; REFERENCES §1); numpy-broadcasting."""
+    n = np.asarray(size_bytes, dtype=float)
+    p = np.asarray(world_size, dtype=float)
+    return 2 * (p - 1) * alpha_s + 2 * (p - 1) / p * n * beta_s_per_byte
+
+
+def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[float] | float,
+                   times_s: Sequence[float], *, relative: bool = True) -> tuple[float, float]:
+    """Least-squares α (s per message) and β (s per byte) of T = 2(P−1)α + 2(P−1)/P·N·β.
+
+    Args:
+        sizes_bytes: N of each measurement.
+        world_sizes: P of each measurement (one number for all of them is accepted); every P ≥ 2.
+        times_s: the measured T.
+        relative: minimise Σ((T̂ − T)/T)² (every size counts alike, so 4 KB rows are not drowned by
+            64 MB ones) instead of Σ(T̂ − T)².
+    Returns:
+        ``(alpha_s, beta_s_per_byte)``, both ≥ 0: when the unconstrained optimum has a negative
+        coefficient, that coefficient is fixed at 0 and the other refitted (the 2-variable NNLS solution).
+    """
+    n = np.asarray(sizes_bytes, dtype=float).ravel()
+    t = np.asarray(times_s, dtype=float).ravel()
+    p = np.broadcast_to(np.asarray(world_sizes, dtype=float), n.shape).ravel()
+    if not (n.shape == t.shape and n.size >= 2):
+        raise ConfigError(f"fit_alpha_beta needs at least two (size, P, time) triples of equal length, got "
+                          f"{n.size} sizes and {t.size} times")
+    if np.any(p < 2) or np.any(t <= 0) or np.any(n < 0):
+        raise ConfigError("fit_alpha_beta needs world sizes >= 2, positive times and non-negative sizes")
+    a = np.stack([2 * (p - 1), 2 * (p - 1) / p * n], axis=1)  # (m, 2): columns multiply α and β
+    w = 1.0 / t if relative else np.ones_like(t)
+    aw, tw = a * w[:, None], t * w
+    coef, *_ = np.linalg.lstsq(aw, tw, rcond=None)
+    if np.all(coef >= 0):
+        return float(coef[0]), float(coef[1])
+    best: tuple[float, float, float] | None = None
+    for k in (0, 1):  # keep one coefficient, the other at zero
+        col = aw[:, k]
+        c = max(float(col @ tw) / float(col @ col), 0.0) if col @ col > 0 else 0.0
+        resid = float(np.sum((col * c - tw) ** 2))
+        cand = (c, 0.0) if k == 0 else (0.0, c)
+        if best is None or resid < best[2]:
+            best = (cand[0], cand[1], resid)
+    assert best is not None
+    return best[0], best[1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The link: loopback TCP stream rate and round trip, between two plain processes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tcp_peer(port_queue: Any, n_pings: int, stream_bytes: int, repeats: int) -> None:
+    """The other end: echo ``n_pings`` small messages, then swallow ``repeats`` streams and ack each."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port_queue.put(srv.getsockname()[1])
+        conn, _ = srv.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            msg = bytearray(8)
+            for _ in range(n_pings):
+                view, got = memoryview(msg), 0
+                while got < 8:
+                    got += conn.recv_into(view[got:])
+                conn.sendall(msg)
+            buf = memoryview(bytearray(4 << 20))
+            for _ in range(repeats):
+                left = stream_bytes
+                while left > 0:
+                    left -= conn.recv_into(buf[:min(len(buf), left)])
+                conn.sendall(b"k")
+
+
+def measure_tcp_loopback(*, stream_bytes: int = 256 << 20, repeats: int = 3, n_pings: int = 2000,
+                         timeout_s: float = 120.0) -> dict[str, float]:
+    """Loopback TCP between two processes: stream rate (bytes/s, median of ``repeats`` streams, timed from
+    the first byte sent to the receiver's acknowledgement) and round-trip time (median of ``n_pings``
+    8-byte ping-pongs with Nagle off)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    peer = ctx.Process(target=_tcp_peer, args=(q, n_pings, stream_bytes, repeats), daemon=True)
+    peer.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while q.empty():
+            if not peer.is_alive() or time.monotonic() > deadline:
+                raise ConfigError("the TCP loopback probe process did not start; is 127.0.0.1 usable?")
+            time.sleep(0.01)
+        port = q.get()
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            msg, back = b"p" * 8, bytearray(8)
+            rtts = []
+            for _ in range(n_pings):
+                t0 = time.perf_counter()
+                s.sendall(msg)
+                view, got = memoryview(back), 0
+                while got < 8:
+                    got += s.recv_into(view[got:])
+                rtts.append(time.perf_counter() - t0)
+            chunk = memoryview(bytearray(4 << 20))
+            rates = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                left = stream_bytes
+                while left > 0:
+                    k = min(len(chunk), left)
+                    s.sendall(chunk[:k])
+                    left -= k
+                s.recv(1)
+                rates.append(stream_bytes / (time.perf_counter() - t0))
+        return {"stream_bytes_per_s": float(statistics.median(rates)),
+                "rtt_s": float(statistics.median(rtts[n_pings // 10:])),  # first pings warm the path up
+                "stream_bytes": float(stream_bytes), "n_pings": float(n_pings)}
+    finally:
+        peer.join(timeout=10)
+        if peer.is_alive():
+            peer.kill()
+            peer.join()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The timed job
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], iters: int, warmup: int,
+                  backend: str, threads: int, seed: int, comm_options: dict[str, dict[str, Any]],
+                  budget_s: float, pg_timeout_s: float) -> dict[str, Any]:
+    """One rank: for every size, ``warmup`` untimed rounds, then up to ``iters`` timed rounds; a round calls
+    every strategy once, so strategies are compared side by side under the same background load.
+
+    Before each call the buffer is refilled (its contents would otherwise grow P× per call) and a tiny
+    all-reduce lines the ranks up; that all-reduce also carries rank 0's decision to stop early once a
+    size has used ``budget_s`` (at least 3 rounds are always made), so all ranks agree on the count.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from scalesgd.comm import make_comm
+    from scalesgd.distributed import init_world, shutdown_world
+
+    torch.set_num_threads(threads)
+    world = init_world(rdv, backend, timeout_s=pg_timeout_s)
+    device = world.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    max_numel = max(sizes_bytes) // 4
+    gen = torch.Generator().manual_seed(seed * 1000 + world.rank)
+    source = torch.randn(max_numel, generator=gen).to(device)
+    buffer = torch.empty_like(source)
+    flag = torch.zeros(1, device=device)
+    comms = {name: make_comm(name, world_size=world.size, rank=world.rank,
+                             generator=torch.Generator().manual_seed(seed * 1000 + 7 + world.rank),
+                             **comm_options.get(name, {}))
+             for name in strategies}
+    out: dict[str, Any] = {"times": {}, "bytes_sent": {}}
+
+    def lined_up_call(comm, x, y, stop: bool) -> tuple[float, int] | None:
+        y.copy_(x)
+        flag.fill_(1.0 if stop else 0.0)
+        if world.size > 1:
+            dist.all_reduce(flag)
+        if flag.item() > 0:
+            return None
+        sync()
+        t0 = time.perf_counter()
+        stats = comm.allreduce_(y)
+        sync()
+        return time.perf_counter() - t0, stats.bytes_sent
+
+    try:
+        for size in sizes_bytes:
+            n = size // 4
+            x, y = source[:n], buffer[:n]
+            for name in strategies:
+                out["times"][f"{name}/{size}"] = []
+                for _ in range(warmup):
+                    lined_up_call(comms[name], x, y, False)
+            start = time.perf_counter()
+            for it in range(iters):
+                stop = world.rank == 0 and it >= 3 and time.perf_counter() - start > budget_s
+                for name in strategies:
+                    res = lined_up_call(comms[name], x, y, stop)
+                    if res is None:
+                        break
+                    out["times"][f"{name}/{size}"].append(res[0])
+                    out["bytes_sent"][f"{name}/{size}"] = res[1]
+                if res is None:
+                    break
+    finally:
+        shutdown_world()
+    return out
+
+
+def default_threads(world_size: int) -> int:
+    """Intra-op threads per worker: the cores shared out, at least one (oversubscription only adds noise)."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
+def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], world_sizes: Sequence[int],
+                        iters: int = 20, warmup: int = 3, *, backend: str = "gloo", threads: int | None = None,
+                        seed: int = 0, comm_options: dict[str, dict[str, Any]] | None = None,
+                        budget_s_per_size: float = 8.0, timeout_s: float = 1800.0) -> list[dict[str, Any]]:
+    """Time every strategy on float32 buffers of every size with every world size.
+
+    Args:
+        strategies: names in :data:`scalesgd.comm.COMM_STRATEGIES`.
+        sizes_bytes: buffer sizes N in bytes (multiples of 4; float32 elements).
+        world_sizes: P values; one local job of P processes is started for each.
+        iters: timed rounds per size (one call of every strategy each, interleaved), fewer once a size has
+            used ``budget_s_per_size`` seconds (all strategies together).
+        warmup: untimed calls first (they also allocate the strategies' scratch buffers).
+        backend: ``gloo`` (CPU), ``nccl`` or ``auto``.
+        threads: torch intra-op threads per worker (default: cores // P).
+        comm_options: per-strategy options, e.g. ``{"qsgd": {"levels": 127}}``.
+        timeout_s: bound on each job.
+    Returns:
+        One dict per (strategy, P, size) with :data:`ROW_COLUMNS`: ``time_s`` is the median over calls of
+        the slowest rank's time, ``algbw_GBps`` = N/T/1e9, ``busbw_GBps`` = algbw·2(P−1)/P, ``bytes_sent``
+        the most any rank sent per call.
+    """
+    from scalesgd.comm import COMM_STRATEGIES
+    from scalesgd.distributed import spawn
+
+    for name in strategies:
+        if name not in COMM_STRATEGIES:
+            raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(sorted(COMM_STRATEGIES))}")
+    sizes = [int(s) for s in sizes_bytes]
+    if not sizes or any(s < 4 or s % 4 for s in sizes):
+        raise ConfigError(f"sizes must be positive multiples of 4 bytes (float32 buffers), got {sizes}")
+    if not world_sizes or any(int(p) < 2 for p in world_sizes):
+        raise ConfigError(f"world sizes must be >= 2 (an all-reduce of one process moves nothing), got "
+                          f"{list(world_sizes)}")
+    if iters < 1 or warmup < 0:
+        raise ConfigError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    rows: list[dict[str, Any]] = []
+    for p in (int(p) for p in world_sizes):
+        nthreads = threads if threads is not None else default_threads(p)
+        per_rank = spawn(_bench_worker, p, (list(strategies), sizes, iters, warmup, backend, nthreads, seed,
+                                            comm_options or {}, budget_s_per_size, min(timeout_s, 600.0)),
+                         timeout_s=timeout_s)
+        for name in strategies:
+            for size in sizes:
+                key = f"{name}/{size}"
+                per_call = np.max(np.array([r["times"][key] for r in per_rank]), axis=0)  # slowest rank
+                t = float(np.median(per_call))
+                algbw = size / t / 1e9
+                rows.append({"strategy": name, "world_size": p, "size_bytes": size, "numel": size // 4,
+                             "iters": int(per_call.size), "time_s": t, "time_min_s": float(per_call.min()),
+                             "time_max_s": float(per_call.max()), "algbw_GBps": algbw,
+                             "busbw_GBps": algbw * 2 * (p - 1) / p,
+                             "bytes_sent": int(max(r["bytes_sent"][key] for r in per_rank)),
+                             "threads": nthreads})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fits, targets, table
+# ----------------------------------------------------------------------------------------------------------
+
+
+def add_fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Fit α, β per strategy over all its rows (all sizes and P), and write each row's ``model_time_s`` and
+    ``model_rel_err`` = (model − measured)/measured. Returns ``{strategy: {alpha_s, beta_s_per_byte,
+    bandwidth_GBps}}``."""
+    fits: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        mine = [r for r in rows if r["strategy"] == name]
+        if len(mine) < 2:
+            continue
+        alpha, beta = fit_alpha_beta([r["size_bytes"] for r in mine], [r["world_size"] for r in mine],
+                                     [r["time_s"] for r in mine])
+        fits[name] = {"alpha_s": alpha, "beta_s_per_byte": beta,
+                      "bandwidth_GBps": (1.0 / beta / 1e9) if beta > 0 else math.inf}
+        for r in mine:
+            r["model_time_s"] = float(ring_time_s(r["size_bytes"], r["world_size"], alpha, beta))
+            r["model_rel_err"] = (r["model_time_s"] - r["time_s"]) / r["time_s"]
+    return fits
+
+
+def _verdict(ok: bool | None) -> str:
+    return "N/A" if ok is None else ("MET" if ok else "MISSED")
+
+
+def evaluate_targets(rows: list[dict[str, Any]], tcp: dict[str, float] | None) -> list[dict[str, Any]]:
+    """The issue's three targets, each as ``{name, value, threshold, verdict, detail}``; verdict MET, MISSED
+    or N/A (the run did not measure what the target needs). Call after :func:`add_fits`."""
+    targets: list[dict[str, Any]] = []
+    by = {(r["strategy"], r["world_size"], r["size_bytes"]): r for r in rows}
+
+    # 1. ring busbw vs the built-in, P = 2, 4–25 MB messages (every such size must pass).
+    sizes = sorted({s for (n, p, s) in by if n == "ring" and p == 2
+                    and RING_VS_BUILTIN_RANGE[0] <= s <= RING_VS_BUILTIN_RANGE[1] and ("allreduce", 2, s) in by})
+    ratios = [by[("ring", 2, s)]["busbw_GBps"] / by[("allreduce", 2, s)]["busbw_GBps"] for s in sizes]
+    worst = min(ratios) if ratios else None
+    targets.append({"name": "ring busbw / built-in busbw, P=2, 4-25 MB", "value": worst, "threshold": 0.75,
+                    "verdict": _verdict(None if worst is None else worst >= 0.75),
+                    "stretch": _verdict(None if worst is None else worst >= 1.0),
+                    "detail": {str(s): r for s, r in zip(sizes, ratios)}})
+
+    # 2. small-message latency vs the TCP round trip, at P = 2.
+    rtt = tcp["rtt_s"] if tcp else None
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        small = [r["time_s"] for r in rows if r["strategy"] == name and r["world_size"] == 2
+                 and r["size_bytes"] <= SMALL_MESSAGE_MAX]
+        value = max(small) / rtt if small and rtt else None
+        targets.append({"name": f"{name}: time of <=4 KB messages / TCP RTT, P=2", "value": value,
+                        "threshold": 3.0, "verdict": _verdict(None if value is None else value <= 3.0),
+                        "detail": {"rtt_s": rtt, "worst_time_s": max(small) if small else None}})
+
+    # 3. the α–β fit predicts 64 KB – 64 MB within ±20 % (for the algorithms the ring model describes).
+    for name in dict.fromkeys(r["strategy"] for r in rows):
+        errs = [abs(r["model_rel_err"]) for r in rows if r["strategy"] == name and "model_rel_err" in r
+                and FIT_RANGE[0] <= r["size_bytes"] <= FIT_RANGE[1]]
+        value = max(errs) if errs else None
+        ok = None if value is None else value <= 0.20
+        targets.append({"name": f"{name}: max |model - measured|/measured, 64 KB-64 MB", "value": value,
+                        "threshold": 0.20,
+                        "verdict": _verdict(ok) if name in RING_FAMILY else f"INFO ({_verdict(ok)})",
+                        "detail": {"rows": len(errs)}})
+    return targets
+
+
+def _human(nbytes: int) -> str:
+    for unit, k in (("MB", 20), ("KB", 10)):
+        if nbytes >= 1 << k and nbytes % (1 << k) == 0:
+            return f"{nbytes >> k} {unit}"
+    return f"{nbytes} B"
+
+
+def format_table(rows: list[dict[str, Any]], tcp: dict[str, float] | None = None,
+                 fits: dict[str, dict[str, float]] | None = None,
+                 targets: list[dict[str, Any]] | None = None) -> str:
+    """nccl-tests-style text: one block per (strategy, P), then the link, the fits and the targets.
+    (KB, MB are binary: 1 KB = 1024 bytes; GB/s are 1e9 bytes/s as in nccl-tests.)"""
+    lines: list[str] = []
+    if tcp:
+        lines.append(f"# loopback TCP: stream {tcp['stream_bytes_per_s'] / 1e9:.3f} GB/s, "
+                     f"round trip {tcp['rtt_s'] * 1e6:.1f} us")
+    ceiling = tcp["stream_bytes_per_s"] / 1e9 if tcp else None
+    groups = list(dict.fromkeys((r["strategy"], r["world_size"]) for r in rows))
+    for name, p in groups:
+        mine = [r for r in rows if r["strategy"] == name and r["world_size"] == p]
+        lines.append("")
+        lines.append(f"# strategy={name}  P={p}  threads/worker={mine[0].get('threads', '?')}")
+        head = (f"#{'size(B)':>11} {'size':>7} {'iters':>5} {'time(us)':>11} {'algbw(GB/s)':>11} "
+                f"{'busbw(GB/s)':>11} {'sent(B)':>11}")
+        if ceiling:
+            head += f" {'bus/tcp':>7}"
+        head += f" {'model(us)':>11} {'err(%)':>7}"
+        lines.append(head)
+        for r in mine:
+            line = (f"{r['size_bytes']:>12} {_human(r['size_bytes']):>7} {r['iters']:>5} {r['time_s'] * 1e6:>11.1f} "
+                    f"{r['algbw_GBps']:>11.3f} {r['busbw_GBps']:>11.3f} {r['bytes_sent']:>11}")
+            if ceiling:
+                line += f" {r['busbw_GBps'] / ceiling:>7.2f}"
+            if "model_time_s" in r:
+                line += f" {r['model_time_s'] * 1e6:>11.1f} {r['model_rel_err'] * 100:>+7.1f}"
+            lines.append(line)
+    if fits:
+        lines.append("")
+        lines.append("# ring cost model T = 2(P-1)a + 2(P-1)/P*N*b, relative least squares over each strategy's rows")
+        for name, f in fits.items():
+            lines.append(f"#   {name:<10} alpha = {f['alpha_s'] * 1e6:9.1f} us   beta = {f['beta_s_per_byte'] * 1e9:8.4f} "
+                         f"ns/B  (1/beta = {f['bandwidth_GBps']:.3f} GB/s)")
+    if targets:
+        lines.append("")
+        lines.append("# targets")
+        for t in targets:
+            value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+            cmp = ">=" if t["name"].startswith("ring busbw") else "<="
+            extra = f"  (stretch >= 1.0: {t['stretch']})" if "stretch" in t else ""
+            lines.append(f"#   {t['verdict']:<15} {t['name']}: {value} ({cmp} {t['threshold']}){extra}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """``4096``, ``4KB``, ``64MB``, ``1GB`` (binary multiples) → bytes."""
+    t = text.strip().upper().replace("IB", "B")
+    for suffix, k in (("GB", 30), ("MB", 20), ("KB", 10), ("G", 30), ("M", 20), ("K", 10), ("B", 0)):
+        if t.endswith(suffix):
+            num = t[:-len(suffix)].strip()
+            break
+    else:
+        num, k = t, 0
+    try:
+        value = float(num) * (1 << k)
+    except ValueError:
+        raise ConfigError(f"cannot read size {text!r}; write e.g. 4096, 4KB or 64MB") from None
+    if value <= 0 or value != int(value):
+        raise ConfigError(f"size {text!r} must be a positive whole number of bytes")
+    return int(value)
+
+
+def parse_sizes(items: Sequence[str]) -> list[int]:
+    """Sizes from the command line: single sizes, or ``LO:HI`` for LO, 2·LO, … ≤ HI."""
+    sizes: list[int] = []
+    for item in items:
+        if ":" in item:
+            lo, hi = (parse_size(x) for x in item.split(":", 1))
+            s = lo
+            while s <= hi:
+                sizes.append(s)
+                s *= 2
+        else:
+            sizes.append(parse_size(item))
+    return sizes
+
+
+def _parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        name, dot, opt = key.partition(".")
+        if not (eq and dot and name and opt):
+            raise ConfigError(f"--comm-option {item!r} must look like STRATEGY.KEY=VALUE, e.g. qsgd.levels=127")
+        value: Any = raw
+        for conv in (int, float):
+            try:
+                value = conv(raw)
+                break
+            except ValueError:
+                pass
+        out.setdefault(name, {})[opt] = value
+    return out
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """The ``allreduce-bench`` subcommand: measure, print the table, write ``--json``; exit code 0."""
+    sizes = parse_sizes(args.sizes) if args.sizes else list(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    workers = args.workers or ([2] if args.quick else [2, 4])
+    iters = args.iters if args.iters is not None else (5 if args.quick else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    options = _parse_options(args.comm_option or [])
+    tcp = measure_tcp_loopback(stream_bytes=(64 << 20) if args.quick else (256 << 20),
+                               n_pings=500 if args.quick else 2000)
+    rows = run_allreduce_bench(args.strategies, sizes, workers, iters=iters, warmup=warmup, backend=args.backend,
+                               threads=args.threads, seed=args.seed, comm_options=options,
+                               budget_s_per_size=args.budget_s, timeout_s=args.timeout_s)
+    fits = add_fits(rows)
+    targets = evaluate_targets(rows, tcp)
+    print(format_table(rows, tcp, fits, targets))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": {"strategies": list(args.strategies), "sizes_bytes": sizes, "world_sizes": workers,
+                                  "iters": iters, "warmup": warmup, "backend": args.backend,
+                                  "comm_options": options, "cpu_count": os.cpu_count()},
+                       "tcp": tcp, "rows": rows, "fits": fits, "targets": targets}, f, indent=2)
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``allreduce-bench`` on the CLI's subparsers; its ``func`` takes the Namespace, returns an exit code."""
+    p = subparsers.add_parser(
+        "allreduce-bench", help="time the communication strategies against loopback TCP, nccl-tests style",
+        description=__doc__.split("\n\n")[1] if __doc__ else None)
+    p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES), metavar="NAME",
+                   help="strategies to time (default: %(default)s)")
+    p.add_argument("--sizes", nargs="+", default=None, metavar="SIZE",
+                   help="buffer sizes: 4096, 64KB, 16MB, or LO:HI for a doubling sweep (default 4KB:64MB; "
+                        "with --quick 4KB 64KB 1MB 8MB)")
+    p.add_argument("--workers", nargs="+", type=int, default=None, metavar="P",
+                   help="world sizes, one local job each (default 2 4; with --quick 2)")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per size (default 20; --quick 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per size (default 3; --quick 1)")
+    p.add_argument("--quick", action="store_true", help="a small sweep that finishes in well under a minute")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write rows, link, fits and targets here")
+    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl", "auto"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default cores // P)")
+    p.add_argument("--comm-option", action="append", metavar="STRATEGY.KEY=VALUE",
+                   help="strategy option, e.g. qsgd.levels=127 or ring.chunk_bytes=1048576 (repeatable)")
+    p.add_argument("--budget-s", type=float, default=8.0,
+                   help="stop timing a size after this many seconds once 3 calls are in (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="bound on each P's job (default %(default)s)")
+    p.set_defaults(func=run_from_args)
+    return p

@@ -1,0 +1,131 @@
+"""allreduce-bench: the α–β fit on synthetic timings, the targets' logic, and one tiny real run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from scalesgd import allreduce_bench as ab
+from scalesgd.errors import ConfigError
+
+ALPHA, BETA = 60e-6, 1.25e-9  # 60 us per message, 0.8 GB/s
+
+
+def _grid():
+    sizes = np.array([4096 << k for k in range(15)] * 2, dtype=float)
+    ps = np.array([2] * 15 + [4] * 15, dtype=float)
+    return sizes, ps
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_fit_recovers_alpha_beta_from_noise_free_timings(relative):
+    sizes, ps = _grid()
+    times = ab.ring_time_s(sizes, ps, ALPHA, BETA)
+    alpha, beta = ab.fit_alpha_beta(sizes, ps, times, relative=relative)
+    assert alpha == pytest.approx(ALPHA, rel=1e-9)
+    assert beta == pytest.approx(BETA, rel=1e-9)
+
+
+def test_fit_with_multiplicative_noise_and_a_single_world_size():
+    rng = np.random.default_rng(0)
+    sizes = np.array([4096 << k for k in range(15)], dtype=float)
+    times = ab.ring_time_s(sizes, 2, ALPHA, BETA) * np.exp(rng.normal(0, 0.05, sizes.size))
+    alpha, beta = ab.fit_alpha_beta(sizes, 2, times)
+    assert alpha == pytest.approx(ALPHA, rel=0.1)
+    assert beta == pytest.approx(BETA, rel=0.1)
+
+
+def test_fit_is_non_negative_and_validates_input():
+    sizes = np.array([1e3, 1e6, 1e7])
+    # times that fall with size would need a negative β: the fit keeps β = 0 and explains them by α
+    alpha, beta = ab.fit_alpha_beta(sizes, 2, [3e-3, 2e-3, 1e-3])
+    assert beta == 0.0 and alpha > 0
+    with pytest.raises(ConfigError):
+        ab.fit_alpha_beta([1e3], 2, [1e-3])
+    with pytest.raises(ConfigError):
+        ab.fit_alpha_beta(sizes, 1, [1e-3, 2e-3, 3e-3])
+    with pytest.raises(ConfigError):
+        ab.fit_alpha_beta(sizes, 2, [1e-3, 0.0, 3e-3])
+
+
+def _row(strategy, p, size, t):
+    algbw = size / t / 1e9
+    return {"strategy": strategy, "world_size": p, "size_bytes": size, "numel": size // 4, "iters": 5,
+            "time_s": t, "time_min_s": t, "time_max_s": t, "algbw_GBps": algbw,
+            "busbw_GBps": algbw * 2 * (p - 1) / p, "bytes_sent": size}
+
+
+def test_targets_met_and_missed_on_synthetic_rows():
+    sizes = [4096 << k for k in range(15)]
+    rtt = 50e-6
+    rows = []
+    for s in sizes:
+        t = float(ab.ring_time_s(s, 2, ALPHA, BETA))
+        rows.append(_row("allreduce", 2, s, t))
+        rows.append(_row("ring", 2, s, t / 0.8 if 4 << 20 <= s <= 25 << 20 else t))  # 0.8x busbw there
+    fits = ab.add_fits(rows)
+    assert fits["allreduce"]["alpha_s"] == pytest.approx(ALPHA, rel=1e-6)
+    targets = {t["name"]: t for t in ab.evaluate_targets(rows, {"rtt_s": rtt, "stream_bytes_per_s": 1e9})}
+    ring_vs = targets["ring busbw / built-in busbw, P=2, 4-25 MB"]
+    assert ring_vs["value"] == pytest.approx(0.8) and ring_vs["verdict"] == "MET" and ring_vs["stretch"] == "MISSED"
+    small = targets["allreduce: time of <=4 KB messages / TCP RTT, P=2"]
+    assert small["value"] == pytest.approx(float(ab.ring_time_s(4096, 2, ALPHA, BETA)) / rtt)
+    assert small["verdict"] == ("MET" if small["value"] <= 3 else "MISSED")
+    assert targets["allreduce: max |model - measured|/measured, 64 KB-64 MB"]["verdict"] == "MET"
+    # without a P = 2 built-in row the comparison cannot be made
+    only_ring = [r for r in rows if r["strategy"] == "ring"]
+    assert ab.evaluate_targets(only_ring, None)[0]["verdict"] == "N/A"
+    text = ab.format_table(rows, {"rtt_s": rtt, "stream_bytes_per_s": 1e9}, fits, ab.evaluate_targets(rows, None))
+    assert "# strategy=ring  P=2" in text and "MET" in text and "alpha" in text
+
+
+def test_sizes_and_options_parsing():
+    assert ab.parse_size("4KB") == 4096 and ab.parse_size("64MiB") == 64 << 20 and ab.parse_size("1000") == 1000
+    assert ab.parse_sizes(["4KB:32KB", "1MB"]) == [4096, 8192, 16384, 32768, 1 << 20]
+    with pytest.raises(ConfigError):
+        ab.parse_size("lots")
+    assert ab._parse_options(["qsgd.levels=127", "ring.chunk_bytes=4096", "qsgd.scale=l2"]) == {
+        "qsgd": {"levels": 127, "scale": "l2"}, "ring": {"chunk_bytes": 4096}}
+    with pytest.raises(ConfigError):
+        ab._parse_options(["levels=3"])
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    ab.add_parser(sub)
+    args = parser.parse_args(["allreduce-bench", "--quick", "--workers", "2", "3", "--json", "x.json"])
+    assert args.func is ab.run_from_args and args.workers == [2, 3] and args.quick
+    assert list(ab.DEFAULT_SIZES) == [4096 << k for k in range(15)] and ab.DEFAULT_SIZES[-1] == 64 << 20
+    with pytest.raises(ConfigError):
+        ab.run_allreduce_bench(["ring"], [4096], [1], iters=1, warmup=0)
+    with pytest.raises(ConfigError):
+        ab.run_allreduce_bench(["nope"], [4096], [2], iters=1, warmup=0)
+
+
+@pytest.mark.timeout(120)
+def test_tcp_loopback_probe():
+    tcp = ab.measure_tcp_loopback(stream_bytes=8 << 20, repeats=2, n_pings=100)
+    assert tcp["stream_bytes_per_s"] > 1e6 and 0 < tcp["rtt_s"] < 0.1
+
+
+@pytest.mark.timeout(180)
+def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
+    sizes = [4096, 65536]
+    rows = ab.run_allreduce_bench(["allreduce", "ring", "qsgd"], sizes, [2], iters=3, warmup=1, timeout_s=150)
+    assert [(r["strategy"], r["size_bytes"]) for r in rows] == [(n, s) for n in ("allreduce", "ring", "qsgd")
+                                                                for s in sizes]
+    for r in rows:
+        assert set(ab.ROW_COLUMNS) <= set(r)
+        assert r["world_size"] == 2 and r["iters"] == 3
+        assert 0 < r["time_min_s"] <= r["time_s"] <= r["time_max_s"]
+        assert r["algbw_GBps"] == pytest.approx(r["size_bytes"] / r["time_s"] / 1e9)
+        assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"])  # 2(P-1)/P = 1 at P = 2
+        assert r["bytes_sent"] > 0
+    ring = {r["size_bytes"]: r for r in rows if r["strategy"] == "ring"}
+    qsgd = {r["size_bytes"]: r for r in rows if r["strategy"] == "qsgd"}
+    assert ring[65536]["bytes_sent"] == 65536  # each rank sends 2(P-1)/P·N = N at P = 2
+    assert qsgd[65536]["bytes_sent"] < ring[65536]["bytes_sent"] / 4  # 4-bit codes
+    fits = ab.add_fits(rows)
+    assert all(r["model_time_s"] > 0 for r in rows) and set(fits) == {"allreduce", "ring", "qsgd"}
+    json.dumps({"rows": rows, "fits": fits, "targets": ab.evaluate_targets(rows, None)})
