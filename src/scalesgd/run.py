@@ -27,6 +27,7 @@ from scalesgd.batch_policy import BatchPolicy, StepObservation, make_batch_polic
 from scalesgd.lr_rules import LrConfig, lr_terms
 from scalesgd.models import DEFAULT_WIDTH, MODELS
 from scalesgd.step import FlatModel, evaluate, train_step
+from scalesgd.tracking import DiversityTracker
 from scalesgd.transforms import Hyper, sgd
 from scalesgd.writer import RunWriter, default_run_dir, environment
 
@@ -171,6 +172,8 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
     policy = batch_policy(cfg, ds.n_train)
     policy_state = policy.init_state()
     estimates: dict[str, float] = {}  # latest smoothed gradient statistics from the tap
+    tracker = (DiversityTracker(cfg.diversity, flat.model, world_size=world.size, n_train=ds.n_train,
+                                decay=cfg.diversity_decay) if cfg.diversity != "off" else None)
 
     def run_eval(epoch_float: float) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -215,7 +218,7 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
             result, tx_state = train_step(
                 flat=flat, loss_fn=loss_fn, x=x_train[local], y=y_train[local], global_batch_size=b,
                 shard_sizes=shard_sizes, rank=world.rank, comm=comm, tx=tx, tx_state=tx_state,
-                hyper=Hyper(lr=lr, step=prog.step), classification=classification)
+                hyper=Hyper(lr=lr, step=prog.step), tap=tracker, classification=classification)
             step_s = result.compute_s + result.comm_s + result.update_s
             prog = Progress(step=prog.step + 1, examples=prog.examples + b, cursor=next_cursor,
                             train_time_s=prog.train_time_s + step_s)
@@ -262,6 +265,8 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
     finally:
         if bar is not None:
             bar.close()
+        if tracker is not None:
+            tracker.close()
     if diverged_at is not None:  # pragma: no cover - raised above
         raise AssertionError("unreachable")
     if not last_eval or last_eval["step"] != prog.step:
