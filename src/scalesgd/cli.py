@@ -62,6 +62,7 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("eval-train-examples", int, "training examples used to measure train accuracy"),
     ("diversity", str, "online gradient-diversity estimate: off, cheap, exact"),
     ("diversity-decay", float, "EMA decay of the diversity estimators"),
+    ("exact-diversity-every", int, "measure the exact whole-data diversity every k steps (0: never)"),
     ("workers", int, "local worker processes (ignored under torchrun)"),
     ("backend", str, "auto (nccl with CUDA, else gloo), gloo, nccl"),
     ("comm", str, "gradient communication: allreduce, ring, ps, qsgd"),
@@ -146,6 +147,37 @@ def _print_summary(s: dict[str, Any]) -> None:
     print("\n".join(lines))
 
 
+def cmd_diversity(args: argparse.Namespace) -> int:
+    """Exact whole-data diversity along a training run, or at a saved checkpoint."""
+    from scalesgd import plots
+    from scalesgd.rundata import RunData
+
+    if args.checkpoint:
+        from scalesgd.run import diversity_at_checkpoint
+
+        stats = diversity_at_checkpoint(Path(args.checkpoint))
+        print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
+        return 0
+    from scalesgd.run import train
+
+    cfg = config_from_args(args)
+    if not cfg.exact_diversity_every:
+        cfg = cfg.replace(exact_diversity_every=args.every)
+    summary = train(cfg)
+    run = RunData.open(summary["run_dir"])
+    png = plots.diversity_along_training(run, run.path / "diversity.png")
+    rows = [r for r in run.records if r.get("kind") == "diversity"]
+    print(f"{'step':>6} {'epoch':>6} {'B_S exact':>10} {'estimate':>10} {'delta':>10} {'M2':>10} {'|grad F|^2':>11}")
+    for r in rows:
+        est = r.get("batch_bound_est")
+        print(f"{r['step']:6d} {r['epoch']:6.2f} {r['batch_bound']:10.1f} "
+              f"{(f'{est:10.1f}' if est is not None else '         -')} {r['delta']:10.4g} {r['m2']:10.4g} "
+              f"{r['mean_grad_sq_norm']:11.4g}")
+    _print_summary(summary)
+    print(f"plot: {png}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from scalesgd.report import write_report
 
@@ -162,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train with P synchronous workers (spawned locally, or as torchrun's ranks).")
     add_train_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("diversity", help="measure the exact whole-data gradient diversity along training",
+                       description="Train as `scalesgd train` does and, every --every steps, measure the exact "
+                       "whole-data diversity Delta_S, M2, |grad F|^2 and B_S = n*Delta_S next to the online "
+                       "estimate; writes them to the run directory (kind=diversity lines in metrics.jsonl) and "
+                       "plots diversity.png. With --checkpoint, measure once at a saved checkpoint instead.")
+    add_train_options(p)
+    p.add_argument("--every", type=int, default=100, help="steps between exact measurements (default: 100)")
+    p.add_argument("--checkpoint", metavar="RUN_DIR_OR_FILE", help="measure once at this run's checkpoint.pt")
+    p.set_defaults(func=cmd_diversity)
 
     p = sub.add_parser("report", help="write report.md with plots from run directories")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

@@ -68,6 +68,7 @@ class RunConfig:
     # diversity tracking
     diversity: str = "cheap"
     diversity_decay: float = 0.99
+    exact_diversity_every: int = 0  # measure the exact whole-data diversity every k steps (0: never)
     # engine
     workers: int = 2
     backend: str = "auto"
@@ -150,6 +151,8 @@ class RunConfig:
             _positive_int("eval-every", self.eval_every)
         if self.eval_train_examples < 0:
             raise ConfigError("--eval-train-examples must be >= 0")
+        if self.exact_diversity_every < 0:
+            raise ConfigError("--exact-diversity-every must be >= 0 (0 turns it off)")
         if not 0 < self.diversity_decay < 1:
             raise ConfigError(f"--diversity-decay must be in (0, 1), got {self.diversity_decay}")
         if self.master_port is not None and not 0 < self.master_port < 65536:

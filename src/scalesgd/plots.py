@@ -73,3 +73,29 @@ def time_breakdown(run: RunData, path: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def diversity_along_training(run: RunData, path: Path) -> Path:
+    """Exact B_S(w) = n·Δ_S (markers) and the online estimate (line) against epochs, with the loss."""
+    exact = [r for r in run.records if r.get("kind") == "diversity"]
+    steps = run.steps
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    if steps and "batch_bound_est" in steps[-1]:
+        est = np.array([np.nan if r.get("batch_bound_est") is None else r["batch_bound_est"] for r in steps])
+        ax.plot([r["epoch"] for r in steps], est, lw=1, alpha=0.8, label="online estimate n·Δ̂ (EMA)")
+    if exact:
+        ax.plot([r["epoch"] for r in exact], [r["batch_bound"] for r in exact], "o-", ms=4, color="k",
+                label="exact B_S = n·Δ_S (whole training set)")
+    ax.set(xlabel="epoch", ylabel="batch-size bound B_S", yscale="log",
+           title=f"gradient diversity along training — {run.label}")
+    ax.grid(alpha=0.3, which="both")
+    if steps:
+        ax2 = ax.twinx()
+        loss = np.array([np.nan if r["loss"] is None else r["loss"] for r in steps], dtype=float)
+        window = max(1, len(loss) // 100)
+        ax2.plot([r["epoch"] for r in steps][window - 1:], _smooth(loss, window), color="tab:red", lw=1,
+                 alpha=0.6, label="training loss")
+        ax2.set(ylabel="training loss", yscale="log")
+        ax2.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)

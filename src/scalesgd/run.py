@@ -21,6 +21,7 @@ from scalesgd.comm import make_comm
 from scalesgd.config import RunConfig, check_against_data
 from scalesgd.data import Dataset, load_dataset
 from scalesgd.data.sharding import BatchStream, Cursor, shard
+from scalesgd.diversity import gradient_diversity
 from scalesgd.distributed import Rendezvous, World
 from scalesgd.errors import ConfigError, DivergedError, DistributedError
 from scalesgd.batch_policy import BatchPolicy, StepObservation, make_batch_policy
@@ -52,11 +53,25 @@ def build_model(cfg: RunConfig, ds: Dataset, seed: int) -> nn.Module:
     return MODELS[cfg.model](**kwargs)
 
 
-def loss_function(task: str):
-    """Per-example loss with sum reduction (see the reduction convention in :mod:`scalesgd.step`)."""
+def loss_function(task: str, reduction: str = "sum"):
+    """The loss of ``task``: ``reduction="sum"`` gives Σᵢ ℓᵢ (the convention of :mod:`scalesgd.step`),
+    ``"none"`` the per-example losses (B,) that :mod:`scalesgd.diversity` wants."""
     if task == "classification":
-        return lambda out, y: nn.functional.cross_entropy(out, y, reduction="sum")
+        return lambda out, y: nn.functional.cross_entropy(out, y, reduction=reduction)
+    if reduction == "none":
+        return lambda out, y: 0.5 * (out - y).pow(2).reshape(out.shape[0], -1).sum(1)
     return lambda out, y: 0.5 * nn.functional.mse_loss(out, y, reduction="sum")
+
+
+def measure_exact_diversity(model: nn.Module, ds: Dataset, world: World) -> dict[str, float]:
+    """Exact Δ_S, M2, ‖∇F‖² and B_S over the whole training set at the current weights; every rank streams
+    its contiguous part of the data and the sums are all-reduced (Yin et al. 2018)."""
+    part = torch.tensor_split(torch.arange(ds.n_train), world.size)[world.rank]
+    x, y = ds.x_train[part].to(world.device), ds.y_train[part].to(world.device)
+    stats = gradient_diversity(model, loss_function(ds.task, "none"), x, y, world=world, batch_size=1024)
+    return {"delta": stats.delta, "m2": stats.m2, "mean_grad_sq_norm": stats.mean_grad_sq_norm,
+            "trace_cov": stats.trace_cov, "batch_bound": stats.batch_bound, "b_simple": stats.b_simple,
+            "n": stats.n}
 
 
 def lr_config(cfg: RunConfig) -> LrConfig:
@@ -195,7 +210,17 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
     def finished() -> bool:
         return prog.step >= cfg.steps if cfg.steps else prog.examples >= total_examples
 
+    def run_exact_diversity(epoch_float: float) -> None:
+        t0 = time.perf_counter()
+        rec = {"kind": "diversity", "step": prog.step, "epoch": epoch_float,
+               **measure_exact_diversity(flat.model, ds, world),
+               "batch_bound_est": estimates.get("batch_bound_est"), "time_s": time.perf_counter() - start}
+        rec["measure_s"] = time.perf_counter() - t0
+        writer.log(rec)
+
     try:
+        if cfg.exact_diversity_every:
+            run_exact_diversity(0.0)
         while not finished():
             epoch_float = prog.cursor.epoch + prog.cursor.offset / ds.n_train
             decision, policy_state = policy.next(policy_state, StepObservation(
@@ -244,6 +269,8 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
                     f"the loss became {result.loss} at step {prog.step} (lr {lr:.4g}); training stopped. "
                     f"Lower the learning rate (e.g. --lr {cfg.lr / 4:.3g}) or add warm-up "
                     f"(--warmup-epochs 1); the metrics so far are in {writer.run_dir or 'the run directory'}")
+            if cfg.exact_diversity_every and prog.step % cfg.exact_diversity_every == 0:
+                run_exact_diversity(epoch_now)
             if cfg.check_replicas_every and prog.step % cfg.check_replicas_every == 0:
                 verify_replicas(flat.params, world, prog.step)
             if bar is not None:
@@ -297,6 +324,32 @@ def _progress_bar(cfg: RunConfig, world: World, total_examples: int):
 
     return tqdm(total=total_examples, unit="ex", unit_scale=True, dynamic_ncols=True, leave=True,
                 desc=f"train P={world.size}", mininterval=0.5)
+
+
+def diversity_at_checkpoint(path: Path) -> dict[str, float]:
+    """Exact whole-data diversity at a run's saved checkpoint (``RUN_DIR`` or ``RUN_DIR/checkpoint.pt``).
+
+    Writes ``diversity_checkpoint.json`` next to the checkpoint and returns the figures.
+    """
+    from scalesgd.errors import ScalesgdError
+    from scalesgd.writer import write_json_atomic
+
+    path = Path(path)
+    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+    if not ckpt_path.exists():
+        raise ScalesgdError(f"no checkpoint at {ckpt_path}; pass a run directory written by `scalesgd train`")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    known = {k: v for k, v in ckpt["config"].items() if k in RunConfig.__dataclass_fields__}
+    known["lr_milestones"] = tuple(known.get("lr_milestones", ()))
+    cfg = RunConfig(**known)
+    ds = load_data(cfg)
+    model = build_model(cfg, ds, cfg.seed)
+    model.load_state_dict(ckpt["model"])
+    model.train()
+    world = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    stats = {"step": ckpt["step"], **measure_exact_diversity(model, ds, world)}
+    write_json_atomic(ckpt_path.parent / "diversity_checkpoint.json", stats)
+    return stats
 
 
 def preflight(cfg: RunConfig, ds: Dataset) -> None:
