@@ -181,6 +181,18 @@ def test_layernorm_and_groupnorm_variants():
     check_against_references(model, torch.randn(6, 5), torch.randint(0, 3, (6,)))
 
 
+def test_frozen_parameters_are_left_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 4), nn.ReLU(),
+                          nn.Linear(4, 3), nn.Linear(3, 3, bias=False))
+    model[0].bias.requires_grad_(False)  # conv: weight only
+    model[3].weight.requires_grad_(False)  # linear: bias only
+    model[6].weight.requires_grad_(False)  # linear without trainable parameters: no hook at all
+    x, y = torch.randn(5, 2, 6), torch.randint(0, 3, (5,))
+    check_against_references(model, x, y)
+    assert set(forms_of(model, x, y)) == {"0", "3", "5"}
+
+
 def test_inplace_activation_after_a_layer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.ReLU(inplace=True),

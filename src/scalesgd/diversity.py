@@ -11,8 +11,11 @@ Three layers, fastest first:
   materialising per-example gradients where a cheaper identity exists ("ghost norms"):
   Linear ``||a_i||^2 ||b_i||^2`` (Goodfellow, arXiv 1510.01799); layers with a sequence/spatial axis of length
   T (Linear on (B, T, d), Conv after unfolding) ``<A_i A_i^T, B_i B_i^T>`` when ``2 T^2 < d p``, otherwise the
-  layer's per-example gradient is materialised (Li et al., arXiv 2110.05679; Bu et al., arXiv 2205.10683).
-  Whole-model norm = sum over layers. It never reads or writes ``.grad``.
+  layer's per-example gradient is materialised (Li et al., arXiv 2110.05679; Bu et al., arXiv 2205.10683):
+  by one batched matmul on the unfolded input for small layers, and for large convolutions one example at a
+  time through the convolution's own weight-gradient kernel (``torch.nn.grad.conv2d_weight``), which on CPU
+  is faster than the matmul and needs no unfolded copy of the input. Whole-model norm = sum over layers.
+  It never reads or writes ``.grad``.
 * :func:`per_example_sq_norms` and :func:`gradient_diversity` wrap the tap for a model, a loss and data.
   :func:`loop_sq_norms` and :func:`vmap_sq_norms` are the slow, obviously correct references.
 * :func:`per_example_noise_stats`, :func:`two_batch_noise_stats` and :class:`NoiseScaleEMA` estimate
@@ -141,10 +144,11 @@ def _gram_or_full(a: torch.Tensor, b: torch.Tensor, chunk_bytes: int) -> tuple[t
 class _Handler:
     """Hooks for one layer (or one fallback subtree): what to save in forward, what to add in backward."""
 
-    def __init__(self, tap: "GhostNormTap", name: str, module: nn.Module, kind: str):
-        self.tap, self.name, self.module, self.kind = tap, name, module, kind
-        self.weight_grad = getattr(module, "weight", None) is not None and module.weight.requires_grad
-        self.bias_grad = getattr(module, "bias", None) is not None and module.bias.requires_grad
+    def __init__(self, name: str, module: nn.Module, kind: str):
+        self.name, self.module, self.kind = name, module, kind
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        self.weight_grad = isinstance(weight, torch.Tensor) and weight.requires_grad
+        self.bias_grad = isinstance(bias, torch.Tensor) and bias.requires_grad
 
 
 class GhostNormTap:
@@ -217,7 +221,7 @@ class GhostNormTap:
                         f"a parameter is shared by modules {owner[id(p)]!r} and {name!r} (tied weights); per-layer "
                         "ghost norms do not add up for a shared parameter: untie the weights, or use vmap_sq_norms")
                 owner[id(p)] = name
-            handler = _Handler(self, name or "<model>", module, kind)
+            handler = _Handler(name or "<model>", module, kind)
             self._handlers.append(handler)
             hook = getattr(self, f"_forward_{kind}")
             if kind == "fallback":
@@ -315,23 +319,27 @@ class GhostNormTap:
             return
         x = x.detach()
         if x.dim() == 2:
-            # only the (B,) input norms are kept, never the activation
-            a_sq = torch.linalg.vector_norm(x, dim=1).square_() if h.weight_grad else None
-            out.register_hook(lambda g: self._backward_linear2d(h, a_sq, g))
+            # ||grad_W||^2 + ||grad_c||^2 = ||b_i||^2 (||a_i||^2 + 1): keep only the (B,) factor, not the input
+            if h.weight_grad:
+                coef = torch.linalg.vector_norm(x, dim=1).square_()  # (B,)
+                if h.bias_grad:
+                    coef.add_(1.0)
+            else:
+                coef = None  # bias only
+            out.register_hook(lambda g: self._backward_linear2d(h, coef, g))
         elif x.dim() > 2:
             out.register_hook(lambda g: self._backward_linear_seq(h, x, g))
         else:
             raise ConfigError(f"layer {h.name!r}: per-example norms need a batch axis; got an input of shape "
                               f"{tuple(x.shape)}")
 
-    def _backward_linear2d(self, h: _Handler, a_sq: torch.Tensor | None, g: torch.Tensor) -> None:
+    def _backward_linear2d(self, h: _Handler, coef: torch.Tensor | None, g: torch.Tensor) -> None:
         if not self._capturing:
             return
         with torch.no_grad():
-            b_sq = torch.linalg.vector_norm(g, dim=1).square_()  # (B,)
-            part = a_sq * b_sq if a_sq is not None else torch.zeros_like(b_sq)
-            if h.bias_grad:
-                part = part + b_sq
+            part = torch.linalg.vector_norm(g, dim=1).square_()  # (B,) ||b_i||^2
+            if coef is not None:
+                part.mul_(coef)
             self._add(h, part, "outer")
 
     def _backward_linear_seq(self, h: _Handler, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -378,15 +386,15 @@ class GhostNormTap:
         if 2 * t * t >= d * p and groups * p * d * t >= _CONV_LOOP_MIN_MACS:
             # large layer, materialised: one example at a time through the conv weight-gradient kernel
             weight_grad = torch.nn.grad.conv1d_weight if x.dim() == 3 else torch.nn.grad.conv2d_weight
-            out = x.new_empty(batch)
+            norms = []
             for i in range(batch):
                 xi = x[i:i + 1]
                 if explicit:
                     xi = F.pad(xi, pads, mode=mode)
                 w = weight_grad(xi, m.weight.shape, g[i:i + 1], stride=m.stride, padding=sym_padding,
-                                dilation=m.dilation, groups=groups)
-                out[i] = w.square().sum()
-            return out, "conv-loop"
+                                dilation=m.dilation, groups=groups)  # example i's weight gradient
+                norms.append(torch.linalg.vector_norm(w))
+            return torch.stack(norms).square_(), "conv-loop"
         # small layer, or Gram form: unfold (im2col) and do the whole batch in chunks
         out, form = x.new_empty(batch), ""
         two_d = x.dim() == 4
