@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", help="output directory (default: the first run directory)")
     p.set_defaults(func=cmd_report)
+
+    from scalesgd import allreduce_bench, predict
+
+    allreduce_bench.add_parser(sub)
+    predict.add_parser(sub)
     return parser
 
 

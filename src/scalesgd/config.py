@@ -73,7 +73,7 @@ class RunConfig:
     workers: int = 2
     backend: str = "auto"
     comm: str = "allreduce"
-    qsgd_levels: int = 16
+    qsgd_levels: int = 7
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     threads_per_worker: int | None = None
