@@ -1,0 +1,285 @@
+"""Validate the time-to-accuracy model against the real trainer on this machine.
+
+Predict first, then measure. From a short compute profile (the trainer's own step at a few local batch
+sizes, one thread), the gloo all-reduce α, β measured at P = 2, a diversity batch bound B_S and the passes
+one reference run (P = 1, the smallest B) needed, :mod:`scalesgd.perf_model` predicts every other
+(B, P) configuration's time per pass and time to accuracy; then ``scalesgd train`` runs each one and the
+two are printed side by side with the relative error. Targets: time per pass within ±20%, time to
+accuracy within ±25%.
+
+Two clocks are compared:
+
+* ``step``: the sections the trainer labels (compute + comm + update, summed in ``train_time_s``), which
+  is what T_step models. Measured time per pass = median step_time_s × steps per pass; time to accuracy
+  both as the trainer summed it and as median step time × steps to target (robust to other jobs' bursts).
+* ``wall``: eval-excluded wall time, which adds the loop's own per-step bookkeeping (batch gather,
+  logging). The model gets one ``overhead_s`` per step for it, calibrated on the reference run only.
+
+B_S: ``--batch-bound``, else the median of the reference run's ``batch_bound_est`` when the trainer logs
+it, else the median of exact n·Δ (per-example gradients over the whole training set, torch.func) at
+checkpoints along the reference trajectory (the trainer is deterministic given its seed, so a run cut
+at e epochs is that trajectory's state at e).
+
+The machine is shared with other jobs: timings are noisy, and the load average is printed with each run.
+
+    python bench/validate_perf_model.py                          # P in {1,2}, B in {32,128,512,2048}
+    python bench/validate_perf_model.py --batch-sizes 32,256 --workers 1,2 --out /tmp/val
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scalesgd import perf_model as pm
+from scalesgd.data import load_dataset
+from scalesgd.models import DEFAULT_WIDTH, MODELS, count_parameters
+from scalesgd.predict import measure_allreduce, profile_compute, read_run
+
+TPP_TARGET, TTA_TARGET = 0.20, 0.25
+EVAL_EPOCHS = 1 / 8  # evaluation interval: the resolution of the measured passes
+
+
+def exact_batch_bound(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 2000) -> float:
+    """B_S = n·Δ = n·Σᵢ‖gᵢ‖² / ‖Σᵢgᵢ‖² over the whole set, gᵢ the gradient of example i's own loss.
+
+    Per-example gradients by torch.func (vmap of grad), in chunks; float64 accumulation. (Yin et al. 2018.)
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(prm, xi, yi):
+        out = functional_call(model, prm, (xi[None],))
+        return torch.nn.functional.cross_entropy(out, yi[None], reduction="sum")
+
+    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    sq_sum, total = 0.0, None
+    for i in range(0, x.shape[0], chunk):
+        g = per_example(params, x[i:i + chunk], y[i:i + chunk])
+        flat = torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], dim=1).double()  # (chunk, N)
+        sq_sum += float((flat ** 2).sum())
+        total = flat.sum(0) if total is None else total + flat.sum(0)
+    return x.shape[0] * sq_sum / float((total ** 2).sum())
+
+
+def train(run_dir: Path, *, workers: int, batch: int, epochs: float, args, eval_every: int | None,
+          target: float | None) -> tuple[dict, float]:
+    """Run ``scalesgd train`` in a fresh process; return its summary and the wall seconds it took."""
+    cmd = [sys.executable, "-m", "scalesgd", "train", "--workers", str(workers), "--global-batch-size", str(batch),
+           "--dataset", "mnist1d", "--model", args.model, "--epochs", f"{epochs:g}", "--run-dir", str(run_dir),
+           "--no-progress", "--threads-per-worker", "1", "--seed", str(args.seed), "--lr", str(args.lr),
+           "--lr-rule", args.lr_rule, "--base-batch-size", str(args.base_batch_size),
+           "--lr-schedule", "constant", "--diversity", "off"]
+    if target is not None:
+        cmd += ["--target-accuracy", str(target)]
+    if eval_every is not None:
+        cmd += ["--eval-every", str(eval_every)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"training failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    with open(run_dir / "summary.json") as f:
+        return json.load(f), time.perf_counter() - t0
+
+
+def measured(run_dir: Path, n_train: int) -> dict:
+    """Time per pass and time to accuracy on both clocks, from metrics.jsonl and summary.json."""
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
+    with open(run_dir / "summary.json") as f:
+        summary = json.load(f)
+    steps = [r for r in rows if r.get("kind") == "step"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    batch = steps[0]["global_batch_size"]
+    warm = steps[3:] if len(steps) > 10 else steps  # the first steps allocate and warm the caches
+    tpp_step = statistics.median(r["step_time_s"] for r in warm) * n_train / batch
+    # eval-excluded wall time per pass, and the loop's own per-step time outside the labelled step
+    first, last = warm[0], steps[-1]
+    eval_between = sum(r["eval_s"] for r in evals if first["step"] <= r["step"] < last["step"])
+    wall = last["time_s"] - first["time_s"] - eval_between
+    tpp_wall = wall / (last["epoch"] - first["epoch"])
+    later = [r for r in steps if first["step"] < r["step"] <= last["step"]]
+    overhead = (wall - sum(r["step_time_s"] for r in later)) / max(len(later), 1)
+    breakdown = {k: statistics.median(r[k] for r in warm) for k in ("compute_s", "comm_s", "update_s")}
+    breakdown["comm_p10_s"] = float(np.percentile([r["comm_s"] for r in warm], 10))
+    reached = summary.get("time_to_target_s") is not None
+    passes = None
+    tta_step = tta_median = tta_wall = None
+    if reached:
+        hit = next(r for r in evals if r["test_accuracy"] is not None and r["test_accuracy"] >= summary["target_accuracy"])
+        passes = hit["epoch"]
+        tta_step = summary["train_time_to_target_s"]
+        # the same with every step at the median step time: what remains once other jobs' bursts are removed
+        tta_median = statistics.median(r["step_time_s"] for r in warm) * hit["step"]
+        tta_wall = summary["time_to_target_s"] - sum(r["eval_s"] for r in evals if r["step"] <= hit["step"])
+    return {"tpp_step": tpp_step, "tpp_wall": tpp_wall, "overhead_s": overhead, "passes": passes,
+            "breakdown": breakdown,
+            "tta_step": tta_step, "tta_median": tta_median, "tta_wall": tta_wall, "steps": summary["steps"], "epochs": summary["epochs"]}
+
+
+def verdict(pred: float, meas: float | None, target: float) -> tuple[str, str]:
+    if meas is None:
+        return "   n/a", "MISSED (target accuracy not reached)"
+    err = (pred - meas) / meas
+    return f"{err:+6.1%}", "MET" if abs(err) <= target else "MISSED"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch-sizes", default="32,128,512,2048")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--model", default="cnn1d")
+    ap.add_argument("--target-accuracy", type=float, default=0.9)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--lr-rule", default="constant",
+                    help="lr as B changes (default constant: sqrt/linear at lr 0.05 from B=32 diverge at B=2048)")
+    ap.add_argument("--base-batch-size", type=int, default=32)
+    ap.add_argument("--batch-bound", type=float, default=None, help="B_S to use (default: measured, see above)")
+    ap.add_argument("--trajectory-points", type=int, default=6, help="checkpoints for the exact n·Δ median")
+    ap.add_argument("--max-epochs", type=float, default=80.0)
+    ap.add_argument("--profile-steps", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="run directories go here (default: a temporary directory)")
+    args = ap.parse_args(argv)
+
+    batch_sizes = sorted(int(v) for v in args.batch_sizes.split(","))
+    worker_counts = sorted(int(v) for v in args.workers.split(","))
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="validate-perf-"))
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    print(f"machine: {os.cpu_count()} cores, shared with other jobs (load average now "
+          f"{os.getloadavg()[0]:.1f}); timings are noisy. Runs in {out}")
+
+    ds = load_dataset("mnist1d")
+    width = DEFAULT_WIDTH[args.model]
+
+    def fresh_model():
+        torch.manual_seed(args.seed)
+        return MODELS[args.model](input_shape=ds.input_shape, num_outputs=ds.num_outputs, width=width)
+
+    grad_bytes = 4 * count_parameters(fresh_model())
+
+    # 1. measure the machine: compute curve and all-reduce α, β
+    local_sizes = sorted({-(-b // p) for b in batch_sizes for p in worker_counts} | {8})
+    prof = profile_compute(fresh_model(), ds.input_shape, ds.num_outputs, local_sizes, args.profile_steps)
+    print("profile (trainer step, 1 thread): " + ", ".join(
+        f"b={b}: {t * 1e3:.2f} ms" for b, t in zip(prof.local_batch_sizes, prof.median_s)))
+    print(f"  compute curve: {prof.fit.describe()}")
+    sweep = measure_allreduce()
+    network = sweep.network
+    print(f"all-reduce (gloo, P=2): {network.describe()}; gradient {grad_bytes:,} bytes -> "
+          f"{pm.format_seconds(float(pm.allreduce_time(grad_bytes, 2, network)))} per step at P=2")
+
+    # 2. the reference run: passes at the smallest batch on one worker, and the loop overhead
+    ref_b = batch_sizes[0]
+    ref_dir = out / f"P1-B{ref_b}"
+    steps_per_epoch = ds.n_train / ref_b
+    train(ref_dir, workers=1, batch=ref_b, epochs=args.max_epochs, args=args,
+          eval_every=max(1, round(steps_per_epoch * EVAL_EPOCHS)), target=args.target_accuracy)
+    ref = measured(ref_dir, ds.n_train)
+    if ref["passes"] is None:
+        raise SystemExit(f"the reference run (P=1, B={ref_b}) did not reach {args.target_accuracy}; "
+                         "lower --target-accuracy or raise --max-epochs")
+    overhead_s = max(ref["overhead_s"], 0.0)
+    print(f"reference P=1 B={ref_b}: {ref['passes']:.3g} passes to {args.target_accuracy} (eval every 1/8 pass); "
+          f"loop overhead outside the step {overhead_s * 1e3:.2f} ms/step (calibrates the wall clock)")
+
+    # 3. B_S
+    if args.batch_bound is not None:
+        batch_bound, how = args.batch_bound, "--batch-bound"
+    elif read_run(ref_dir).batch_bound is not None:
+        batch_bound, how = read_run(ref_dir).batch_bound, "median batch_bound_est of the reference run"
+    else:
+        values = []
+        k = args.trajectory_points
+        for i in range(1, k + 1):
+            e = ref["passes"] * i / k
+            d = ref_dir if i == k else out / f"traj-{i}"
+            if i < k:
+                train(d, workers=1, batch=ref_b, epochs=e, args=args, eval_every=None, target=None)
+            model = fresh_model()
+            model.load_state_dict(torch.load(d / "checkpoint.pt", weights_only=False)["model"])
+            values.append(exact_batch_bound(model, ds.x_train, ds.y_train))
+        batch_bound = float(np.median(values))
+        how = (f"median exact n·Δ at {k} points along the reference trajectory "
+               f"({', '.join(f'{v:.0f}' for v in values)})")
+    batch_crit = pm.batch_crit_from_bound(batch_bound)
+    passes_min = pm.passes_min_from_measurement(ref["passes"], ref_b, batch_crit)
+    print(f"B_S = {batch_bound:.1f} ({how}); passes_min = {passes_min:.3g}")
+
+    # 4. predict every configuration, then run it
+    rows = []
+    for p in worker_counts:
+        for b in batch_sizes:
+            if p > b:
+                continue
+            kw = dict(compute=prof.fit, network=network, grad_bytes=grad_bytes)
+            pred_tpp = float(pm.time_per_pass(ds.n_train, b, p, **kw))
+            pred_tpp_wall = float(pm.time_per_pass(ds.n_train, b, p, **kw, overhead_s=overhead_s))
+            pred_passes = float(pm.passes_to_accuracy(b, passes_min=passes_min, batch_crit=batch_crit))
+            run_dir = out / f"P{p}-B{b}"
+            if (p, b) != (1, ref_b):
+                eval_epochs = max(EVAL_EPOCHS, pred_passes / 200)  # at most ~200 evaluations
+                epochs = min(args.max_epochs, max(4 * pred_passes, 4.0))
+                load0 = os.getloadavg()[0]
+                train(run_dir, workers=p, batch=b, epochs=epochs, args=args,
+                      eval_every=max(1, round(ds.n_train / b * eval_epochs)), target=args.target_accuracy)
+                m = measured(run_dir, ds.n_train)
+                m["load"] = (load0 + os.getloadavg()[0]) / 2
+            else:
+                m = dict(ref, load=float("nan"))
+            comp = float(prof.fit(pm.local_batch_size(b, p)))
+            comm = float(pm.allreduce_time(grad_bytes, p, network))
+            rows.append((p, b, pred_tpp, pred_tpp_wall, pred_passes, m))
+            bd = m["breakdown"]
+            print(f"    per step predicted compute+update {comp * 1e3:.2f} ms, comm {comm * 1e3:.2f} ms; measured "
+                  f"median compute {bd['compute_s'] * 1e3:.2f} + update {bd['update_s'] * 1e3:.2f} ms, "
+                  f"comm {bd['comm_s'] * 1e3:.2f} ms (10th percentile {bd['comm_p10_s'] * 1e3:.2f}), loop overhead "
+                  f"{m['overhead_s'] * 1e3:.2f} ms")
+            print(f"  ran P={p} B={b}: {m['steps']} steps, {m['epochs']:.2f} passes, load ~{m['load']:.1f}",
+                  flush=True)
+
+    # 5. report
+    print()
+    print(f"{'P':>2} {'B':>5} {'quantity':<25} {'predicted':>10} {'measured':>10} {'error':>7}  verdict")
+    print("-" * 78)
+    n_met = n_all = 0
+    for p, b, tpp, tpp_wall, passes, m in rows:
+        calib = (p, b) == (1, ref_b)
+        lines = [
+            ("time/pass (step clock)", tpp, m["tpp_step"], TPP_TARGET),
+            ("time/pass (wall, -eval)", tpp_wall, m["tpp_wall"], TPP_TARGET),
+            ("passes to target", passes, m["passes"], None),
+            ("time to acc (step)", tpp * passes, m["tta_step"], TTA_TARGET),
+            ("time to acc (median step)", tpp * passes, m["tta_median"], TTA_TARGET),
+            ("time to acc (wall,-eval)", tpp_wall * passes, m["tta_wall"], TTA_TARGET),
+        ]
+        for name, pred, meas, target in lines:
+            err, v = verdict(pred, meas, target if target is not None else 1.0)
+            if target is None:
+                v = "(calibration)" if calib else "(info)"
+            elif calib and name.startswith(("time to acc", "time/pass (wall")):
+                v += " (calibration run)"
+            else:
+                n_all += 1
+                n_met += v == "MET"
+            fmt = (lambda x: f"{x:.3g}") if name.startswith("passes") else pm.format_seconds
+            print(f"{p:>2} {b:>5} {name:<25} {fmt(pred):>10} {fmt(meas) if meas is not None else 'n/a':>10} "
+                  f"{err:>7}  {v}")
+    print(f"\n{n_met}/{n_all} held-out comparisons MET (time/pass ±{TPP_TARGET:.0%}, time to accuracy "
+          f"±{TTA_TARGET:.0%}); single seed, shared 2-core machine; {time.perf_counter() - t_start:.0f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
