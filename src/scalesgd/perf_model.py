@@ -289,7 +289,7 @@ def parse_network(spec: str) -> Network:
             latency = scaled
     if not bandwidth or bandwidth <= 0 or not math.isfinite(bandwidth):
         raise ConfigError(f"--network {spec!r}: bandwidth must be positive")
-    return Network(alpha_s=float(latency), beta_s_per_byte=1.0 / bandwidth, source=spec.strip())
+    return Network(alpha_s=float(latency), beta_s_per_byte=1.0 / bandwidth, source="given")
 
 
 # ---------------------------------------------------------------------------------------------------------
