@@ -81,3 +81,11 @@ def test_same_command_under_torchrun(tmp_path):
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
     assert json.loads((run / "summary.json").read_text())["steps"] == 5
     assert proc.stdout.count("run directory:") == 1  # rank 0 alone prints the summary
+
+
+def test_public_api_is_exported():
+    import scalesgd
+
+    assert callable(scalesgd.per_example_sq_norms) and callable(scalesgd.gradient_diversity)
+    with pytest.raises(AttributeError):
+        scalesgd.no_such_thing  # noqa: B018
