@@ -66,15 +66,20 @@ def test_targets_met_and_missed_on_synthetic_rows():
         t = float(ab.ring_time_s(s, 2, ALPHA, BETA))
         rows.append(_row("allreduce", 2, s, t))
         rows.append(_row("ring", 2, s, t / 0.8 if 4 << 20 <= s <= 25 << 20 else t))  # 0.8x busbw there
+        # at P = 4 the shared CPUs make every byte cost three times as much: one (α, β) cannot fit both P
+        rows.append(_row("allreduce", 4, s, float(ab.ring_time_s(s, 4, ALPHA, 3 * BETA))))
     fits = ab.add_fits(rows)
-    assert fits["allreduce"]["alpha_s"] == pytest.approx(ALPHA, rel=1e-6)
+    assert fits["allreduce"]["by_world_size"][2]["alpha_s"] == pytest.approx(ALPHA, rel=1e-6)
+    assert fits["allreduce"]["by_world_size"][4]["beta_s_per_byte"] == pytest.approx(3 * BETA, rel=1e-6)
+    assert fits["ring"]["by_world_size"][2]["alpha_s"] == fits["ring"]["alpha_s"]
     targets = {t["name"]: t for t in ab.evaluate_targets(rows, {"rtt_s": rtt, "stream_bytes_per_s": 1e9})}
     ring_vs = targets["ring busbw / built-in busbw, P=2, 4-25 MB"]
     assert ring_vs["value"] == pytest.approx(0.8) and ring_vs["verdict"] == "MET" and ring_vs["stretch"] == "MISSED"
     small = targets["allreduce: time of <=4 KB messages / TCP RTT, P=2"]
     assert small["value"] == pytest.approx(float(ab.ring_time_s(4096, 2, ALPHA, BETA)) / rtt)
     assert small["verdict"] == ("MET" if small["value"] <= 3 else "MISSED")
-    assert targets["allreduce: max |model - measured|/measured, 64 KB-64 MB"]["verdict"] == "MET"
+    assert targets["allreduce: max |model - measured|/measured, 64 KB-64 MB, a fit per P"]["verdict"] == "MET"
+    assert targets["allreduce: max |model - measured|/measured, 64 KB-64 MB, one fit for all P"]["verdict"] == "MISSED"
     # without a P = 2 built-in row the comparison cannot be made
     only_ring = [r for r in rows if r["strategy"] == "ring"]
     assert ab.evaluate_targets(only_ring, None)[0]["verdict"] == "N/A"

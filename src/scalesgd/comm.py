@@ -118,7 +118,7 @@ class RingAllReduce:
 
     name = "ring"
 
-    def __init__(self, *, world_size: int, rank: int, group=None, chunk_bytes: int = 1 << 20):
+    def __init__(self, *, world_size: int, rank: int, group=None, chunk_bytes: int = 4 << 20):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"ring all-reduce needs 0 <= rank < world_size, got rank={rank}, "
                               f"world_size={world_size}")
@@ -129,18 +129,25 @@ class RingAllReduce:
         self.group = group
         self.chunk_bytes = int(chunk_bytes)
         self._scratch: torch.Tensor | None = None  # receive buffers, reused between calls
+        self._plans: dict[tuple[int, int], tuple] = {}
+        peer = (lambda q: q) if group is None else (lambda q: dist.get_global_rank(group, q))
+        self._right, self._left = peer((rank + 1) % world_size), peer((rank - 1) % world_size)
 
-    def _peer(self, rank: int) -> int:
-        return rank if self.group is None else dist.get_global_rank(self.group, rank)
-
-    def _chunks(self, seg: tuple[int, int], elem_bytes: int) -> list[tuple[int, int]]:
-        start, stop = seg
-        n = stop - start
-        if n == 0:
-            return []
-        per = max(1, self.chunk_bytes // elem_bytes)
-        parts = -(-n // per)
-        return [(start + a, start + b) for a, b in _split(n, parts)]
+    def _plan(self, n: int, esize: int) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]], int]:
+        """Segments, their sub-chunks and the tag stride for a buffer of ``n`` elements (cached: a trainer
+        reduces the same bucket sizes every step)."""
+        key = (n, esize)
+        plan = self._plans.get(key)
+        if plan is None:
+            segs = _split(n, self.world_size)
+            per = max(1, self.chunk_bytes // esize)
+            chunks = [[(a + x, a + y) for x, y in _split(b - a, -(-(b - a) // per))] if b > a else []
+                      for a, b in segs]
+            plan = (segs, chunks, max(len(c) for c in chunks))
+            if len(self._plans) > 64:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
     def _scratch_for(self, numel: int, like: torch.Tensor) -> torch.Tensor:
         s = self._scratch
@@ -157,51 +164,46 @@ class RingAllReduce:
             return CommStats(bytes_sent=0)
         assert buffer.dim() == 1 and buffer.is_contiguous(), "comm strategies take flat contiguous buffers"
         esize = buffer.element_size()
-        segs = _split(n, P)
-        chunks = [self._chunks(s, esize) for s in segs]
+        segs, chunks, stride = self._plan(n, esize)
         seg_len = -(-n // P)
-        # Two receive areas (steps of even / odd parity) so step g + 1 can land while step g is being added.
-        scratch = self._scratch_for(2 * seg_len, buffer).view(2, seg_len)
-        right, left = self._peer((r + 1) % P), self._peer((r - 1) % P)
+        # Receive areas for alternate reduce-scatter steps, so step g + 1 can land while step g is added.
+        areas = min(2, P - 1)
+        scratch = self._scratch_for(areas * seg_len, buffer).view(areas, seg_len)
+        right, left = self._right, self._left
         n_steps = 2 * (P - 1)
-        max_chunks = max(len(c) for c in chunks)
-
-        def tag(step: int, c: int) -> int:
-            return step * max_chunks + c
+        group = self.group
 
         def post_recvs(step: int) -> list:
             seg = (r - step - 1) % P
             start0 = segs[seg][0]
-            works = []
-            for c, (a, b) in enumerate(chunks[seg]):
-                dst = scratch[step % 2, a - start0:b - start0] if step < P - 1 else buffer[a:b]
-                works.append(dist.irecv(dst, src=left, group=self.group, tag=tag(step, c)))
-            return works
+            area = scratch[step % areas]
+            return [dist.irecv(area[a - start0:b - start0] if step < P - 1 else buffer[a:b], src=left,
+                               group=group, tag=step * stride + c)
+                    for c, (a, b) in enumerate(chunks[seg])]
 
-        sends = []
-        sent_bytes = 0
-        seg0 = r % P
-        for c, (a, b) in enumerate(chunks[seg0]):
-            sends.append(dist.isend(buffer[a:b], dst=right, group=self.group, tag=tag(0, c)))
-            sent_bytes += (b - a) * esize
+        # Receives first: gloo's TCP transport sends a message only once the peer has posted its receive.
         recvs = post_recvs(0)
+        sends = [dist.isend(buffer[a:b], dst=right, group=group, tag=c) for c, (a, b) in enumerate(chunks[r])]
         for step in range(n_steps):
             nxt = post_recvs(step + 1) if step + 1 < n_steps else []
             seg = (r - step - 1) % P
             start0 = segs[seg][0]
+            area = scratch[step % areas]
             for c, (a, b) in enumerate(chunks[seg]):
                 recvs[c].wait()
+                chunk = buffer[a:b]
                 if step < P - 1:
-                    chunk = buffer[a:b]
-                    torch.add(chunk, scratch[step % 2, a - start0:b - start0], out=chunk)
+                    torch.add(chunk, area[a - start0:b - start0], out=chunk)
                 if step + 1 < n_steps:
-                    # What we just completed is exactly what step + 1 sends onwards.
-                    sends.append(dist.isend(buffer[a:b], dst=right, group=self.group, tag=tag(step + 1, c)))
-                    sent_bytes += (b - a) * esize
+                    # What was just completed is exactly what step + 1 passes on.
+                    sends.append(dist.isend(chunk, dst=right, group=group, tag=(step + 1) * stride + c))
             recvs = nxt
         for w in sends:
             w.wait()
-        return CommStats(bytes_sent=sent_bytes)
+        # Segment (r − g) mod P leaves at step g: the reduce-scatter sends every segment but (r + 1) mod P,
+        # the all-gather every one but (r + 2) mod P.
+        seg_len_of = [b - a for a, b in segs]
+        return CommStats(bytes_sent=(2 * n - seg_len_of[(r + 1) % P] - seg_len_of[(r + 2) % P]) * esize)
 
 
 class ParameterServerAllReduce:
