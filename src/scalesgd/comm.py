@@ -299,15 +299,18 @@ def qsgd_encode(values: torch.Tensor, *, num_levels: int, bucket_size: int, scal
     scales = mag.amax(dim=1) if scale == "max" else torch.linalg.vector_norm(v, dim=1)  # (n_buckets,)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     u = torch.rand(v.shape, generator=generator, dtype=values.dtype, device=generator.device).to(values.device)
-    x = mag.div_(safe[:, None]).mul_(num_levels).add_(u).floor_().clamp_(max=num_levels)
-    levels = x.mul_(torch.sign(v)).to(torch.int8)
+    # ℓ = ⌊u + |v|·s/σ⌋, signed; the clamp only guards against |v|·s/σ rounding a hair above s.
+    x = torch.addcmul(u, mag, (num_levels / safe)[:, None], out=u).floor_().clamp_(max=num_levels)
+    levels = x.copysign_(v).to(torch.int8)
     return QuantizedBuckets(levels=levels, scales=scales, numel=n, num_levels=num_levels)
 
 
 def qsgd_decode(q: QuantizedBuckets, out: torch.Tensor | None = None) -> torch.Tensor:
     """σ·ℓ/s per coordinate, as a flat tensor of ``q.numel`` elements (added into ``out`` when given)."""
     step = (q.scales / q.num_levels)[:, None]  # (n_buckets, 1)
-    dec = (q.levels.to(q.scales.dtype) * step).view(-1)[:q.numel]
+    # A product then a sum, each rounded once by IEEE rules (no fused multiply-add, whose use varies with
+    # the CPU's kernels): every rank decodes to the same bits whatever machine it runs on.
+    dec = q.levels.to(q.scales.dtype).mul_(step).view(-1)[:q.numel]
     if out is None:
         return dec
     return torch.add(out, dec, out=out)
