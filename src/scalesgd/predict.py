@@ -42,6 +42,9 @@ class ComputeProfile:
     threads: int
 
 
+PROFILE_BLOCK_STEPS = 5  # timed steps per size before the next size takes its turn
+
+
 def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: int,
                     batch_sizes: Sequence[int], steps: int = 20, *, warmup_steps: int = 3, threads: int = 1,
                     task: str = "classification", momentum: float = 0.9, weight_decay: float = 5e-4,
@@ -52,7 +55,9 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
     P = 1), so the time covers exactly what the trainer labels ``compute_s + comm_s + update_s``:
     forward, sum-reduced loss, backward into the flat buffer, the statistics tail, and the SGD update
     (momentum and weight decay as the trainer's defaults). CPU, ``threads`` torch threads (restored
-    afterwards); ``warmup_steps`` per size are discarded, then ``steps`` are timed one by one.
+    afterwards). Sizes take turns in blocks of ``warmup_steps`` discarded + up to
+    :data:`PROFILE_BLOCK_STEPS` timed steps until each has ``steps`` timings (interleaved, so load from
+    other jobs biases no size in particular); the median per size is reported.
 
     Args:
         model: the network; it is re-laid out onto flat parameters and updated, so pass a fresh one.
@@ -78,7 +83,6 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
     gen = torch.Generator().manual_seed(seed)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    medians = []
     try:
         model.train()
         flat = FlatModel(model, 1, torch.device("cpu"))
@@ -87,20 +91,32 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
         tx_state = tx.init(flat.params)
         loss_fn = loss_function(task)
         classification = task == "classification"
+        batches = {}
         for b in sizes:
             x = torch.randn((b, *input_shape), generator=gen)  # (b, *input_shape)
             if classification:
                 y = torch.randint(0, num_outputs, (b,), generator=gen)  # (b,)
             else:
                 y = torch.randn((b, num_outputs), generator=gen)  # (b, num_outputs)
-            times = []
-            for i in range(warmup_steps + steps):
-                result, tx_state = train_step(flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=b,
-                                              shard_sizes=[b], rank=0, comm=comm, tx=tx, tx_state=tx_state,
-                                              hyper=Hyper(lr=lr, step=i), classification=classification)
-                if i >= warmup_steps:
-                    times.append(result.compute_s + result.comm_s + result.update_s)
-            medians.append(statistics.median(times))
+            batches[b] = (x, y)
+        times: dict[int, list[float]] = {b: [] for b in sizes}
+        # Sizes take turns in short blocks, so a burst of load from other jobs lands on all of them alike
+        # instead of inflating whichever size happened to be running. The first ``warmup_steps`` of each
+        # block are discarded: they run with the caches the previous size left behind, which a trainer
+        # repeating one size never sees.
+        keep = min(steps, PROFILE_BLOCK_STEPS)
+        step = 0
+        while min(len(v) for v in times.values()) < steps:
+            for b in sizes:
+                x, y = batches[b]
+                for i in range(warmup_steps + keep):
+                    result, tx_state = train_step(flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=b,
+                                                  shard_sizes=[b], rank=0, comm=comm, tx=tx, tx_state=tx_state,
+                                                  hyper=Hyper(lr=lr, step=step), classification=classification)
+                    step += 1
+                    if i >= warmup_steps and len(times[b]) < steps:
+                        times[b].append(result.compute_s + result.comm_s + result.update_s)
+        medians = [statistics.median(times[b]) for b in sizes]
     finally:
         torch.set_num_threads(old_threads)
     fit = pm.fit_compute(sizes, medians, kind=curve)
