@@ -136,8 +136,9 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     stats[SLOT_COUNT] = local_b
     if tap is not None:
         values = tap.local_stats(flat, local_b, global_batch_size, loss_scale)
-        for i, v in enumerate(values):
-            stats[SLOT_TAP + i] = v
+        if values:
+            # Through a float64 tensor: a diverging run's statistics saturate to inf instead of raising.
+            stats[SLOT_TAP:SLOT_TAP + len(values)] = torch.tensor(values, dtype=torch.float64).to(stats.dtype)
     _sync(device)
     t1 = time.perf_counter()
     compute_s = t1 - t0
