@@ -130,9 +130,9 @@ def _child(payload: bytes, rdv: Rendezvous, results: Any) -> None:
     except ScalesgdError as e:
         results.put(("error", rdv.rank, f"{type(e).__name__}:{e}"))
         sys.exit(3)
-    except BaseException as e:  # noqa: BLE001 - reported to the parent with its traceback, then re-raised
+    except BaseException as e:  # noqa: BLE001 - a bug: reported once, with its traceback, by the parent
         results.put(("crash", rdv.rank, "".join(traceback.format_exception(e))))
-        raise
+        sys.exit(1)
 
 
 def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | None = None,
