@@ -104,6 +104,24 @@ def test_conv_variants_agree_with_references(case, loop_min_macs, monkeypatch):
     check_against_references(model, x, y)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("case", [0, 1, 5, 7])
+def test_conv_one_example_per_chunk(case, monkeypatch):
+    """chunk_bytes=1 forces chunks of one example on every path (unfold, Gram and the weight-gradient loop)."""
+    torch.manual_seed(case)
+    ctor, kwargs, shape = CONV_CASES[case]
+    model = conv_model(ctor, kwargs, shape)
+    x, y = torch.randn(4, *shape), torch.randint(0, 3, (4,))
+    expected = loop_sq_norms(model, CE, x, y)
+    for min_macs in (div._CONV_LOOP_MIN_MACS, 0):
+        monkeypatch.setattr(div, "_CONV_LOOP_MIN_MACS", min_macs)
+        with GhostNormTap(model, chunk_bytes=1) as tap:
+            losses = per_example_losses(CE, model(x), y)
+            with tap.capture():
+                losses.sum().backward()
+            assert_rel(tap.sq_norms(), expected)
+
+
 def test_conv_cost_rule_picks_each_form(monkeypatch):
     torch.manual_seed(0)
     forms = {}

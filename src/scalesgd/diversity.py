@@ -43,7 +43,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Per-layer temporaries (unfolded inputs, Gram matrices, materialised per-example gradients) are built for
 # chunks of examples no larger than this, so the tap's extra memory stays bounded whatever the batch size.
-DEFAULT_CHUNK_BYTES = 8 * 2**20
+# 4 MiB keeps the small CNN's peak within ~1.1x of a plain step (bench/diversity_overhead.py); larger
+# chunks (fewer, bigger kernel calls) bought no speed there.
+DEFAULT_CHUNK_BYTES = 4 * 2**20
 
 # A conv layer whose per-example weight gradient costs at least this many multiply-adds is materialised one
 # example at a time with the convolution's own weight-gradient kernel (fast, no unfolded copy of the input);
@@ -384,17 +386,23 @@ class GhostNormTap:
         d = (x.shape[1] // groups) * math.prod(m.kernel_size)
         p = g.shape[1] // groups
         if 2 * t * t >= d * p and groups * p * d * t >= _CONV_LOOP_MIN_MACS:
-            # large layer, materialised: one example at a time through the conv weight-gradient kernel
+            # large layer, materialised through the conv weight-gradient kernel, the c examples of a chunk
+            # stacked along channels as c independent groups of one call: as few calls as the memory budget
+            # for their c per-example gradients allows (many small calls are slow when cores are contended)
             weight_grad = torch.nn.grad.conv1d_weight if x.dim() == 3 else torch.nn.grad.conv2d_weight
+            c_out, per_group_in = m.weight.shape[0], m.weight.shape[1]
+            chunk = max(1, self.chunk_bytes // (m.weight.numel() * x.element_size()))
             norms = []
-            for i in range(batch):
-                xi = x[i:i + 1]
+            for start in range(0, batch, chunk):
+                xs, gs = x[start:start + chunk], g[start:start + chunk]
+                c = xs.shape[0]
                 if explicit:
-                    xi = F.pad(xi, pads, mode=mode)
-                w = weight_grad(xi, m.weight.shape, g[i:i + 1], stride=m.stride, padding=sym_padding,
-                                dilation=m.dilation, groups=groups)  # example i's weight gradient
-                norms.append(torch.linalg.vector_norm(w))
-            return torch.stack(norms).square_(), "conv-loop"
+                    xs = F.pad(xs, pads, mode=mode)
+                w = weight_grad(xs.reshape(1, -1, *xs.shape[2:]), (c * c_out, per_group_in, *m.kernel_size),
+                                gs.reshape(1, -1, *gs.shape[2:]), stride=m.stride, padding=sym_padding,
+                                dilation=m.dilation, groups=c * groups)  # (c * C_out, ...): per-example grads
+                norms.append(torch.linalg.vector_norm(w.reshape(c, -1), dim=1))
+            return torch.cat(norms).square_(), "conv-loop"
         # small layer, or Gram form: unfold (im2col) and do the whole batch in chunks
         out, form = x.new_empty(batch), ""
         two_d = x.dim() == 4

@@ -1,0 +1,327 @@
+"""What exact per-example gradient norms cost on top of a plain training step, measured side by side.
+
+One process, one run: for each model every variant's step is timed in interleaved blocks of rounds (a round
+runs one step of each variant, in an order that rotates, so drift and other load on the machine hit every
+variant alike) and the medians are compared. A "step" is what the trainer does: zero the flat gradient buffer that the parameters' ``.grad``
+views point into, forward, ``loss = sum_i loss_i / B``, backward. Variants:
+
+* ``plain``: that step.
+* ``exact``: the same step with :class:`scalesgd.diversity.GhostNormTap` capturing the per-example squared
+  norms inside the backward (``tap.sq_norms(1/B)``).
+* ``cheap``: the same step plus the two-batch estimator's only extra work, ``torch.dot`` of the flat gradient.
+* ``vmap``: per-example norms by ``torch.func.vmap(grad)`` (norms only, no batch gradient: flattering to it).
+* ``opacus``: Opacus ghost-clipping norms (one forward/backward with its norm hooks), if Opacus imports.
+* ``backpack``: BackPACK ``BatchL2Grad`` in the same backward, if BackPACK imports.
+
+Peak memory: the largest total of live torch tensors during one step, from the allocation events that
+``torch.profiler(profile_memory=True)`` records (its running "Total Allocated"), plus the bytes every
+variant holds across steps (parameters, flat gradient buffer, batch). It counts tensor memory exactly and
+ignores Python objects and allocator caching; RSS on CPU would mostly measure glibc's caching.
+
+Run:  python bench/diversity_overhead.py [--quick] [--threads N] [--json FILE]
+Timings on a shared machine are noisy; read the ratios, not the milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scalesgd.diversity import GhostNormTap, local_grad_sq_norm, vmap_sq_norms
+from scalesgd.models import cnn, mlp
+
+# (name, target ratio, stretch ratio or None): exact/plain per model, plain-vmap speed, cheap/plain, memory
+TARGETS = {
+    ("mlp", "exact"): (1.2, 1.1),
+    ("cnn", "exact"): (1.5, 1.3),
+    ("mlp", "cheap"): (1.03, None),
+    ("cnn", "cheap"): (1.03, None),
+    ("mlp", "vmap_speedup"): (10.0, None),
+    ("mlp", "peak_memory"): (1.1, None),
+    ("cnn", "peak_memory"): (1.1, None),
+}
+
+
+@dataclass
+class Variant:
+    name: str
+    label: str
+    step: Callable[[], object]
+    reps_scale: float = 1.0  # slow variants get fewer repetitions per block
+
+
+def _flat_grads(model: nn.Module) -> torch.Tensor:
+    """Point every parameter's .grad into one flat buffer, as the trainer does; return the buffer."""
+    params = list(model.parameters())
+    flat = torch.zeros(sum(p.numel() for p in params))
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+def build_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list[Variant], list[str]]:
+    batch = x.shape[0]
+    scale = 1.0 / batch
+    variants: list[Variant] = []
+    skipped: list[str] = []
+
+    def trainer_step(m: nn.Module, flat: torch.Tensor) -> torch.Tensor:
+        flat.zero_()
+        loss = F.cross_entropy(m(x), y, reduction="sum") * scale
+        loss.backward()
+        return loss
+
+    m_plain = copy.deepcopy(model)
+    flat_plain = _flat_grads(m_plain)
+    variants.append(Variant("plain", "plain fwd+bwd", lambda: trainer_step(m_plain, flat_plain)))
+
+    m_exact = copy.deepcopy(model)
+    flat_exact = _flat_grads(m_exact)
+    tap = GhostNormTap(m_exact)
+
+    def exact() -> torch.Tensor:
+        flat_exact.zero_()
+        loss = F.cross_entropy(m_exact(x), y, reduction="sum") * scale
+        with tap.capture():
+            loss.backward()
+        return tap.sq_norms(scale)
+
+    variants.append(Variant("exact", "exact ghost norms (GhostNormTap)", exact))
+
+    m_cheap = copy.deepcopy(model)
+    flat_cheap = _flat_grads(m_cheap)
+
+    def cheap() -> torch.Tensor:
+        trainer_step(m_cheap, flat_cheap)
+        return local_grad_sq_norm(flat_cheap)
+
+    variants.append(Variant("cheap", "cheap (two-batch: dot of flat grad)", cheap))
+
+    m_vmap = copy.deepcopy(model)
+    ce = nn.CrossEntropyLoss()
+    variants.append(Variant("vmap", "torch.func vmap(grad) norms", lambda: vmap_sq_norms(m_vmap, ce, x, y),
+                            reps_scale=0.2))
+
+    try:
+        from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+            GradSampleModuleFastGradientClipping)
+    except ImportError as e:
+        skipped.append(f"opacus ({e})")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m_opacus = GradSampleModuleFastGradientClipping(copy.deepcopy(model), loss_reduction="mean",
+                                                            use_ghost_clipping=True)
+        flat_opacus = _flat_grads(m_opacus)
+
+        def opacus() -> torch.Tensor:
+            flat_opacus.zero_()
+            loss = F.cross_entropy(m_opacus(x), y, reduction="sum") * scale
+            loss.backward()
+            return m_opacus.get_norm_sample()
+
+        variants.append(Variant("opacus", "Opacus ghost norms", opacus, reps_scale=0.5))
+
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchL2Grad
+    except ImportError as e:
+        skipped.append(f"backpack ({e})")
+    else:
+        m_backpack = extend(copy.deepcopy(model))
+        flat_backpack = _flat_grads(m_backpack)
+        loss_backpack = extend(nn.CrossEntropyLoss(reduction="sum"))
+
+        def backpack_step() -> torch.Tensor:
+            flat_backpack.zero_()
+            with backpack(BatchL2Grad()):
+                (loss_backpack(m_backpack(x), y) * scale).backward()
+            return sum(p.batch_l2 for p in m_backpack.parameters())
+
+        variants.append(Variant("backpack", "BackPACK BatchL2Grad", backpack_step, reps_scale=0.5))
+    return variants, skipped
+
+
+def check_agreement(variants: list[Variant], batch: int) -> float:
+    """Max relative difference between the tap's norms and vmap's: the benchmark times the right thing."""
+    by_name = {v.name: v for v in variants}
+    exact = by_name["exact"].step().double()
+    ref = by_name["vmap"].step().double()
+    return float(((exact - ref).abs() / ref).max())
+
+
+def time_variants(variants: list[Variant], blocks: int, reps: int) -> dict[str, list[float]]:
+    """Per-step wall times. Each block runs ``reps`` rounds; a round times one step of every variant, in an
+    order that rotates from round to round, so load from elsewhere on the machine hits all variants alike.
+    A variant with ``reps_scale`` < 1 takes part in only that fraction of the rounds."""
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    for v in variants:  # warm-up, excluded
+        for _ in range(2):
+            v.step()
+    round_index = 0
+    for _ in range(blocks):
+        for r in range(reps):
+            shift = round_index % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                every = max(1, round(1 / v.reps_scale))
+                if r % every:
+                    continue
+                t0 = time.perf_counter()
+                v.step()
+                times[v.name].append(time.perf_counter() - t0)
+            round_index += 1
+    return times
+
+
+def peak_step_bytes(step: Callable[[], object]) -> int:
+    """Largest total of live tensor bytes allocated during one call of ``step`` (torch.profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"].get("Total Allocated", 0) for e in events if e.get("name") == "[memory]"]
+    return max([0] + totals)
+
+
+def persistent_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes held across steps by every variant: parameters, the flat gradient buffer, the batch."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return 2 * params + buffers + x.numel() * x.element_size() + y.numel() * y.element_size()
+
+
+def verdict(value: float, target: float, stretch: float | None, higher_is_better: bool = False) -> str:
+    ok = value >= target if higher_is_better else value <= target
+    cmp = ">=" if higher_is_better else "<="
+    out = f"target {cmp} {target:g}x {'MET' if ok else 'MISSED'}"
+    if stretch is not None:
+        s_ok = value >= stretch if higher_is_better else value <= stretch
+        out += f" (stretch {cmp} {stretch:g}x {'MET' if s_ok else 'MISSED'})"
+    return out
+
+
+def run_model(key: str, description: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, blocks: int,
+              reps: int, measure_memory: bool) -> dict:
+    variants, skipped = build_variants(model, x, y)
+    agreement = check_agreement(variants, x.shape[0])
+    times = time_variants(variants, blocks, reps)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    plain = med["plain"]
+    result: dict = {"description": description, "batch_size": x.shape[0], "skipped": skipped,
+                    "exact_vs_vmap_max_rel_diff": agreement, "variants": {}, "targets": {}}
+    print(f"\n{description}  (exact vs vmap norms: max rel. diff {agreement:.1e})")
+    for v in variants:
+        ratio = med[v.name] / plain
+        result["variants"][v.name] = {"median_ms": med[v.name] * 1e3, "n_steps": len(times[v.name]),
+                                      "ratio_to_plain": ratio}
+        line = f"  {v.label:<38} {med[v.name] * 1e3:9.2f} ms  {ratio:7.2f}x plain  (median of {len(times[v.name])})"
+        if (key, v.name) in TARGETS:
+            target, stretch = TARGETS[(key, v.name)]
+            line += "   " + verdict(ratio, target, stretch)
+            result["targets"][v.name] = {"value": ratio, "target": target, "stretch": stretch,
+                                         "met": ratio <= target}
+        print(line)
+    speedup = med["vmap"] / med["exact"]
+    result["vmap_over_exact"] = speedup
+    line = f"  exact is {speedup:.1f}x faster than vmap"
+    if (key, "vmap_speedup") in TARGETS:
+        target, _ = TARGETS[(key, "vmap_speedup")]
+        line += "   " + verdict(speedup, target, None, higher_is_better=True)
+        result["targets"]["vmap_speedup"] = {"value": speedup, "target": target, "met": speedup >= target}
+    print(line)
+    for name in ("opacus", "backpack"):
+        if name in med:
+            print(f"  exact vs {name}: {med[name] / med['exact']:.2f}x faster")
+    for s in skipped:
+        print(f"  skipped: {s}")
+    if measure_memory:
+        base = persistent_bytes(model, x, y)
+        peaks = {v.name: peak_step_bytes(v.step) for v in variants}
+        result["memory"] = {"persistent_bytes": base, "step_peak_bytes": peaks}
+        print(f"  peak memory (persistent {base / 2**20:.2f} MiB + largest live tensors during a step):")
+        for v in variants:
+            total = base + peaks[v.name]
+            ratio = total / (base + peaks["plain"])
+            line = (f"    {v.name:<9} {total / 2**20:8.2f} MiB  {ratio:6.2f}x plain  "
+                    f"(step-only {peaks[v.name] / 2**20:.2f} MiB, {peaks[v.name] / max(1, peaks['plain']):.2f}x)")
+            if v.name == "exact" and (key, "peak_memory") in TARGETS:
+                target, _ = TARGETS[(key, "peak_memory")]
+                line += "   " + verdict(ratio, target, None)
+                result["targets"]["peak_memory"] = {"value": ratio, "target": target, "met": ratio <= target}
+            print(line)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--quick", action="store_true", help="smoke mode: 2 blocks, few repetitions")
+    parser.add_argument("--blocks", type=int, default=None, help="interleaved blocks (default 10, quick 2)")
+    parser.add_argument("--mlp-batch", type=int, default=128)
+    parser.add_argument("--cnn-batch", type=int, default=64)
+    parser.add_argument("--cnn-width", type=int, default=64, help="models.cnn width (64 = its default)")
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", default=None, help="write every number to this file")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    # Opacus and BackPACK use full backward hooks on a first layer whose input needs no gradient
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    blocks = args.blocks or (2 if args.quick else 10)
+    print(f"torch {torch.__version__}, {args.threads} threads, {blocks} interleaved blocks; "
+          "shared machine: timings are noisy, compare the ratios")
+    g = torch.Generator().manual_seed(args.seed)
+    results: dict = {"torch": torch.__version__, "threads": args.threads, "blocks": blocks, "models": {}}
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    for key in wanted:
+        torch.manual_seed(args.seed)
+        if key == "mlp":
+            model = mlp(input_shape=(784,), num_outputs=10, width=256)
+            x = torch.randn(args.mlp_batch, 784, generator=g)
+            y = torch.randint(0, 10, (args.mlp_batch,), generator=g)
+            desc = f"MLP 784-256-256-10, B={args.mlp_batch}"
+            reps = 5 if args.quick else 20
+        elif key == "cnn":
+            model = cnn(input_shape=(3, 32, 32), num_outputs=10, width=args.cnn_width)
+            x = torch.randn(args.cnn_batch, 3, 32, 32, generator=g)
+            y = torch.randint(0, 10, (args.cnn_batch,), generator=g)
+            desc = f"small CNN (models.cnn width {args.cnn_width}) on 3x32x32, B={args.cnn_batch}"
+            reps = 1 if args.quick else 3
+        else:
+            parser.error(f"unknown model {key!r}; choose from mlp, cnn")
+        results["models"][key] = run_model(key, desc, model, x, y, blocks, reps, not args.no_memory)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
