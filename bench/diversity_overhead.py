@@ -165,11 +165,14 @@ def check_agreement(variants: list[Variant], batch: int) -> float:
     return float(((exact - ref).abs() / ref).max())
 
 
-def time_variants(variants: list[Variant], blocks: int, reps: int) -> dict[str, list[float]]:
+def time_variants(variants: list[Variant], blocks: int,
+                  reps: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Per-step wall times. Each block runs ``reps`` rounds; a round times one step of every variant, in an
     order that rotates from round to round, so load from elsewhere on the machine hits all variants alike.
-    A variant with ``reps_scale`` < 1 takes part in only that fraction of the rounds."""
+    A variant with ``reps_scale`` < 1 takes part in only that fraction of the rounds. Returns the times and
+    the index of the round each was taken in."""
     times: dict[str, list[float]] = {v.name: [] for v in variants}
+    rounds: dict[str, list[int]] = {v.name: [] for v in variants}
     for v in variants:  # warm-up, excluded
         for _ in range(2):
             v.step()
@@ -184,8 +187,9 @@ def time_variants(variants: list[Variant], blocks: int, reps: int) -> dict[str, 
                 t0 = time.perf_counter()
                 v.step()
                 times[v.name].append(time.perf_counter() - t0)
+                rounds[v.name].append(round_index)
             round_index += 1
-    return times
+    return times, rounds
 
 
 def peak_step_bytes(step: Callable[[], object]) -> int:
@@ -227,7 +231,7 @@ def run_model(key: str, description: str, model: nn.Module, x: torch.Tensor, y: 
               reps: int, measure_memory: bool) -> dict:
     variants, skipped = build_variants(model, x, y)
     agreement = check_agreement(variants, x.shape[0])
-    times = time_variants(variants, blocks, reps)
+    times, rounds = time_variants(variants, blocks, reps)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     plain = med["plain"]
     result: dict = {"description": description, "batch_size": x.shape[0], "skipped": skipped,
@@ -235,9 +239,12 @@ def run_model(key: str, description: str, model: nn.Module, x: torch.Tensor, y: 
     print(f"\n{description}  (exact vs vmap norms: max rel. diff {agreement:.1e})")
     for v in variants:
         ratio = med[v.name] / plain
+        # the same ratio taken round by round against the plain step of that round, then the median
+        paired = statistics.median(t / times["plain"][r] for r, t in zip(rounds[v.name], times[v.name]))
         result["variants"][v.name] = {"median_ms": med[v.name] * 1e3, "n_steps": len(times[v.name]),
-                                      "ratio_to_plain": ratio}
-        line = f"  {v.label:<38} {med[v.name] * 1e3:9.2f} ms  {ratio:7.2f}x plain  (median of {len(times[v.name])})"
+                                      "ratio_to_plain": ratio, "paired_ratio_to_plain": paired}
+        line = (f"  {v.label:<38} {med[v.name] * 1e3:9.2f} ms  {ratio:7.2f}x plain  (paired {paired:6.2f}x, "
+                f"median of {len(times[v.name])})")
         if (key, v.name) in TARGETS:
             target, stretch = TARGETS[(key, v.name)]
             line += "   " + verdict(ratio, target, stretch)
