@@ -210,10 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: the first run directory)")
     p.set_defaults(func=cmd_report)
 
-    from scalesgd import allreduce_bench, predict
+    from scalesgd import allreduce_bench, predict, sweep
 
     allreduce_bench.add_parser(sub)
     predict.add_parser(sub)
+    sweep.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,118 @@
+"""Figures of ``scalesgd sweep``: one function per figure, each writes a PNG and returns its path.
+
+They take already-aggregated curves (:class:`Curve`), not run directories: :mod:`scalesgd.sweep` reads
+the runs and computes mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One series (a replication factor r and worker count P) against the global batch size.
+
+    ``mean``/``std`` are over the seeds that reached the target (NaN where none did); ``missed`` holds, per
+    batch size, the lower bound to draw where at least one seed missed (the budget), else NaN.
+    ``bound`` is (B_S, low, high) of the series' measured diversity bound, or None.
+    """
+
+    label: str
+    batch_sizes: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    missed: tuple[float, ...] = ()
+    bound: tuple[float, float, float] | None = None
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _draw(ax, curves: Sequence[Curve], *, bounds: bool) -> None:
+    missed_labelled = False
+    for i, c in enumerate(curves):
+        color = f"C{i % 10}"
+        b = np.asarray(c.batch_sizes, dtype=float)
+        mean, std = np.asarray(c.mean, dtype=float), np.asarray(c.std, dtype=float)
+        ax.errorbar(b, mean, yerr=std, marker="o", ms=4, capsize=3, color=color, label=c.label)
+        if c.missed:
+            miss = np.asarray(c.missed, dtype=float)
+            ok = np.isfinite(miss)
+            if ok.any():
+                ax.plot(b[ok], miss[ok], ls="none", marker="^", ms=8, mfc="none", color=color,
+                        label=None if missed_labelled else "missed the target (seeds at the budget: lower bound)")
+                missed_labelled = True
+        if bounds and c.bound is not None and math.isfinite(c.bound[0]):
+            bs, lo, hi = c.bound
+            ax.axvline(bs, color=color, ls="--", lw=1)
+            if math.isfinite(lo) and math.isfinite(hi) and hi > lo:
+                ax.axvspan(lo, hi, color=color, alpha=0.08)
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3, which="both")
+
+
+def time_per_pass(curves: Sequence[Curve], path: Path) -> Path:
+    """(a) Training time per pass over the data (evaluation excluded) against B, mean ± std over seeds."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    _draw(ax, curves, bounds=False)
+    ax.set(xlabel="global batch size B", ylabel="training time per pass (s)", yscale="log",
+           title="(a) time per pass")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def passes_to_target(curves: Sequence[Curve], path: Path, *, target: str) -> Path:
+    """(b) Passes to the target against B, mean ± std over seeds; dashed lines: the measured B_S."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    _draw(ax, curves, bounds=True)
+    ax.set(xlabel="global batch size B (dashed: measured B_S)", ylabel=f"passes to {target}",
+           yscale="log", title="(b) passes to the target")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def time_to_target(curves: Sequence[Curve], path: Path, *, target: str) -> Path:
+    """(c) Training time to the target against B (= (a) × (b) per run), mean ± std; dashed: B_S."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    _draw(ax, curves, bounds=True)
+    ax.set(xlabel="global batch size B (dashed: measured B_S)", ylabel=f"training time to {target} (s)",
+           yscale="log", title="(c) time to the target")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def ratio_vs_replicate(replicates: Sequence[float], ratio_mean: Sequence[float], ratio_std: Sequence[float],
+                       bound: Sequence[float], path: Path, *, b_small: int, b_large: int,
+                       lower_bound: Sequence[bool] = ()) -> Path:
+    """Passes at the largest B over passes at the smallest, against the replication factor r (left), and the
+    measured B_S against r (right)."""
+    fig, (ax, ax_b) = plt.subplots(1, 2, figsize=(10, 4))
+    r = np.asarray(replicates, dtype=float)
+    ax.errorbar(r, ratio_mean, yerr=ratio_std, marker="o", capsize=3)
+    for x, y, lb in zip(r, ratio_mean, lower_bound or [False] * len(r)):
+        if lb:
+            ax.annotate("≥ (missed at the budget)", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set(xscale="log", xlabel="replication r (n/r distinct examples)",
+           ylabel=f"passes(B={b_large}) / passes(B={b_small})", title="passes ratio, largest / smallest batch")
+    ax.set_xticks(r, [f"{v:g}" for v in r])
+    ax.grid(alpha=0.3, which="both")
+    ax_b.plot(r, bound, marker="s", color="C1")
+    ax_b.set(xscale="log", yscale="log", xlabel="replication r", ylabel="measured B_S",
+             title="diversity bound B_S")
+    ax_b.set_xticks(r, [f"{v:g}" for v in r])
+    ax_b.grid(alpha=0.3, which="both")
+    return _save(fig, path)
