@@ -184,8 +184,12 @@ class RingAllReduce:
         # Receives first: gloo's TCP transport sends a message only once the peer has posted its receive.
         recvs = post_recvs(0)
         sends = [dist.isend(buffer[a:b], dst=right, group=group, tag=c) for c, (a, b) in enumerate(chunks[r])]
+        done: list = []
         for step in range(n_steps):
             nxt = post_recvs(step + 1) if step + 1 < n_steps else []
+            for w in done:  # the previous step's sends: at most two steps of sends in flight
+                w.wait()
+            done, sends = sends, []
             seg = (r - step - 1) % P
             start0 = segs[seg][0]
             area = scratch[step % areas]
@@ -198,7 +202,7 @@ class RingAllReduce:
                     # What was just completed is exactly what step + 1 passes on.
                     sends.append(dist.isend(chunk, dst=right, group=group, tag=(step + 1) * stride + c))
             recvs = nxt
-        for w in sends:
+        for w in done + sends:
             w.wait()
         # Segment (r − g) mod P leaves at step g: the reduce-scatter sends every segment but (r + 1) mod P,
         # the all-gather every one but (r + 2) mod P.
