@@ -17,8 +17,10 @@ A sweep is a TOML file with two tables (keys of ``[base]`` mirror ``scalesgd tra
     target = 0.9
     evals_per_epoch = 4               # resolution of "passes to target" (unless base sets eval_every)
     tune = "first-seed"               # lr tuned on the first seed, or "all-seeds" (mean over all)
-    bound = "online"                  # B_S marked on the plots: "online" estimate or "init" (exact, at init)
-    bound_epochs = 1.0                # the online B_S is the median estimate over these first epochs
+    bound = "online"                  # B_S marked on the plots: the runs' online estimate over the first
+                                      # bound_epochs ("online") or until the target ("online-to-target"),
+                                      # or "init" (exact, whole data set, initial weights)
+    bound_epochs = 1.0
 
     [base]
     dataset = "digits"
@@ -56,7 +58,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 TARGET_METRICS = ("test_accuracy", "train_accuracy")
 TUNE_MODES = ("first-seed", "all-seeds")
-BOUND_MODES = ("online", "init")
+BOUND_MODES = ("online", "online-to-target", "init")
 # RunConfig fields the grid owns: they may not be set in [base] (and are not base options on the CLI).
 GRID_OWNED = {"global_batch_size": "batch_sizes", "seed": "seeds", "workers": "workers", "lr": "lrs",
               "replicate": "replicates", "run_dir": None}
@@ -118,8 +120,8 @@ class SweepSpec:
             raise ConfigError(f"sweep evals_per_epoch must be positive, got {self.evals_per_epoch}")
         if not self.bound_epochs > 0:
             raise ConfigError(f"sweep bound_epochs must be positive, got {self.bound_epochs}")
-        if self.bound == "online" and self.base.diversity == "off":
-            raise ConfigError("bound = \"online\" reads the trainer's online B_S estimate, but [base] sets "
+        if self.bound != "init" and self.base.diversity == "off":
+            raise ConfigError(f"bound = \"{self.bound}\" reads the trainer's online B_S estimate, but [base] sets "
                               "diversity = \"off\"; set diversity = \"exact\" (or \"cheap\" with workers > 1) "
                               "or use bound = \"init\" (exact B_S at initialisation)")
         if self.base.steps is not None:
@@ -157,7 +159,7 @@ def spec_from_mappings(sweep: dict[str, Any], base: dict[str, Any], *, source: s
     for key, value in sweep.items():
         name = key.replace("-", "_")
         if name not in SWEEP_KEYS:
-            hint = f" (it is a run option: put it in [base])" if name in FIELDS else ""
+            hint = " (it is a run option: put it in [base])" if name in FIELDS else ""
             raise ConfigError(f"{source}: unknown [sweep] key {key!r}{hint}; known keys: "
                               f"{', '.join(sorted(SWEEP_KEYS))}")
         if name in _LIST_KEYS:
@@ -649,12 +651,14 @@ class SeriesBound:
     batch's seeds, first ``bound_epochs``; and the median until the target) and exact at initialisation."""
 
     online: tuple[float, float, float]  # median, 25th, 75th percentile
-    online_to_target: float
+    online_to_target: tuple[float, float, float]
     init: tuple[float, float]  # mean, std over seeds
 
     def marked(self, mode: str) -> tuple[float, float, float] | None:
-        if mode == "online":
-            return self.online if math.isfinite(self.online[0]) else None
+        """(B_S, low, high) of the bound ``mode`` marks on the figures, or None when it was not measured."""
+        if mode in ("online", "online-to-target"):
+            values = self.online if mode == "online" else self.online_to_target
+            return values if math.isfinite(values[0]) else None
         if math.isfinite(self.init[0]):
             return (self.init[0], self.init[0] - self.init[1], self.init[0] + self.init[1])
         return None
@@ -663,10 +667,16 @@ class SeriesBound:
 def series_bound(result: SweepResult, rows: Sequence[Row]) -> SeriesBound:
     first = [v for o in rows[0].outcomes for v in o.bound_first]
     to_target = [v for o in rows[0].outcomes for v in o.bound_to_target]
-    online = tuple(float(x) for x in np.percentile(first, [50, 25, 75])) if first else (math.nan,) * 3
     r = rows[0].group.replicate
     init = _mean_std([result.init_bounds.get((r, s), math.nan) for s in result.spec.seeds])
-    return SeriesBound(online, float(np.median(to_target)) if to_target else math.nan, init)
+    return SeriesBound(_quartiles(first), _quartiles(to_target), init)
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    if not values:
+        return (math.nan,) * 3
+    median, low, high = np.percentile(values, [50, 25, 75])
+    return float(median), float(low), float(high)
 
 
 def passes_ratio(small: Row, large: Row) -> tuple[float, float, bool]:
@@ -684,6 +694,10 @@ def passes_ratio(small: Row, large: Row) -> tuple[float, float, bool]:
             lower = True
     mean, std = _mean_std(ratios)
     return mean, std, lower
+
+
+def _iqr(q: tuple[float, float, float]) -> str:
+    return f"{q[0]:.1f} [{q[1]:.1f}, {q[2]:.1f}]" if math.isfinite(q[0]) else "—"
 
 
 def _pm(ms: tuple[float, float], spec: str = ".3g") -> str:
@@ -776,9 +790,11 @@ def _method_lines(result: SweepResult) -> list[str]:
     lr += f"; base schedule {base.lr_schedule}"
     evals = (f"every {base.eval_every} steps" if base.eval_every is not None
              else f"about {spec.evals_per_epoch:g} per pass (eval_every = round(n / (B · {spec.evals_per_epoch:g})))")
+    window = (f"the first {spec.bound_epochs:g} epoch(s)" if spec.bound == "online"
+              else "the start until the target (the whole path to the same accuracy)")
     bound = (f"online: median of the trainer's `batch_bound_est` (EMA of ‖G‖² and tr Σ, --diversity "
-             f"{base.diversity}) over the steps of the first {spec.bound_epochs:g} epoch(s) of the smallest batch's "
-             "runs, pooled over seeds; the band is the interquartile range" if spec.bound == "online" else
+             f"{base.diversity}) over the steps from {window} of the smallest batch's runs, pooled over seeds; "
+             "the band is the interquartile range" if spec.bound != "init" else
              "exact B_S = n·Δ_S over the whole training set at the initial weights (mean ± std over seeds; band ± std)")
     rows = [
         f"- data set `{base.dataset}`" + (f" (n_train {result.n_train})" if result.n_train else "") +
@@ -805,7 +821,7 @@ def _bound_lines(result, series, bounds, out_dir: Path) -> list[str]:
     spec = result.spec
     b_small, b_large = min(spec.batch_sizes), max(spec.batch_sizes)
     lines = ["## Diversity bound and the passes ratio", "",
-             f"| series | B_S online, first {spec.bound_epochs:g} epoch(s) [IQR] | B_S online, until the target | "
+             f"| series | B_S online, first {spec.bound_epochs:g} epoch(s) [IQR] | B_S online, until the target [IQR] | "
              f"B_S exact at init | passes(B={b_large}) / passes(B={b_small}) |", "|---|---|---|---|---|"]
     ratio_r, ratio_m, ratio_s, ratio_lb, bound_r = [], [], [], [], []
     for key, rows in series.items():
@@ -816,9 +832,7 @@ def _bound_lines(result, series, bounds, out_dir: Path) -> list[str]:
         lower = False
         if small is not None and large is not None:
             mean, std, lower = passes_ratio(small, large)
-        online = (f"{sb.online[0]:.1f} [{sb.online[1]:.1f}, {sb.online[2]:.1f}]"
-                  if math.isfinite(sb.online[0]) else "—")
-        to_target = f"{sb.online_to_target:.1f}" if math.isfinite(sb.online_to_target) else "—"
+        online, to_target = _iqr(sb.online), _iqr(sb.online_to_target)
         ratio = ("≥ " if lower else "") + _pm((mean, std), ".2f")
         lines.append(f"| {_series_label(spec, key)} | {online} | {to_target} | {_pm(sb.init, '.1f')} | {ratio} |")
         if key[1] == min(spec.workers):
@@ -829,7 +843,8 @@ def _bound_lines(result, series, bounds, out_dir: Path) -> list[str]:
               "seed missed the target at the largest batch and its ratio used the budget.", ""]
     if len(ratio_r) > 1:
         sweep_plots.ratio_vs_replicate(ratio_r, ratio_m, ratio_s, bound_r, out_dir / "ratio_vs_replicate.png",
-                                       b_small=b_small, b_large=b_large, lower_bound=ratio_lb)
+                                       b_small=b_small, b_large=b_large, lower_bound=ratio_lb,
+                                       bound_label=f"B_S ({spec.bound}, at B={b_small})")
         lines += ["![passes ratio and B_S against r](ratio_vs_replicate.png)", ""]
     return lines
 
@@ -897,7 +912,8 @@ _SWEEP_OPTIONS: list[tuple[str, Any, str]] = [
     ("evals-per-epoch", float, "evaluations per pass, the resolution of passes to target (default 4)"),
     ("tune", str, "lr tuning on the first seed (first-seed, default) or the mean over all-seeds"),
     ("bound", str, "B_S marked on the plots: online (median of the runs' estimate over the first "
-                   "--bound-epochs at the smallest B, default) or init (exact at initialisation)"),
+                   "--bound-epochs at the smallest B, default), online-to-target (the same from the start to "
+                   "the target) or init (exact at initialisation)"),
     ("bound-epochs", float, "epochs over which the online B_S estimate is taken (default 1)"),
     ("name", str, "the sweep's name in the report"),
 ]

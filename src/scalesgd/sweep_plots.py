@@ -14,6 +14,7 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -97,7 +98,7 @@ def time_to_target(curves: Sequence[Curve], path: Path, *, target: str) -> Path:
 
 def ratio_vs_replicate(replicates: Sequence[float], ratio_mean: Sequence[float], ratio_std: Sequence[float],
                        bound: Sequence[float], path: Path, *, b_small: int, b_large: int,
-                       lower_bound: Sequence[bool] = ()) -> Path:
+                       lower_bound: Sequence[bool] = (), bound_label: str = "measured B_S") -> Path:
     """Passes at the largest B over passes at the smallest, against the replication factor r (left), and the
     measured B_S against r (right)."""
     fig, (ax, ax_b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -106,13 +107,15 @@ def ratio_vs_replicate(replicates: Sequence[float], ratio_mean: Sequence[float],
     for x, y, lb in zip(r, ratio_mean, lower_bound or [False] * len(r)):
         if lb:
             ax.annotate("≥ (missed at the budget)", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set(xscale="log", xlabel="replication r (n/r distinct examples)",
-           ylabel=f"passes(B={b_large}) / passes(B={b_small})", title="passes ratio, largest / smallest batch")
-    ax.set_xticks(r, [f"{v:g}" for v in r])
-    ax.grid(alpha=0.3, which="both")
+    ax.set(xlabel="replication r (n/r distinct examples)", ylabel=f"passes(B={b_large}) / passes(B={b_small})",
+           title="passes ratio, largest / smallest batch")
     ax_b.plot(r, bound, marker="s", color="C1")
-    ax_b.set(xscale="log", yscale="log", xlabel="replication r", ylabel="measured B_S",
-             title="diversity bound B_S")
-    ax_b.set_xticks(r, [f"{v:g}" for v in r])
-    ax_b.grid(alpha=0.3, which="both")
+    ax_b.set(yscale="log", xlabel="replication r", ylabel=bound_label, title="diversity bound B_S")
+    ax_b.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_b.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for a in (ax, ax_b):
+        a.set_xscale("log", base=2)
+        a.set_xticks(r, [f"{v:g}" for v in r])
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        a.grid(alpha=0.3, which="both")
     return _save(fig, path)
