@@ -118,10 +118,15 @@ class RingAllReduce:
 
     name = "ring"
 
-    def __init__(self, *, world_size: int, rank: int, group=None, chunk_bytes: int = 4 << 20):
+    def __init__(self, *, world_size: int, rank: int, group=None, chunk_bytes: int = 4 << 20,
+                 small_bytes: int = 64 << 10):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"ring all-reduce needs 0 <= rank < world_size, got rank={rank}, "
                               f"world_size={world_size}")
+        # Messages up to small_bytes go by recursive doubling when P is a power of two: log2(P) exchanges
+        # instead of the ring's 2(P−1) latency-bound steps.
+        self.small_bytes = int(small_bytes)
+        self._peer = (lambda q: q) if group is None else (lambda q: dist.get_global_rank(group, q))
         if chunk_bytes < 1:
             raise ConfigError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes}")
         self.world_size = world_size
@@ -164,6 +169,8 @@ class RingAllReduce:
             return CommStats(bytes_sent=0)
         assert buffer.dim() == 1 and buffer.is_contiguous(), "comm strategies take flat contiguous buffers"
         esize = buffer.element_size()
+        if n * esize <= self.small_bytes and P & (P - 1) == 0:
+            return self._recursive_doubling_(buffer)
         segs, chunks, stride = self._plan(n, esize)
         seg_len = -(-n // P)
         # Receive areas for alternate reduce-scatter steps, so step g + 1 can land while step g is added.
@@ -208,6 +215,31 @@ class RingAllReduce:
         # the all-gather every one but (r + 2) mod P.
         seg_len_of = [b - a for a, b in segs]
         return CommStats(bytes_sent=(2 * n - seg_len_of[(r + 1) % P] - seg_len_of[(r + 2) % P]) * esize)
+
+
+    def _recursive_doubling_(self, buffer: torch.Tensor) -> CommStats:
+        """Latency-optimal all-reduce for small buffers, P a power of two (Thakur et al. 2005).
+
+        At step k rank r exchanges its partial sum with rank r XOR 2^k; both partners add in rank order
+        (lower rank's partial first), so they hold the same bytes after every step and all ranks end
+        bit-identical. Each rank sends log2(P)·N bytes in log2(P) messages.
+        """
+        P, r = self.world_size, self.rank
+        other = self._scratch_for(buffer.numel(), buffer)
+        steps, mask = 0, 1
+        while mask < P:
+            partner = self._peer(r ^ mask)
+            recv = dist.irecv(other, src=partner, group=self.group, tag=1 << 20 | mask)
+            send = dist.isend(buffer, dst=partner, group=self.group, tag=1 << 20 | mask)
+            recv.wait()
+            send.wait()
+            if r & mask:  # the partner has the lower rank: its partial comes first
+                torch.add(other, buffer, out=buffer)
+            else:
+                torch.add(buffer, other, out=buffer)
+            mask <<= 1
+            steps += 1
+        return CommStats(bytes_sent=steps * buffer.numel() * buffer.element_size())
 
 
 class ParameterServerAllReduce:
