@@ -110,9 +110,7 @@ def ratio_vs_replicate(replicates: Sequence[float], ratio_mean: Sequence[float],
     ax.set(xlabel="replication r (n/r distinct examples)", ylabel=f"passes(B={b_large}) / passes(B={b_small})",
            title="passes ratio, largest / smallest batch")
     ax_b.plot(r, bound, marker="s", color="C1")
-    ax_b.set(yscale="log", xlabel="replication r", ylabel=bound_label, title="diversity bound B_S")
-    ax_b.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax_b.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax_b.set(xlabel="replication r", ylabel=bound_label, title="diversity bound B_S", ylim=(0, None))
     for a in (ax, ax_b):
         a.set_xscale("log", base=2)
         a.set_xticks(r, [f"{v:g}" for v in r])
