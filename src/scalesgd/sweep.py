@@ -323,6 +323,7 @@ class Outcome:
     final_test_accuracy: float = math.nan
     bound_first: tuple[float, ...] = ()  # online batch_bound_est of the steps in the first bound_epochs
     bound_to_target: tuple[float, ...] = ()  # the same up to the target (or the end)
+    lr_at_b: float = math.nan  # the lr the trainer used at this B (after warm-up, at the start of the schedule)
     message: str = ""
 
 
@@ -356,7 +357,9 @@ def measure(run: RunData, point: Point, spec: SweepSpec) -> Outcome:
     until = hit[0] if hit else math.inf
     bounds = [(s["epoch"], s.get("batch_bound_est")) for s in run.steps]
     bounds = [(e, v) for e, v in bounds if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
+    after_warmup = [s for s in run.steps if s["epoch"] >= spec.base.warmup_epochs and s.get("lr") is not None]
     common = dict(best_metric=max(values) if values else math.nan,
+                  lr_at_b=float(after_warmup[0]["lr"]) if after_warmup else math.nan,
                   bound_first=tuple(v for e, v in bounds if e <= spec.bound_epochs),
                   bound_to_target=tuple(v for e, v in bounds if e <= until))
     if summary is None:
@@ -700,10 +703,14 @@ def _iqr(q: tuple[float, float, float]) -> str:
     return f"{q[0]:.1f} [{q[1]:.1f}, {q[2]:.1f}]" if math.isfinite(q[0]) else "—"
 
 
-def _pm(ms: tuple[float, float], spec: str = ".3g") -> str:
+def _pm(ms: tuple[float, float], spec: str | None = None) -> str:
+    """``mean ± std``; by default the mean to 3 significant digits and the std to the same decimals."""
     mean, std = ms
     if not math.isfinite(mean):
         return "—"
+    if spec is None:
+        decimals = max(0, 2 - math.floor(math.log10(abs(mean)))) if mean else 3
+        spec = f".{decimals}f"
     return f"{mean:{spec}} ± {std:{spec}}"
 
 
@@ -852,7 +859,7 @@ def _bound_lines(result, series, bounds, out_dir: Path) -> list[str]:
 def _table_lines(result: SweepResult, key: tuple[int, int], rows: Sequence[Row]) -> list[str]:
     spec = result.spec
     lines = [f"## {_series_label(spec, key)}", "",
-             "| B | lr | reached | time per pass (s) | passes to target | time to target (s) | step speedup "
+             f"| B | {'lr' if spec.base.lr_rule == 'constant' else 'lr0 (lr at B)'} | reached | time per pass (s) | passes to target | time to target (s) | step speedup "
              "(ideal B/B_min) | time speedup | final test acc |", "|---|---|---|---|---|---|---|---|---|"]
     small = rows[0]
     p0, t0 = small.stat("passes_to_target")[0], small.stat("time_to_target_s")[0]
@@ -864,8 +871,12 @@ def _table_lines(result: SweepResult, key: tuple[int, int], rows: Sequence[Row])
         time_speedup = t0 / secs[0] if small.all_reached and row.all_reached else math.nan
         mark = "" if row.all_reached else " †"
         acc = _mean_std([o.final_test_accuracy for o in row.done])
+        lr = f"{row.lr:g}"
+        if spec.base.lr_rule != "constant":
+            lr_b = statistics.fmean(o.lr_at_b for o in row.done) if row.done else math.nan
+            lr += f" ({lr_b:.3g})"
         lines.append(
-            f"| {b} | {row.lr:g} | {len(row.reached)}/{len(row.outcomes)} | {_pm(row.stat('time_per_pass_s'))} | "
+            f"| {b} | {lr} | {len(row.reached)}/{len(row.outcomes)} | {_pm(row.stat('time_per_pass_s'))} | "
             f"{_pm(passes)}{mark} | {_pm(secs)}{mark} | "
             f"{(f'{step_speedup:.2f} ({ideal:g})' if math.isfinite(step_speedup) else f'— ({ideal:g})')} | "
             f"{(f'{time_speedup:.2f}' if math.isfinite(time_speedup) else '—')} | {_pm(acc, '.4f')} |")
