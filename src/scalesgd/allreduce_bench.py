@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from scalesgd.perf_model import nonneg_lstsq
+
 from scalesgd.errors import ConfigError
 
 DEFAULT_STRATEGIES = ("allreduce", "ring", "ps", "qsgd")
@@ -76,21 +78,8 @@ def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[float] | 
     if np.any(p < 2) or np.any(t <= 0) or np.any(n < 0):
         raise ConfigError("fit_alpha_beta needs world sizes >= 2, positive times and non-negative sizes")
     a = np.stack([2 * (p - 1), 2 * (p - 1) / p * n], axis=1)  # (m, 2): columns multiply α and β
-    w = 1.0 / t if relative else np.ones_like(t)
-    aw, tw = a * w[:, None], t * w
-    coef, *_ = np.linalg.lstsq(aw, tw, rcond=None)
-    if np.all(coef >= 0):
-        return float(coef[0]), float(coef[1])
-    best: tuple[float, float, float] | None = None
-    for k in (0, 1):  # keep one coefficient, the other at zero
-        col = aw[:, k]
-        c = max(float(col @ tw) / float(col @ col), 0.0) if col @ col > 0 else 0.0
-        resid = float(np.sum((col * c - tw) ** 2))
-        cand = (c, 0.0) if k == 0 else (0.0, c)
-        if best is None or resid < best[2]:
-            best = (cand[0], cand[1], resid)
-    assert best is not None
-    return best[0], best[1]
+    alpha, beta = nonneg_lstsq(a, t, relative=relative)
+    return float(alpha), float(beta)
 
 
 # ----------------------------------------------------------------------------------------------------------

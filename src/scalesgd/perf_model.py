@@ -99,15 +99,16 @@ class ComputeFit:
                 f"{self.max_rel_err:.1%})")
 
 
-def _nonneg_weighted_lstsq(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Minimise Σ((features·θ − t)/t)² over θ ≥ 0 (relative error, so small timings count as much as big).
+def nonneg_lstsq(features: np.ndarray, targets: np.ndarray, *, relative: bool = True) -> np.ndarray:
+    """Minimise Σ((features·θ − t)/t)² over θ ≥ 0 (relative error, so small timings count as much as big;
+    ``relative=False``: plain Σ(features·θ − t)²).
 
     Tiny active-set search: try the full fit, then every subset with one fewer coefficient, keeping the
     best non-negative one. Two or three coefficients make that exhaustive and exact.
     """
-    w = 1.0 / targets
+    w = 1.0 / targets if relative else np.ones_like(targets)
     a = features * w[:, None]
-    y = np.ones_like(targets)
+    y = targets * w
     k = features.shape[1]
     best, best_res = np.zeros(k), float(np.sum(y ** 2))
     for mask in range(1, 2 ** k):
@@ -152,7 +153,7 @@ def fit_compute(batch_sizes: Sequence[float], times_s: Sequence[float], *, kind:
         raise ConfigError(f"fit_compute: {b.size} batch sizes but {t.size} timings; pass one timing per size")
     if np.unique(b).size < 2:
         raise ConfigError(f"fit_compute needs at least two distinct batch sizes, got {b.tolist()}")
-    t0, t1 = _nonneg_weighted_lstsq(np.stack([np.ones_like(b), b], axis=1), t)
+    t0, t1 = nonneg_lstsq(np.stack([np.ones_like(b), b], axis=1), t)
     rel = float((np.abs(t0 + t1 * b - t) / t).max())
     if kind == "affine" or (kind == "auto" and rel <= max_affine_rel_err):
         return ComputeFit(t0_s=float(t0), t1_s=float(t1), max_rel_err=rel)
@@ -230,7 +231,7 @@ def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[int],
         raise ConfigError("fit_alpha_beta needs timings on >= 2 workers at two or more distinct message "
                           "sizes to separate latency from bandwidth")
     features = np.stack([2.0 * (p - 1.0), 2.0 * (p - 1.0) / p * n], axis=1)
-    alpha, beta = _nonneg_weighted_lstsq(features, t)
+    alpha, beta = nonneg_lstsq(features, t)
     return float(alpha), float(beta)
 
 
