@@ -25,9 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from scalesgd.perf_model import nonneg_lstsq
-
 from scalesgd.errors import ConfigError
+from scalesgd.perf_model import nonneg_lstsq
 
 DEFAULT_STRATEGIES = ("allreduce", "ring", "ps", "qsgd")
 # 4 KiB … 64 MiB, doubling (nccl-tests' usual sweep, cut to what a CPU box moves in a few minutes).
