@@ -12,9 +12,10 @@ Three layers, fastest first:
   Linear ``||a_i||^2 ||b_i||^2`` (Goodfellow, arXiv 1510.01799); layers with a sequence/spatial axis of length
   T (Linear on (B, T, d), Conv after unfolding) ``<A_i A_i^T, B_i B_i^T>`` when ``2 T^2 < d p``, otherwise the
   layer's per-example gradient is materialised (Li et al., arXiv 2110.05679; Bu et al., arXiv 2205.10683):
-  by one batched matmul on the unfolded input for small layers, and for large convolutions one example at a
-  time through the convolution's own weight-gradient kernel (``torch.nn.grad.conv2d_weight``), which on CPU
-  is faster than the matmul and needs no unfolded copy of the input. Whole-model norm = sum over layers.
+  by one batched matmul on the unfolded input for small layers, and for large convolutions through the
+  convolution's own weight-gradient kernel (``torch.nn.grad.conv2d_weight``, a memory-bounded chunk of
+  examples per call as separate groups), which on CPU is faster than the matmul and needs no unfolded copy
+  of the input. Whole-model norm = sum over layers.
   It never reads or writes ``.grad``.
 * :func:`per_example_sq_norms` and :func:`gradient_diversity` wrap the tap for a model, a loss and data.
   :func:`loop_sq_norms` and :func:`vmap_sq_norms` are the slow, obviously correct references.
@@ -47,8 +48,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # chunks (fewer, bigger kernel calls) bought no speed there.
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 
-# A conv layer whose per-example weight gradient costs at least this many multiply-adds is materialised one
-# example at a time with the convolution's own weight-gradient kernel (fast, no unfolded copy of the input);
+# A conv layer whose per-example weight gradient costs at least this many multiply-adds is materialised with
+# the convolution's own weight-gradient kernel, chunks of examples as groups (fast, no unfolded input copy);
 # smaller layers are unfolded and done in one batched matmul, where per-call overhead would dominate a loop.
 _CONV_LOOP_MIN_MACS = 2_000_000
 
