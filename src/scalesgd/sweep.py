@@ -764,13 +764,20 @@ def write_report(result: SweepResult, out_dir: Path) -> Path:
         lines += _bound_lines(result, series, bounds, out_dir)
         for key, rows in series.items():
             lines += _table_lines(result, key, rows)
-    missed = [o for o in result.outcomes.values() if o.status in ("done", "diverged") and not o.reached]
+    final = {o.point for g in result.groups for o in result.final(g)}
+    missed = sorted((o for o in result.outcomes.values() if o.status in ("done", "diverged") and not o.reached),
+                    key=lambda o: o.point)
     if missed:
-        lines += ["## Runs that missed the target", "",
-                  "Kept in the tables as *k/N reached*; the figures draw a hollow triangle at the budget.", ""]
-        for o in sorted(missed, key=lambda o: o.point):
-            lines.append(f"- `{o.point.name}`: {describe(o, spec)}")
-        lines.append("")
+        lines += ["## Runs that missed the target", ""]
+        in_tables = [o for o in missed if o.point in final]
+        tuning = [o for o in missed if o.point not in final]
+        if in_tables:
+            lines += ["At the chosen lr (counted in the tables as *k/N reached*; the figures draw a hollow "
+                      "triangle at the budget):", ""]
+            lines += [f"- `{o.point.name}`: {describe(o, spec)}" for o in in_tables] + [""]
+        if tuning:
+            lines += ["lr-tuning runs at a learning rate that lost (not in the tables):", ""]
+            lines += [f"- `{o.point.name}`: {describe(o, spec)}" for o in tuning] + [""]
     not_run = [o for o in result.outcomes.values() if o.status == "missing"]
     if not_run:
         lines += [f"{len(not_run)} point(s) have not run yet (`--report-only` on an unfinished sweep).", ""]
@@ -810,7 +817,8 @@ def _method_lines(result: SweepResult) -> list[str]:
         f"- learning rate: {lr}.",
         f"- target: **{spec.target_metric} ≥ {spec.target:g}**" +
         (" (the trainer stops there)." if spec.target_metric == "test_accuracy" else
-         f" (measured on {base.eval_train_examples} training examples at each evaluation; runs train the whole "
+         f" (measured on {min(base.eval_train_examples, result.n_train or base.eval_train_examples)} training "
+         "examples at each evaluation; the trainer stops only on test accuracy, so these runs train the whole "
          "budget)."),
         f"- passes to target: epoch at which the metric first reaches the target, linearly interpolated between "
         f"the evaluation below and the first at or above it; evaluations {evals}.",

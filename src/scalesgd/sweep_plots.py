@@ -66,12 +66,23 @@ def _draw(ax, curves: Sequence[Curve], *, bounds: bool) -> None:
     ax.grid(alpha=0.3, which="both")
 
 
+def _plain_log_y(ax) -> None:
+    """Label a log y axis with plain numbers (0.2, 3, 40) rather than 2×10⁻¹; minor ticks get labels only when
+    the axis spans about a decade or less (else they crowd)."""
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    low, high = ax.get_ylim()
+    wide = low > 0 and math.log10(high / low) > 1.2
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter() if wide else fmt)
+
+
 def time_per_pass(curves: Sequence[Curve], path: Path) -> Path:
     """(a) Training time per pass over the data (evaluation excluded) against B, mean ± std over seeds."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     _draw(ax, curves, bounds=False)
     ax.set(xlabel="global batch size B", ylabel="training time per pass (s)", yscale="log",
            title="(a) time per pass")
+    _plain_log_y(ax)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -82,6 +93,7 @@ def passes_to_target(curves: Sequence[Curve], path: Path, *, target: str) -> Pat
     _draw(ax, curves, bounds=True)
     ax.set(xlabel="global batch size B (dashed: measured B_S)", ylabel=f"passes to {target}",
            yscale="log", title="(b) passes to the target")
+    _plain_log_y(ax)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -92,6 +104,7 @@ def time_to_target(curves: Sequence[Curve], path: Path, *, target: str) -> Path:
     _draw(ax, curves, bounds=True)
     ax.set(xlabel="global batch size B (dashed: measured B_S)", ylabel=f"training time to {target} (s)",
            yscale="log", title="(c) time to the target")
+    _plain_log_y(ax)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
