@@ -110,10 +110,10 @@ def time_to_target(curves: Sequence[Curve], path: Path, *, target: str) -> Path:
 
 
 def ratio_vs_replicate(replicates: Sequence[float], ratio_mean: Sequence[float], ratio_std: Sequence[float],
-                       bound: Sequence[float], path: Path, *, b_small: int, b_large: int,
-                       lower_bound: Sequence[bool] = (), bound_label: str = "measured B_S") -> Path:
+                       bounds: dict[str, Sequence[float]], path: Path, *, b_small: int, b_large: int,
+                       lower_bound: Sequence[bool] = ()) -> Path:
     """Passes at the largest B over passes at the smallest, against the replication factor r (left), and the
-    measured B_S against r (right)."""
+    measured B_S against r (right), one line per way of measuring it (``bounds``: label → value per r)."""
     fig, (ax, ax_b) = plt.subplots(1, 2, figsize=(10, 4))
     r = np.asarray(replicates, dtype=float)
     ax.errorbar(r, ratio_mean, yerr=ratio_std, marker="o", capsize=3)
@@ -122,8 +122,10 @@ def ratio_vs_replicate(replicates: Sequence[float], ratio_mean: Sequence[float],
             ax.annotate("≥ (missed at the budget)", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set(xlabel="replication r (n/r distinct examples)", ylabel=f"passes(B={b_large}) / passes(B={b_small})",
            title="passes ratio, largest / smallest batch")
-    ax_b.plot(r, bound, marker="s", color="C1")
-    ax_b.set(xlabel="replication r", ylabel=bound_label, title="diversity bound B_S", ylim=(0, None))
+    for i, (label, values) in enumerate(bounds.items()):
+        ax_b.plot(r, values, marker="s", color=f"C{i + 1}", label=label)
+    ax_b.set(xlabel="replication r", ylabel="measured B_S", title="diversity bound B_S", ylim=(0, None))
+    ax_b.legend(fontsize=8)
     for a in (ax, ax_b):
         a.set_xscale("log", base=2)
         a.set_xticks(r, [f"{v:g}" for v in r])
