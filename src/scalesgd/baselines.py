@@ -24,8 +24,17 @@ from scalesgd.distributed import Rendezvous
 
 
 def ddp_worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset, *, return_params: bool = False,
-               eval_every_epoch: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` with DDP + torch.optim.SGD (constant or cosine lr); returns timings and accuracy."""
+               eval_every_epoch: bool = True, eval_every_epochs: float | None = None,
+               max_wall_s: float | None = None) -> dict[str, Any]:
+    """Train ``cfg`` with DDP + torch.optim.SGD (constant or cosine lr); returns timings and accuracy.
+
+    Evaluates test accuracy at the end of every epoch (``eval_every_epoch``), or, with
+    ``eval_every_epochs=g``, after the step that first crosses each multiple of g·n_train examples.
+    The result lists every evaluation (``evals``: step, epoch, test accuracy, wall time at its end and
+    the evaluation's own duration), so time to a target can be read with or without evaluation time.
+    At an evaluation the run also stops (``stopped``) if its loss is no longer finite ("diverged") or its
+    wall time passed ``max_wall_s`` ("time limit"), so a tuning grid does not wait on hopeless settings.
+    """
     from scalesgd.lr_rules import learning_rate
     from scalesgd.run import build_model, loss_function, lr_config
 
@@ -46,6 +55,9 @@ def ddp_worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset, *, return_params: b
         start = time.perf_counter()
         time_to_target = None
         accuracy = None
+        evals: list[dict[str, float]] = []
+        stopped = None
+        eval_examples = None if eval_every_epochs is None else eval_every_epochs * ds.n_train
         while (step < cfg.steps) if cfg.steps else (examples < total):
             epoch_float = cursor.epoch + cursor.offset / ds.n_train
             want = cfg.global_batch_size if cfg.steps else min(cfg.global_batch_size, total - examples)
@@ -67,14 +79,30 @@ def ddp_worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset, *, return_params: b
             step += 1
             examples += b
             last = (step >= cfg.steps) if cfg.steps else (examples >= total)
-            if eval_every_epoch and (batch.epoch_end or last) and classification:
+            if eval_examples is not None:
+                due = int(examples // eval_examples) > int((examples - b) // eval_examples) or last
+            else:
+                due = eval_every_epoch and (batch.epoch_end or last)
+            if due and classification:
+                t_eval = time.perf_counter()
                 accuracy = _accuracy(model, ds, world)
+                # Every rank must take the same decision to stop, or the one that goes on waits forever.
+                flags = distributed.all_reduce_scalars(
+                    [float(not math.isfinite(loss.item())),
+                     float(max_wall_s is not None and t_eval - start > max_wall_s)], world)
+                now = time.perf_counter()
+                evals.append({"step": step, "epoch": examples / ds.n_train, "test_accuracy": accuracy,
+                              "time_s": now - start, "eval_s": now - t_eval})
                 if cfg.target_accuracy is not None and accuracy >= cfg.target_accuracy:
-                    time_to_target = time.perf_counter() - start
+                    time_to_target = now - start
+                    break
+                stopped = "diverged" if flags[0] else "time limit" if flags[1] else None
+                if stopped:
                     break
         out: dict[str, Any] = {"steps": step, "train_time_s": train_time, "wall_s": time.perf_counter() - start,
                                "final_test_accuracy": accuracy, "time_to_target_s": time_to_target,
-                               "epochs": cursor.epoch + cursor.offset / ds.n_train}
+                               "epochs": cursor.epoch + cursor.offset / ds.n_train, "evals": evals,
+                               "stopped": stopped}
         if return_params:
             out["params"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return out
