@@ -965,15 +965,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="train nothing; report the runs already there")
     p.add_argument("--measure-init-bound", action="store_true", default=argparse.SUPPRESS,
                    help="also measure the exact B_S at initialisation for every (r, seed)")
+    choices = {"target-metric": TARGET_METRICS, "tune": TUNE_MODES, "bound": BOUND_MODES}
     for option, typ, help_text in _SWEEP_OPTIONS:
-        p.add_argument(f"--{option}", type=typ, default=argparse.SUPPRESS, help=help_text)
+        p.add_argument(f"--{option}", type=typ, default=argparse.SUPPRESS, help=help_text,
+                       choices=choices.get(option))
     base = p.add_argument_group("run options (the [base] of every run)")
     for option, typ, help_text in TRAIN_OPTIONS:
         name = option.replace("-", "_")
-        if name in GRID_OWNED or name == "target_accuracy":
+        if name in GRID_OWNED or name in ("target_accuracy", "steps"):
             continue
         base.add_argument(f"--{option}", type=typ, default=argparse.SUPPRESS, dest=f"base_{name}",
-                          help=help_text)
+                          metavar=name.upper(), help=help_text)
     base.add_argument("--nesterov", action="store_true", default=argparse.SUPPRESS, dest="base_nesterov")
     p.set_defaults(func=cmd_sweep)
     return p
