@@ -83,7 +83,7 @@ def time_per_pass(curves: Sequence[Curve], path: Path) -> Path:
     ax.set(xlabel="global batch size B", ylabel="training time per pass (s)", yscale="log",
            title="(a) time per pass")
     _plain_log_y(ax)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
 
 
@@ -94,7 +94,7 @@ def passes_to_target(curves: Sequence[Curve], path: Path, *, target: str) -> Pat
     ax.set(xlabel="global batch size B (dashed: measured B_S)", ylabel=f"passes to {target}",
            yscale="log", title="(b) passes to the target")
     _plain_log_y(ax)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
 
 
@@ -105,7 +105,7 @@ def time_to_target(curves: Sequence[Curve], path: Path, *, target: str) -> Path:
     ax.set(xlabel="global batch size B (dashed: measured B_S)", ylabel=f"training time to {target} (s)",
            yscale="log", title="(c) time to the target")
     _plain_log_y(ax)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
 
 
