@@ -60,7 +60,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("target-accuracy", float, "stop when test accuracy reaches this fraction; records the time to get there"),
     ("eval-every", int, "steps between evaluations (default: every epoch)"),
     ("eval-train-examples", int, "training examples used to measure train accuracy"),
-    ("diversity", str, "online gradient-diversity estimate: off, cheap, exact"),
+    ("diversity", str, "online gradient-diversity estimate: off, cheap (two batch sizes; with one worker: "
+                       "exact), exact (per-example ghost norms)"),
     ("diversity-decay", float, "EMA decay of the diversity estimators"),
     ("exact-diversity-every", int, "measure the exact whole-data diversity every k steps (0: never)"),
     ("workers", int, "local worker processes (ignored under torchrun)"),

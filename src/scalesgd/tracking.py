@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -39,9 +38,7 @@ class DiversityTracker:
 
     def __init__(self, mode: str, model: torch.nn.Module, *, world_size: int, n_train: int, decay: float):
         if mode == "cheap" and world_size == 1:
-            warnings.warn("--diversity cheap needs two or more workers (it compares a worker's shard with the "
-                          "all-reduced batch); using the exact per-example path instead", stacklevel=2)
-            mode = "exact"
+            mode = "exact"  # no second batch size to compare with; documented in the option's help
         self.mode = mode
         self.n_train = n_train
         self.ema = NoiseScaleEMA(decay)

@@ -105,8 +105,14 @@ def default_run_dir(model: str, dataset: str, global_batch_size: int, workers: i
 class RunWriter:
     """Writes the run directory on rank 0; does nothing elsewhere."""
 
-    def __init__(self, run_dir: Path | None, *, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: Path | None, *, enabled: bool, tensorboard: bool = True,
+                 tensorboard_every_s: float = 1.0):
         self.enabled = enabled and run_dir is not None
+        # TensorBoard gets every non-step record (evaluations, diversity, batch changes) but step records at
+        # most once per tensorboard_every_s: add_scalar for ~20 values costs about as much as a small model's
+        # whole step, and metrics.jsonl keeps every step anyway.
+        self.tensorboard_every_s = tensorboard_every_s
+        self._tb_last = -math.inf
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._metrics = None
         self._tb = None
@@ -130,6 +136,11 @@ class RunWriter:
         clean = {k: _clean(v) for k, v in record.items()}
         self._metrics.write(json.dumps(clean) + "\n")
         if self._tb is not None and "step" in record:
+            if record.get("kind") == "step":
+                now = time.monotonic()
+                if now - self._tb_last < self.tensorboard_every_s:
+                    return
+                self._tb_last = now
             step = int(record["step"])
             for key, value in record.items():
                 if key in ("step", "kind") or not isinstance(value, (int, float)) or isinstance(value, bool):
