@@ -7,7 +7,8 @@ The contestants:
 
 * ``diversity``: ``scalesgd``'s trainer with every default (global batch 128 to start, lr 0.05 of the mean
   loss, momentum 0.9, weight decay 5e-4, lr rule ``constant``, ``--diversity cheap``, δ = 0.5, the
-  policy's own warm-up and hysteresis); nothing tuned.
+  starting batch as the floor, the policy's own warm-up and hysteresis); nothing tuned. ``--min-batch 1``
+  runs it without the floor (it then follows δ·B̂_S + 1 below the start, too).
 * ``fixed``: DDP + torch.optim.SGD (momentum 0.9, weight decay 5e-4) at every (B, lr) of the declared grid
   B ∈ {32, 64, 128, 256, 512} × lr ∈ {0.025, 0.05, 0.1, 0.2}. The grid is run on seed 0; the TOP_K
   fastest configurations are then run on every seed, and the best fixed baseline is the one with the
@@ -22,15 +23,20 @@ Clock: wall time from the start of training to the end of the first evaluation t
 **minus the time spent in evaluations** (excluded for both). Evaluation frequency: every EVAL_EPOCHS of
 training data. DDP evaluates after the step that crosses each multiple of EVAL_EPOCHS·n examples;
 scalesgd's trainer counts evaluation intervals in steps, so it evaluates every
-round(EVAL_EPOCHS·n / 128) steps: EVAL_EPOCHS at its starting batch of 128, more often (finer target
-resolution, at most EVAL_EPOCHS of advantage) while the policy holds a smaller batch. Evaluation is the
-test set only for both (``eval_train_examples=0``).
+round(EVAL_EPOCHS·n / 128) steps: every EVAL_EPOCHS at its starting batch of 128, proportionally less
+often while the policy holds a larger batch (coarser, a disadvantage of at most a few EVAL_EPOCHS) and
+more often below it (finer; only with ``--min-batch``). Evaluation is the test set only for both
+(``eval_train_examples=0``).
+
+A "why" line per task fits each contestant's per-step wall time to t0 + c·B and prints the wall-time
+optimal batch √(B_h·B_noise), B_h = t0/c, next to the policy's target δ·B̂_S + 1 (see
+:func:`goodput_batch`).
 
 Printed: the ratio of medians (diversity / best fixed; target ≤ 1.0, stretch ≤ 0.8) and whether the batch
 the policy settled on (median per-step batch over the last half of its run's examples) lies within a
 factor 2 of the best fixed batch; the batch at the moment it reached the target is shown too.
 
-    python bench/time_to_accuracy.py                       # both tasks, full grid, 3 seeds (~20 min)
+    python bench/time_to_accuracy.py                       # both tasks, full grid, 3 seeds (~10 min on 2 cores)
     python bench/time_to_accuracy.py --quick --json out.json
 """
 
@@ -188,10 +194,12 @@ def finish(result: RunResult, target: float) -> RunResult:
     return result
 
 
-def policy_config(task: Task, ds: Dataset, seed: int, run_dir: Path) -> RunConfig:
-    """The diversity-policy run: RunConfig defaults except the task, the stop rule and the shared protocol."""
+def policy_config(task: Task, ds: Dataset, seed: int, run_dir: Path, min_batch: int | None = None) -> RunConfig:
+    """The diversity-policy run: RunConfig defaults except the task, the stop rule and the shared protocol
+    (``min_batch``: None keeps the trainer's default floor, the starting batch; 1 lets the policy shrink)."""
     start_batch = RunConfig.global_batch_size
     return RunConfig(dataset=task.dataset, model=task.model, batch_policy="diversity", lr_schedule="constant",
+                     min_batch=min_batch,
                      epochs=task.max_epochs, target_accuracy=task.target_accuracy,
                      eval_every=max(1, round(EVAL_EPOCHS * ds.n_train / start_batch)), eval_train_examples=0,
                      workers=2, threads_per_worker=1, progress=False, seed=seed, run_dir=str(run_dir))
@@ -204,10 +212,10 @@ def fixed_config(task: Task, batch: int, lr: float, seed: int) -> RunConfig:
                      diversity="off", workers=2, threads_per_worker=1, progress=False, seed=seed)
 
 
-def run_policy(task: Task, ds: Dataset, seed: int, workdir: Path) -> RunResult:
+def run_policy(task: Task, ds: Dataset, seed: int, workdir: Path, min_batch: int | None = None) -> RunResult:
     """Train with ``--batch-policy diversity`` and read its evaluations and batches from the run directory."""
     run_dir = workdir / f"{task.dataset}-diversity-seed{seed}-{time.monotonic_ns()}"
-    cfg = policy_config(task, ds, seed, run_dir)
+    cfg = policy_config(task, ds, seed, run_dir, min_batch)
     t0 = time.perf_counter()
     train(cfg, ds)
     bench_s = time.perf_counter() - t0
@@ -362,7 +370,7 @@ def _print_explanation(name: str, why: dict[str, Any]) -> None:
 
 
 def bench_task(name: str, task: Task, grid: list[tuple[int, float]], seeds: tuple[int, ...], top_k: int,
-               workdir: Path) -> dict[str, Any]:
+               workdir: Path, min_batch: int | None = None) -> dict[str, Any]:
     """Tune the fixed baseline on seed ``seeds[0]``, then run the policy and the top-k baselines on all seeds."""
     ds = load_data(RunConfig(dataset=task.dataset, model=task.model))
     print(f"\n== {name}: {task.model} to {task.target_accuracy:.0%} test accuracy, P=2, n_train={ds.n_train}, "
@@ -381,7 +389,7 @@ def bench_task(name: str, task: Task, grid: list[tuple[int, float]], seeds: tupl
     diversity: list[RunResult] = []
     fixed: dict[tuple[int, float], list[RunResult]] = {k: [] for k in candidates}
     for seed in seeds:
-        r = run_policy(task, ds, seed, workdir)
+        r = run_policy(task, ds, seed, workdir, min_batch)
         diversity.append(r)
         print(f"  seed {seed} diversity B0={r.global_batch_size:<4d} lr={r.lr:<6g}: {_fmt_run(r)}  batch at target "
               f"{r.batch_at_target}, settled {r.settled_batch:g}; load {os.getloadavg()[0]:.1f}", flush=True)
@@ -417,6 +425,8 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds 0..N-1 (default 3)")
     p.add_argument("--top-k", type=int, default=TOP_K, help="grid configurations re-run on every seed")
     p.add_argument("--quick", action="store_true", help="tiny grid (B {64,128} x lr {0.05,0.1}), 1 seed, top 1")
+    p.add_argument("--min-batch", type=int, default=None,
+                   help="the policy's --min-batch (default: the trainer's, the starting batch; 1 lets it shrink)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
     batches, lrs = (QUICK_BATCH, QUICK_LR) if args.quick else (GRID_BATCH, GRID_LR)
@@ -429,7 +439,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
         for name in args.tasks:
-            results[name] = bench_task(name, TASKS[name], grid, seeds, top_k, Path(tmp))
+            results[name] = bench_task(name, TASKS[name], grid, seeds, top_k, Path(tmp), args.min_batch)
     print(f"\nbench wall time {time.perf_counter() - t0:.0f} s", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -119,3 +119,16 @@ def test_hopeless_baseline_runs_stop_on_every_rank(tta):
     assert math.isinf(late.time_to_target_s) and late.to_dict()["time_to_target_s"] is None
     blown = tta.run_fixed(task, ds, 64, 1e8, seed=0)
     assert not blown.reached and blown.stopped == "diverged" and len(blown.evals) == 1
+
+
+def test_trainer_diversity_policy_floors_at_the_starting_batch_unless_told():
+    """The default the bench justified: no shrinking below the starting batch without --min-batch."""
+    from scalesgd.config import RunConfig
+    from scalesgd.run import batch_policy
+
+    cfg = RunConfig(batch_policy="diversity", global_batch_size=128)
+    assert batch_policy(cfg, 20000).min_batch == 128 and batch_policy(cfg, 20000).max_batch == 20000
+    assert batch_policy(cfg.replace(min_batch=1), 20000).min_batch == 1
+    capped = batch_policy(cfg.replace(max_batch=64), 20000)  # a user's max below the start wins
+    assert (capped.min_batch, capped.max_batch) == (64, 64)
+    assert batch_policy(cfg, 100).min_batch == 100  # never above the data set
