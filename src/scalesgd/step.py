@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from scalesgd.comm import CommStrategy
-from scalesgd.transforms import GradientTransformation, Hyper
+from scalesgd.transforms import GradientTransformation, Hyper, apply_updates_
 
 # Fixed slots at the head of the statistics tail; per-rank compute times follow them.
 SLOT_LOSS, SLOT_CORRECT, SLOT_COUNT = 0, 1, 2
@@ -130,10 +130,11 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         else:
             (loss_sum * loss_scale).backward()
         with torch.no_grad():
-            stats[SLOT_LOSS] = loss_sum.detach()
-            if classification:
-                stats[SLOT_CORRECT] = (out.argmax(1) == y).sum()
-    stats[SLOT_COUNT] = local_b
+            correct = (out.argmax(1) == y).sum() if classification else torch.zeros((), device=device)
+            stats[SLOT_LOSS:SLOT_COUNT + 1] = torch.stack([loss_sum.detach(), correct.to(stats.dtype),
+                                                           torch.tensor(float(local_b), device=device)])
+    else:
+        stats[SLOT_COUNT] = 0.0
     if tap is not None:
         values = tap.local_stats(flat, local_b, global_batch_size, loss_scale)
         if values:
@@ -153,8 +154,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     if tap is not None:
         extra = tap.after_reduce(flat, summed[SLOT_TAP:SLOT_TAP + N_TAP_SLOTS], shard_sizes, global_batch_size)
     with torch.no_grad():
-        updates, tx_state = tx.update(flat.grad, tx_state, flat.params, hyper)
-        flat.params.add_(updates)
+        direction, tx_state = tx.update(flat.grad, tx_state, flat.params, hyper)
+        apply_updates_(flat.params, direction, hyper.lr)
     _sync(device)
     t3 = time.perf_counter()
 

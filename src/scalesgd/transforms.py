@@ -1,9 +1,10 @@
 """Gradient transformations in the style of optax: ``(init, update)`` pairs composed with :func:`chain`.
 
 They act on the flat parameter and gradient vectors (every parameter of the model is a view into one flat
-buffer, see :mod:`scalesgd.step`), so an update is a handful of vector operations. The composition
-``chain(add_decayed_weights(wd), trace(momentum, nesterov), scale_by_lr(), langevin(sigma))`` reproduces
-``torch.optim.SGD(lr, momentum, weight_decay, nesterov)`` operation for operation:
+buffer, see :mod:`scalesgd.step`), so an update is a handful of vector operations. Transformations produce
+a *descent direction* d; :func:`apply_updates_` takes the step w ← w − lr·d in one fused pass, as
+``torch.optim.SGD`` does. ``chain(add_decayed_weights(wd), trace(momentum, nesterov), langevin(sigma))``
+reproduces ``torch.optim.SGD(lr, momentum, weight_decay, nesterov)`` operation for operation:
 
     d = g + wd·w;  buf = d (first step) or momentum·buf + d;  d = buf (or d + momentum·buf, Nesterov);
     w ← w − lr·d
@@ -65,21 +66,9 @@ def trace(momentum: float, nesterov: bool = False) -> GradientTransformation:
         if buf is None:
             buf = updates.clone()
         else:
-            buf.mul_(momentum).add_(updates)
+            torch.add(updates, buf, alpha=momentum, out=buf)  # momentum·buf + d in one pass
         out = updates.add_(buf, alpha=momentum) if nesterov else buf
         return out, TraceState(buf)
-
-    return GradientTransformation(init, update)
-
-
-def scale_by_lr() -> GradientTransformation:
-    """u ← −lr·d, with lr taken from the step's :class:`Hyper`."""
-
-    def init(params: torch.Tensor) -> None:
-        return None
-
-    def update(updates, state, params, hyper):
-        return updates.mul(-hyper.lr), state
 
     return GradientTransformation(init, update)
 
@@ -89,9 +78,10 @@ class LangevinState(NamedTuple):
 
 
 def langevin(noise_std: float, seed: int) -> GradientTransformation:
-    """Add Gaussian noise of std ``noise_std·sqrt(lr)`` to each update (SGLD-style, a diversity-inducing
-    mechanism). The generator is seeded from the run's seed alone, so every rank adds the same noise and
-    the replicas stay identical."""
+    """Gaussian noise of std ``noise_std·sqrt(lr)`` in each parameter step (SGLD-style, a diversity-inducing
+    mechanism): the direction gets noise of std ``noise_std/sqrt(lr)``, which the step's factor −lr turns
+    into ``noise_std·sqrt(lr)``. The generator is seeded from the run's seed alone, so every rank adds the
+    same noise and the replicas stay identical."""
 
     def init(params: torch.Tensor) -> LangevinState:
         return LangevinState(torch.Generator(device=params.device).manual_seed(seed + 7919))
@@ -101,7 +91,7 @@ def langevin(noise_std: float, seed: int) -> GradientTransformation:
             return updates, state
         noise = torch.randn(updates.shape, generator=state.generator, device=updates.device,
                             dtype=updates.dtype)
-        return updates.add_(noise, alpha=noise_std * math.sqrt(hyper.lr)), state
+        return updates.add_(noise, alpha=noise_std / math.sqrt(hyper.lr)), state
 
     return GradientTransformation(init, update)
 
@@ -125,10 +115,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def sgd(*, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
         langevin_noise: float = 0.0, seed: int = 0) -> GradientTransformation:
     """SGD as torch.optim.SGD defines it (dampening 0), optionally with Langevin noise."""
-    return chain(add_decayed_weights(weight_decay), trace(momentum, nesterov), scale_by_lr(),
-                 langevin(langevin_noise, seed))
+    return chain(add_decayed_weights(weight_decay), trace(momentum, nesterov), langevin(langevin_noise, seed))
 
 
-def apply_updates_(params: torch.Tensor, updates: torch.Tensor) -> None:
-    """w ← w + u, in place on the flat parameter vector."""
-    params.add_(updates)
+def apply_updates_(params: torch.Tensor, direction: torch.Tensor, lr: float) -> None:
+    """w ← w − lr·d, in place on the flat parameter vector (one fused pass)."""
+    params.add_(direction, alpha=-lr)
