@@ -52,7 +52,7 @@ def test_toml_spec_expands_to_the_grid(tmp_path):
     cfg = point_config(spec, Point(2, 1, 32, 0.1, 1), n_train=1438, run_root=tmp_path / "runs")
     assert (cfg.global_batch_size, cfg.lr, cfg.seed, cfg.replicate, cfg.workers) == (32, 0.1, 1, 2, 1)
     assert cfg.run_dir == str(tmp_path / "runs" / "B32-P1-lr0.1-s1-r2")
-    assert cfg.target_accuracy is None  # a train-accuracy target is read afterwards, not a stopping rule
+    assert cfg.target_accuracy == 0.8 and cfg.target_metric == "train_accuracy"  # the trainer stops there
     assert cfg.eval_every == round(1438 / (32 * 4)) and cfg.extra["target_metric"] == "train_accuracy"
 
 

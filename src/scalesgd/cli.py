@@ -58,6 +58,7 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("epochs", float, "passes over the training set"),
     ("steps", int, "number of steps (overrides --epochs)"),
     ("target-accuracy", float, "stop when test accuracy reaches this fraction; records the time to get there"),
+    ("target-metric", str, "what --target-accuracy applies to: test_accuracy or train_accuracy"),
     ("eval-every", int, "steps between evaluations (default: every epoch)"),
     ("eval-train-examples", int, "training examples used to measure train accuracy"),
     ("diversity", str, "online gradient-diversity estimate: off, cheap (two batch sizes; with one worker: "

@@ -62,6 +62,7 @@ class RunConfig:
     epochs: float = 12.0
     steps: int | None = None  # if set, overrides epochs
     target_accuracy: float | None = None
+    target_metric: str = "test_accuracy"  # which evaluation the target applies to: test_accuracy, train_accuracy
     # evaluation
     eval_every: int | None = None  # steps between evaluations; None: once per epoch
     eval_train_examples: int = 5000
@@ -147,6 +148,7 @@ class RunConfig:
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"--target-accuracy is a fraction in (0, 1], got {self.target_accuracy}; "
                               "e.g. 0.94 for 94%")
+        _choice("target-metric", self.target_metric, ("test_accuracy", "train_accuracy"))
         if self.eval_every is not None:
             _positive_int("eval-every", self.eval_every)
         if self.eval_train_examples < 0:

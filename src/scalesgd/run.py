@@ -95,7 +95,7 @@ def batch_policy(cfg: RunConfig, n_train: int) -> BatchPolicy:
     whenever B_h > δ²·B_noise, and the policy has no throughput model to tell. The starting batch is the
     one the user picked for the hardware and tuned the lr at, so, as Pollux does (AdaptDL's goodput
     optimiser searches [init_batch_size, max_batch_size] only), it is the floor. Measured on the 2-core
-    CPU (bench/time_to_accuracy.py, P = 2, 3 seeds): B_h ≈ 300–700 and B_noise ≈ 45–120, so B* ≈ 220
+    CPU (bench/time_to_accuracy.py, P = 2, 3 seeds): B_h ≈ 400–900 and B_noise ≈ 45–120, so B* ≈ 220–320
     while δ·B̂_S + 1 ≈ 25–60; this floor cut the policy's wall time to target on every seed, by a median
     13% (MNIST-1D CNN, though it took 2× the epochs) and 38% (digits MLP). Pass ``--min-batch`` to let it
     shrink (worth it where the per-step overhead is small next to per-example compute).
@@ -298,7 +298,7 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
                 cfg.eval_every is None and batch.epoch_end)
             if due or finished():
                 last_eval = run_eval(epoch_now)
-                acc = last_eval.get("test_accuracy")
+                acc = last_eval.get(cfg.target_metric)
                 if (cfg.target_accuracy is not None and acc is not None and acc >= cfg.target_accuracy
                         and time_to_target_s is None):
                     time_to_target_s = last_eval["time_s"]
@@ -324,6 +324,7 @@ def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classificat
         "wall_s": wall_s,
         "train_time_s": prog.train_time_s,
         "target_accuracy": cfg.target_accuracy,
+        "target_metric": cfg.target_metric,
         "time_to_target_s": time_to_target_s,
         "train_time_to_target_s": train_time_to_target_s,
         "world_size": world.size,
