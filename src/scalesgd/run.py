@@ -95,7 +95,7 @@ def batch_policy(cfg: RunConfig, n_train: int) -> BatchPolicy:
     whenever B_h > δ²·B_noise, and the policy has no throughput model to tell. The starting batch is the
     one the user picked for the hardware and tuned the lr at, so, as Pollux does (AdaptDL's goodput
     optimiser searches [init_batch_size, max_batch_size] only), it is the floor. Measured on the 2-core
-    CPU (bench/time_to_accuracy.py, P = 2, 3 seeds): B_h ≈ 400–900 and B_noise ≈ 45–120, so B* ≈ 220–320
+    CPU (bench/time_to_accuracy.py, P = 2, 3 seeds): B_h ≈ 300–1100 and B_noise ≈ 45–120, so B* ≈ 220–320
     while δ·B̂_S + 1 ≈ 25–60; this floor cut the policy's wall time to target on every seed, by a median
     13% (MNIST-1D CNN, though it took 2× the epochs) and 38% (digits MLP). Pass ``--min-batch`` to let it
     shrink (worth it where the per-step overhead is small next to per-example compute).
