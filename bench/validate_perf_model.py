@@ -44,7 +44,7 @@ import torch
 from scalesgd import perf_model as pm
 from scalesgd.data import load_dataset
 from scalesgd.models import DEFAULT_WIDTH, MODELS, count_parameters
-from scalesgd.predict import measure_allreduce, profile_compute, read_run
+from scalesgd.predict import measure_allreduce, profile_compute, profile_compute_colocated, read_run
 
 TPP_TARGET, TTA_TARGET = 0.20, 0.25
 EVAL_EPOCHS = 1 / 8  # evaluation interval: the resolution of the measured passes
@@ -175,6 +175,17 @@ def main(argv=None) -> int:
     print("profile (trainer step, 1 thread): " + ", ".join(
         f"b={b}: {t * 1e3:.2f} ms" for b, t in zip(prof.local_batch_sizes, prof.median_s)))
     print(f"  compute curve: {prof.fit.describe()}")
+    # P local workers share this host's cores: their compute curve is profiled with P processes at once.
+    compute_for = {1: prof.fit}
+    for p in worker_counts:
+        if p > 1:
+            prof_p = profile_compute_colocated(args.model, dict(input_shape=ds.input_shape,
+                                                                num_outputs=ds.num_outputs, width=width),
+                                               ds.input_shape, ds.num_outputs, local_sizes, args.profile_steps,
+                                               procs=p)
+            compute_for[p] = prof_p.fit
+            print(f"profile with {p} co-located processes (slowest): " + ", ".join(
+                f"b={b}: {t * 1e3:.2f} ms" for b, t in zip(prof_p.local_batch_sizes, prof_p.median_s)))
     sweep = measure_allreduce()
     network = sweep.network
     print(f"all-reduce (gloo, P=2): {network.describe()}; gradient {grad_bytes:,} bytes -> "
@@ -223,7 +234,7 @@ def main(argv=None) -> int:
         for b in batch_sizes:
             if p > b:
                 continue
-            kw = dict(compute=prof.fit, network=network, grad_bytes=grad_bytes)
+            kw = dict(compute=compute_for[p], network=network, grad_bytes=grad_bytes)
             pred_tpp = float(pm.time_per_pass(ds.n_train, b, p, **kw))
             pred_tpp_wall = float(pm.time_per_pass(ds.n_train, b, p, **kw, overhead_s=overhead_s))
             pred_passes = float(pm.passes_to_accuracy(b, passes_min=passes_min, batch_crit=batch_crit))
