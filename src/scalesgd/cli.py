@@ -53,7 +53,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("batch-policy", str, "fixed, diversity (batch = delta*B_S + 1), schedule"),
     ("batch-schedule", str, "for --batch-policy schedule: epoch:batch pairs, e.g. 0:64,5:256"),
     ("delta", float, "for --batch-policy diversity: batch = delta * B_S + 1"),
-    ("min-batch", int, "smallest global batch a policy may choose"),
+    ("min-batch", int, "smallest global batch a policy may choose (diversity policy: default the starting "
+                       "batch, since below it per-step overhead outweighs sample efficiency; 1 lets it shrink)"),
     ("max-batch", int, "largest global batch a policy may choose"),
     ("epochs", float, "passes over the training set"),
     ("steps", int, "number of steps (overrides --epochs)"),
