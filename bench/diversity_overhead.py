@@ -66,14 +66,10 @@ class Variant:
 
 
 def _flat_grads(model: nn.Module) -> torch.Tensor:
-    """Point every parameter's .grad into one flat buffer, as the trainer does; return the buffer."""
-    params = list(model.parameters())
-    flat = torch.zeros(sum(p.numel() for p in params))
-    offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-    return flat
+    """Lay the model out as the trainer does (scalesgd.step.FlatModel); return its flat gradient."""
+    from scalesgd.step import FlatModel
+
+    return FlatModel(model, 1, torch.device("cpu")).grad
 
 
 def build_variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list[Variant], list[str]]:

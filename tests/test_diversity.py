@@ -16,6 +16,7 @@ from scalesgd.diversity import (GhostNormTap, NoiseScaleEMA, gradient_diversity,
                                 two_batch_noise_stats, vmap_sq_norms)
 from scalesgd.errors import ConfigError
 from scalesgd.models import cnn, cnn1d, mlp
+from scalesgd.step import FlatModel
 
 CE = nn.CrossEntropyLoss()
 
@@ -321,12 +322,8 @@ def test_tap_with_mean_loss_and_flat_grad_buffer_views():
     model = mlp(input_shape=(12,), num_outputs=3, width=10)
     x, y = torch.randn(9, 12), torch.randint(0, 3, (9,))
     expected_grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    flat = FlatModel(model, 1, torch.device("cpu")).grad  # .grad views into one buffer, as in the trainer
     params = list(model.parameters())
-    flat = torch.zeros(sum(p.numel() for p in params))
-    offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
     tap = GhostNormTap(model)
     loss_scale = 1.0 / x.shape[0]
     loss = F.cross_entropy(model(x), y, reduction="sum") * loss_scale
