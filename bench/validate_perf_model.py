@@ -205,6 +205,22 @@ def main(argv=None) -> int:
     print(f"reference P=1 B={ref_b}: {ref['passes']:.3g} passes to {args.target_accuracy} (eval every 1/8 pass); "
           f"loop overhead outside the step {overhead_s * 1e3:.2f} ms/step (calibrates the wall clock)")
 
+    # 2b. per P > 1, a short calibration run at a batch size outside the validated grid: the all-reduce's
+    # per-step latency inside training (α, β kept) and the loop overhead outside the step
+    network_for, overhead_for = {1: network}, {1: overhead_s}
+    for p in worker_counts:
+        if p == 1:
+            continue
+        cal_b = next(b for b in (96, 48, 192, 24) if b not in batch_sizes and b >= p)
+        cal_dir = out / f"calibrate-P{p}-B{cal_b}"
+        train(cal_dir, workers=p, batch=cal_b, epochs=min(1.0, 200 * cal_b / ds.n_train), args=args,
+              eval_every=None, target=None)
+        cal = measured(cal_dir, ds.n_train)
+        network_for[p] = pm.calibrate_alpha(network, grad_bytes, p, cal["breakdown"]["comm_s"])
+        overhead_for[p] = max(cal["overhead_s"], 0.0)
+        print(f"calibration P={p} B={cal_b}: all-reduce in training {cal['breakdown']['comm_s'] * 1e3:.2f} ms/step "
+              f"-> {network_for[p].describe()}; loop overhead {overhead_for[p] * 1e3:.2f} ms/step")
+
     # 3. B_S
     if args.batch_bound is not None:
         batch_bound, how = args.batch_bound, "--batch-bound"
@@ -234,9 +250,9 @@ def main(argv=None) -> int:
         for b in batch_sizes:
             if p > b:
                 continue
-            kw = dict(compute=compute_for[p], network=network, grad_bytes=grad_bytes)
+            kw = dict(compute=compute_for[p], network=network_for[p], grad_bytes=grad_bytes)
             pred_tpp = float(pm.time_per_pass(ds.n_train, b, p, **kw))
-            pred_tpp_wall = float(pm.time_per_pass(ds.n_train, b, p, **kw, overhead_s=overhead_s))
+            pred_tpp_wall = float(pm.time_per_pass(ds.n_train, b, p, **kw, overhead_s=overhead_for[p]))
             pred_passes = float(pm.passes_to_accuracy(b, passes_min=passes_min, batch_crit=batch_crit))
             run_dir = out / f"P{p}-B{b}"
             if (p, b) != (1, ref_b):
