@@ -321,35 +321,29 @@ def plot_predictions(table: Sequence[pm.Prediction], out_dir: Path) -> list[Path
         idx = np.unique(np.round(np.linspace(0, len(values) - 1, k)).astype(int))
         return [values[i] for i in idx]
 
-    paths = []
     by_key = {(r.global_batch_size, r.workers): r for r in table}
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for p in pick(workers):
-        pts = [(b, by_key[b, p].time_to_accuracy_s) for b in batch_sizes if (b, p) in by_key]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=f"P = {p}")
-    ax.set(xscale="log", yscale="log", xlabel="global batch size B", ylabel="predicted time to accuracy (s)",
-           title="Time to accuracy vs batch size")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    paths.append(out_dir / "time_to_accuracy_vs_batch.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for b in pick(batch_sizes):
-        pts = [(p, by_key[b, p].time_to_accuracy_s) for p in workers if (b, p) in by_key]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=f"B = {b}")
-    ax.set(xscale="log", yscale="log", xlabel="workers P", ylabel="predicted time to accuracy (s)",
-           title="Time to accuracy vs workers")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    paths.append(out_dir / "time_to_accuracy_vs_workers.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    def figure(lines: dict[str, list[tuple[float, float]]], xlabel: str, title: str, name: str) -> Path:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for label, pts in lines.items():
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="predicted time to accuracy (s)", title=title)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        return out_dir / name
+
+    paths = [
+        figure({f"P = {p}": [(b, by_key[b, p].time_to_accuracy_s) for b in batch_sizes if (b, p) in by_key]
+                for p in pick(workers)}, "global batch size B", "Time to accuracy vs batch size",
+               "time_to_accuracy_vs_batch.png"),
+        figure({f"B = {b}": [(p, by_key[b, p].time_to_accuracy_s) for p in workers if (b, p) in by_key]
+                for b in pick(batch_sizes)}, "workers P", "Time to accuracy vs workers",
+               "time_to_accuracy_vs_workers.png"),
+    ]
     return paths
 
 
