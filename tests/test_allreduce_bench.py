@@ -127,6 +127,9 @@ def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
         assert r["algbw_GBps"] == pytest.approx(r["size_bytes"] / r["time_s"] / 1e9)
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"])  # 2(P-1)/P = 1 at P = 2
         assert r["bytes_sent"] > 0
+        # the transport's own floor (a 4-byte ping-pong and exchange between ranks 0 and 1), on every row of the job
+        assert 0 < r["p2p_exchange_s"] and 0 < r["p2p_pingpong_s"] < 1.0
+    assert "point-to-point, 4 bytes" in ab.format_table(rows, {"rtt_s": 2e-5, "stream_bytes_per_s": 1e9})
     ring = {r["size_bytes"]: r for r in rows if r["strategy"] == "ring"}
     qsgd = {r["size_bytes"]: r for r in rows if r["strategy"] == "qsgd"}
     assert ring[65536]["bytes_sent"] == 65536  # each rank sends 2(P-1)/P·N = N at P = 2
