@@ -123,49 +123,6 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
     return ComputeProfile(local_batch_sizes=tuple(sizes), median_s=tuple(medians), fit=fit, threads=threads)
 
 
-def _colocated_profile_worker(rdv, model_name: str, model_kwargs: dict, input_shape: Sequence[int],
-                              num_outputs: int, batch_sizes: Sequence[int], steps: int,
-                              options: dict) -> ComputeProfile:
-    from scalesgd import distributed
-    from scalesgd.models import MODELS
-
-    world = distributed.init_world(rdv, "gloo", timeout_s=600)
-    try:
-        torch.manual_seed(0)
-        model = MODELS[model_name](**model_kwargs)
-        distributed.barrier(world)  # start together, so the profiles overlap as a job's workers do
-        return profile_compute(model, input_shape, num_outputs, batch_sizes, steps, **options)
-    finally:
-        distributed.shutdown_world()
-
-
-def profile_compute_colocated(model_name: str, model_kwargs: dict, input_shape: Sequence[int],
-                              num_outputs: int, batch_sizes: Sequence[int], steps: int = 20, *,
-                              procs: int = 2, curve: str = "auto", **options) -> ComputeProfile:
-    """:func:`profile_compute` run by ``procs`` processes at once on this host, as ``procs`` local workers
-    run: they share cores, caches and memory bandwidth, so each step is slower than on an idle host.
-
-    Returns the profile of the slowest process at each size (a synchronous step waits for it).
-    ``procs = 1`` is :func:`profile_compute` on a fresh model.
-    """
-    from scalesgd import distributed
-    from scalesgd.models import MODELS
-
-    if procs < 1:
-        raise ConfigError(f"procs must be >= 1, got {procs}")
-    if procs == 1:
-        torch.manual_seed(0)
-        return profile_compute(MODELS[model_name](**model_kwargs), input_shape, num_outputs, batch_sizes,
-                               steps, curve=curve, **options)
-    profiles = distributed.spawn(_colocated_profile_worker, procs,
-                                 (model_name, model_kwargs, tuple(input_shape), num_outputs, tuple(batch_sizes),
-                                  steps, {**options, "curve": curve}), timeout_s=900)
-    sizes = profiles[0].local_batch_sizes
-    slowest = [max(p.median_s[i] for p in profiles) for i in range(len(sizes))]
-    return ComputeProfile(local_batch_sizes=sizes, median_s=tuple(slowest),
-                          fit=pm.fit_compute(sizes, slowest, kind=curve), threads=profiles[0].threads)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # All-reduce α, β on this machine
 
