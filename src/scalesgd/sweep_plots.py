@@ -76,37 +76,34 @@ def _plain_log_y(ax) -> None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter() if wide else fmt)
 
 
+def _curve_figure(curves: Sequence[Curve], path: Path, *, bounds: bool, xlabel: str, ylabel: str, title: str,
+                  legend_loc: str) -> Path:
+    """One of the sweep's three figures: every curve against B on log-log axes, saved to ``path``."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    _draw(ax, curves, bounds=bounds)
+    ax.set(xlabel=xlabel, ylabel=ylabel, yscale="log", title=title)
+    _plain_log_y(ax)
+    ax.legend(fontsize=8, loc=legend_loc)
+    return _save(fig, path)
+
+
 def time_per_pass(curves: Sequence[Curve], path: Path) -> Path:
     """(a) Training time per pass over the data (evaluation excluded) against B, mean ± std over seeds."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    _draw(ax, curves, bounds=False)
-    ax.set(xlabel="global batch size B", ylabel="training time per pass (s)", yscale="log",
-           title="(a) time per pass")
-    _plain_log_y(ax)
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return _curve_figure(curves, path, bounds=False, xlabel="global batch size B",
+                         ylabel="training time per pass (s)", title="(a) time per pass", legend_loc="best")
 
 
 def passes_to_target(curves: Sequence[Curve], path: Path, *, target: str) -> Path:
     """(b) Passes to the target against B, mean ± std over seeds; dashed lines: the measured B_S."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    _draw(ax, curves, bounds=True)
-    ax.set(xlabel="global batch size B (dashed: measured B_S)", ylabel=f"passes to {target}",
-           yscale="log", title="(b) passes to the target")
-    _plain_log_y(ax)
-    ax.legend(fontsize=8, loc="upper left")
-    return _save(fig, path)
+    return _curve_figure(curves, path, bounds=True, xlabel="global batch size B (dashed: measured B_S)",
+                         ylabel=f"passes to {target}", title="(b) passes to the target", legend_loc="upper left")
 
 
 def time_to_target(curves: Sequence[Curve], path: Path, *, target: str) -> Path:
     """(c) Training time to the target against B (= (a) × (b) per run), mean ± std; dashed: B_S."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    _draw(ax, curves, bounds=True)
-    ax.set(xlabel="global batch size B (dashed: measured B_S)", ylabel=f"training time to {target} (s)",
-           yscale="log", title="(c) time to the target")
-    _plain_log_y(ax)
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return _curve_figure(curves, path, bounds=True, xlabel="global batch size B (dashed: measured B_S)",
+                         ylabel=f"training time to {target} (s)", title="(c) time to the target",
+                         legend_loc="best")
 
 
 def ratio_vs_replicate(replicates: Sequence[float], ratio_mean: Sequence[float], ratio_std: Sequence[float],
