@@ -51,7 +51,7 @@ import torch
 from scalesgd import perf_model as pm
 from scalesgd.data import load_dataset
 from scalesgd.models import DEFAULT_WIDTH, MODELS, count_parameters
-from scalesgd.predict import read_run
+from scalesgd.predict import _int_list, read_run
 
 TPP_TARGET, TTA_TARGET = 0.20, 0.25
 EVAL_EPOCHS = 1 / 8  # evaluation interval: the resolution of the measured passes
@@ -148,8 +148,8 @@ def verdict(pred: float, meas: float | None, target: float) -> tuple[str, str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch-sizes", default="32,128,512,2048")
-    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--batch-sizes", type=_int_list, default=[32, 128, 512, 2048])
+    ap.add_argument("--workers", type=_int_list, default=[1, 2])
     ap.add_argument("--model", default="cnn1d")
     ap.add_argument("--target-accuracy", type=float, default=0.9)
     ap.add_argument("--lr", type=float, default=0.05)
@@ -162,14 +162,18 @@ def main(argv=None) -> int:
     ap.add_argument("--trajectory-points", type=int, default=16, help="checkpoints for the exact n·Δ median")
     ap.add_argument("--max-epochs", type=float, default=80.0)
     ap.add_argument("--profile-steps", type=int, default=150, help="steps of each profile run")
-    ap.add_argument("--profile-local-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[24, 96, 384, 1536],
+    ap.add_argument("--profile-local-sizes", type=_int_list, default=[24, 96, 384, 1536],
                     help="local batch sizes of the profile runs (kept off the validated grid)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="run directories go here (default: a temporary directory)")
     args = ap.parse_args(argv)
 
-    batch_sizes = sorted(int(v) for v in args.batch_sizes.split(","))
-    worker_counts = sorted(int(v) for v in args.workers.split(","))
+    batch_sizes = sorted(set(args.batch_sizes))
+    worker_counts = sorted(set(args.workers))
+    for p in worker_counts:
+        if len({v * p for v in args.profile_local_sizes} - set(batch_sizes)) < 2:
+            ap.error(f"--profile-local-sizes must give P={p} at least two global sizes (P x local) outside "
+                     f"--batch-sizes to fit a step curve; pick sizes off the validated grid, e.g. 24,96,384,1536")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="validate-perf-"))
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
