@@ -16,7 +16,7 @@ from scalesgd.comm import (COMM_STRATEGIES, QSGDAllReduce, make_comm, qsgd_decod
 from scalesgd.distributed import init_world, shutdown_world, spawn
 from scalesgd.errors import ConfigError
 
-EXACT_STRATEGIES = ("allreduce", "ring", "ps")
+EXACT_STRATEGIES = ("allreduce", "ring", "ring-tcp", "ps")
 QSGD_CASES = (  # (levels, bucket_size, scale)
     (7, 512, "max"), (127, 64, "l2"), (1, 5, "l2"), (3, 1, "max"))
 
@@ -67,6 +67,7 @@ def _exactness_checks(world) -> dict:
     out: dict = {"digest": {}, "rel_err": {}, "int_exact": {}, "bytes": {}}
     comms = {name: make_comm(name, world_size=P, rank=r) for name in EXACT_STRATEGIES}
     comms["ring_small_chunks"] = make_comm("ring", world_size=P, rank=r, chunk_bytes=4096, small_bytes=0)
+    comms["ring-tcp_small_chunks"] = make_comm("ring-tcp", world_size=P, rank=r, chunk_bytes=4096, small_bytes=0)
     for size in _sizes(P):
         for integer in (False, True):
             xs = [_inputs(size, p, integer) for p in range(P)]
@@ -274,11 +275,13 @@ def test_exact_strategies_match_reference_and_agree_bitwise(job):
     for key in r0["bytes"]:
         name, size, _ = key.split("/")
         total = sum(r["bytes"][key] for r in results)
-        small_power_of_two = name == "ring" and int(size) * 4 <= 64 << 10 and P & (P - 1) == 0
+        small_power_of_two = name in ("ring", "ring-tcp") and int(size) * 4 <= 64 << 10 and P & (P - 1) == 0
         if small_power_of_two:  # recursive doubling: every rank sends log2(P)·N
             assert total == P * (P.bit_length() - 1) * int(size) * 4, key
         elif name != "allreduce":  # the ring and the star move exactly 2(P−1)·N in total
             assert total == 2 * (P - 1) * int(size) * 4, key
+        if name.startswith("ring-tcp"):  # the same additions in the same order as over torch.distributed
+            assert r0["digest"][key] == r0["digest"][key.replace("ring-tcp", "ring", 1)], key
 
 
 @pytest.mark.timeout(240)
@@ -312,3 +315,42 @@ def test_qsgd_distributed_sum_is_unbiased_within_the_variance_bound(job):
                    for p in range(P))
     assert abs(float(err2.mean()) - analytic) <= 5 * float(err2.std()) / math.sqrt(n_draws)
     assert analytic <= bound
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ring-tcp: a dead or silent peer ends the call with an error, never a hang
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _tcp_failure_worker(rdv) -> str:
+    import time
+
+    from scalesgd.errors import DistributedError
+
+    torch.set_num_threads(1)
+    world = init_world(rdv, "gloo", timeout_s=60)
+    try:
+        silent = make_comm("ring-tcp", world_size=2, rank=world.rank, timeout_s=1.0)
+        gone = make_comm("ring-tcp", world_size=2, rank=world.rank, timeout_s=30.0)
+        if world.rank == 1:
+            gone.close()  # hangs up without a word; never calls `silent`
+            time.sleep(2.5)
+            return "peer"
+        out = []
+        for comm, size in ((silent, 100), (gone, 100), (gone, 1 << 20)):
+            t0 = time.perf_counter()
+            try:
+                comm.allreduce_(torch.ones(size))
+                out.append("no error")
+            except DistributedError as e:
+                out.append(f"{time.perf_counter() - t0:.1f}s: {e}")
+        return "\n".join(out)
+    finally:
+        shutdown_world()
+
+
+@pytest.mark.timeout(120)
+def test_ring_tcp_names_a_silent_or_vanished_peer():
+    report = spawn(_tcp_failure_worker, 2, (), timeout_s=90)[0].splitlines()
+    assert "no progress" in report[0] and "rank 1" in report[0] and float(report[0].split("s:")[0]) < 5
+    assert all("closed its TCP connection" in line for line in report[1:]), report

@@ -465,3 +465,8 @@ COMM_STRATEGIES["ps"] = lambda *, world_size, rank, generator=None, **options: P
     world_size=world_size, rank=rank, **options)
 COMM_STRATEGIES["qsgd"] = lambda *, world_size, rank, generator=None, **options: QSGDAllReduce(
     world_size=world_size, rank=rank, generator=generator, **options)
+
+from scalesgd.tcp_comm import TcpRingAllReduce  # noqa: E402 - it builds on RingAllReduce above
+
+COMM_STRATEGIES["ring-tcp"] = lambda *, world_size, rank, generator=None, **options: TcpRingAllReduce(
+    world_size=world_size, rank=rank, **options)
