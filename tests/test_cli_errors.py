@@ -52,6 +52,7 @@ CASES = [
     ("non-positive lr", lambda t: ["--lr", "0"], ["--lr", "positive"]),
     ("negative lr", lambda t: ["--lr", "-0.1"], ["--lr", "positive"]),
     ("unknown comm", lambda t: ["--comm", "carrier-pigeon"], ["carrier-pigeon", "allreduce"]),
+    ("socket ring on GPUs", lambda t: ["--comm", "ring-tcp", "--backend", "nccl"], ["ring-tcp", "nccl"]),
     ("bad toml key", lambda t: ["--config", str(_toml(t, "learning_rate = 0.1\n"))], ["learning_rate"]),
     ("broken toml", lambda t: ["--config", str(_toml(t, "lr = = 1\n"))], ["TOML"]),
     ("missing toml", lambda t: ["--config", str(t / "absent.toml")], ["not found"]),

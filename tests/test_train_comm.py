@@ -1,4 +1,4 @@
-"""Training end to end with every communication strategy: ring and ps give the built-in all-reduce's
+"""Training end to end with every communication strategy: ring, ring-tcp and ps give the built-in all-reduce's
 parameters; qsgd trains (the loss falls) and keeps the replicas identical."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _params(cfg):
 def test_every_strategy_trains(tmp_path):
     train(_cfg(tmp_path, "allreduce"))
     reference = _params(_cfg(tmp_path, "allreduce"))
-    for comm in ("ring", "ps"):
+    for comm in ("ring", "ring-tcp", "ps"):
         cfg = _cfg(tmp_path, comm)
         train(cfg)
         for k, v in _params(cfg).items():

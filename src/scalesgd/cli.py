@@ -68,7 +68,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("exact-diversity-every", int, "measure the exact whole-data diversity every k steps (0: never)"),
     ("workers", int, "local worker processes (ignored under torchrun)"),
     ("backend", str, "auto (nccl with CUDA, else gloo), gloo, nccl"),
-    ("comm", str, "gradient communication: allreduce, ring, ps, qsgd"),
+    ("comm", str, "gradient communication: allreduce (built-in), ring (ours, over torch.distributed), "
+                 "ring-tcp (ours, over our own sockets; CPU), ps, qsgd"),
     ("qsgd-levels", int, "quantisation levels of --comm qsgd"),
     ("master-addr", str, "rendezvous address for local workers"),
     ("master-port", int, "rendezvous port for local workers (default: a free one)"),

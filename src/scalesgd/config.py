@@ -117,6 +117,9 @@ class RunConfig:
             raise ConfigError(f"--noise must be >= 0, got {self.noise}")
         _choice("model", self.model, tuple(MODELS))
         _choice("comm", self.comm, tuple(sorted(COMM_STRATEGIES)))
+        if self.comm == "ring-tcp" and self.backend == "nccl":
+            raise ConfigError("--comm ring-tcp moves CPU tensors through sockets; with --backend nccl use "
+                              "--comm allreduce or ring")
         _choice("norm", self.norm, NORMS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("lr-rule", self.lr_rule, LR_RULES)

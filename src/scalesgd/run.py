@@ -158,7 +158,8 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None) -> dict[str, Any]:
     loss_fn = loss_function(ds.task)
     comm = make_comm(cfg.comm, world_size=world.size, rank=world.rank,
                      generator=torch.Generator().manual_seed(cfg.seed * 1000 + world.rank),
-                     **({"levels": cfg.qsgd_levels} if cfg.comm == "qsgd" else {}))
+                     **({"levels": cfg.qsgd_levels} if cfg.comm == "qsgd" else {}),
+                     **({"timeout_s": cfg.timeout_s} if cfg.comm == "ring-tcp" else {}))
     tx = sgd(momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
              langevin_noise=cfg.langevin_noise, seed=cfg.seed)
     tx_state = tx.init(flat.params)
