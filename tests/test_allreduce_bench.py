@@ -72,9 +72,17 @@ def test_targets_met_and_missed_on_synthetic_rows():
     assert fits["allreduce"]["by_world_size"][2]["alpha_s"] == pytest.approx(ALPHA, rel=1e-6)
     assert fits["allreduce"]["by_world_size"][4]["beta_s_per_byte"] == pytest.approx(3 * BETA, rel=1e-6)
     assert fits["ring"]["by_world_size"][2]["alpha_s"] == fits["ring"]["alpha_s"]
+    rows += [_row("ring-tcp", 2, s, t / 0.7 if s == 8 << 20 else t / 1.5) for s in sizes
+             for t in [float(ab.ring_time_s(s, 2, ALPHA, BETA))]]
     targets = {t["name"]: t for t in ab.evaluate_targets(rows, {"rtt_s": rtt, "stream_bytes_per_s": 1e9})}
     ring_vs = targets["ring busbw / built-in busbw, P=2, 4-25 MB"]
     assert ring_vs["value"] == pytest.approx(0.8) and ring_vs["verdict"] == "MET" and ring_vs["stretch"] == "MISSED"
+    # one slow size is enough to miss: the worst ratio over 4-25 MB counts
+    tcp_vs = targets["ring-tcp busbw / built-in busbw, P=2, 4-25 MB"]
+    assert tcp_vs["value"] == pytest.approx(0.7) and tcp_vs["verdict"] == "MISSED"
+    assert tcp_vs["detail"]["median_ratio_by_size"][str(16 << 20)] == pytest.approx(1.5)
+    assert targets["ring-tcp: time of <=4 KB messages / TCP RTT, P=2"]["value"] == pytest.approx(
+        float(ab.ring_time_s(4096, 2, ALPHA, BETA)) / 1.5 / rtt)
     small = targets["allreduce: time of <=4 KB messages / TCP RTT, P=2"]
     assert small["value"] == pytest.approx(float(ab.ring_time_s(4096, 2, ALPHA, BETA)) / rtt)
     assert small["verdict"] == ("MET" if small["value"] <= 3 else "MISSED")
@@ -85,6 +93,13 @@ def test_targets_met_and_missed_on_synthetic_rows():
     assert ab.evaluate_targets(only_ring, None)[0]["verdict"] == "N/A"
     text = ab.format_table(rows, {"rtt_s": rtt, "stream_bytes_per_s": 1e9}, fits, ab.evaluate_targets(rows, None))
     assert "# strategy=ring  P=2" in text and "MET" in text and "alpha" in text
+
+
+def test_small_messages_are_timed_back_to_back_within_float32_range():
+    assert [ab.calls_per_timing(s) for s in (4096, 8192, 16384, 65536, 256 << 10, 64 << 20)] == [32, 32, 16, 4, 1, 1]
+    for p in (2, 4, 16, 1024):
+        assert p ** ab.calls_per_timing(4096, p) <= 2.0 ** 100  # the buffer grows P-fold per call
+    assert ab.calls_per_timing(4096, 1024) == 10
 
 
 def test_sizes_and_options_parsing():
@@ -117,9 +132,9 @@ def test_tcp_loopback_probe():
 @pytest.mark.timeout(180)
 def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
     sizes = [4096, 65536]
-    rows = ab.run_allreduce_bench(["allreduce", "ring", "qsgd"], sizes, [2], iters=3, warmup=1, timeout_s=150)
-    assert [(r["strategy"], r["size_bytes"]) for r in rows] == [(n, s) for n in ("allreduce", "ring", "qsgd")
-                                                                for s in sizes]
+    names = ("allreduce", "ring", "ring-tcp", "qsgd")
+    rows = ab.run_allreduce_bench(list(names), sizes, [2], iters=3, warmup=1, timeout_s=150)
+    assert [(r["strategy"], r["size_bytes"]) for r in rows] == [(n, s) for n in names for s in sizes]
     for r in rows:
         assert set(ab.ROW_COLUMNS) <= set(r)
         assert r["world_size"] == 2 and r["iters"] == 3
@@ -135,5 +150,5 @@ def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
     assert ring[65536]["bytes_sent"] == 65536  # each rank sends 2(P-1)/P·N = N at P = 2
     assert qsgd[65536]["bytes_sent"] < ring[65536]["bytes_sent"] / 4  # 4-bit codes
     fits = ab.add_fits(rows)
-    assert all(r["model_time_s"] > 0 for r in rows) and set(fits) == {"allreduce", "ring", "qsgd"}
+    assert all(r["model_time_s"] > 0 for r in rows) and set(fits) == set(names)
     json.dumps({"rows": rows, "fits": fits, "targets": ab.evaluate_targets(rows, None)})
