@@ -6,6 +6,7 @@ compared. Target: scalesgd ≥ 0.95× DDP for the MLP and the CNN (stretch ≥ 1
 
     python bench/throughput.py                 # MLP (784-256-256-10, B=128) and CNN (3x32x32, B=64)
     python bench/throughput.py --quick --json out.json
+    python bench/throughput.py --comm ring-tcp  # scalesgd's step with another communication strategy
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _build(case: dict, seed: int = 0) -> torch.nn.Module:
 
 
 def bench_worker(rdv, case_name: str, blocks: int, steps_per_block: int, warmup_steps: int,
-                 backend: str) -> dict:
+                 backend: str, comm_name: str = "allreduce") -> dict:
     world = distributed.init_world(rdv, backend, timeout_s=300)
     try:
         torch.set_num_threads(1)
@@ -55,7 +56,7 @@ def bench_worker(rdv, case_name: str, blocks: int, steps_per_block: int, warmup_
         # scalesgd
         model = _build(case).to(world.device)
         flat = FlatModel(model, world.size, world.device)
-        comm = make_comm("allreduce", world_size=world.size, rank=world.rank)
+        comm = make_comm(comm_name, world_size=world.size, rank=world.rank)
         tx = sgd(momentum=MOMENTUM, weight_decay=WD)
         state = {"tx": tx.init(flat.params), "step": 0}
 
@@ -111,6 +112,7 @@ def main() -> int:
     p.add_argument("--steps-per-block", type=int, default=30)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--comm", default="allreduce", help="scalesgd's communication strategy (DDP keeps its own)")
     p.add_argument("--quick", action="store_true", help="few short blocks (smoke test)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
@@ -119,16 +121,18 @@ def main() -> int:
     results = {}
     for name in args.models:
         out = distributed.spawn(bench_worker, args.workers,
-                                (name, args.blocks, args.steps_per_block, args.warmup_steps, args.backend),
+                                (name, args.blocks, args.steps_per_block, args.warmup_steps, args.backend,
+                                         args.comm),
                                 timeout_s=900)[0]
         ours, ddp = statistics.median(out["ours"]), statistics.median(out["ddp"])
         ratio = ours / ddp
         verdict = "MET (stretch met)" if ratio >= 1.0 else "MET" if ratio >= 0.95 else "MISSED"
         case = CASES[name]
-        print(f"throughput {name:6s} B={case['batch']:<4d} P={args.workers} {out['device']}: "
+        print(f"throughput {name:6s} B={case['batch']:<4d} P={args.workers} {out['device']} --comm {args.comm}: "
               f"scalesgd {ours:10.0f} ex/s   DDP {ddp:10.0f} ex/s   ratio {ratio:.3f}  "
               f"(target >= 0.95, stretch >= 1.0: {verdict})", flush=True)
         results[name] = {"global_batch_size": case["batch"], "workers": args.workers, "device": out["device"],
+                         "comm": args.comm,
                          "scalesgd_examples_per_s": ours, "ddp_examples_per_s": ddp, "ratio": ratio,
                          "blocks_scalesgd": out["ours"], "blocks_ddp": out["ddp"], "verdict": verdict}
     if args.json:
