@@ -46,12 +46,13 @@ def test_profile_compute_rejects_bad_input():
 
 
 @pytest.mark.timeout(120)
-def test_measure_allreduce_two_gloo_processes():
-    sweep = measure_allreduce([4, 1 << 12, 1 << 18], world_size=2, repeats=3, warmup=1, timeout_s=100)
+@pytest.mark.parametrize("comm", ["allreduce", "ring-tcp"])
+def test_measure_allreduce_two_gloo_processes(comm):
+    sweep = measure_allreduce([4, 1 << 12, 1 << 18], world_size=2, repeats=3, warmup=1, timeout_s=100, comm=comm)
     assert sweep.world_size == 2 and len(sweep.median_s) == 3
     assert all(t > 0 for t in sweep.median_s)
     assert sweep.network.alpha_s >= 0 and sweep.network.beta_s_per_byte >= 0
-    assert "measured here" in sweep.network.source
+    assert "measured here" in sweep.network.source and f"--comm {comm}" in sweep.network.source
 
 
 def write_run(run_dir, *, bounds, evals, target=0.9, batch=64):

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from scalesgd import perf_model as pm
+from scalesgd.comm import COMM_STRATEGIES
 from scalesgd.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,14 +138,17 @@ class AllreduceSweep:
     network: pm.Network
 
 
-def _allreduce_worker(rdv, sizes_bytes: Sequence[int], repeats: int, warmup: int) -> list[float]:
+def _allreduce_worker(rdv, sizes_bytes: Sequence[int], repeats: int, warmup: int,
+                      comm_name: str = "allreduce") -> list[float]:
     import torch.distributed as dist
 
     from scalesgd import distributed
+    from scalesgd.comm import make_comm
 
     torch.set_num_threads(1)
-    distributed.init_world(rdv, "gloo", timeout_s=120.0)
+    world = distributed.init_world(rdv, "gloo", timeout_s=120.0)
     try:
+        comm = make_comm(comm_name, world_size=world.size, rank=world.rank)
         medians = []
         for size in sizes_bytes:
             buf = torch.ones(max(1, int(size) // 4), dtype=torch.float32)  # (size/4,) float32
@@ -152,7 +156,7 @@ def _allreduce_worker(rdv, sizes_bytes: Sequence[int], repeats: int, warmup: int
             for i in range(warmup + repeats):
                 dist.barrier()
                 t0 = time.perf_counter()
-                dist.all_reduce(buf)
+                comm.allreduce_(buf)
                 t1 = time.perf_counter()
                 if i >= warmup:
                     times.append(t1 - t0)
@@ -169,13 +173,15 @@ DEFAULT_SWEEP_BYTES = (4, 1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22)
 
 
 def measure_allreduce(sizes_bytes: Sequence[int] = DEFAULT_SWEEP_BYTES, *, world_size: int = 2,
-                      repeats: int = 20, warmup: int = 3, timeout_s: float = 300.0) -> AllreduceSweep:
-    """Time ``dist.all_reduce`` of float32 buffers on ``world_size`` local gloo processes; fit α and β.
+                      repeats: int = 20, warmup: int = 3, timeout_s: float = 300.0,
+                      comm: str = "allreduce") -> AllreduceSweep:
+    """Time the all-reduce of float32 buffers on ``world_size`` local gloo processes; fit α and β.
 
     Args:
         sizes_bytes: message sizes (at least two distinct), small ones pin α, big ones β.
         world_size: local processes (2 on a 2-core box: one per core, like the trainer).
         repeats, warmup: timed and discarded all-reduces per size (a barrier before each).
+        comm: the communication strategy timed (a name in :data:`scalesgd.comm.COMM_STRATEGIES`).
     Returns:
         :class:`AllreduceSweep` with medians (slowest rank's) and the fitted :class:`~scalesgd.perf_model.Network`.
     """
@@ -184,11 +190,11 @@ def measure_allreduce(sizes_bytes: Sequence[int] = DEFAULT_SWEEP_BYTES, *, world
     sizes = tuple(int(s) for s in sizes_bytes)
     if world_size < 2:
         raise ConfigError(f"measuring the all-reduce needs >= 2 workers, got {world_size}")
-    results = spawn(_allreduce_worker, world_size, (sizes, repeats, warmup), timeout_s=timeout_s)
+    results = spawn(_allreduce_worker, world_size, (sizes, repeats, warmup, comm), timeout_s=timeout_s)
     medians = tuple(results[0])
     alpha, beta = pm.fit_alpha_beta(sizes, [world_size] * len(sizes), medians)
     net = pm.Network(alpha_s=alpha, beta_s_per_byte=beta,
-                     source=f"measured here: gloo, {world_size} local processes")
+                     source=f"measured here: --comm {comm} on gloo, {world_size} local processes")
     return AllreduceSweep(sizes_bytes=sizes, world_size=world_size, median_s=medians, network=net)
 
 
@@ -347,6 +353,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--norm", default="none")
     p.add_argument("--network", default=None, metavar="'BW, LATENCY'",
                    help="target network, e.g. '25 Gbit/s, 10 us' (default: measured here with gloo)")
+    p.add_argument("--comm", default="allreduce", choices=sorted(COMM_STRATEGIES),
+                   help="communication strategy whose alpha and beta are measured here when --network is not "
+                        "given (default: allreduce)")
     p.add_argument("--batch-sizes", type=_int_list, default=[2 ** k for k in range(4, 17)],
                    help="global batch sizes to predict (default: 16,32,...,65536)")
     p.add_argument("--max-workers", type=int, default=1024, help="largest P; the grid is 1,2,4,... (default 1024)")
@@ -419,7 +428,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"  compute curve: {prof.fit.describe()}")
     sweep = None
     if network is None:
-        sweep = measure_allreduce()
+        sweep = measure_allreduce(comm=args.comm)
         network = sweep.network
     print(f"network: {network.describe()}; gradient {grad_bytes:,} bytes")
     print(f"statistics: {stat_source} -> passes_min {passes_min:.3g}")
