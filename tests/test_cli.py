@@ -68,18 +68,20 @@ def test_python_dash_m_and_help():
 
 
 @pytest.mark.timeout(180)
-def test_same_command_under_torchrun(tmp_path):
+@pytest.mark.parametrize("comm", ["allreduce", "ring-tcp"])  # ring-tcp finds its peers from torchrun's env
+def test_same_command_under_torchrun(tmp_path, comm):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     assert torchrun, "torchrun ships with torch"
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "scalesgd", "train", "--dataset", "digits", "--model", "mlp", "--steps", "5", "--no-progress",
-         "--threads-per-worker", "1", "--timeout-s", "60", "--run-dir", str(run)],
+         "--threads-per-worker", "1", "--timeout-s", "60", "--comm", comm, "--run-dir", str(run)],
         capture_output=True, text=True, timeout=170, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
     assert json.loads((run / "summary.json").read_text())["steps"] == 5
+    assert json.loads((run / "config.json").read_text())["comm"] == comm
     assert proc.stdout.count("run directory:") == 1  # rank 0 alone prints the summary
 
 
