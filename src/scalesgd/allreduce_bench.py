@@ -243,10 +243,11 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
 
 def calls_per_timing(size_bytes: int, world_size: int = 2) -> int:
     """Back-to-back calls timed together (their mean is one sample), as nccl-tests times a loop of calls:
-    32 for 4–8 KB, halving to 1 at 256 KB. A single small call after the lining-up all-reduce would mostly
-    measure how unevenly the ranks leave it (tens of µs), not the call; large calls are timed one by one.
-    The buffer grows P-fold per call, so at most P^k ≤ 2^100 (float32 holds 2^127)."""
-    k = max(1, min(32, (256 << 10) // max(int(size_bytes), 1)))
+    32 up to 128 KB, halving to 1 at 4 MB. A single call after the lining-up all-reduce would partly
+    measure how unevenly the ranks leave it (tens of µs, as long as a whole 1 MB call of ring-tcp), not
+    the call; large calls are timed one by one. The buffer grows P-fold per call, so at most
+    P^k ≤ 2^100 (float32 holds 2^127)."""
+    k = max(1, min(32, (4 << 20) // max(int(size_bytes), 1)))
     return max(1, min(k, int(100 // math.log2(max(world_size, 2)))))
 
 
