@@ -153,3 +153,34 @@ def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
     fits = ab.add_fits(rows)
     assert all(r["model_time_s"] > 0 for r in rows) and set(fits) == set(names)
     json.dumps({"rows": rows, "fits": fits, "targets": ab.evaluate_targets(rows, None)})
+
+
+def _grid_search_max_rel_error(sizes, ps, times, alpha_hi, beta_hi, k=400):
+    """Slow reference: the best max relative error over a fine (α, β) grid."""
+    alphas = np.concatenate([[0.0], np.geomspace(alpha_hi * 1e-4, alpha_hi, k)])
+    betas = np.concatenate([[0.0], np.geomspace(beta_hi * 1e-4, beta_hi, k)])
+    model = ab.ring_time_s(np.asarray(sizes)[None, None, :], np.asarray(ps, dtype=float)[None, None, :],
+                           alphas[:, None, None], betas[None, :, None])  # (k+1, k+1, m)
+    return float(np.abs(model / np.asarray(times) - 1).max(axis=2).min())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_best_max_rel_error_is_the_minimax_fit(seed):
+    rng = np.random.default_rng(seed)
+    sizes = np.array([65536 << k for k in range(11)], dtype=float)
+    times = ab.ring_time_s(sizes, 2, ALPHA, BETA) * np.exp(rng.normal(0, 0.15, sizes.size))
+    best = ab.best_max_rel_error(sizes, 2, times)
+    grid = _grid_search_max_rel_error(sizes, [2] * sizes.size, times, 20 * ALPHA, 5 * BETA)
+    assert best <= grid + 1e-9  # never worse than any grid point
+    assert best >= grid - 0.01  # and the grid gets within a point of it
+    # never worse than the least-squares fit, and zero on noise-free timings
+    alpha, beta = ab.fit_alpha_beta(sizes, 2, times)
+    assert best <= np.abs(ab.ring_time_s(sizes, 2, alpha, beta) / times - 1).max() + 1e-12
+    assert ab.best_max_rel_error(sizes, 2, ab.ring_time_s(sizes, 2, ALPHA, BETA)) < 1e-9
+
+
+def test_best_max_rel_error_of_a_cache_cliff():
+    """Per-byte cost 1.75x higher past a cache size: no line fits both sides within (1.75 - 1)/(1.75 + 1)."""
+    sizes = np.array([1 << 20, 2 << 20, 16 << 20, 64 << 20], dtype=float)
+    times = sizes * BETA * np.array([1.0, 1.0, 1.75, 1.75])
+    assert ab.best_max_rel_error(sizes, 2, times) == pytest.approx(0.75 / 2.75, rel=1e-6)
