@@ -168,9 +168,18 @@ class RingAllReduce:
         if P == 1 or n == 0:
             return CommStats(bytes_sent=0)
         assert buffer.dim() == 1 and buffer.is_contiguous(), "comm strategies take flat contiguous buffers"
-        esize = buffer.element_size()
-        if n * esize <= self.small_bytes and P & (P - 1) == 0:
+        self._check_device(buffer)
+        if n * buffer.element_size() <= self.small_bytes and P & (P - 1) == 0:
             return self._recursive_doubling_(buffer)
+        return self._ring_(buffer)
+
+    def _check_device(self, buffer: torch.Tensor) -> None:
+        """Refuse buffers the transport cannot move (every device works over torch.distributed)."""
+
+    def _ring_(self, buffer: torch.Tensor) -> CommStats:
+        """Reduce-scatter then all-gather, chunked and pipelined (see the class docstring)."""
+        P, r = self.world_size, self.rank
+        n, esize = buffer.numel(), buffer.element_size()
         segs, chunks, stride = self._plan(n, esize)
         seg_len = -(-n // P)
         # Receive areas for alternate reduce-scatter steps, so step g + 1 can land while step g is added.
@@ -225,14 +234,10 @@ class RingAllReduce:
         bit-identical. Each rank sends log2(P)·N bytes in log2(P) messages.
         """
         P, r = self.world_size, self.rank
-        other = self._scratch_for(buffer.numel(), buffer)
+        other = self._rd_scratch(buffer)
         steps, mask = 0, 1
         while mask < P:
-            partner = self._peer(r ^ mask)
-            recv = dist.irecv(other, src=partner, group=self.group, tag=1 << 20 | mask)
-            send = dist.isend(buffer, dst=partner, group=self.group, tag=1 << 20 | mask)
-            recv.wait()
-            send.wait()
+            self._exchange(buffer, other, r ^ mask, tag=1 << 20 | mask)
             if r & mask:  # the partner has the lower rank: its partial comes first
                 torch.add(other, buffer, out=buffer)
             else:
@@ -240,6 +245,17 @@ class RingAllReduce:
             mask <<= 1
             steps += 1
         return CommStats(bytes_sent=steps * buffer.numel() * buffer.element_size())
+
+    def _rd_scratch(self, buffer: torch.Tensor) -> torch.Tensor:
+        return self._scratch_for(buffer.numel(), buffer)
+
+    def _exchange(self, buffer: torch.Tensor, other: torch.Tensor, partner: int, tag: int) -> None:
+        """Send ``buffer`` to rank ``partner`` of the group while receiving its buffer into ``other``."""
+        peer = self._peer(partner)
+        recv = dist.irecv(other, src=peer, group=self.group, tag=tag)
+        send = dist.isend(buffer, dst=peer, group=self.group, tag=tag)
+        recv.wait()
+        send.wait()
 
 
 class ParameterServerAllReduce:

@@ -29,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from scalesgd.comm import CommStats, RingAllReduce, _check_tail
+from scalesgd.comm import CommStats, RingAllReduce
 from scalesgd.errors import ConfigError, DistributedError
 
 _RANK = struct.Struct("!i")
@@ -219,19 +219,13 @@ class TcpRingAllReduce(RingAllReduce):
         if self.mesh is not None:
             self.mesh.close()
 
-    def allreduce_(self, buffer: torch.Tensor, exact_tail: int = 0) -> CommStats:
-        P, r = self.world_size, self.rank
-        n = buffer.numel()
-        _check_tail(n, exact_tail)
-        if P == 1 or n == 0:
-            return CommStats(bytes_sent=0)
+    def _check_device(self, buffer: torch.Tensor) -> None:
         if buffer.device.type != "cpu":
             raise ConfigError("--comm ring-tcp moves CPU tensors through sockets; on GPUs use --comm allreduce "
                               "(NCCL) or --comm ring")
-        assert buffer.dim() == 1 and buffer.is_contiguous(), "comm strategies take flat contiguous buffers"
-        esize = buffer.element_size()
-        if n * esize <= self.small_bytes and P & (P - 1) == 0:
-            return self._recursive_doubling_(buffer)
+
+    def _ring_(self, buffer: torch.Tensor) -> CommStats:
+        P, r = self.world_size, self.rank
         sends, recvs, recv_ranges, adds, ready0, scratch, sent = self._schedule(buffer)
 
         def on_recv(j: int) -> None:
@@ -277,20 +271,12 @@ class TcpRingAllReduce(RingAllReduce):
         sent = (2 * n - seg_len_of[(r + 1) % P] - seg_len_of[(r + 2) % P]) * esize
         return sends, recvs, recv_ranges, adds, len(chunks[r]), scratch, sent
 
-    def _recursive_doubling_(self, buffer: torch.Tensor) -> CommStats:
-        """As :meth:`RingAllReduce._recursive_doubling_`, one exchange per step on the partner's socket."""
-        P, r = self.world_size, self.rank
-        mine, theirs, other = self._cached(
-            ("rd", buffer.data_ptr(), buffer.numel(), buffer.dtype),
-            lambda: (lambda o: ([_bytes(buffer)], [_bytes(o)], o))(torch.empty_like(buffer)))
-        steps, mask = 0, 1
-        while mask < P:
-            partner = r ^ mask
-            self.mesh.transfer(partner, mine, partner, theirs)
-            if r & mask:
-                torch.add(other, buffer, out=buffer)
-            else:
-                torch.add(buffer, other, out=buffer)
-            mask <<= 1
-            steps += 1
-        return CommStats(bytes_sent=steps * buffer.numel() * buffer.element_size())
+    # Recursive doubling is RingAllReduce's, with each exchange on the partner's socket.
+
+    def _rd_scratch(self, buffer: torch.Tensor) -> torch.Tensor:
+        return self._cached(("rd", buffer.data_ptr(), buffer.numel(), buffer.dtype), lambda: torch.empty_like(buffer))
+
+    def _exchange(self, buffer: torch.Tensor, other: torch.Tensor, partner: int, tag: int) -> None:
+        mine, theirs = self._cached(("rd-views", buffer.data_ptr(), other.data_ptr(), buffer.numel(), buffer.dtype),
+                                    lambda: ([_bytes(buffer)], [_bytes(other)]))
+        self.mesh.transfer(partner, mine, partner, theirs)
