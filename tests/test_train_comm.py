@@ -40,3 +40,13 @@ def test_every_strategy_trains(tmp_path):
     assert summary["final_test_accuracy"] > 0.7
     ref_bytes = json.loads(open(tmp_path / "allreduce" / "metrics.jsonl").readline())["bytes_sent"]
     assert steps[0]["bytes_sent"] < ref_bytes / 2  # quantized payload is smaller than float32
+
+
+@pytest.mark.timeout(120)
+def test_more_local_workers_than_cores_warns(tmp_path, monkeypatch, capsys):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # only the parent's check sees it
+    train(_cfg(tmp_path, "allreduce").replace(steps=2))
+    err = capsys.readouterr().err
+    assert "2 local workers on 1 CPU cores" in err and "--workers 1" in err
