@@ -3,19 +3,19 @@
 For every world size P one local job of P processes is started; inside it every strategy of
 :mod:`scalesgd.comm` reduces buffers of each size. One row per (strategy, P, size) reports the median over
 iterations of the slowest rank's time T (for small messages one iteration is the mean of a few
-back-to-back calls), algbw = N/T and busbw = algbw·2(P−1)/P (the nccl-tests convention: busbw is what each link carried, comparable with the link's own rate). In the same run the
-loopback TCP stream rate (a plain socket sender/receiver pair of processes, the ceiling busbw can approach)
+back-to-back calls), algbw = N/T and busbw = algbw·2(P−1)/P (the nccl-tests convention: busbw is what
+each link carried, comparable with the link's own rate). In the same run the loopback TCP stream rate (a plain socket sender/receiver pair of processes, the ceiling busbw can approach)
 and the TCP round-trip time (a small ping-pong, the floor for a small message) are measured, and the ring
 cost model T = 2(P−1)α + 2(P−1)/P·N·β (REFERENCES §1) is fitted per strategy; each row shows how well the
 fit predicts it.
 
-The fit, :func:`fit_alpha_beta`, is pure numpy so that the performance model can reuse it.
+The fit and the best-possible fit error are the performance model's (:mod:`scalesgd.perf_model`), so the
+α and β printed here are the ones ``scalesgd predict`` would use.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from scalesgd.errors import ConfigError
-from scalesgd.perf_model import nonneg_lstsq
+from scalesgd.perf_model import Network, allreduce_time, best_max_rel_error, fit_alpha_beta
 
 DEFAULT_STRATEGIES = ("allreduce", "ring", "ring-tcp", "ps", "qsgd")
 # 4 KiB … 64 MiB, doubling (nccl-tests' usual sweep, cut to what a CPU box moves in a few minutes).
@@ -50,76 +50,9 @@ ROW_COLUMNS = ("strategy", "world_size", "size_bytes", "numel", "iters", "time_s
 
 
 def ring_time_s(size_bytes, world_size, alpha_s: float, beta_s_per_byte: float):
-    """Ring all-reduce cost T = 2(P−1)α + 2(P−1)/P·N·β (baidu-allreduce; REFERENCES §1); numpy-broadcasting."""
-    n = np.asarray(size_bytes, dtype=float)
-    p = np.asarray(world_size, dtype=float)
-    return 2 * (p - 1) * alpha_s + 2 * (p - 1) / p * n * beta_s_per_byte
-
-
-def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[float] | float,
-                   times_s: Sequence[float], *, relative: bool = True) -> tuple[float, float]:
-    """Least-squares α (s per message) and β (s per byte) of T = 2(P−1)α + 2(P−1)/P·N·β.
-
-    Args:
-        sizes_bytes: N of each measurement.
-        world_sizes: P of each measurement (one number for all of them is accepted); every P ≥ 2.
-        times_s: the measured T.
-        relative: minimise Σ((T̂ − T)/T)² (every size counts alike, so 4 KB rows are not drowned by
-            64 MB ones) instead of Σ(T̂ − T)².
-    Returns:
-        ``(alpha_s, beta_s_per_byte)``, both ≥ 0: when the unconstrained optimum has a negative
-        coefficient, that coefficient is fixed at 0 and the other refitted (the 2-variable NNLS solution).
-    """
-    n = np.asarray(sizes_bytes, dtype=float).ravel()
-    t = np.asarray(times_s, dtype=float).ravel()
-    p = np.broadcast_to(np.asarray(world_sizes, dtype=float), n.shape).ravel()
-    if not (n.shape == t.shape and n.size >= 2):
-        raise ConfigError(f"fit_alpha_beta needs at least two (size, P, time) triples of equal length, got "
-                          f"{n.size} sizes and {t.size} times")
-    if np.any(p < 2) or np.any(t <= 0) or np.any(n < 0):
-        raise ConfigError("fit_alpha_beta needs world sizes >= 2, positive times and non-negative sizes")
-    a = np.stack([2 * (p - 1), 2 * (p - 1) / p * n], axis=1)  # (m, 2): columns multiply α and β
-    alpha, beta = nonneg_lstsq(a, t, relative=relative)
-    return float(alpha), float(beta)
-
-
-def best_max_rel_error(sizes_bytes: Sequence[float], world_sizes: Sequence[float] | float,
-                       times_s: Sequence[float]) -> float:
-    """The smallest max |T̂/T − 1| that any α, β ≥ 0 of the ring model reaches on these timings: the
-    minimax (Chebyshev) fit's error. When it exceeds a tolerance, no fit meets that tolerance, least squares
-    or any other: the timings are not a line in N.
-
-    Exact: the minimax fit of two coefficients is pinned by three timings on which its error alternates
-    (or, on the boundary α = 0 or β = 0, by the two extreme ratios), so every such candidate is solved for
-    and the best one over all timings kept.
-    """
-    n = np.asarray(sizes_bytes, dtype=float).ravel()
-    t = np.asarray(times_s, dtype=float).ravel()
-    p = np.broadcast_to(np.asarray(world_sizes, dtype=float), n.shape).ravel()
-    a = np.stack([2 * (p - 1), 2 * (p - 1) / p * n], axis=1) / t[:, None]  # (m, 2): T̂/T = a·(α, β)
-
-    def max_err(x: np.ndarray) -> np.ndarray:  # x: (k, 2) candidates -> (k,)
-        return np.abs(x @ a.T - 1).max(axis=1)
-
-    cands = []
-    for j in range(2):  # one coefficient, the other at its bound 0
-        col = a[:, j]
-        if col.max() > 0:
-            x = np.zeros(2)
-            x[j] = 2 / (col.max() + col.min())
-            cands.append(x[None])
-    m = len(t)
-    if m >= 3:
-        idx = np.array(list(itertools.combinations(range(m), 3)))  # (k, 3)
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=3)))  # (8, 3)
-        lhs = np.concatenate([np.broadcast_to(a[idx][:, None], (len(idx), 8, 3, 2)),
-                              -np.broadcast_to(signs[None, :, :, None], (len(idx), 8, 3, 1))], axis=3)
-        lhs = lhs.reshape(-1, 3, 3)  # rows: a_i·x − s_i·e = 1
-        ok = np.abs(np.linalg.det(lhs)) > 1e-12
-        sol = np.linalg.solve(lhs[ok], np.ones((int(ok.sum()), 3, 1)))[..., 0]  # (k', 3): α, β, e
-        keep = np.all(sol[:, :2] >= 0, axis=1) & (sol[:, 2] >= 0)
-        cands.append(sol[keep, :2])
-    return float(max_err(np.concatenate(cands)).min())
+    """Ring all-reduce cost T = 2(P−1)α + 2(P−1)/P·N·β (baidu-allreduce; REFERENCES §1); numpy-broadcasting.
+    The performance model's :func:`~scalesgd.perf_model.allreduce_time` with bare α, β."""
+    return allreduce_time(size_bytes, world_size, Network(alpha_s=alpha_s, beta_s_per_byte=beta_s_per_byte))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,8 +146,9 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
     side under the same background load.
 
     Before each timing the buffer is refilled (its contents would otherwise grow P× per call; the few
-    back-to-back calls of a small-message timing, :func:`calls_per_timing`, let it grow at most 2^100-fold) and a tiny all-reduce lines the ranks up; that all-reduce also carries rank 0's decision to stop early once a
-    size has used ``budget_s`` (at least 3 rounds are always made), so all ranks agree on the count.
+    back-to-back calls of a small-message timing, :func:`calls_per_timing`, let it grow at most
+    2^100-fold) and a tiny all-reduce lines the ranks up; that all-reduce also carries rank 0's decision to
+    stop early once a size has used ``budget_s`` (at least 3 rounds are always made), so all ranks agree on the count.
     """
     import torch
     import torch.distributed as dist
@@ -393,6 +327,11 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _fittable(rows: list[dict[str, Any]]) -> bool:
+    """α and β can be told apart only with timings at two or more message sizes."""
+    return len({r["size_bytes"] for r in rows}) >= 2
+
+
 def _fit_entry(rows: list[dict[str, Any]]) -> dict[str, Any]:
     alpha, beta = fit_alpha_beta([r["size_bytes"] for r in rows], [r["world_size"] for r in rows],
                                  [r["time_s"] for r in rows])
@@ -412,7 +351,7 @@ def add_fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     fits: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["strategy"] for r in rows):
         mine = [r for r in rows if r["strategy"] == name]
-        if len(mine) < 2:
+        if not _fittable(mine):
             continue
         fits[name] = _fit_entry(mine)
         fits[name]["by_world_size"] = {}
@@ -422,7 +361,7 @@ def add_fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             r["model_rel_err"] = (r["model_time_s"] - r["time_s"]) / r["time_s"]
         for p in dict.fromkeys(r["world_size"] for r in mine):
             at_p = [r for r in mine if r["world_size"] == p]
-            if len(at_p) < 2:
+            if not _fittable(at_p):
                 continue
             f = fits[name]["by_world_size"][p] = _fit_entry(at_p)
             for r in at_p:
@@ -459,11 +398,11 @@ def evaluate_targets(rows: list[dict[str, Any]], tcp: dict[str, float] | None) -
 
     # 2. small-message latency vs the TCP round trip, at P = 2.
     rtt = tcp["rtt_s"] if tcp else None
+    floor = next((r["p2p_exchange_s"] for r in rows if r["world_size"] == 2 and r.get("p2p_exchange_s")), None)
     for name in dict.fromkeys(r["strategy"] for r in rows):
         small = [r["time_s"] for r in rows if r["strategy"] == name and r["world_size"] == 2
                  and r["size_bytes"] <= SMALL_MESSAGE_MAX]
         value = max(small) / rtt if small and rtt else None
-        floor = next((r["p2p_exchange_s"] for r in rows if r["world_size"] == 2 and r.get("p2p_exchange_s")), None)
         targets.append({"name": f"{name}: time of <=4 KB messages / TCP RTT, P=2", "value": value,
                         "threshold": 3.0, "verdict": _verdict(None if value is None else value <= 3.0),
                         "detail": {"rtt_s": rtt, "worst_time_s": max(small) if small else None,
@@ -482,7 +421,7 @@ def evaluate_targets(rows: list[dict[str, Any]], tcp: dict[str, float] | None) -
             groups = [in_range] if key == "model_rel_err" else [
                 [r for r in in_range if r["world_size"] == p] for p in dict.fromkeys(r["world_size"] for r in in_range)]
             bests = [best_max_rel_error([r["size_bytes"] for r in g], [r["world_size"] for r in g],
-                                        [r["time_s"] for r in g]) for g in groups if len(g) >= 2]
+                                        [r["time_s"] for r in g]) for g in groups if _fittable(g)]
             targets.append({"name": f"{name}: max |model - measured|/measured, 64 KB-64 MB, {label}",
                             "value": value, "threshold": 0.20,
                             "verdict": _verdict(ok) if name in RING_FAMILY else f"INFO ({_verdict(ok)})",

@@ -24,6 +24,7 @@ The α–β fit lives here (:func:`fit_alpha_beta`) so that this model needs not
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -229,21 +230,18 @@ def calibrate_alpha(network: Network, message_bytes: float, workers: int, measur
                    source=f"{network.source}; α calibrated in training (P={workers})".lstrip("; "))
 
 
-def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[int],
-                   times_s: Sequence[float]) -> tuple[float, float]:
-    """Fit α (s) and β (s/byte) of ``T = 2(P−1)α + 2(P−1)/P·N·β`` to measured all-reduce times.
+def _ring_features(n: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """(m, 2) columns that multiply α and β in ``T = 2(P−1)α + 2(P−1)/P·N·β``."""
+    return np.stack([2.0 * (p - 1.0), 2.0 * (p - 1.0) / p * n], axis=1)
 
-    Args:
-        sizes_bytes, world_sizes, times_s: one entry per measurement (median seconds per all-reduce of a
-            message of that many bytes on that many workers). Rows with P = 1 carry no information and
-            are skipped. Needs at least two distinct message sizes.
-    Returns:
-        ``(alpha_s, beta_s_per_byte)``, both ≥ 0 (relative-error least squares, so the small messages
-        that pin α count as much as the big ones that pin β).
-    """
-    n = np.asarray(list(sizes_bytes), dtype=np.float64)
-    p = np.asarray(list(world_sizes), dtype=np.float64)
-    t = np.asarray(list(times_s), dtype=np.float64)
+
+def _alpha_beta_inputs(sizes_bytes, world_sizes, times_s) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated float arrays (N, P, T) with the P = 1 rows (no communication) dropped; P may be one number."""
+    n = np.asarray(sizes_bytes, dtype=np.float64).ravel()
+    t = np.asarray(times_s, dtype=np.float64).ravel()
+    p = np.asarray(world_sizes, dtype=np.float64).ravel()
+    if p.size == 1:
+        p = np.full(n.shape, p[0])
     if not (n.size == p.size == t.size) or n.size == 0:
         raise ConfigError(f"fit_alpha_beta needs equal-length non-empty lists, got {n.size} sizes, "
                           f"{p.size} world sizes, {t.size} times")
@@ -254,9 +252,58 @@ def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[int],
     if np.unique(n).size < 2:
         raise ConfigError("fit_alpha_beta needs timings on >= 2 workers at two or more distinct message "
                           "sizes to separate latency from bandwidth")
-    features = np.stack([2.0 * (p - 1.0), 2.0 * (p - 1.0) / p * n], axis=1)
-    alpha, beta = nonneg_lstsq(features, t)
+    return n, p, t
+
+
+def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[int] | int,
+                   times_s: Sequence[float], *, relative: bool = True) -> tuple[float, float]:
+    """Fit α (s) and β (s/byte) of ``T = 2(P−1)α + 2(P−1)/P·N·β`` to measured all-reduce times.
+
+    Args:
+        sizes_bytes, world_sizes, times_s: one entry per measurement (median seconds per all-reduce of a
+            message of that many bytes on that many workers; one P for all of them is accepted). Rows with
+            P = 1 carry no information and are skipped. Needs at least two distinct message sizes.
+        relative: minimise Σ((T̂ − T)/T)² (default: the small messages that pin α count as much as the big
+            ones that pin β) instead of Σ(T̂ − T)².
+    Returns:
+        ``(alpha_s, beta_s_per_byte)``, both ≥ 0 (non-negative least squares).
+    """
+    n, p, t = _alpha_beta_inputs(sizes_bytes, world_sizes, times_s)
+    alpha, beta = nonneg_lstsq(_ring_features(n, p), t, relative=relative)
     return float(alpha), float(beta)
+
+
+def best_max_rel_error(sizes_bytes: Sequence[float], world_sizes: Sequence[int] | int,
+                       times_s: Sequence[float]) -> float:
+    """The smallest max |T̂/T − 1| that any α, β ≥ 0 of the ring model reaches on these timings: the
+    minimax (Chebyshev) fit's error. When it exceeds a tolerance, no fit meets that tolerance, least squares
+    or any other: the timings are not a line in N.
+
+    Exact: the minimax fit of two coefficients is pinned by three timings on which its error alternates
+    (or, on the boundary α = 0 or β = 0, by the two extreme ratios), so every such candidate is solved for
+    and the best one over all timings kept.
+    """
+    n, p, t = _alpha_beta_inputs(sizes_bytes, world_sizes, times_s)
+    a = _ring_features(n, p) / t[:, None]  # (m, 2): T̂/T = a·(α, β)
+    cands = []
+    for j in range(2):  # one coefficient, the other at its bound 0
+        col = a[:, j]
+        if col.max() > 0:
+            x = np.zeros(2)
+            x[j] = 2 / (col.max() + col.min())
+            cands.append(x[None])
+    if len(t) >= 3:
+        idx = np.array(list(itertools.combinations(range(len(t)), 3)))  # (k, 3)
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=3)))  # (8, 3)
+        lhs = np.concatenate([np.broadcast_to(a[idx][:, None], (len(idx), 8, 3, 2)),
+                              -np.broadcast_to(signs[None, :, :, None], (len(idx), 8, 3, 1))], axis=3)
+        lhs = lhs.reshape(-1, 3, 3)  # rows: a_i·x − s_i·e = 1
+        ok = np.abs(np.linalg.det(lhs)) > 1e-12
+        sol = np.linalg.solve(lhs[ok], np.ones((int(ok.sum()), 3, 1)))[..., 0]  # (k', 3): α, β, e
+        keep = np.all(sol[:, :2] >= 0, axis=1) & (sol[:, 2] >= 0)
+        cands.append(sol[keep, :2])
+    x = np.concatenate(cands)  # (k, 2) candidate (α, β)
+    return float(np.abs(x @ a.T - 1).max(axis=1).min())
 
 
 _BANDWIDTH_UNITS = {  # unit (lower case, no spaces) -> bytes per second
