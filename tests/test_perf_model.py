@@ -292,19 +292,6 @@ def test_constructors_validate():
         Network(alpha_s=float("nan"), beta_s_per_byte=0.0)
 
 
-def test_calibrate_alpha_reproduces_the_measured_time_and_keeps_beta():
-    net = pm.Network(alpha_s=50e-6, beta_s_per_byte=1e-9, source="sweep")
-    n, p = 1_000_000, 2
-    measured = 2 * float(pm.allreduce_time(n, p, net))  # training saw twice the sweep's prediction
-    cal = pm.calibrate_alpha(net, n, p, measured)
-    assert cal.beta_s_per_byte == net.beta_s_per_byte and cal.alpha_s > net.alpha_s
-    assert abs(float(pm.allreduce_time(n, p, cal)) - measured) < 1e-12
-    faster = pm.calibrate_alpha(net, n, p, 0.5 * float(pm.allreduce_time(n, p, net)))
-    assert faster.alpha_s == net.alpha_s  # never below the sweep's latency
-    with pytest.raises(ConfigError):
-        pm.calibrate_alpha(net, n, 1, measured)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The α–β fit on synthetic timings (as allreduce-bench and predict use it), and the best any fit could do
 # ------------------------------------------------------------------------------------------------------------

@@ -206,30 +206,6 @@ def allreduce_time(message_bytes, workers, network: Network):
     return 2.0 * (p - 1.0) * network.alpha_s + 2.0 * (p - 1.0) / p * n * network.beta_s_per_byte
 
 
-def calibrate_alpha(network: Network, message_bytes: float, workers: int, measured_s: float) -> Network:
-    """α refitted so the model reproduces an all-reduce time measured *inside training*; β kept.
-
-    A standalone sweep times back-to-back collectives; in a training loop every all-reduce follows
-    compute, so the peers' transport threads are cold and ranks arrive skewed: on one host it took about
-    2× the sweep's prediction. Solving ``2(P−1)α + 2(P−1)/P·N·β = T_measured`` for α (never below the
-    sweep's α) folds that per-step latency into the model, as Pollux fits its throughput model from
-    observed steps.
-
-    Args:
-        network: the sweep's α, β.
-        message_bytes, workers: the gradient size N and P of the run that was measured (P ≥ 2).
-        measured_s: median all-reduce seconds per step in that run.
-    """
-    if workers < 2:
-        raise ConfigError(f"calibrating α needs a run on >= 2 workers, got P={workers}")
-    if not (math.isfinite(measured_s) and measured_s > 0):
-        raise ConfigError(f"measured all-reduce time must be positive, got {measured_s}")
-    bandwidth_s = 2.0 * (workers - 1) / workers * message_bytes * network.beta_s_per_byte
-    alpha = max((measured_s - bandwidth_s) / (2.0 * (workers - 1)), network.alpha_s)
-    return Network(alpha_s=alpha, beta_s_per_byte=network.beta_s_per_byte,
-                   source=f"{network.source}; α calibrated in training (P={workers})".lstrip("; "))
-
-
 def _ring_features(n: np.ndarray, p: np.ndarray) -> np.ndarray:
     """(m, 2) columns that multiply α and β in ``T = 2(P−1)α + 2(P−1)/P·N·β``."""
     return np.stack([2.0 * (p - 1.0), 2.0 * (p - 1.0) / p * n], axis=1)
