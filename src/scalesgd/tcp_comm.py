@@ -61,6 +61,7 @@ class TcpMesh:
         self.socks: dict[int, socket.socket] = {}
         host = _listen_host()
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        connected = False
         try:
             srv.bind((host, 0))
             srv.listen(max(1, len(peers)))
@@ -88,12 +89,14 @@ class TcpMesh:
                                            f"the TCP ring; is another job using the same ports?")
                 expected.discard(q)
                 self.socks[q] = conn
-        except (OSError, socket.timeout) as e:
-            self.close()
+            connected = True
+        except OSError as e:  # timeouts included
             raise DistributedError(f"rank {rank} could not connect the TCP ring to its peers ({e}); set "
                                    "SCALESGD_TCP_HOST to an address the other ranks can reach") from e
         finally:
             srv.close()
+            if not connected:  # whatever failed, leave no half-built mesh behind
+                self.close()
         for s in self.socks.values():
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             s.setblocking(False)
@@ -206,12 +209,9 @@ class TcpRingAllReduce(RingAllReduce):
         self._views: dict[tuple, tuple] = {}
         self.mesh: TcpMesh | None = None
         if world_size > 1:
-            peers = {(rank + 1) % world_size, (rank - 1) % world_size}
-            mask = 1
-            while mask < world_size:
-                if world_size & (world_size - 1) == 0:
-                    peers.add(rank ^ mask)
-                mask <<= 1
+            peers = {(rank + 1) % world_size, (rank - 1) % world_size}  # the ring's neighbours
+            if world_size & (world_size - 1) == 0:  # recursive doubling's partners
+                peers |= {rank ^ (1 << k) for k in range(world_size.bit_length() - 1)}
             self.mesh = TcpMesh(rank, world_size, peers - {rank}, group=group, timeout_s=timeout_s,
                                 spin_s=self.spin_us * 1e-6)
 
