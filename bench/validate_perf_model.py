@@ -264,7 +264,6 @@ def main(argv=None) -> int:
             o0, o1 = overhead_for[p]
             kw = dict(network=network_for[p], grad_bytes=grad_bytes)
             pred_tpp = float(pm.time_per_pass(ds.n_train, b, p, compute=mean_for[p], **kw))
-            pred_tpp_mean = float(pm.time_per_pass(ds.n_train, b, p, compute=mean_for[p], **kw))
             pred_tpp_wall = float(pm.time_per_pass(ds.n_train, b, p, compute=mean_for[p], **kw,
                                                    overhead_s=o0 + o1 * b))
             pred_passes = float(pm.passes_to_accuracy(b, passes_min=passes_min, batch_crit=batch_crit))
@@ -279,7 +278,7 @@ def main(argv=None) -> int:
                 m["load"] = (load0 + os.getloadavg()[0]) / 2
             else:
                 m = dict(ref, load=float("nan"))
-            rows.append((p, b, pred_tpp, pred_tpp_mean, pred_tpp_wall, pred_passes, m))
+            rows.append((p, b, pred_tpp, pred_tpp_wall, pred_passes, m))
             bd = m["breakdown"]
             lb = int(pm.local_batch_size(b, p))
             print(f"    per step predicted {float(compute_for[p](lb)) * 1e3:.2f} ms (median), "
@@ -294,13 +293,13 @@ def main(argv=None) -> int:
     print(f"{'P':>2} {'B':>5} {'quantity':<25} {'predicted':>10} {'measured':>10} {'error':>7}  verdict")
     print("-" * 78)
     n_met = n_all = 0
-    for p, b, tpp, tpp_mean, tpp_wall, passes, m in rows:
+    for p, b, tpp, tpp_wall, passes, m in rows:
         calib = (p, b) == (1, ref_b)
         lines = [
             ("time/pass (step clock)", tpp, m["tpp_step"], TPP_TARGET),
             ("time/pass (wall, -eval)", tpp_wall, m["tpp_wall"], TPP_TARGET),
             ("passes to target", passes, m["passes"], None),
-            ("time to acc (step)", tpp_mean * passes, m["tta_step"], TTA_TARGET),
+            ("time to acc (step)", tpp * passes, m["tta_step"], TTA_TARGET),
             ("time to acc (wall,-eval)", tpp_wall * passes, m["tta_wall"], TTA_TARGET),
         ]
         for name, pred, meas, target in lines:
