@@ -275,7 +275,7 @@ def test_exact_strategies_match_reference_and_agree_bitwise(job):
     for key in r0["bytes"]:
         name, size, _ = key.split("/")
         total = sum(r["bytes"][key] for r in results)
-        small_power_of_two = name in ("ring", "ring-tcp") and int(size) * 4 <= 64 << 10 and P & (P - 1) == 0
+        small_power_of_two = name in ("ring", "ring-tcp") and int(size) * 4 <= 256 << 10 and P & (P - 1) == 0
         if small_power_of_two:  # recursive doubling: every rank sends log2(P)·N
             assert total == P * (P.bit_length() - 1) * int(size) * 4, key
         elif name != "allreduce":  # the ring and the star move exactly 2(P−1)·N in total

@@ -77,6 +77,35 @@ def test_allreduce_matches_ring_formula_and_is_free_on_one_worker():
     assert np.all(np.diff(t) > 0) and t[-1] < 2 * 1e8 * 1e-9
 
 
+def test_allreduce_models_recursive_doubling_below_the_strategys_threshold():
+    net = Network(alpha_s=1e-5, beta_s_per_byte=1e-9, doubling_max_bytes=1 << 18)
+    ring = Network(alpha_s=1e-5, beta_s_per_byte=1e-9)
+    assert allreduce_time(1e5, 1, net) == 0.0
+    assert allreduce_time(1e5, 2, net) == pytest.approx(1e-5 + 1e5 * 1e-9)  # one exchange of the whole message
+    assert allreduce_time(1e5, 8, net) == pytest.approx(3 * (1e-5 + 1e5 * 1e-9))  # log2(8) of them
+    assert allreduce_time(1e5, 6, net) == allreduce_time(1e5, 6, ring)  # P not a power of two: the ring
+    assert allreduce_time(1e6, 8, net) == allreduce_time(1e6, 8, ring)  # above the threshold: the ring
+    t = allreduce_time(np.array([1e5, 1e6]), np.array([[4], [5]]), net)  # broadcasts like the ring formula
+    assert t.shape == (2, 2) and t[0, 0] == pytest.approx(2 * (1e-5 + 1e5 * 1e-9)) and t[1, 0] == allreduce_time(1e5, 5, ring)
+    assert "recursive doubling up to 262144 B" in net.describe()
+
+
+def test_step_time_non_decreasing_in_message_size_on_each_side_of_the_doubling_switch():
+    # recursive doubling below the threshold, the ring above: each is monotone in N, and at P = 2 the switch
+    # only adds a message (α + Nβ → 2α + Nβ), so there the whole curve is monotone too
+    rng = np.random.default_rng(2)
+    for _ in range(CASES):
+        compute, network, _ = random_setup(rng)
+        net = Network(network.alpha_s, network.beta_s_per_byte, doubling_max_bytes=1 << 18)
+        sizes = np.sort(10 ** rng.uniform(0, 10, size=40))
+        for p in (2, 8, 1024):
+            t = step_time(4096, p, compute=compute, network=net, grad_bytes=sizes)
+            below = sizes <= 1 << 18
+            assert np.all(np.diff(t[below]) >= 0) and np.all(np.diff(t[~below]) >= 0)
+            if p == 2:
+                assert np.all(np.diff(t) >= 0)
+
+
 def test_compute_fit_recovers_parameters_from_noisy_timings():
     rng = np.random.default_rng(2)
     for _ in range(CASES):
@@ -318,6 +347,17 @@ def test_fit_recovers_alpha_beta_from_noise_free_timings(relative):
     alpha, beta = pm.fit_alpha_beta(sizes, ps, times, relative=relative)
     assert alpha == pytest.approx(ALPHA, rel=1e-9)
     assert beta == pytest.approx(BETA, rel=1e-9)
+
+
+def test_fit_recovers_alpha_beta_when_small_messages_went_by_recursive_doubling():
+    sizes, ps = _grid()
+    net = pm.Network(ALPHA, BETA, doubling_max_bytes=256 << 10)
+    times = pm.allreduce_time(sizes, ps, net)
+    assert times[0] == pytest.approx(ALPHA + 4096 * BETA)  # P = 2, 4 KB: one exchange
+    assert pm.fit_alpha_beta(sizes, ps, times, doubling_max_bytes=256 << 10) == pytest.approx((ALPHA, BETA), rel=1e-9)
+    assert pm.best_max_rel_error(sizes, ps, times, doubling_max_bytes=256 << 10) < 1e-9
+    # the plain ring model cannot describe both algorithms' rows at once
+    assert pm.best_max_rel_error(sizes, ps, times) > 0.1
 
 
 def test_fit_with_multiplicative_noise_and_a_single_world_size():

@@ -53,6 +53,8 @@ def test_measure_allreduce_two_gloo_processes(comm):
     assert all(t > 0 for t in sweep.median_s)
     assert sweep.network.alpha_s >= 0 and sweep.network.beta_s_per_byte >= 0
     assert "measured here" in sweep.network.source and f"--comm {comm}" in sweep.network.source
+    # our ring sends small messages by recursive doubling, and the fitted network models that; the built-in does not
+    assert sweep.network.doubling_max_bytes == (256 << 10 if comm == "ring-tcp" else 0)
 
 
 def write_run(run_dir, *, bounds, evals, target=0.9, batch=64):

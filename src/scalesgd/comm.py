@@ -119,7 +119,7 @@ class RingAllReduce:
     name = "ring"
 
     def __init__(self, *, world_size: int, rank: int, group=None, chunk_bytes: int = 4 << 20,
-                 small_bytes: int = 64 << 10):
+                 small_bytes: int = 256 << 10):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"ring all-reduce needs 0 <= rank < world_size, got rank={rank}, "
                               f"world_size={world_size}")

@@ -11,7 +11,9 @@ time to accuracy = time per pass × passes to accuracy                       (RE
   misses a profiled point by more than 5% (CPU kernels that switch algorithm or spill a cache at some
   size), the curve is the piecewise-linear interpolation of the profiled medians instead.
 - ``T_allreduce(N, P) = 2(P−1)·α + 2(P−1)/P·N·β``: the bandwidth-optimal ring (reduce-scatter then
-  all-gather), α seconds per message, β seconds per byte; zero on one worker.
+  all-gather), α seconds per message, β seconds per byte; zero on one worker. Our ring strategies send
+  messages up to a threshold by recursive doubling when P is a power of two, which costs
+  ``log2(P)·(α + N·β)``; a :class:`Network` that knows the threshold models that too.
 - time per pass = (n/B)·T_step(B, P).
 - passes to accuracy: ``passes(B) = passes_min·(1 + B/B_crit)`` (McCandlish et al. 2018, epochs form),
   with ``B_crit = B_S − 1`` from the measured diversity batch bound ``B_S = n·Δ``. The two views agree:
@@ -173,11 +175,14 @@ class Network:
     """α (seconds per message) and β (seconds per byte) of the ring all-reduce cost model.
 
     ``source`` says where the numbers came from ("measured here", or the string the user gave).
+    ``doubling_max_bytes``: messages up to this size go by recursive doubling when P is a power of two, as
+    the ``ring`` and ``ring-tcp`` strategies do (0: always the ring, e.g. for the built-in all-reduce).
     """
 
     alpha_s: float
     beta_s_per_byte: float
     source: str = ""
+    doubling_max_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha_s) and math.isfinite(self.beta_s_per_byte)) \
@@ -191,24 +196,35 @@ class Network:
 
     def describe(self) -> str:
         gbit = self.bandwidth_bytes_per_s * 8 / 1e9
-        return f"{gbit:.3g} Gbit/s, {self.alpha_s * 1e6:.3g} us" + (f" ({self.source})" if self.source else "")
+        rd = f", recursive doubling up to {self.doubling_max_bytes} B" if self.doubling_max_bytes else ""
+        return (f"{gbit:.3g} Gbit/s, {self.alpha_s * 1e6:.3g} us{rd}"
+                + (f" ({self.source})" if self.source else ""))
 
 
 def allreduce_time(message_bytes, workers, network: Network):
-    """Ring all-reduce seconds: ``2(P−1)·α + 2(P−1)/P·N·β`` (0 when P = 1). Scalars or arrays.
+    """All-reduce seconds (0 when P = 1), scalars or arrays: the ring's ``2(P−1)·α + 2(P−1)/P·N·β``, or
+    ``log2(P)·(α + N·β)`` for messages up to ``network.doubling_max_bytes`` when P is a power of two.
 
-    Source: Patarasuk & Yuan's bandwidth-optimal ring, as in baidu-allreduce and Horovod (REFERENCES §1).
+    Source: Patarasuk & Yuan's bandwidth-optimal ring, as in baidu-allreduce and Horovod (REFERENCES §1);
+    recursive doubling: log2(P) rounds, each an exchange of the whole message with one partner.
     """
     n = np.asarray(message_bytes, dtype=np.float64)
     p = np.asarray(workers, dtype=np.float64)
     if np.any(p < 1):
         raise ConfigError(f"worker count must be >= 1, got {p.tolist()}")
-    return 2.0 * (p - 1.0) * network.alpha_s + 2.0 * (p - 1.0) / p * n * network.beta_s_per_byte
+    f = _cost_features(n, p, network.doubling_max_bytes)
+    return f[..., 0] * network.alpha_s + f[..., 1] * network.beta_s_per_byte
 
 
-def _ring_features(n: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """(m, 2) columns that multiply α and β in ``T = 2(P−1)α + 2(P−1)/P·N·β``."""
-    return np.stack([2.0 * (p - 1.0), 2.0 * (p - 1.0) / p * n], axis=1)
+def _cost_features(n: np.ndarray, p: np.ndarray, doubling_max_bytes: int = 0) -> np.ndarray:
+    """(…, 2) numbers that multiply α and β: ``(2(P−1), 2(P−1)/P·N)`` for the ring, ``(log2 P, log2 P·N)``
+    where recursive doubling runs (N ≤ ``doubling_max_bytes``, P a power of two above 1)."""
+    n, p = np.broadcast_arrays(np.asarray(n, dtype=np.float64), np.asarray(p, dtype=np.float64))
+    log_p = np.log2(np.maximum(p, 1.0))
+    doubling = (n <= doubling_max_bytes) & (p > 1) & (log_p == np.round(log_p))
+    ring = np.stack([2.0 * (p - 1.0), 2.0 * (p - 1.0) / p * n], axis=-1)
+    rd = np.stack([log_p, log_p * n], axis=-1)
+    return np.where(doubling[..., None], rd, ring)
 
 
 def _alpha_beta_inputs(sizes_bytes, world_sizes, times_s) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -232,8 +248,11 @@ def _alpha_beta_inputs(sizes_bytes, world_sizes, times_s) -> tuple[np.ndarray, n
 
 
 def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[int] | int,
-                   times_s: Sequence[float], *, relative: bool = True) -> tuple[float, float]:
-    """Fit α (s) and β (s/byte) of ``T = 2(P−1)α + 2(P−1)/P·N·β`` to measured all-reduce times.
+                   times_s: Sequence[float], *, relative: bool = True,
+                   doubling_max_bytes: int = 0) -> tuple[float, float]:
+    """Fit α (s) and β (s/byte) of ``T = 2(P−1)α + 2(P−1)/P·N·β`` to measured all-reduce times (rows
+    the strategy sent by recursive doubling, N ≤ ``doubling_max_bytes``, by :func:`allreduce_time`'s
+    ``log2(P)·(α + N·β)``).
 
     Args:
         sizes_bytes, world_sizes, times_s: one entry per measurement (median seconds per all-reduce of a
@@ -245,12 +264,12 @@ def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[int] | in
         ``(alpha_s, beta_s_per_byte)``, both ≥ 0 (non-negative least squares).
     """
     n, p, t = _alpha_beta_inputs(sizes_bytes, world_sizes, times_s)
-    alpha, beta = nonneg_lstsq(_ring_features(n, p), t, relative=relative)
+    alpha, beta = nonneg_lstsq(_cost_features(n, p, doubling_max_bytes), t, relative=relative)
     return float(alpha), float(beta)
 
 
 def best_max_rel_error(sizes_bytes: Sequence[float], world_sizes: Sequence[int] | int,
-                       times_s: Sequence[float]) -> float:
+                       times_s: Sequence[float], *, doubling_max_bytes: int = 0) -> float:
     """The smallest max |T̂/T − 1| that any α, β ≥ 0 of the ring model reaches on these timings: the
     minimax (Chebyshev) fit's error. When it exceeds a tolerance, no fit meets that tolerance, least squares
     or any other: the timings are not a line in N.
@@ -260,7 +279,7 @@ def best_max_rel_error(sizes_bytes: Sequence[float], world_sizes: Sequence[int] 
     and the best one over all timings kept.
     """
     n, p, t = _alpha_beta_inputs(sizes_bytes, world_sizes, times_s)
-    a = _ring_features(n, p) / t[:, None]  # (m, 2): T̂/T = a·(α, β)
+    a = _cost_features(n, p, doubling_max_bytes) / t[:, None]  # (m, 2): T̂/T = a·(α, β)
     cands = []
     for j in range(2):  # one coefficient, the other at its bound 0
         col = a[:, j]

@@ -139,7 +139,7 @@ class AllreduceSweep:
 
 
 def _allreduce_worker(rdv, sizes_bytes: Sequence[int], repeats: int, warmup: int,
-                      comm_name: str = "allreduce") -> list[float]:
+                      comm_name: str = "allreduce") -> tuple[list[float], int]:
     import torch.distributed as dist
 
     from scalesgd import distributed
@@ -164,7 +164,7 @@ def _allreduce_worker(rdv, sizes_bytes: Sequence[int], repeats: int, warmup: int
             t = torch.tensor([statistics.median(times)], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             medians.append(float(t))
-        return medians
+        return medians, int(getattr(comm, "small_bytes", 0))  # its recursive-doubling threshold, if any
     finally:
         distributed.shutdown_world()
 
@@ -191,9 +191,9 @@ def measure_allreduce(sizes_bytes: Sequence[int] = DEFAULT_SWEEP_BYTES, *, world
     if world_size < 2:
         raise ConfigError(f"measuring the all-reduce needs >= 2 workers, got {world_size}")
     results = spawn(_allreduce_worker, world_size, (sizes, repeats, warmup, comm), timeout_s=timeout_s)
-    medians = tuple(results[0])
-    alpha, beta = pm.fit_alpha_beta(sizes, [world_size] * len(sizes), medians)
-    net = pm.Network(alpha_s=alpha, beta_s_per_byte=beta,
+    medians, doubling = tuple(results[0][0]), results[0][1]
+    alpha, beta = pm.fit_alpha_beta(sizes, [world_size] * len(sizes), medians, doubling_max_bytes=doubling)
+    net = pm.Network(alpha_s=alpha, beta_s_per_byte=beta, doubling_max_bytes=doubling,
                      source=f"measured here: --comm {comm} on gloo, {world_size} local processes")
     return AllreduceSweep(sizes_bytes=sizes, world_size=world_size, median_s=medians, network=net)
 

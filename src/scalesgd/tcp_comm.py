@@ -194,7 +194,7 @@ class TcpRingAllReduce(RingAllReduce):
     name = "ring-tcp"
 
     def __init__(self, *, world_size: int, rank: int, group=None, chunk_bytes: int = 1 << 20,
-                 small_bytes: int = 64 << 10, timeout_s: float = 300.0, spin_us: float | None = None):
+                 small_bytes: int = 256 << 10, timeout_s: float = 300.0, spin_us: float | None = None):
         super().__init__(world_size=world_size, rank=rank, group=group, chunk_bytes=chunk_bytes,
                          small_bytes=small_bytes)
         if spin_us is None:
