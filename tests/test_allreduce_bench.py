@@ -94,6 +94,18 @@ def test_tcp_loopback_probe():
     assert tcp["stream_bytes_per_s"] > 1e6 and 0 < tcp["rtt_s"] < 0.1
 
 
+def test_memcpy_probe_times_every_size_and_reports_how_straight_the_costs_are():
+    sizes = [64 << 10, 256 << 10, 1 << 20]
+    m = ab.measure_memcpy(sizes, repeats=3)
+    assert m["sizes_bytes"] == sizes and len(m["times_s"]) == 3 and all(t > 0 for t in m["times_s"])
+    assert m["bytes_per_s"] == pytest.approx([s / t for s, t in zip(sizes, m["times_s"])])
+    assert 0 <= m["best_line_rel_error"] < 1
+    text = ab.format_table([], memcpy=m)
+    assert "memory copy" in text and "1 MB" in text and f"{m['best_line_rel_error']:.3f}" in text
+    with pytest.raises(ConfigError):
+        ab.measure_memcpy([1 << 20])
+
+
 @pytest.mark.timeout(180)
 def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
     sizes = [4096, 65536]
@@ -114,6 +126,9 @@ def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
     qsgd = {r["size_bytes"]: r for r in rows if r["strategy"] == "qsgd"}
     assert ring[65536]["bytes_sent"] == 65536  # each rank sends 2(P-1)/P·N = N at P = 2
     assert qsgd[65536]["bytes_sent"] < ring[65536]["bytes_sent"] / 4  # 4-bit codes
+    # the rows say which sizes our rings sent by recursive doubling, so the fit models those by that algorithm
+    assert {r["strategy"]: r["doubling_max_bytes"] for r in rows} == {
+        "allreduce": 0, "ring": 256 << 10, "ring-tcp": 256 << 10, "qsgd": 0}
     fits = ab.add_fits(rows)
     assert all(r["model_time_s"] > 0 for r in rows) and set(fits) == set(names)
     json.dumps({"rows": rows, "fits": fits, "targets": ab.evaluate_targets(rows, None)})

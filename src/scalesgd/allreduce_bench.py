@@ -7,7 +7,8 @@ back-to-back calls), algbw = N/T and busbw = algbw·2(P−1)/P (the nccl-tests c
 each link carried, comparable with the link's own rate). In the same run the loopback TCP stream rate (a plain socket sender/receiver pair of processes, the ceiling busbw can approach)
 and the TCP round-trip time (a small ping-pong, the floor for a small message) are measured, and the ring
 cost model T = 2(P−1)α + 2(P−1)/P·N·β (REFERENCES §1) is fitted per strategy; each row shows how well the
-fit predicts it.
+fit predicts it. Rows that our rings sent by recursive doubling (messages up to their ``small_bytes`` when P
+is a power of two) are modelled by that algorithm's cost with the same α, β: log2(P)·(α + N·β).
 
 The fit and the best-possible fit error are the performance model's (:mod:`scalesgd.perf_model`), so the
 α and β printed here are the ones ``scalesgd predict`` would use.
@@ -41,7 +42,7 @@ RING_FAMILY = ("allreduce", "ring", "ring-tcp")  # strategies the ring cost mode
 OUR_RINGS = ("ring", "ring-tcp")  # our ring all-reduce over torch.distributed and over our own sockets
 
 ROW_COLUMNS = ("strategy", "world_size", "size_bytes", "numel", "iters", "time_s", "time_min_s", "time_max_s",
-               "algbw_GBps", "busbw_GBps", "bytes_sent")
+               "algbw_GBps", "busbw_GBps", "bytes_sent", "doubling_max_bytes")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -49,10 +50,12 @@ ROW_COLUMNS = ("strategy", "world_size", "size_bytes", "numel", "iters", "time_s
 # ----------------------------------------------------------------------------------------------------------
 
 
-def ring_time_s(size_bytes, world_size, alpha_s: float, beta_s_per_byte: float):
-    """Ring all-reduce cost T = 2(P−1)α + 2(P−1)/P·N·β (baidu-allreduce; REFERENCES §1); numpy-broadcasting.
-    The performance model's :func:`~scalesgd.perf_model.allreduce_time` with bare α, β."""
-    return allreduce_time(size_bytes, world_size, Network(alpha_s=alpha_s, beta_s_per_byte=beta_s_per_byte))
+def ring_time_s(size_bytes, world_size, alpha_s: float, beta_s_per_byte: float, doubling_max_bytes: int = 0):
+    """Ring all-reduce cost T = 2(P−1)α + 2(P−1)/P·N·β (baidu-allreduce; REFERENCES §1), or log2(P)·(α + N·β)
+    where the strategy used recursive doubling; numpy-broadcasting. The performance model's
+    :func:`~scalesgd.perf_model.allreduce_time` with bare α, β."""
+    return allreduce_time(size_bytes, world_size, Network(alpha_s=alpha_s, beta_s_per_byte=beta_s_per_byte,
+                                                          doubling_max_bytes=doubling_max_bytes))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,6 +136,44 @@ def measure_tcp_loopback(*, stream_bytes: int = 256 << 20, repeats: int = 3, n_p
             peer.join()
 
 
+def measure_memcpy(sizes_bytes: Sequence[int], *, repeats: int = 15) -> dict[str, Any]:
+    """This process's own memory copy (torch ``copy_`` of float32 buffers, one thread) at each size:
+    ``{"sizes_bytes", "times_s", "bytes_per_s", "best_line_rel_error"}``.
+
+    On one host a "link" is memory copies (a loopback TCP byte is copied into the kernel and out again), and
+    a copy costs more per byte once the buffer spills a cache level. ``best_line_rel_error`` is how well any
+    T = a + b·N fits these copy times (the minimax fit, as for the α–β model): when that is far above 20 %,
+    the per-byte cost of the host itself changes over the sweep, and a one-β model of a transport bound by
+    copies cannot fit the whole range either. Small sizes are timed as the mean of back-to-back copies.
+    """
+    import torch
+
+    sizes = sorted({int(s) for s in sizes_bytes})
+    if len(sizes) < 2 or sizes[0] < 4:
+        raise ConfigError(f"the memory copy probe needs two or more sizes of at least 4 bytes, got {sizes}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        src = torch.randn(sizes[-1] // 4)
+        dst = torch.empty_like(src)
+        times = []
+        for size in sizes:
+            a, b = src[:size // 4], dst[:size // 4]
+            reps = max(1, min(64, (8 << 20) // size))
+            b.copy_(a)
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    b.copy_(a)
+                samples.append((time.perf_counter() - t0) / reps)
+            times.append(float(statistics.median(samples)))
+    finally:
+        torch.set_num_threads(threads)
+    return {"sizes_bytes": sizes, "times_s": times, "bytes_per_s": [s / t for s, t in zip(sizes, times)],
+            "best_line_rel_error": best_max_rel_error(sizes, 2, times)}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The timed job
 # ----------------------------------------------------------------------------------------------------------
@@ -169,7 +210,9 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
                              generator=torch.Generator().manual_seed(seed * 1000 + 7 + world.rank),
                              **comm_options.get(name, {}))
              for name in strategies}
-    out: dict[str, Any] = {"times": {}, "bytes_sent": {}}
+    # Our rings send messages up to small_bytes by recursive doubling (P a power of two): the model must know.
+    out: dict[str, Any] = {"times": {}, "bytes_sent": {},
+                           "doubling_max_bytes": {name: int(getattr(c, "small_bytes", 0)) for name, c in comms.items()}}
     if world.size > 1:
         out["p2p"] = _p2p_floor(world.rank, device)
 
@@ -317,6 +360,7 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
                              "time_max_s": float(per_call.max()), "algbw_GBps": algbw,
                              "busbw_GBps": algbw * 2 * (p - 1) / p,
                              "bytes_sent": int(max(r["bytes_sent"][key] for r in per_rank)),
+                             "doubling_max_bytes": per_rank[0]["doubling_max_bytes"][name],
                              "threads": nthreads, "p2p_pingpong_s": p2p.get("pingpong_s"),
                              "p2p_exchange_s": p2p.get("exchange_s")})
     return rows
@@ -332,9 +376,14 @@ def _fittable(rows: list[dict[str, Any]]) -> bool:
     return len({r["size_bytes"] for r in rows}) >= 2
 
 
+def _doubling(rows: list[dict[str, Any]]) -> int:
+    """The strategy's recursive-doubling threshold (rows written before the bench recorded it: none)."""
+    return int(rows[0].get("doubling_max_bytes") or 0)
+
+
 def _fit_entry(rows: list[dict[str, Any]]) -> dict[str, Any]:
     alpha, beta = fit_alpha_beta([r["size_bytes"] for r in rows], [r["world_size"] for r in rows],
-                                 [r["time_s"] for r in rows])
+                                 [r["time_s"] for r in rows], doubling_max_bytes=_doubling(rows))
     return {"alpha_s": alpha, "beta_s_per_byte": beta,
             "bandwidth_GBps": (1.0 / beta / 1e9) if beta > 0 else None, "rows": len(rows)}
 
@@ -357,7 +406,7 @@ def add_fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         fits[name]["by_world_size"] = {}
         for r in mine:
             r["model_time_s"] = float(ring_time_s(r["size_bytes"], r["world_size"], fits[name]["alpha_s"],
-                                                  fits[name]["beta_s_per_byte"]))
+                                                  fits[name]["beta_s_per_byte"], _doubling(mine)))
             r["model_rel_err"] = (r["model_time_s"] - r["time_s"]) / r["time_s"]
         for p in dict.fromkeys(r["world_size"] for r in mine):
             at_p = [r for r in mine if r["world_size"] == p]
@@ -365,7 +414,8 @@ def add_fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 continue
             f = fits[name]["by_world_size"][p] = _fit_entry(at_p)
             for r in at_p:
-                r["model_p_time_s"] = float(ring_time_s(r["size_bytes"], p, f["alpha_s"], f["beta_s_per_byte"]))
+                r["model_p_time_s"] = float(ring_time_s(r["size_bytes"], p, f["alpha_s"], f["beta_s_per_byte"],
+                                                        _doubling(mine)))
                 r["model_p_rel_err"] = (r["model_p_time_s"] - r["time_s"]) / r["time_s"]
     return fits
 
@@ -421,7 +471,8 @@ def evaluate_targets(rows: list[dict[str, Any]], tcp: dict[str, float] | None) -
             groups = [in_range] if key == "model_rel_err" else [
                 [r for r in in_range if r["world_size"] == p] for p in dict.fromkeys(r["world_size"] for r in in_range)]
             bests = [best_max_rel_error([r["size_bytes"] for r in g], [r["world_size"] for r in g],
-                                        [r["time_s"] for r in g]) for g in groups if _fittable(g)]
+                                        [r["time_s"] for r in g], doubling_max_bytes=_doubling(g))
+                     for g in groups if _fittable(g)]
             targets.append({"name": f"{name}: max |model - measured|/measured, 64 KB-64 MB, {label}",
                             "value": value, "threshold": 0.20,
                             "verdict": _verdict(ok) if name in RING_FAMILY else f"INFO ({_verdict(ok)})",
@@ -438,7 +489,7 @@ def _human(nbytes: int) -> str:
 
 def format_table(rows: list[dict[str, Any]], tcp: dict[str, float] | None = None,
                  fits: dict[str, dict[str, float]] | None = None,
-                 targets: list[dict[str, Any]] | None = None) -> str:
+                 targets: list[dict[str, Any]] | None = None, memcpy: dict[str, Any] | None = None) -> str:
     """nccl-tests-style text: one block per (strategy, P), then the link, the fits and the targets.
     (KB, MB are binary: 1 KB = 1024 bytes; GB/s are 1e9 bytes/s as in nccl-tests.)"""
     lines: list[str] = []
@@ -476,13 +527,20 @@ def format_table(rows: list[dict[str, Any]], tcp: dict[str, float] | None = None
             lines.append(line)
     if fits:
         lines.append("")
-        lines.append("# ring cost model T = 2(P-1)a + 2(P-1)/P*N*b, relative least squares; model/err: one fit over "
-                     "all P, errP: a fit per P")
+        lines.append("# ring cost model T = 2(P-1)a + 2(P-1)/P*N*b (log2(P)*(a + N*b) where recursive doubling ran), "
+                     "relative least squares; model/err: one fit over all P, errP: a fit per P")
         for name, f in fits.items():
             for label, g in [("all P", f)] + [(f"P={p}", g) for p, g in f.get("by_world_size", {}).items()]:
                 bw = "inf" if g["bandwidth_GBps"] is None else f"{g['bandwidth_GBps']:.3f}"
                 lines.append(f"#   {name:<10} {label:<6} alpha = {g['alpha_s'] * 1e6:9.1f} us   "
                              f"beta = {g['beta_s_per_byte'] * 1e9:8.4f} ns/B  (1/beta = {bw} GB/s)")
+    if memcpy:
+        lines.append("")
+        rates = memcpy["bytes_per_s"]
+        lines.append("# this host's memory copy, one process (torch copy_), GB/s: " + ", ".join(
+            f"{_human(s)} {r / 1e9:.1f}" for s, r in zip(memcpy["sizes_bytes"], rates)))
+        lines.append(f"#   per-byte cost varies {max(rates) / min(rates):.2f}x over these sizes; the best line "
+                     f"a + b*N through the copy times is off by {memcpy['best_line_rel_error']:.3f} somewhere")
     if targets:
         lines.append("")
         lines.append("# targets")
@@ -567,18 +625,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     options = _parse_options(args.comm_option or [])
     tcp = measure_tcp_loopback(stream_bytes=(64 << 20) if args.quick else (256 << 20),
                                n_pings=500 if args.quick else 2000)
+    in_fit_range = [s for s in sizes if FIT_RANGE[0] <= s <= FIT_RANGE[1]]
+    memcpy = measure_memcpy(in_fit_range) if len(in_fit_range) >= 2 else None
     rows = run_allreduce_bench(args.strategies, sizes, workers, iters=iters, warmup=warmup, backend=args.backend,
                                threads=args.threads, seed=args.seed, comm_options=options,
                                budget_s_per_size=args.budget_s, timeout_s=args.timeout_s)
     fits = add_fits(rows)
     targets = evaluate_targets(rows, tcp)
-    print(format_table(rows, tcp, fits, targets))
+    print(format_table(rows, tcp, fits, targets, memcpy))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": {"strategies": list(args.strategies), "sizes_bytes": sizes, "world_sizes": workers,
                                   "iters": iters, "warmup": warmup, "backend": args.backend,
                                   "comm_options": options, "cpu_count": os.cpu_count()},
-                       "tcp": tcp, "rows": rows, "fits": fits, "targets": targets}, f, indent=2)
+                       "tcp": tcp, "memcpy": memcpy, "rows": rows, "fits": fits, "targets": targets}, f, indent=2)
     return 0
 
 
