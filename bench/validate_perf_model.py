@@ -175,6 +175,8 @@ def main(argv=None) -> int:
             ap.error(f"--profile-local-sizes must give P={p} at least two global sizes (P x local) outside "
                      f"--batch-sizes to fit a step curve; pick sizes off the validated grid, e.g. 24,96,384,1536")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="validate-perf-"))
+    if out.exists() and any(out.iterdir()):  # old runs there would be read as this validation's
+        raise SystemExit(f"--out {out} is not empty; give a new or empty directory (or leave --out out)")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     print(f"machine: {os.cpu_count()} cores, shared with other jobs (load average now "

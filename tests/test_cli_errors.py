@@ -127,3 +127,20 @@ def test_gzip_idx_corrupt(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_that_already_holds_a_run_is_refused_and_left_as_it_was(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--model", "mlp", "--workers", "1", "--steps", "3",
+            "--run-dir", str(run_dir), "--no-progress"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert "metrics.jsonl" in before
+    capsys.readouterr()
+    code = main(argv)  # again, into the same directory
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("scalesgd: error:"), err
+    assert "already holds a run" in lines[0] and "metrics.jsonl" in lines[0] and "--run-dir" in lines[0]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # the old run is intact

@@ -381,12 +381,30 @@ def preflight(cfg: RunConfig, ds: Dataset) -> None:
     batch_policy(cfg, ds.n_train)
 
 
+RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "config.json")  # what a run writes (rank 0)
+
+
+def check_run_dir_is_new(run_dir: str | None) -> None:
+    """Refuse a ``--run-dir`` that already holds a run: the new run would append its steps to the old
+    ``metrics.jsonl`` (two runs' records in one file, silently wrong curves and times) and replace the old
+    summary and checkpoint."""
+    if not run_dir:
+        return
+    found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+    if found:
+        raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(found)}); a new run there would "
+                          "mix its metrics with the old ones. Pick a new --run-dir, or leave it out for a fresh "
+                          "one under runs/, or delete the old directory first.")
+
+
 def train(cfg: RunConfig, ds: Dataset | None = None) -> dict[str, Any]:
     """Run ``cfg``: under torchrun as the rank it made, otherwise on ``cfg.workers`` local processes.
 
     Returns rank 0's summary (under torchrun: this rank's).
     """
     rdv = distributed.torchrun_rendezvous()
+    if rdv is None or rdv.rank == 0:  # only rank 0 writes the run directory
+        check_run_dir_is_new(cfg.run_dir)
     if ds is None:
         ds = load_data(cfg)
     preflight(cfg, ds)
