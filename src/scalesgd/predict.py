@@ -143,6 +143,7 @@ def _allreduce_worker(rdv, sizes_bytes: Sequence[int], repeats: int, warmup: int
     import torch.distributed as dist
 
     from scalesgd import distributed
+    from scalesgd.allreduce_bench import calls_per_timing
     from scalesgd.comm import make_comm
 
     torch.set_num_threads(1)
@@ -152,14 +153,19 @@ def _allreduce_worker(rdv, sizes_bytes: Sequence[int], repeats: int, warmup: int
         medians = []
         for size in sizes_bytes:
             buf = torch.ones(max(1, int(size) // 4), dtype=torch.float32)  # (size/4,) float32
+            # As allreduce-bench times: small messages as the mean of back-to-back calls, since a single call
+            # right after the barrier also measures how unevenly the ranks leave it (tens of µs).
+            reps = calls_per_timing(buf.numel() * 4, world.size)
             times = []
             for i in range(warmup + repeats):
+                buf.fill_(1.0)  # the sum grows P-fold per call; calls_per_timing keeps it in float32 range
                 dist.barrier()
                 t0 = time.perf_counter()
-                comm.allreduce_(buf)
+                for _ in range(reps):
+                    comm.allreduce_(buf)
                 t1 = time.perf_counter()
                 if i >= warmup:
-                    times.append(t1 - t0)
+                    times.append((t1 - t0) / reps)
             # Every rank must agree on one number: take the slowest rank's median (the step waits for it).
             t = torch.tensor([statistics.median(times)], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -180,7 +186,8 @@ def measure_allreduce(sizes_bytes: Sequence[int] = DEFAULT_SWEEP_BYTES, *, world
     Args:
         sizes_bytes: message sizes (at least two distinct), small ones pin α, big ones β.
         world_size: local processes (2 on a 2-core box: one per core, like the trainer).
-        repeats, warmup: timed and discarded all-reduces per size (a barrier before each).
+        repeats, warmup: timed and discarded samples per size (a barrier before each; a sample of a small message
+            is the mean of back-to-back calls, as in allreduce-bench).
         comm: the communication strategy timed (a name in :data:`scalesgd.comm.COMM_STRATEGIES`).
     Returns:
         :class:`AllreduceSweep` with medians (slowest rank's) and the fitted :class:`~scalesgd.perf_model.Network`.
