@@ -16,7 +16,6 @@ import csv
 import json
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -138,43 +137,6 @@ class AllreduceSweep:
     network: pm.Network
 
 
-def _allreduce_worker(rdv, sizes_bytes: Sequence[int], repeats: int, warmup: int,
-                      comm_name: str = "allreduce") -> tuple[list[float], int]:
-    import torch.distributed as dist
-
-    from scalesgd import distributed
-    from scalesgd.allreduce_bench import calls_per_timing
-    from scalesgd.comm import make_comm
-
-    torch.set_num_threads(1)
-    world = distributed.init_world(rdv, "gloo", timeout_s=120.0)
-    try:
-        comm = make_comm(comm_name, world_size=world.size, rank=world.rank)
-        medians = []
-        for size in sizes_bytes:
-            buf = torch.ones(max(1, int(size) // 4), dtype=torch.float32)  # (size/4,) float32
-            # As allreduce-bench times: small messages as the mean of back-to-back calls, since a single call
-            # right after the barrier also measures how unevenly the ranks leave it (tens of µs).
-            reps = calls_per_timing(buf.numel() * 4, world.size)
-            times = []
-            for i in range(warmup + repeats):
-                buf.fill_(1.0)  # the sum grows P-fold per call; calls_per_timing keeps it in float32 range
-                dist.barrier()
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    comm.allreduce_(buf)
-                t1 = time.perf_counter()
-                if i >= warmup:
-                    times.append((t1 - t0) / reps)
-            # Every rank must agree on one number: take the slowest rank's median (the step waits for it).
-            t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            medians.append(float(t))
-        return medians, int(getattr(comm, "small_bytes", 0))  # its recursive-doubling threshold, if any
-    finally:
-        distributed.shutdown_world()
-
-
 DEFAULT_SWEEP_BYTES = (4, 1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22)
 
 
@@ -183,22 +145,27 @@ def measure_allreduce(sizes_bytes: Sequence[int] = DEFAULT_SWEEP_BYTES, *, world
                       comm: str = "allreduce") -> AllreduceSweep:
     """Time the all-reduce of float32 buffers on ``world_size`` local gloo processes; fit α and β.
 
+    The timings are ``allreduce-bench``'s (:func:`scalesgd.allreduce_bench.run_allreduce_bench`, one thread
+    per process), so ``predict`` and the bench fit the same numbers.
+
     Args:
-        sizes_bytes: message sizes (at least two distinct), small ones pin α, big ones β.
+        sizes_bytes: message sizes in bytes, multiples of 4 (at least two distinct): small ones pin α, big ones β.
         world_size: local processes (2 on a 2-core box: one per core, like the trainer).
-        repeats, warmup: timed and discarded samples per size (a barrier before each; a sample of a small message
-            is the mean of back-to-back calls, as in allreduce-bench).
+        repeats, warmup: timed and discarded samples per size (a sample of a small message is the mean of
+            back-to-back calls).
         comm: the communication strategy timed (a name in :data:`scalesgd.comm.COMM_STRATEGIES`).
     Returns:
-        :class:`AllreduceSweep` with medians (slowest rank's) and the fitted :class:`~scalesgd.perf_model.Network`.
+        :class:`AllreduceSweep` with the medians over samples of the slowest rank's time, and the fitted
+        :class:`~scalesgd.perf_model.Network` (with the strategy's recursive-doubling threshold).
     """
-    from scalesgd.distributed import spawn
+    from scalesgd.allreduce_bench import run_allreduce_bench
 
     sizes = tuple(int(s) for s in sizes_bytes)
     if world_size < 2:
         raise ConfigError(f"measuring the all-reduce needs >= 2 workers, got {world_size}")
-    results = spawn(_allreduce_worker, world_size, (sizes, repeats, warmup, comm), timeout_s=timeout_s)
-    medians, doubling = tuple(results[0][0]), results[0][1]
+    rows = run_allreduce_bench([comm], sizes, [world_size], iters=repeats, warmup=warmup, threads=1,
+                               timeout_s=timeout_s)
+    medians, doubling = tuple(r["time_s"] for r in rows), rows[0]["doubling_max_bytes"]
     alpha, beta = pm.fit_alpha_beta(sizes, [world_size] * len(sizes), medians, doubling_max_bytes=doubling)
     net = pm.Network(alpha_s=alpha, beta_s_per_byte=beta, doubling_max_bytes=doubling,
                      source=f"measured here: --comm {comm} on gloo, {world_size} local processes")
