@@ -31,7 +31,7 @@ from scalesgd.models import DEFAULT_WIDTH, MODELS
 from scalesgd.step import FlatModel, evaluate, train_step
 from scalesgd.tracking import DiversityTracker
 from scalesgd.transforms import Hyper, sgd
-from scalesgd.writer import RunWriter, default_run_dir, environment
+from scalesgd.writer import RunWriter, check_run_dir_is_new, default_run_dir, environment
 
 
 def load_data(cfg: RunConfig) -> Dataset:
@@ -379,22 +379,6 @@ def preflight(cfg: RunConfig, ds: Dataset) -> None:
         raise ConfigError(str(e)) from None
     lr_config(cfg)
     batch_policy(cfg, ds.n_train)
-
-
-RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "config.json")  # what a run writes (rank 0)
-
-
-def check_run_dir_is_new(run_dir: str | None) -> None:
-    """Refuse a ``--run-dir`` that already holds a run: the new run would append its steps to the old
-    ``metrics.jsonl`` (two runs' records in one file, silently wrong curves and times) and replace the old
-    summary and checkpoint."""
-    if not run_dir:
-        return
-    found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
-    if found:
-        raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(found)}); a new run there would "
-                          "mix its metrics with the old ones. Pick a new --run-dir, or leave it out for a fresh "
-                          "one under runs/, or delete the old directory first.")
 
 
 def train(cfg: RunConfig, ds: Dataset | None = None) -> dict[str, Any]:

@@ -25,6 +25,24 @@ from typing import Any
 
 import torch
 
+from scalesgd.errors import ConfigError
+
+
+RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "config.json")  # what a run writes here
+
+
+def check_run_dir_is_new(run_dir: str | None) -> None:
+    """Refuse a ``--run-dir`` that already holds a run: the new run would append its steps to the old
+    ``metrics.jsonl`` (two runs' records in one file, silently wrong curves and times) and replace the old
+    summary and checkpoint. Call before anything is spawned or written."""
+    if not run_dir:
+        return
+    found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+    if found:
+        raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(found)}); a new run there would "
+                          "mix its metrics with the old ones. Pick a new --run-dir, or leave it out for a fresh "
+                          "one under runs/, or delete the old directory first.")
+
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temporary file and a rename, so readers never see half a file."""
