@@ -382,12 +382,19 @@ def test_fit_is_non_negative_and_validates_input():
         pm.fit_alpha_beta(sizes, 2, [1e-3, 0.0, 3e-3])
 
 
-def _grid_search_max_rel_error(sizes, ps, times, alpha_hi, beta_hi, k=400):
+def _doubling_or_ring_time_s(sizes, ps, alpha, beta, threshold=256 << 10):
+    """Written out: log2(P)·(α + N·β) for N ≤ threshold at P a power of two, else the ring."""
+    n, p = np.broadcast_arrays(np.asarray(sizes, dtype=float), np.asarray(ps, dtype=float))
+    doubling = (n <= threshold) & (p > 1) & (np.log2(p) % 1 == 0)
+    return np.where(doubling, np.log2(p) * (alpha + n * beta), _ring_time_s(n, p, alpha, beta))
+
+
+def _grid_search_max_rel_error(sizes, ps, times, alpha_hi, beta_hi, k=400, cost=_ring_time_s):
     """Slow reference: the best max relative error over a fine (α, β) grid."""
     alphas = np.concatenate([[0.0], np.geomspace(alpha_hi * 1e-4, alpha_hi, k)])
     betas = np.concatenate([[0.0], np.geomspace(beta_hi * 1e-4, beta_hi, k)])
-    model = _ring_time_s(np.asarray(sizes)[None, None, :], np.asarray(ps, dtype=float)[None, None, :],
-                           alphas[:, None, None], betas[None, :, None])  # (k+1, k+1, m)
+    model = cost(np.asarray(sizes)[None, None, :], np.asarray(ps, dtype=float)[None, None, :],
+                 alphas[:, None, None], betas[None, :, None])  # (k+1, k+1, m)
     return float(np.abs(model / np.asarray(times) - 1).max(axis=2).min())
 
 
@@ -404,6 +411,20 @@ def test_best_max_rel_error_is_the_minimax_fit(seed):
     alpha, beta = pm.fit_alpha_beta(sizes, 2, times)
     assert best <= np.abs(_ring_time_s(sizes, 2, alpha, beta) / times - 1).max() + 1e-12
     assert pm.best_max_rel_error(sizes, 2, _ring_time_s(sizes, 2, ALPHA, BETA)) < 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_best_max_rel_error_with_recursive_doubling_rows_matches_a_grid_search(seed):
+    rng = np.random.default_rng(seed)
+    sizes = np.array([16384 << k for k in range(9)] * 2, dtype=float)  # 16 KB … 4 MB: both algorithms
+    ps = np.array([2] * 9 + [4] * 9, dtype=float)
+    times = _doubling_or_ring_time_s(sizes, ps, ALPHA, BETA) * np.exp(rng.normal(0, 0.15, sizes.size))
+    best = pm.best_max_rel_error(sizes, ps, times, doubling_max_bytes=256 << 10)
+    grid = _grid_search_max_rel_error(sizes, ps, times, 20 * ALPHA, 5 * BETA, cost=_doubling_or_ring_time_s)
+    assert grid - 0.01 <= best <= grid + 1e-9
+    # and the performance model's own cost is the written-out one
+    net = pm.Network(ALPHA, BETA, doubling_max_bytes=256 << 10)
+    np.testing.assert_allclose(pm.allreduce_time(sizes, ps, net), _doubling_or_ring_time_s(sizes, ps, ALPHA, BETA))
 
 
 def test_best_max_rel_error_of_a_cache_cliff():
