@@ -64,10 +64,11 @@ def _worker(rdv, n_draws: int) -> dict:
 def _exactness_checks(world) -> dict:
     """Every strategy on every size, random and integer data; returns digests and worst errors."""
     P, r = world.size, world.rank
-    out: dict = {"digest": {}, "rel_err": {}, "int_exact": {}, "bytes": {}}
+    out: dict = {"digest": {}, "rel_err": {}, "int_exact": {}, "bytes": {}, "doubling_max_bytes": {}}
     comms = {name: make_comm(name, world_size=P, rank=r) for name in EXACT_STRATEGIES}
     comms["ring_small_chunks"] = make_comm("ring", world_size=P, rank=r, chunk_bytes=4096, small_bytes=0)
     comms["ring-tcp_small_chunks"] = make_comm("ring-tcp", world_size=P, rank=r, chunk_bytes=4096, small_bytes=0)
+    out["doubling_max_bytes"] = {name: getattr(c, "doubling_max_bytes", 0) for name, c in comms.items()}
     for size in _sizes(P):
         for integer in (False, True):
             xs = [_inputs(size, p, integer) for p in range(P)]
@@ -266,6 +267,10 @@ def test_exact_strategies_match_reference_and_agree_bitwise(job):
     P, results = job
     results = [r["exact"] for r in results]
     r0 = results[0]
+    # our rings double for every size tested here at P = 2 and 4 (P = 3: never), unless turned off
+    assert r0["doubling_max_bytes"] == {
+        "allreduce": 0, "ps": 0, "ring_small_chunks": 0, "ring-tcp_small_chunks": 0,
+        "ring": {2: 256 << 10, 3: 0, 4: 8 * (192 << 10)}[P], "ring-tcp": {2: 256 << 10, 3: 0, 4: 8 * (80 << 10)}[P]}
     for key in r0["digest"]:
         assert all(r["digest"][key] == r0["digest"][key] for r in results), f"ranks differ: {key}"
     for key in r0["rel_err"]:
@@ -275,8 +280,8 @@ def test_exact_strategies_match_reference_and_agree_bitwise(job):
     for key in r0["bytes"]:
         name, size, _ = key.split("/")
         total = sum(r["bytes"][key] for r in results)
-        small_power_of_two = name in ("ring", "ring-tcp") and int(size) * 4 <= 256 << 10 and P & (P - 1) == 0
-        if small_power_of_two:  # recursive doubling: every rank sends log2(P)·N
+        doubling = int(size) * 4 <= r0["doubling_max_bytes"][name]
+        if doubling:  # recursive doubling: every rank sends log2(P)·N
             assert total == P * (P.bit_length() - 1) * int(size) * 4, key
         elif name != "allreduce":  # the ring and the star move exactly 2(P−1)·N in total
             assert total == 2 * (P - 1) * int(size) * 4, key

@@ -77,33 +77,66 @@ def test_allreduce_matches_ring_formula_and_is_free_on_one_worker():
     assert np.all(np.diff(t) > 0) and t[-1] < 2 * 1e8 * 1e-9
 
 
-def test_allreduce_models_recursive_doubling_below_the_strategys_threshold():
+def test_allreduce_models_recursive_doubling_where_the_strategy_runs_it():
+    # alpha/beta = 10 kB; doubling up to 256 KB at P = 2, up to the crossover of the two costs above
     net = Network(alpha_s=1e-5, beta_s_per_byte=1e-9, doubling_max_bytes=1 << 18)
     ring = Network(alpha_s=1e-5, beta_s_per_byte=1e-9)
+    assert net.latency_bytes == pytest.approx(1e4)
     assert allreduce_time(1e5, 1, net) == 0.0
     assert allreduce_time(1e5, 2, net) == pytest.approx(1e-5 + 1e5 * 1e-9)  # one exchange of the whole message
-    assert allreduce_time(1e5, 8, net) == pytest.approx(3 * (1e-5 + 1e5 * 1e-9))  # log2(8) of them
+    assert allreduce_time(1e6, 2, net) == allreduce_time(1e6, 2, ring)  # above 256 KB at P = 2: the ring
+    # P = 8: the costs cross at (α/β)·(14 − 3)/(3 − 1.75) = 88 kB
+    assert float(pm.doubling_crossover_bytes(8, net.latency_bytes)) == pytest.approx(88e3)
+    assert allreduce_time(5e4, 8, net) == pytest.approx(3 * (1e-5 + 5e4 * 1e-9))  # log2(8) exchanges
+    assert allreduce_time(1e5, 8, net) == allreduce_time(1e5, 8, ring)
+    # P = 1024: the ring's 2046 latencies make doubling cheaper up to (α/β)·2036/(10 − 2046/1024) ≈ 2.54 MB
+    assert allreduce_time(1e6, 1024, net) == pytest.approx(10 * (1e-5 + 1e6 * 1e-9))
+    assert allreduce_time(1e6, 1024, net) < allreduce_time(1e6, 1024, ring) / 2
     assert allreduce_time(1e5, 6, net) == allreduce_time(1e5, 6, ring)  # P not a power of two: the ring
-    assert allreduce_time(1e6, 8, net) == allreduce_time(1e6, 8, ring)  # above the threshold: the ring
-    t = allreduce_time(np.array([1e5, 1e6]), np.array([[4], [5]]), net)  # broadcasts like the ring formula
-    assert t.shape == (2, 2) and t[0, 0] == pytest.approx(2 * (1e-5 + 1e5 * 1e-9)) and t[1, 0] == allreduce_time(1e5, 5, ring)
-    assert "recursive doubling up to 262144 B" in net.describe()
+    t = allreduce_time(np.array([5e4, 1e6]), np.array([[4], [5]]), net)  # broadcasts like the ring formula
+    assert t.shape == (2, 2) and t[0, 0] == pytest.approx(2 * (1e-5 + 5e4 * 1e-9)) and t[1, 0] == allreduce_time(5e4, 5, ring)
+    assert t[0, 1] == allreduce_time(1e6, 4, ring)  # above 8·α/β = 80 kB at P = 4
+    assert "recursive doubling up to 262144 B at P=2" in net.describe()
 
 
-def test_step_time_non_decreasing_in_message_size_on_each_side_of_the_doubling_switch():
-    # recursive doubling below the threshold, the ring above: each is monotone in N, and at P = 2 the switch
-    # only adds a message (α + Nβ → 2α + Nβ), so there the whole curve is monotone too
+def test_above_two_workers_the_model_prices_the_cheaper_of_doubling_and_the_ring():
+    """Written out: min(log2(P)(α + Nβ), 2(P−1)α + 2(P−1)/P·Nβ) at every power of two P ≥ 4."""
+    rng = np.random.default_rng(5)
+    for _ in range(CASES):
+        alpha, beta = float(10 ** rng.uniform(-7, -3)), float(10 ** rng.uniform(-11, -8))
+        net = Network(alpha, beta, doubling_max_bytes=int(rng.integers(1, 1 << 22)))
+        n = 10 ** rng.uniform(0, 10, size=50)
+        for p in (4, 8, 64, 1024):
+            lp = np.log2(p)
+            written = np.minimum(lp * (alpha + n * beta), 2 * (p - 1) * alpha + 2 * (p - 1) / p * n * beta)
+            np.testing.assert_allclose(allreduce_time(n, p, net), written, rtol=1e-12)
+
+
+def test_runtime_and_model_switch_at_the_same_size():
+    from scalesgd.comm import RingAllReduce
+
+    for p in (2, 3, 4, 8, 1024):
+        ring = RingAllReduce(world_size=p, rank=0, small_bytes=256 << 10, latency_bytes=80 << 10)
+        expected = float(pm.doubling_threshold_bytes(p, 256 << 10, 80 << 10))
+        assert ring.doubling_max_bytes == int(expected)
+    assert RingAllReduce(world_size=4, rank=0, latency_bytes=80 << 10).doubling_max_bytes == 8 * (80 << 10)
+    assert RingAllReduce(world_size=4, rank=0, small_bytes=0).doubling_max_bytes == 0  # turned off
+    assert RingAllReduce(world_size=6, rank=0).doubling_max_bytes == 0
+    with pytest.raises(ConfigError, match="latency_bytes"):
+        RingAllReduce(world_size=4, rank=0, latency_bytes=-1)
+
+
+def test_step_time_non_decreasing_in_message_size_with_the_doubling_switch():
+    # at P = 2 the switch only adds a message (α + Nβ → 2α + Nβ); at larger powers of two it sits where
+    # the two costs cross, so the curve is the lower envelope of two increasing lines: monotone everywhere
     rng = np.random.default_rng(2)
     for _ in range(CASES):
         compute, network, _ = random_setup(rng)
-        net = Network(network.alpha_s, network.beta_s_per_byte, doubling_max_bytes=1 << 18)
-        sizes = np.sort(10 ** rng.uniform(0, 10, size=40))
-        for p in (2, 8, 1024):
+        net = Network(network.alpha_s, network.beta_s_per_byte, doubling_max_bytes=int(rng.integers(0, 1 << 22)))
+        sizes = np.sort(10 ** rng.uniform(0, 10, size=200))
+        for p in (2, 3, 4, 8, 12, 64, 1024):
             t = step_time(4096, p, compute=compute, network=net, grad_bytes=sizes)
-            below = sizes <= 1 << 18
-            assert np.all(np.diff(t[below]) >= 0) and np.all(np.diff(t[~below]) >= 0)
-            if p == 2:
-                assert np.all(np.diff(t) >= 0)
+            assert np.all(np.diff(t) >= -1e-15 * t[1:])
 
 
 def test_compute_fit_recovers_parameters_from_noisy_timings():

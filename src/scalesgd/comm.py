@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from scalesgd.errors import ConfigError
+from scalesgd.perf_model import doubling_threshold_bytes
 
 
 @dataclass(frozen=True)
@@ -111,32 +112,49 @@ class RingAllReduce:
     verbatim to everyone, so all ranks hold the same bytes (the order differs from the built-in all-reduce,
     hence agreement with it only to float round-off).
 
+    Small messages go by recursive doubling instead when P is a power of two (log2(P) exchanges instead of
+    the ring's 2(P−1) latency-bound steps): at P = 2 up to ``small_bytes`` (measured on a 2-core host:
+    the two send the same bytes, and above about 256 KB the ring's pipelined additions win), at larger P
+    up to the size where the α–β costs of the two cross, ``latency_bytes``·(2(P−1) − log2 P)/(log2 P −
+    2(P−1)/P) (:func:`scalesgd.perf_model.doubling_threshold_bytes`, the rule the performance model
+    prices; e.g. 8× ``latency_bytes`` at P = 4, 254× at P = 1024).
+
     Args:
         world_size, rank: this process's place in ``group`` (the default group when None).
         chunk_bytes: sub-chunk size for pipelining; smaller overlaps more but costs a message each.
+        small_bytes: recursive doubling up to this size at P = 2; 0 turns recursive doubling off.
+        latency_bytes: α/β of the links, the message size that takes as long to move as one message's
+            latency (``allreduce-bench`` prints it for each strategy); sets the switch for P ≥ 4. The
+            default, 192 KB, is gloo's on a 2-core host (≈ 100–500 µs a message at ≈ 1.5 GB/s), which puts
+            the switch at 1.5 MB for P = 4 (measured between 1 and 2 MB).
     """
 
     name = "ring"
+    DOUBLING_P2_BYTES = 256 << 10  # the default small_bytes
 
     def __init__(self, *, world_size: int, rank: int, group=None, chunk_bytes: int = 4 << 20,
-                 small_bytes: int = 256 << 10):
+                 small_bytes: int = DOUBLING_P2_BYTES, latency_bytes: float = 192 << 10):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"ring all-reduce needs 0 <= rank < world_size, got rank={rank}, "
                               f"world_size={world_size}")
-        # Messages up to small_bytes go by recursive doubling when P is a power of two: log2(P) exchanges
-        # instead of the ring's 2(P−1) latency-bound steps.
-        self.small_bytes = int(small_bytes)
-        self._peer = (lambda q: q) if group is None else (lambda q: dist.get_global_rank(group, q))
         if chunk_bytes < 1:
             raise ConfigError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes}")
+        if small_bytes < 0 or not latency_bytes >= 0:
+            raise ConfigError(f"small_bytes and latency_bytes must be >= 0 bytes, got small_bytes={small_bytes}, "
+                              f"latency_bytes={latency_bytes}")
+        self.small_bytes = int(small_bytes)
+        self.latency_bytes = float(latency_bytes)
+        # The largest message this rank sends by recursive doubling (0: never, e.g. P not a power of two).
+        self.doubling_max_bytes = int(min(doubling_threshold_bytes(world_size, self.small_bytes, self.latency_bytes),
+                                          2 ** 62))
         self.world_size = world_size
         self.rank = rank
         self.group = group
         self.chunk_bytes = int(chunk_bytes)
         self._scratch: torch.Tensor | None = None  # receive buffers, reused between calls
         self._plans: dict[tuple[int, int], tuple] = {}
-        peer = (lambda q: q) if group is None else (lambda q: dist.get_global_rank(group, q))
-        self._right, self._left = peer((rank + 1) % world_size), peer((rank - 1) % world_size)
+        self._peer = (lambda q: q) if group is None else (lambda q: dist.get_global_rank(group, q))
+        self._right, self._left = self._peer((rank + 1) % world_size), self._peer((rank - 1) % world_size)
 
     def _plan(self, n: int, esize: int) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]], int]:
         """Segments, their sub-chunks and the tag stride for a buffer of ``n`` elements (cached: a trainer
@@ -169,7 +187,7 @@ class RingAllReduce:
             return CommStats(bytes_sent=0)
         assert buffer.dim() == 1 and buffer.is_contiguous(), "comm strategies take flat contiguous buffers"
         self._check_device(buffer)
-        if n * buffer.element_size() <= self.small_bytes and P & (P - 1) == 0:
+        if n * buffer.element_size() <= self.doubling_max_bytes:
             return self._recursive_doubling_(buffer)
         return self._ring_(buffer)
 

@@ -12,8 +12,10 @@ time to accuracy = time per pass × passes to accuracy                       (RE
   size), the curve is the piecewise-linear interpolation of the profiled medians instead.
 - ``T_allreduce(N, P) = 2(P−1)·α + 2(P−1)/P·N·β``: the bandwidth-optimal ring (reduce-scatter then
   all-gather), α seconds per message, β seconds per byte; zero on one worker. Our ring strategies send
-  messages up to a threshold by recursive doubling when P is a power of two, which costs
-  ``log2(P)·(α + N·β)``; a :class:`Network` that knows the threshold models that too.
+  small messages by recursive doubling when P is a power of two, which costs ``log2(P)·(α + N·β)``: at
+  P = 2 up to a measured size (the two cost the same bandwidth there, and the ring's pipelining wins
+  above it), at P ≥ 4 up to the size where the two costs cross (:func:`doubling_crossover_bytes`), so
+  the cheaper algorithm runs; a :class:`Network` that knows the strategy does this models it too.
 - time per pass = (n/B)·T_step(B, P).
 - passes to accuracy: ``passes(B) = passes_min·(1 + B/B_crit)`` (McCandlish et al. 2018, epochs form),
   with ``B_crit = B_S − 1`` from the measured diversity batch bound ``B_S = n·Δ``. The two views agree:
@@ -175,7 +177,8 @@ class Network:
     """α (seconds per message) and β (seconds per byte) of the ring all-reduce cost model.
 
     ``source`` says where the numbers came from ("measured here", or the string the user gave).
-    ``doubling_max_bytes``: messages up to this size go by recursive doubling when P is a power of two, as
+    ``doubling_max_bytes``: the strategy sends messages up to this size by recursive doubling at P = 2, and
+    at larger powers of two up to the α–β crossover of this network (:func:`doubling_threshold_bytes`), as
     the ``ring`` and ``ring-tcp`` strategies do (0: always the ring, e.g. for the built-in all-reduce).
     """
 
@@ -191,44 +194,95 @@ class Network:
                               f"alpha_s={self.alpha_s}, beta_s_per_byte={self.beta_s_per_byte}")
 
     @property
+    def latency_bytes(self) -> float:
+        """α/β: the message size whose transfer takes as long as one message's latency."""
+        return math.inf if self.beta_s_per_byte == 0 else self.alpha_s / self.beta_s_per_byte
+
+    @property
     def bandwidth_bytes_per_s(self) -> float:
         return math.inf if self.beta_s_per_byte == 0 else 1.0 / self.beta_s_per_byte
 
     def describe(self) -> str:
         gbit = self.bandwidth_bytes_per_s * 8 / 1e9
-        rd = f", recursive doubling up to {self.doubling_max_bytes} B" if self.doubling_max_bytes else ""
+        rd = (f", recursive doubling up to {self.doubling_max_bytes} B at P=2 and up to the alpha-beta crossover "
+              f"above ({float(doubling_crossover_bytes(4, self.latency_bytes)):.3g} B at P=4)" if self.doubling_max_bytes else "")
         return (f"{gbit:.3g} Gbit/s, {self.alpha_s * 1e6:.3g} us{rd}"
                 + (f" ({self.source})" if self.source else ""))
 
 
 def allreduce_time(message_bytes, workers, network: Network):
     """All-reduce seconds (0 when P = 1), scalars or arrays: the ring's ``2(P−1)·α + 2(P−1)/P·N·β``, or
-    ``log2(P)·(α + N·β)`` for messages up to ``network.doubling_max_bytes`` when P is a power of two.
+    ``log2(P)·(α + N·β)`` where the strategy goes by recursive doubling (N up to
+    :func:`doubling_threshold_bytes` for ``network.doubling_max_bytes`` and the network's α/β).
 
     Source: Patarasuk & Yuan's bandwidth-optimal ring, as in baidu-allreduce and Horovod (REFERENCES §1);
-    recursive doubling: log2(P) rounds, each an exchange of the whole message with one partner.
+    recursive doubling: log2(P) rounds, each an exchange of the whole message with one partner (Thakur,
+    Rabenseifner & Gropp 2005, who switch between the two by message size in the same way).
     """
+    p = np.asarray(workers, dtype=np.float64)
+    return allreduce_time_as_run(message_bytes, p, network.alpha_s, network.beta_s_per_byte,
+                                 doubling_threshold_bytes(p, network.doubling_max_bytes, network.latency_bytes))
+
+
+def allreduce_time_as_run(message_bytes, workers, alpha_s: float, beta_s_per_byte: float, doubling_max_bytes=0):
+    """:func:`allreduce_time` with the recursive-doubling threshold that actually ran given outright (one
+    number, or one per row, as ``allreduce-bench`` records it): how measured rows are priced and fitted."""
     n = np.asarray(message_bytes, dtype=np.float64)
     p = np.asarray(workers, dtype=np.float64)
     if np.any(p < 1):
         raise ConfigError(f"worker count must be >= 1, got {p.tolist()}")
-    f = _cost_features(n, p, network.doubling_max_bytes)
-    return f[..., 0] * network.alpha_s + f[..., 1] * network.beta_s_per_byte
+    f = _cost_features(n, p, doubling_max_bytes)
+    return f[..., 0] * alpha_s + f[..., 1] * beta_s_per_byte
 
 
-def _cost_features(n: np.ndarray, p: np.ndarray, doubling_max_bytes: int = 0) -> np.ndarray:
-    """(…, 2) numbers that multiply α and β: ``(2(P−1), 2(P−1)/P·N)`` for the ring, ``(log2 P, log2 P·N)``
-    where recursive doubling runs (N ≤ ``doubling_max_bytes``, P a power of two above 1)."""
-    n, p = np.broadcast_arrays(np.asarray(n, dtype=np.float64), np.asarray(p, dtype=np.float64))
+def _power_of_two(p: np.ndarray) -> np.ndarray:
     log_p = np.log2(np.maximum(p, 1.0))
-    doubling = (n <= doubling_max_bytes) & (p > 1) & (log_p == np.round(log_p))
+    return (p > 1) & (log_p == np.round(log_p))
+
+
+def doubling_crossover_bytes(workers, latency_bytes: float):
+    """The message size N* at which recursive doubling and the ring cost the same on P workers (a power of
+    two ≥ 4): ``log2(P)·(α + N·β) = 2(P−1)·α + 2(P−1)/P·N·β`` gives
+    ``N* = (α/β)·(2(P−1) − log2 P)/(log2 P − 2(P−1)/P)``; doubling is cheaper below it. 0 where the ring is
+    never costlier (P = 2, where the two send the same bytes and the ring needs one message more but
+    pipelines its additions; P not a power of two) — scalars or arrays in, float array out.
+    """
+    p = np.asarray(workers, dtype=np.float64)
+    log_p = np.log2(np.maximum(p, 1.0))
+    eligible = _power_of_two(p) & (p >= 4)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = (2.0 * (p - 1.0) - log_p) / (log_p - 2.0 * (p - 1.0) / p)
+        return np.where(eligible, np.float64(latency_bytes) * np.where(eligible, ratio, 0.0), 0.0)
+
+
+def doubling_threshold_bytes(workers, p2_bytes: float, latency_bytes: float):
+    """Largest message our rings send by recursive doubling on P workers: ``p2_bytes`` at P = 2 (measured:
+    the ring's pipelined additions win above it), :func:`doubling_crossover_bytes` at larger powers of two,
+    0 (never) where P is not a power of two or ``p2_bytes`` is 0 (doubling turned off). Because the switch
+    sits where the two costs cross (or, at P = 2, where the ring costs one α more), the modelled time never
+    falls as the message grows. The runtime (:class:`scalesgd.comm.RingAllReduce`) uses this same rule."""
+    p = np.asarray(workers, dtype=np.float64)
+    if p2_bytes <= 0:
+        return np.zeros_like(p)
+    return np.where(p == 2, np.float64(p2_bytes), doubling_crossover_bytes(p, latency_bytes))
+
+
+def _cost_features(n: np.ndarray, p: np.ndarray, doubling_max_bytes=0) -> np.ndarray:
+    """(…, 2) numbers that multiply α and β: ``(2(P−1), 2(P−1)/P·N)`` for the ring, ``(log2 P, log2 P·N)``
+    where recursive doubling runs (N ≤ ``doubling_max_bytes`` — one number, or one per row — and P a power
+    of two above 1)."""
+    n, p, limit = np.broadcast_arrays(np.asarray(n, dtype=np.float64), np.asarray(p, dtype=np.float64),
+                                      np.asarray(doubling_max_bytes, dtype=np.float64))
+    log_p = np.log2(np.maximum(p, 1.0))
+    doubling = (n <= limit) & _power_of_two(p)
     ring = np.stack([2.0 * (p - 1.0), 2.0 * (p - 1.0) / p * n], axis=-1)
     rd = np.stack([log_p, log_p * n], axis=-1)
     return np.where(doubling[..., None], rd, ring)
 
 
-def _alpha_beta_inputs(sizes_bytes, world_sizes, times_s) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validated float arrays (N, P, T) with the P = 1 rows (no communication) dropped; P may be one number."""
+def _alpha_beta_inputs(sizes_bytes, world_sizes, times_s, doubling_max_bytes=0) -> tuple[np.ndarray, ...]:
+    """Validated float arrays (N, P, T, doubling threshold) with the P = 1 rows (no communication) dropped;
+    P and the threshold may each be one number."""
     n = np.asarray(sizes_bytes, dtype=np.float64).ravel()
     t = np.asarray(times_s, dtype=np.float64).ravel()
     p = np.asarray(world_sizes, dtype=np.float64).ravel()
@@ -237,22 +291,28 @@ def _alpha_beta_inputs(sizes_bytes, world_sizes, times_s) -> tuple[np.ndarray, n
     if not (n.size == p.size == t.size) or n.size == 0:
         raise ConfigError(f"fit_alpha_beta needs equal-length non-empty lists, got {n.size} sizes, "
                           f"{p.size} world sizes, {t.size} times")
+    limit = np.asarray(doubling_max_bytes, dtype=np.float64).ravel()
+    if limit.size == 1:
+        limit = np.full(n.shape, limit[0])
+    if limit.size != n.size:
+        raise ConfigError(f"doubling_max_bytes needs one number or one per timing, got {limit.size} for "
+                          f"{n.size} timings")
     if not (np.all(np.isfinite(t)) and np.all(t > 0) and np.all(n >= 0) and np.all(p >= 1)):
         raise ConfigError("fit_alpha_beta needs sizes >= 0, world sizes >= 1 and positive finite times")
     keep = p > 1
-    n, p, t = n[keep], p[keep], t[keep]
+    n, p, t, limit = n[keep], p[keep], t[keep], limit[keep]
     if np.unique(n).size < 2:
         raise ConfigError("fit_alpha_beta needs timings on >= 2 workers at two or more distinct message "
                           "sizes to separate latency from bandwidth")
-    return n, p, t
+    return n, p, t, limit
 
 
 def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[int] | int,
                    times_s: Sequence[float], *, relative: bool = True,
-                   doubling_max_bytes: int = 0) -> tuple[float, float]:
+                   doubling_max_bytes: int | Sequence[int] = 0) -> tuple[float, float]:
     """Fit α (s) and β (s/byte) of ``T = 2(P−1)α + 2(P−1)/P·N·β`` to measured all-reduce times (rows
-    the strategy sent by recursive doubling, N ≤ ``doubling_max_bytes``, by :func:`allreduce_time`'s
-    ``log2(P)·(α + N·β)``).
+    the strategy sent by recursive doubling, N ≤ ``doubling_max_bytes`` — the threshold that ran, one
+    number or one per row — by :func:`allreduce_time`'s ``log2(P)·(α + N·β)``).
 
     Args:
         sizes_bytes, world_sizes, times_s: one entry per measurement (median seconds per all-reduce of a
@@ -263,13 +323,13 @@ def fit_alpha_beta(sizes_bytes: Sequence[float], world_sizes: Sequence[int] | in
     Returns:
         ``(alpha_s, beta_s_per_byte)``, both ≥ 0 (non-negative least squares).
     """
-    n, p, t = _alpha_beta_inputs(sizes_bytes, world_sizes, times_s)
-    alpha, beta = nonneg_lstsq(_cost_features(n, p, doubling_max_bytes), t, relative=relative)
+    n, p, t, limit = _alpha_beta_inputs(sizes_bytes, world_sizes, times_s, doubling_max_bytes)
+    alpha, beta = nonneg_lstsq(_cost_features(n, p, limit), t, relative=relative)
     return float(alpha), float(beta)
 
 
 def best_max_rel_error(sizes_bytes: Sequence[float], world_sizes: Sequence[int] | int,
-                       times_s: Sequence[float], *, doubling_max_bytes: int = 0) -> float:
+                       times_s: Sequence[float], *, doubling_max_bytes: int | Sequence[int] = 0) -> float:
     """The smallest max |T̂/T − 1| that any α, β ≥ 0 of the ring model reaches on these timings: the
     minimax (Chebyshev) fit's error. When it exceeds a tolerance, no fit meets that tolerance, least squares
     or any other: the timings are not a line in N.
@@ -278,8 +338,8 @@ def best_max_rel_error(sizes_bytes: Sequence[float], world_sizes: Sequence[int] 
     (or, on the boundary α = 0 or β = 0, by the two extreme ratios), so every such candidate is solved for
     and the best one over all timings kept.
     """
-    n, p, t = _alpha_beta_inputs(sizes_bytes, world_sizes, times_s)
-    a = _cost_features(n, p, doubling_max_bytes) / t[:, None]  # (m, 2): T̂/T = a·(α, β)
+    n, p, t, limit = _alpha_beta_inputs(sizes_bytes, world_sizes, times_s, doubling_max_bytes)
+    a = _cost_features(n, p, limit) / t[:, None]  # (m, 2): T̂/T = a·(α, β)
     cands = []
     for j in range(2):  # one coefficient, the other at its bound 0
         col = a[:, j]
