@@ -107,6 +107,28 @@ def test_memcpy_probe_times_every_size_and_reports_how_straight_the_costs_are():
 
 
 @pytest.mark.timeout(180)
+def test_fit_prices_each_row_with_the_doubling_threshold_that_ran_at_its_p():
+    # P = 2 doubled up to 256 KB, P = 4 up to 1.5 MB (the gloo ring's default latency_bytes, 192 KB, while
+    # these links' α/β is 47 KB): one (α, β) describes every row exactly only if each row is priced by the
+    # algorithm that ran at its own P
+    sizes = [16384 << k for k in range(10)]  # 16 KB … 8 MB
+    thresholds = {2: 256 << 10, 4: 1536 << 10}
+    rows = []
+    for p in (2, 4):
+        for s in sizes:
+            r = _row("ring-tcp", p, s, float(ab.ring_time_s(s, p, ALPHA, BETA, thresholds[p])))
+            rows.append(dict(r, doubling_max_bytes=thresholds[p], doubling_p2_bytes=256 << 10))
+    fits = ab.add_fits(rows)
+    assert (fits["ring-tcp"]["alpha_s"], fits["ring-tcp"]["beta_s_per_byte"]) == pytest.approx((ALPHA, BETA), rel=1e-6)
+    assert max(abs(r["model_rel_err"]) for r in rows) < 1e-6
+    # priced with P = 2's threshold everywhere, the P = 4 rows between 256 KB and 1.5 MB do not fit
+    for r in rows:
+        r["doubling_max_bytes"] = 256 << 10
+    ab.add_fits(rows)
+    assert max(abs(r["model_rel_err"]) for r in rows) > 0.05
+    assert "alpha/beta = " in ab.format_table(rows, None, fits)
+
+
 def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
     sizes = [4096, 65536]
     names = ("allreduce", "ring", "ring-tcp", "qsgd")

@@ -7,8 +7,9 @@ back-to-back calls), algbw = N/T and busbw = algbw·2(P−1)/P (the nccl-tests c
 each link carried, comparable with the link's own rate). In the same run the loopback TCP stream rate (a plain socket sender/receiver pair of processes, the ceiling busbw can approach)
 and the TCP round-trip time (a small ping-pong, the floor for a small message) are measured, and the ring
 cost model T = 2(P−1)α + 2(P−1)/P·N·β (REFERENCES §1) is fitted per strategy; each row shows how well the
-fit predicts it. Rows that our rings sent by recursive doubling (messages up to their ``small_bytes`` when P
-is a power of two) are modelled by that algorithm's cost with the same α, β: log2(P)·(α + N·β).
+fit predicts it. Rows that our rings sent by recursive doubling (small messages when P is a power of two;
+each row records the threshold that ran at its P) are modelled by that algorithm's cost with the same
+α, β: log2(P)·(α + N·β).
 
 The fit and the best-possible fit error are the performance model's (:mod:`scalesgd.perf_model`), so the
 α and β printed here are the ones ``scalesgd predict`` would use.
@@ -28,7 +29,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from scalesgd.errors import ConfigError
-from scalesgd.perf_model import Network, allreduce_time, best_max_rel_error, fit_alpha_beta
+from scalesgd.perf_model import allreduce_time_as_run as ring_time_s  # (N, P, α, β, threshold that ran)
+from scalesgd.perf_model import best_max_rel_error, fit_alpha_beta
 
 DEFAULT_STRATEGIES = ("allreduce", "ring", "ring-tcp", "ps", "qsgd")
 # 4 KiB … 64 MiB, doubling (nccl-tests' usual sweep, cut to what a CPU box moves in a few minutes).
@@ -42,20 +44,12 @@ RING_FAMILY = ("allreduce", "ring", "ring-tcp")  # strategies the ring cost mode
 OUR_RINGS = ("ring", "ring-tcp")  # our ring all-reduce over torch.distributed and over our own sockets
 
 ROW_COLUMNS = ("strategy", "world_size", "size_bytes", "numel", "iters", "time_s", "time_min_s", "time_max_s",
-               "algbw_GBps", "busbw_GBps", "bytes_sent", "doubling_max_bytes")
+               "algbw_GBps", "busbw_GBps", "bytes_sent", "doubling_max_bytes", "doubling_p2_bytes")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The α–β model
 # ----------------------------------------------------------------------------------------------------------
-
-
-def ring_time_s(size_bytes, world_size, alpha_s: float, beta_s_per_byte: float, doubling_max_bytes: int = 0):
-    """Ring all-reduce cost T = 2(P−1)α + 2(P−1)/P·N·β (baidu-allreduce; REFERENCES §1), or log2(P)·(α + N·β)
-    where the strategy used recursive doubling; numpy-broadcasting. The performance model's
-    :func:`~scalesgd.perf_model.allreduce_time` with bare α, β."""
-    return allreduce_time(size_bytes, world_size, Network(alpha_s=alpha_s, beta_s_per_byte=beta_s_per_byte,
-                                                          doubling_max_bytes=doubling_max_bytes))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,9 +204,11 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
                              generator=torch.Generator().manual_seed(seed * 1000 + 7 + world.rank),
                              **comm_options.get(name, {}))
              for name in strategies}
-    # Our rings send messages up to small_bytes by recursive doubling (P a power of two): the model must know.
+    # Our rings send small messages by recursive doubling (P a power of two): the model must know up to where.
     out: dict[str, Any] = {"times": {}, "bytes_sent": {},
-                           "doubling_max_bytes": {name: int(getattr(c, "small_bytes", 0)) for name, c in comms.items()}}
+                           "doubling_max_bytes": {name: int(getattr(c, "doubling_max_bytes", 0))
+                                                  for name, c in comms.items()},
+                           "doubling_p2_bytes": {name: int(getattr(c, "small_bytes", 0)) for name, c in comms.items()}}
     if world.size > 1:
         out["p2p"] = _p2p_floor(world.rank, device)
 
@@ -361,6 +357,7 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
                              "busbw_GBps": algbw * 2 * (p - 1) / p,
                              "bytes_sent": int(max(r["bytes_sent"][key] for r in per_rank)),
                              "doubling_max_bytes": per_rank[0]["doubling_max_bytes"][name],
+                             "doubling_p2_bytes": per_rank[0]["doubling_p2_bytes"][name],
                              "threads": nthreads, "p2p_pingpong_s": p2p.get("pingpong_s"),
                              "p2p_exchange_s": p2p.get("exchange_s")})
     return rows
@@ -376,9 +373,10 @@ def _fittable(rows: list[dict[str, Any]]) -> bool:
     return len({r["size_bytes"] for r in rows}) >= 2
 
 
-def _doubling(rows: list[dict[str, Any]]) -> int:
-    """The strategy's recursive-doubling threshold (rows written before the bench recorded it: none)."""
-    return int(rows[0].get("doubling_max_bytes") or 0)
+def _doubling(rows: list[dict[str, Any]]) -> list[int]:
+    """Each row's recursive-doubling threshold, the one that ran at its P (rows written before the bench
+    recorded it: none)."""
+    return [int(r.get("doubling_max_bytes") or 0) for r in rows]
 
 
 def _fit_entry(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -406,7 +404,7 @@ def add_fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         fits[name]["by_world_size"] = {}
         for r in mine:
             r["model_time_s"] = float(ring_time_s(r["size_bytes"], r["world_size"], fits[name]["alpha_s"],
-                                                  fits[name]["beta_s_per_byte"], _doubling(mine)))
+                                                  fits[name]["beta_s_per_byte"], _doubling([r])[0]))
             r["model_rel_err"] = (r["model_time_s"] - r["time_s"]) / r["time_s"]
         for p in dict.fromkeys(r["world_size"] for r in mine):
             at_p = [r for r in mine if r["world_size"] == p]
@@ -415,7 +413,7 @@ def add_fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             f = fits[name]["by_world_size"][p] = _fit_entry(at_p)
             for r in at_p:
                 r["model_p_time_s"] = float(ring_time_s(r["size_bytes"], p, f["alpha_s"], f["beta_s_per_byte"],
-                                                        _doubling(mine)))
+                                                        _doubling([r])[0]))
                 r["model_p_rel_err"] = (r["model_p_time_s"] - r["time_s"]) / r["time_s"]
     return fits
 
@@ -532,8 +530,13 @@ def format_table(rows: list[dict[str, Any]], tcp: dict[str, float] | None = None
         for name, f in fits.items():
             for label, g in [("all P", f)] + [(f"P={p}", g) for p, g in f.get("by_world_size", {}).items()]:
                 bw = "inf" if g["bandwidth_GBps"] is None else f"{g['bandwidth_GBps']:.3f}"
+                lat = ("inf" if g["beta_s_per_byte"] == 0
+                       else _human(int(round(g["alpha_s"] / g["beta_s_per_byte"]))) if g["alpha_s"] > 0 else "0 B")
                 lines.append(f"#   {name:<10} {label:<6} alpha = {g['alpha_s'] * 1e6:9.1f} us   "
-                             f"beta = {g['beta_s_per_byte'] * 1e9:8.4f} ns/B  (1/beta = {bw} GB/s)")
+                             f"beta = {g['beta_s_per_byte'] * 1e9:8.4f} ns/B  (1/beta = {bw} GB/s, "
+                             f"alpha/beta = {lat})")
+        lines.append("#   our rings switch from recursive doubling to the ring where the two costs cross, at "
+                     "8*alpha/beta for P=4 (--comm-option STRATEGY.latency_bytes=alpha/beta sets it)")
     if memcpy:
         lines.append("")
         rates = memcpy["bytes_per_s"]
