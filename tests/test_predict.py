@@ -113,6 +113,16 @@ def test_predict_cli_prints_table_recommendation_and_writes_outputs(tmp_path, ca
     assert max(int(r.split(",")[1]) for r in rows[1:]) == 1024
 
 
+@pytest.mark.parametrize("comm", ["allreduce", "ring-tcp"])
+def test_predict_with_a_given_network_models_our_rings_recursive_doubling(tmp_path, capsys, comm):
+    args = parse([*FAST, "--comm", comm, "--batch-bound", "200", "--passes-at-small-batch", "10",
+                  "--batch-sizes", "64", "--max-workers", "1024", "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    info = json.loads((tmp_path / "out" / "prediction.json").read_text())
+    assert info["network"]["doubling_max_bytes"] == (256 << 10 if comm == "ring-tcp" else 0)
+    assert ("recursive doubling" in capsys.readouterr().out) == (comm == "ring-tcp")
+
+
 def test_predict_cli_from_run(tmp_path, capsys):
     write_run(tmp_path / "r", bounds=[150.0, 250.0], evals=[(4.0, 0.8), (6.5, 0.92)])
     args = parse([*FAST, "--from-run", str(tmp_path / "r"), "--batch-sizes", "64,512", "--max-workers", "8"])

@@ -16,7 +16,7 @@ import csv
 import json
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from scalesgd import perf_model as pm
-from scalesgd.comm import COMM_STRATEGIES
+from scalesgd.allreduce_bench import OUR_RINGS
+from scalesgd.comm import COMM_STRATEGIES, RingAllReduce
 from scalesgd.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,9 +166,10 @@ def measure_allreduce(sizes_bytes: Sequence[int] = DEFAULT_SWEEP_BYTES, *, world
         raise ConfigError(f"measuring the all-reduce needs >= 2 workers, got {world_size}")
     rows = run_allreduce_bench([comm], sizes, [world_size], iters=repeats, warmup=warmup, threads=1,
                                timeout_s=timeout_s)
-    medians, doubling = tuple(r["time_s"] for r in rows), rows[0]["doubling_max_bytes"]
-    alpha, beta = pm.fit_alpha_beta(sizes, [world_size] * len(sizes), medians, doubling_max_bytes=doubling)
-    net = pm.Network(alpha_s=alpha, beta_s_per_byte=beta, doubling_max_bytes=doubling,
+    medians = tuple(r["time_s"] for r in rows)
+    alpha, beta = pm.fit_alpha_beta(sizes, [world_size] * len(sizes), medians,
+                                    doubling_max_bytes=[r["doubling_max_bytes"] for r in rows])
+    net = pm.Network(alpha_s=alpha, beta_s_per_byte=beta, doubling_max_bytes=rows[0]["doubling_p2_bytes"],
                      source=f"measured here: --comm {comm} on gloo, {world_size} local processes")
     return AllreduceSweep(sizes_bytes=sizes, world_size=world_size, median_s=medians, network=net)
 
@@ -328,8 +330,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--network", default=None, metavar="'BW, LATENCY'",
                    help="target network, e.g. '25 Gbit/s, 10 us' (default: measured here with gloo)")
     p.add_argument("--comm", default="allreduce", choices=sorted(COMM_STRATEGIES),
-                   help="communication strategy whose alpha and beta are measured here when --network is not "
-                        "given (default: allreduce)")
+                   help="communication strategy: its alpha and beta are measured here when --network is not "
+                        "given, and ring/ring-tcp are modelled with their recursive doubling for small messages "
+                        "(default: allreduce)")
     p.add_argument("--batch-sizes", type=_int_list, default=[2 ** k for k in range(4, 17)],
                    help="global batch sizes to predict (default: 16,32,...,65536)")
     p.add_argument("--max-workers", type=int, default=1024, help="largest P; the grid is 1,2,4,... (default 1024)")
@@ -385,6 +388,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.max_workers < 1:
         raise ConfigError(f"--max-workers must be >= 1, got {args.max_workers}")
     network = pm.parse_network(args.network) if args.network else None  # fail fast on a bad string
+    if network is not None:
+        # our rings switch to recursive doubling for small messages on any network; the built-in is a ring
+        doubling = RingAllReduce.DOUBLING_P2_BYTES if args.comm in OUR_RINGS else 0
+        network = replace(network, doubling_max_bytes=doubling)
     batch_bound, passes_min, stat_source = _statistical_inputs(args)
     ds = load_dataset(args.dataset, n_train=args.n_train)
     width = args.width if args.width is not None else DEFAULT_WIDTH[args.model]
@@ -424,8 +431,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                                 "t0_s": prof.fit.t0_s, "t1_s": prof.fit.t1_s,
                                 "max_rel_err": prof.fit.max_rel_err, "threads": prof.threads,
                                 "kind": prof.fit.kind, "knots_b": prof.fit.knots_b, "knots_s": prof.fit.knots_s},
-            "network": {"alpha_s": network.alpha_s, "beta_s_per_byte": network.beta_s_per_byte,
-                        "source": network.source},
+            "network": asdict(network),
             "allreduce_sweep": None if sweep is None else {"sizes_bytes": sweep.sizes_bytes,
                                                            "world_size": sweep.world_size,
                                                            "median_s": sweep.median_s},
