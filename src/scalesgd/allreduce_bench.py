@@ -530,8 +530,7 @@ def format_table(rows: list[dict[str, Any]], tcp: dict[str, float] | None = None
         for name, f in fits.items():
             for label, g in [("all P", f)] + [(f"P={p}", g) for p, g in f.get("by_world_size", {}).items()]:
                 bw = "inf" if g["bandwidth_GBps"] is None else f"{g['bandwidth_GBps']:.3f}"
-                lat = ("inf" if g["beta_s_per_byte"] == 0
-                       else _human(int(round(g["alpha_s"] / g["beta_s_per_byte"]))) if g["alpha_s"] > 0 else "0 B")
+                lat = "inf" if g["beta_s_per_byte"] == 0 else f"{g['alpha_s'] / g['beta_s_per_byte'] / 1024:.0f} KB"
                 lines.append(f"#   {name:<10} {label:<6} alpha = {g['alpha_s'] * 1e6:9.1f} us   "
                              f"beta = {g['beta_s_per_byte'] * 1e9:8.4f} ns/B  (1/beta = {bw} GB/s, "
                              f"alpha/beta = {lat})")
