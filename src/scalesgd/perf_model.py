@@ -204,8 +204,9 @@ class Network:
 
     def describe(self) -> str:
         gbit = self.bandwidth_bytes_per_s * 8 / 1e9
+        at4 = float(doubling_crossover_bytes(4, self.latency_bytes)) / 1024
         rd = (f", recursive doubling up to {self.doubling_max_bytes} B at P=2 and up to the alpha-beta crossover "
-              f"above ({float(doubling_crossover_bytes(4, self.latency_bytes)):.3g} B at P=4)" if self.doubling_max_bytes else "")
+              f"above ({at4:.0f} KB at P=4)" if self.doubling_max_bytes else "")
         return (f"{gbit:.3g} Gbit/s, {self.alpha_s * 1e6:.3g} us{rd}"
                 + (f" ({self.source})" if self.source else ""))
 
