@@ -18,6 +18,8 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
+	mkdir -p bench/out
+	$(VENV)/bin/scalesgd allreduce-bench --json bench/out/allreduce_bench.json --plot bench/out/allreduce_bench.png
 	$(PY) bench/throughput.py
 	$(PY) bench/diversity_overhead.py
 	$(PY) bench/time_to_accuracy.py

@@ -154,3 +154,32 @@ def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
     fits = ab.add_fits(rows)
     assert all(r["model_time_s"] > 0 for r in rows) and set(fits) == set(names)
     json.dumps({"rows": rows, "fits": fits, "targets": ab.evaluate_targets(rows, None)})
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser()
+    ab.add_parser(parser.add_subparsers())
+    return parser.parse_args(["allreduce-bench", *argv])
+
+
+@pytest.mark.timeout(240)
+def test_cli_writes_table_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = _cli(["--quick", "--sizes", "4KB", "64KB", "--iters", "2", "--warmup", "0",
+                 "--strategies", "allreduce", "ring-tcp", "--json", str(out_json), "--plot", str(out_png)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "# strategy=ring-tcp  P=2" in text and f"# plot: {out_png}" in text
+    data = json.loads(out_json.read_text())
+    assert {r["strategy"] for r in data["rows"]} == {"allreduce", "ring-tcp"}
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
+def test_cli_refuses_outputs_it_could_not_write_before_measuring(tmp_path):
+    for argv, match in ((["--plot", str(tmp_path / "bench.txt")], "--plot .*must end in .png"),
+                        (["--json", str(tmp_path / "no" / "such" / "dir" / "b.json")], "--json .*does not exist"),
+                        (["--json", str(tmp_path / "b.csv")], "--json .*must end in .json")):
+        args = _cli(["--quick", *argv])
+        with pytest.raises(ConfigError, match=match):
+            args.func(args)  # fails at once: the TCP probe and the sweep would take tens of seconds

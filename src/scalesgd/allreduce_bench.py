@@ -24,6 +24,7 @@ import os
 import socket
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -625,6 +626,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     iters = args.iters if args.iters is not None else (5 if args.quick else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     options = _parse_options(args.comm_option or [])
+    _check_output(args.json, "--json", (".json",))
+    _check_output(args.plot, "--plot", (".png", ".pdf", ".svg"))
     tcp = measure_tcp_loopback(stream_bytes=(64 << 20) if args.quick else (256 << 20),
                                n_pings=500 if args.quick else 2000)
     in_fit_range = [s for s in sizes if FIT_RANGE[0] <= s <= FIT_RANGE[1]]
@@ -635,13 +638,33 @@ def run_from_args(args: argparse.Namespace) -> int:
     fits = add_fits(rows)
     targets = evaluate_targets(rows, tcp)
     print(format_table(rows, tcp, fits, targets, memcpy))
+    if args.plot:
+        from scalesgd import plots
+
+        drawn = plots.allreduce_bench(rows, Path(args.plot), stream_bytes_per_s=tcp.get("stream_bytes_per_s"),
+                                      fit_range=FIT_RANGE)
+        print(f"# plot: {drawn}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": {"strategies": list(args.strategies), "sizes_bytes": sizes, "world_sizes": workers,
-                                  "iters": iters, "warmup": warmup, "backend": args.backend,
-                                  "comm_options": options, "cpu_count": os.cpu_count()},
-                       "tcp": tcp, "memcpy": memcpy, "rows": rows, "fits": fits, "targets": targets}, f, indent=2)
+        from scalesgd.writer import write_json_atomic
+
+        write_json_atomic(Path(args.json), {
+            "config": {"strategies": list(args.strategies), "sizes_bytes": sizes, "world_sizes": workers,
+                       "iters": iters, "warmup": warmup, "backend": args.backend, "comm_options": options,
+                       "cpu_count": os.cpu_count()},
+            "tcp": tcp, "memcpy": memcpy, "rows": rows, "fits": fits, "targets": targets})
     return 0
+
+
+def _check_output(path: str | None, flag: str, suffixes: tuple[str, ...]) -> None:
+    """Refuse an output the run could not write, before minutes of measuring."""
+    if path is None:
+        return
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise ConfigError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: directory {out.parent} does not exist or is not writable; create it "
+                          "or choose another path")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -660,6 +683,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per size (default 3; --quick 1)")
     p.add_argument("--quick", action="store_true", help="a small sweep that finishes in well under a minute")
     p.add_argument("--json", default=None, metavar="FILE", help="also write rows, link, fits and targets here")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw time and busbw against message size per P, with the fitted model and the "
+                        "TCP ceiling")
     p.add_argument("--backend", default="gloo", choices=("gloo", "nccl", "auto"))
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default cores // P)")
     p.add_argument("--comm-option", action="append", metavar="STRATEGY.KEY=VALUE",

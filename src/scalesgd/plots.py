@@ -99,3 +99,39 @@ def diversity_along_training(run: RunData, path: Path) -> Path:
         ax2.legend(loc="lower right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
+
+
+def allreduce_bench(rows: Sequence[dict], path: Path, *, stream_bytes_per_s: float | None = None,
+                    fit_range: tuple[int, int] | None = None) -> Path:
+    """``allreduce-bench`` at a glance, one column per world size: time against message size (markers:
+    measured medians; dashed: the α–β model fitted at that P, where the bench fitted one; shaded: the sizes
+    the model is judged on) and busbw against message size, with the loopback TCP stream rate as the ceiling."""
+    world_sizes = sorted({r["world_size"] for r in rows})
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    colors = {name: f"C{i}" for i, name in enumerate(strategies)}
+    fig, axes = plt.subplots(2, len(world_sizes), figsize=(5.5 * len(world_sizes), 8), squeeze=False, sharex=True)
+    for col, p in enumerate(world_sizes):
+        ax_t, ax_bw = axes[0, col], axes[1, col]
+        for name in strategies:
+            mine = sorted((r for r in rows if r["strategy"] == name and r["world_size"] == p),
+                          key=lambda r: r["size_bytes"])
+            if not mine:
+                continue
+            size = np.array([r["size_bytes"] for r in mine], dtype=float)
+            ax_t.plot(size, [r["time_s"] * 1e6 for r in mine], "o-", ms=3, lw=1, color=colors[name], label=name)
+            modelled = [r for r in mine if r.get("model_p_time_s") is not None]
+            if modelled:
+                ax_t.plot([r["size_bytes"] for r in modelled], [r["model_p_time_s"] * 1e6 for r in modelled],
+                          "--", lw=1, color=colors[name], alpha=0.7)
+            ax_bw.plot(size, [r["busbw_GBps"] for r in mine], "o-", ms=3, lw=1, color=colors[name], label=name)
+        if fit_range:
+            ax_t.axvspan(*fit_range, color="0.92", zorder=0, label="model judged here")
+        if stream_bytes_per_s:
+            ax_bw.axhline(stream_bytes_per_s / 1e9, color="k", ls=":", lw=1, label="loopback TCP stream")
+        ax_t.set(xscale="log", yscale="log", ylabel="time per all-reduce (µs)",
+                 title=f"P = {p}: measured (markers), α–β model fitted at P = {p} (dashed)")
+        ax_bw.set(xscale="log", xlabel="message size (bytes)", ylabel="busbw (GB/s)", title=f"P = {p}: bus bandwidth")
+        for ax in (ax_t, ax_bw):
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+    return _save(fig, path)
