@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from scalesgd import perf_model as pm
+from scalesgd.comm import COMM_STRATEGIES
 from scalesgd.data import load_dataset
 from scalesgd.models import DEFAULT_WIDTH, MODELS, count_parameters
 from scalesgd.predict import _int_list, read_run
@@ -88,7 +89,7 @@ def train(run_dir: Path, *, workers: int, batch: int, epochs: float | None, args
            "--dataset", "mnist1d", "--model", args.model, *length, "--run-dir", str(run_dir),
            "--no-progress", "--threads-per-worker", "1", "--seed", str(args.seed), "--lr", str(args.lr),
            "--lr-rule", args.lr_rule, "--base-batch-size", str(args.base_batch_size),
-           "--lr-schedule", "constant", "--diversity", args.diversity]
+           "--lr-schedule", "constant", "--diversity", args.diversity, "--comm", args.comm]
     if target is not None:
         cmd += ["--target-accuracy", str(target)]
     if eval_every is not None:
@@ -155,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--lr-rule", default="constant",
                     help="lr as B changes (default constant: sqrt/linear at lr 0.05 from B=32 diverge at B=2048)")
+    ap.add_argument("--comm", default="allreduce", choices=sorted(COMM_STRATEGIES),
+                    help="communication strategy of every P > 1 run, profiles included (default: the built-in)")
     ap.add_argument("--diversity", default="off", choices=("off", "cheap", "exact"),
                     help="the trainer's diversity tap in every run (adascale needs it)")
     ap.add_argument("--base-batch-size", type=int, default=32)
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     print(f"machine: {os.cpu_count()} cores, shared with other jobs (load average now "
-          f"{os.getloadavg()[0]:.1f}); timings are noisy. Runs in {out}")
+          f"{os.getloadavg()[0]:.1f}); timings are noisy. Runs in {out}; --comm {args.comm}")
 
     ds = load_dataset("mnist1d")
     width = DEFAULT_WIDTH[args.model]
