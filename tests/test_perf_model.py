@@ -391,6 +391,11 @@ def test_fit_recovers_alpha_beta_when_small_messages_went_by_recursive_doubling(
     assert pm.best_max_rel_error(sizes, ps, times, doubling_max_bytes=256 << 10) < 1e-9
     # the plain ring model cannot describe both algorithms' rows at once
     assert pm.best_max_rel_error(sizes, ps, times) > 0.1
+    # the threshold may also be given per row (each P's own, as allreduce-bench records it), but not half-way
+    per_row = np.full(len(sizes), 256 << 10)
+    assert pm.fit_alpha_beta(sizes, ps, times, doubling_max_bytes=per_row) == pytest.approx((ALPHA, BETA), rel=1e-9)
+    with pytest.raises(ConfigError, match="one per timing"):
+        pm.fit_alpha_beta(sizes, ps, times, doubling_max_bytes=per_row[:3])
 
 
 def test_fit_with_multiplicative_noise_and_a_single_world_size():

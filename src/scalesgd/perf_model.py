@@ -244,9 +244,10 @@ def _power_of_two(p: np.ndarray) -> np.ndarray:
 def doubling_crossover_bytes(workers, latency_bytes: float):
     """The message size N* at which recursive doubling and the ring cost the same on P workers (a power of
     two ≥ 4): ``log2(P)·(α + N·β) = 2(P−1)·α + 2(P−1)/P·N·β`` gives
-    ``N* = (α/β)·(2(P−1) − log2 P)/(log2 P − 2(P−1)/P)``; doubling is cheaper below it. 0 where the ring is
-    never costlier (P = 2, where the two send the same bytes and the ring needs one message more but
-    pipelines its additions; P not a power of two) — scalars or arrays in, float array out.
+    ``N* = (α/β)·(2(P−1) − log2 P)/(log2 P − 2(P−1)/P)``; doubling is cheaper below it. 0 where there is no
+    crossover: P = 2 (the two send the same bytes, doubling saves one α and the ring pipelines its
+    additions, so there the switch is a measured size) and P not a power of two — scalars or arrays in,
+    float array out.
     """
     p = np.asarray(workers, dtype=np.float64)
     log_p = np.log2(np.maximum(p, 1.0))
