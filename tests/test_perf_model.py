@@ -97,6 +97,10 @@ def test_allreduce_models_recursive_doubling_where_the_strategy_runs_it():
     assert t.shape == (2, 2) and t[0, 0] == pytest.approx(2 * (1e-5 + 5e4 * 1e-9)) and t[1, 0] == allreduce_time(5e4, 5, ring)
     assert t[0, 1] == allreduce_time(1e6, 4, ring)  # above 8·α/β = 80 kB at P = 4
     assert "recursive doubling up to 262144 B at P=2" in net.describe()
+    assert [pm.allreduce_algorithm(n, p, net) for n, p in ((1e9, 1), (1e5, 2), (1e6, 2), (5e4, 8), (1e5, 8),
+                                                           (1e6, 1024), (1e5, 6))] == [
+        "none", "recursive doubling", "ring", "recursive doubling", "ring", "recursive doubling", "ring"]
+    assert pm.allreduce_algorithm(1e5, 2, ring) == "ring"
 
 
 def test_above_two_workers_the_model_prices_the_cheaper_of_doubling_and_the_ring():

@@ -120,7 +120,11 @@ def test_predict_with_a_given_network_models_our_rings_recursive_doubling(tmp_pa
     assert args.func(args) == 0
     info = json.loads((tmp_path / "out" / "prediction.json").read_text())
     assert info["network"]["doubling_max_bytes"] == (256 << 10 if comm == "ring-tcp" else 0)
-    assert ("recursive doubling" in capsys.readouterr().out) == (comm == "ring-tcp")
+    text = capsys.readouterr().out
+    assert ("recursive doubling up to" in text) == (comm == "ring-tcp")
+    # the recommendation says which algorithm it priced: the 32 KB gradient doubles on our rings at any P
+    said = next(line for line in text.splitlines() if line.startswith("all-reduce of the gradient, as modelled:"))
+    assert ("recursive doubling at P=" in said) == (comm == "ring-tcp") and ("ring at P=" in said) == (comm != "ring-tcp")
 
 
 def test_predict_cli_from_run(tmp_path, capsys):

@@ -225,6 +225,15 @@ def allreduce_time(message_bytes, workers, network: Network):
                                  doubling_threshold_bytes(p, network.doubling_max_bytes, network.latency_bytes))
 
 
+def allreduce_algorithm(message_bytes: float, workers: int, network: Network) -> str:
+    """Which algorithm :func:`allreduce_time` prices for one message: "none" (P = 1), "recursive doubling"
+    or "ring"."""
+    if workers <= 1:
+        return "none"
+    limit = float(doubling_threshold_bytes(workers, network.doubling_max_bytes, network.latency_bytes))
+    return "recursive doubling" if message_bytes <= limit and bool(_power_of_two(np.float64(workers))) else "ring"
+
+
 def allreduce_time_as_run(message_bytes, workers, alpha_s: float, beta_s_per_byte: float, doubling_max_bytes=0):
     """:func:`allreduce_time` with the recursive-doubling threshold that actually ran given outright (one
     number, or one per row, as ``allreduce-bench`` records it): how measured rows are priced and fitted."""

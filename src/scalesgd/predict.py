@@ -422,6 +422,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(pm.format_table(table))
     rec = pm.recommend(table, tolerance=args.tolerance)
     print(pm.format_recommendation(rec))
+    print("all-reduce of the gradient, as modelled: " + ", ".join(
+        f"{pm.allreduce_algorithm(grad_bytes, p, network)} at P={p}"
+        for p in dict.fromkeys((rec.fastest.workers, rec.cheapest.workers))))
     if args.out:
         out = Path(args.out)
         write_table(table, out / "predictions.csv")
