@@ -138,6 +138,7 @@ def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
         assert set(ab.ROW_COLUMNS) <= set(r)
         assert r["world_size"] == 2 and r["iters"] == 3
         assert 0 < r["time_min_s"] <= r["time_s"] <= r["time_max_s"]
+        assert r["time_min_s"] <= r["time_mean_s"] <= r["time_max_s"] and 0 <= r["slow_frac"] <= 0.5
         assert r["algbw_GBps"] == pytest.approx(r["size_bytes"] / r["time_s"] / 1e9)
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"])  # 2(P-1)/P = 1 at P = 2
         assert r["bytes_sent"] > 0
@@ -170,6 +171,7 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
     assert args.func(args) == 0
     text = capsys.readouterr().out
     assert "# strategy=ring-tcp  P=2" in text and f"# plot: {out_png}" in text
+    assert "timings >= 1.5x their size's median (stalls)" in text
     data = json.loads(out_json.read_text())
     assert {r["strategy"] for r in data["rows"]} == {"allreduce", "ring-tcp"}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000

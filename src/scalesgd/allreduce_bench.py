@@ -44,8 +44,9 @@ FIT_RANGE = (64 << 10, 64 << 20)
 RING_FAMILY = ("allreduce", "ring", "ring-tcp")  # strategies the ring cost model describes
 OUR_RINGS = ("ring", "ring-tcp")  # our ring all-reduce over torch.distributed and over our own sockets
 
+SLOW = 1.5  # a timing this many times its size's median counts as a stall
 ROW_COLUMNS = ("strategy", "world_size", "size_bytes", "numel", "iters", "time_s", "time_min_s", "time_max_s",
-               "algbw_GBps", "busbw_GBps", "bytes_sent", "doubling_max_bytes", "doubling_p2_bytes")
+               "time_mean_s", "slow_frac", "algbw_GBps", "busbw_GBps", "bytes_sent", "doubling_max_bytes", "doubling_p2_bytes")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,7 +323,8 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
         timeout_s: bound on each job.
     Returns:
         One dict per (strategy, P, size) with :data:`ROW_COLUMNS`: ``time_s`` is the median over calls of
-        the slowest rank's time, ``algbw_GBps`` = N/T/1e9, ``busbw_GBps`` = algbw·2(P−1)/P, ``bytes_sent``
+        the slowest rank's time (``time_mean_s`` their mean, ``slow_frac`` the share at least
+        :data:`SLOW` × the median: stalls), ``algbw_GBps`` = N/T/1e9, ``busbw_GBps`` = algbw·2(P−1)/P, ``bytes_sent``
         the most any rank sent per call.
     """
     from scalesgd.comm import COMM_STRATEGIES
@@ -354,7 +356,8 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
                 algbw = size / t / 1e9
                 rows.append({"strategy": name, "world_size": p, "size_bytes": size, "numel": size // 4,
                              "iters": int(per_call.size), "time_s": t, "time_min_s": float(per_call.min()),
-                             "time_max_s": float(per_call.max()), "algbw_GBps": algbw,
+                             "time_max_s": float(per_call.max()), "time_mean_s": float(per_call.mean()),
+                             "slow_frac": float(np.mean(per_call >= SLOW * t)), "algbw_GBps": algbw,
                              "busbw_GBps": algbw * 2 * (p - 1) / p,
                              "bytes_sent": int(max(r["bytes_sent"][key] for r in per_rank)),
                              "doubling_max_bytes": per_rank[0]["doubling_max_bytes"][name],
@@ -524,6 +527,12 @@ def format_table(rows: list[dict[str, Any]], tcp: dict[str, float] | None = None
             if "model_p_rel_err" in r:
                 line += f" {r['model_p_rel_err'] * 100:>+7.1f}"
             lines.append(line)
+        if mine and "slow_frac" in mine[0]:
+            worst = max(mine, key=lambda r: r["slow_frac"])
+            share = sum(r["slow_frac"] * r["iters"] for r in mine) / sum(r["iters"] for r in mine)
+            lines.append(f"#   timings >= {SLOW:g}x their size's median (stalls): {share:.0%} of all, most at "
+                         f"{_human(worst['size_bytes'])} ({worst['slow_frac']:.0%}; mean there "
+                         f"{worst['time_mean_s'] / worst['time_s']:.2f}x the median)")
     if fits:
         lines.append("")
         lines.append("# ring cost model T = 2(P-1)a + 2(P-1)/P*N*b (log2(P)*(a + N*b) where recursive doubling ran), "
