@@ -139,6 +139,9 @@ def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
         assert r["world_size"] == 2 and r["iters"] == 3
         assert 0 < r["time_min_s"] <= r["time_s"] <= r["time_max_s"]
         assert r["time_min_s"] <= r["time_mean_s"] <= r["time_max_s"] and 0 <= r["slow_frac"] <= 0.5
+        # the checked call on integer data: exact strategies sum every element right, qsgd only estimates
+        assert r["exact"] == (r["strategy"] != "qsgd")
+        assert r["wrong"] == 0 if r["exact"] else r["wrong"] > 0
         assert r["algbw_GBps"] == pytest.approx(r["size_bytes"] / r["time_s"] / 1e9)
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"])  # 2(P-1)/P = 1 at P = 2
         assert r["bytes_sent"] > 0
@@ -185,3 +188,20 @@ def test_cli_refuses_outputs_it_could_not_write_before_measuring(tmp_path):
         args = _cli(["--quick", *argv])
         with pytest.raises(ConfigError, match=match):
             args.func(args)  # fails at once: the TCP probe and the sweep would take tens of seconds
+
+
+def test_check_data_sums_exactly_and_a_wrong_sum_is_named():
+    import torch
+
+    n, P = 1001, 4
+    xs = [ab.check_input(n, r) for r in range(P)]
+    assert all(torch.equal(x, x.round()) and x.abs().max() <= 8 for x in xs)
+    assert not torch.equal(xs[0], xs[1])  # ranks hold different data, so a dropped rank shows
+    assert torch.equal(ab.expected_sum(n, P), torch.stack(xs).double().sum(0).float())
+    rows = [dict(_row("ring", 4, 4 << 20, 1e-3), wrong=0, exact=True),
+            dict(_row("ring-tcp", 4, 4 << 20, 1e-3), wrong=17, exact=True),
+            dict(_row("qsgd", 4, 4 << 20, 1e-3), wrong=900, exact=False)]
+    assert ab.wrong_results(rows) == ["ring-tcp P=4 4 MB: 17 of 1048576 elements differ from the sum"]
+    text = ab.format_table(rows)
+    assert "# WRONG RESULTS: ring-tcp P=4 4 MB" in text and "(900)" in text
+    assert "all exact strategies correct" in ab.format_table(rows[:1] + rows[2:])

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from scalesgd.errors import ConfigError
+from scalesgd.errors import ConfigError, DistributedError
 from scalesgd.perf_model import allreduce_time_as_run as ring_time_s  # (N, P, α, β, threshold that ran)
 from scalesgd.perf_model import best_max_rel_error, fit_alpha_beta
 
@@ -45,8 +45,9 @@ RING_FAMILY = ("allreduce", "ring", "ring-tcp")  # strategies the ring cost mode
 OUR_RINGS = ("ring", "ring-tcp")  # our ring all-reduce over torch.distributed and over our own sockets
 
 SLOW = 1.5  # a timing this many times its size's median counts as a stall
+LOSSY = ("qsgd",)  # strategies whose sum is an unbiased estimate, not exact: their #wrong is for information
 ROW_COLUMNS = ("strategy", "world_size", "size_bytes", "numel", "iters", "time_s", "time_min_s", "time_max_s",
-               "time_mean_s", "slow_frac", "algbw_GBps", "busbw_GBps", "bytes_sent", "doubling_max_bytes", "doubling_p2_bytes")
+               "time_mean_s", "slow_frac", "wrong", "exact", "algbw_GBps", "busbw_GBps", "bytes_sent", "doubling_max_bytes", "doubling_p2_bytes")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,7 +208,9 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
                              **comm_options.get(name, {}))
              for name in strategies}
     # Our rings send small messages by recursive doubling (P a power of two): the model must know up to where.
-    out: dict[str, Any] = {"times": {}, "bytes_sent": {},
+    checked = check_input(max_numel, world.rank, device)
+    expected = expected_sum(max_numel, world.size, device)
+    out: dict[str, Any] = {"times": {}, "bytes_sent": {}, "wrong": {},
                            "doubling_max_bytes": {name: int(getattr(c, "doubling_max_bytes", 0))
                                                   for name, c in comms.items()},
                            "doubling_p2_bytes": {name: int(getattr(c, "small_bytes", 0)) for name, c in comms.items()}}
@@ -237,6 +240,10 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
                 out["times"][f"{name}/{size}"] = []
                 for _ in range(warmup):
                     lined_up_call(comms[name], x, y, False)
+                # Correctness, as nccl-tests' #wrong: one call on integer data, compared element by element.
+                y.copy_(checked[:n])
+                comms[name].allreduce_(y)
+                out["wrong"][f"{name}/{size}"] = int((y != expected[:n]).sum().item())
             start = time.perf_counter()
             for it in range(iters):
                 stop = world.rank == 0 and it >= 3 and time.perf_counter() - start > budget_s
@@ -254,6 +261,24 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
     finally:
         shutdown_world()
     return out
+
+
+def check_input(numel: int, rank: int, device=None):
+    """Rank ``rank``'s integer-valued float32 input for the correctness check: ((7i + 13r) mod 17) − 8, so
+    any order of additions sums it exactly and every rank can write down the expected sum without the
+    others' data (nccl-tests checks its results the same way)."""
+    import torch
+
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    return ((7 * i + 13 * rank) % 17 - 8).to(torch.float32)
+
+
+def expected_sum(numel: int, world_size: int, device=None):
+    """Σ over ranks of :func:`check_input`: what every rank must hold after the all-reduce."""
+    total = check_input(numel, 0, device)
+    for r in range(1, world_size):
+        total += check_input(numel, r, device)
+    return total
 
 
 def calls_per_timing(size_bytes: int, world_size: int = 2) -> int:
@@ -324,7 +349,8 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
     Returns:
         One dict per (strategy, P, size) with :data:`ROW_COLUMNS`: ``time_s`` is the median over calls of
         the slowest rank's time (``time_mean_s`` their mean, ``slow_frac`` the share at least
-        :data:`SLOW` × the median: stalls), ``algbw_GBps`` = N/T/1e9, ``busbw_GBps`` = algbw·2(P−1)/P, ``bytes_sent``
+        :data:`SLOW` × the median: stalls; ``wrong`` the most elements any rank got wrong in a checked
+        call on integer data, which must be 0 where ``exact``), ``algbw_GBps`` = N/T/1e9, ``busbw_GBps`` = algbw·2(P−1)/P, ``bytes_sent``
         the most any rank sent per call.
     """
     from scalesgd.comm import COMM_STRATEGIES
@@ -358,6 +384,7 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
                              "iters": int(per_call.size), "time_s": t, "time_min_s": float(per_call.min()),
                              "time_max_s": float(per_call.max()), "time_mean_s": float(per_call.mean()),
                              "slow_frac": float(np.mean(per_call >= SLOW * t)), "algbw_GBps": algbw,
+                             "wrong": int(max(r["wrong"][key] for r in per_rank)), "exact": name not in LOSSY,
                              "busbw_GBps": algbw * 2 * (p - 1) / p,
                              "bytes_sent": int(max(r["bytes_sent"][key] for r in per_rank)),
                              "doubling_max_bytes": per_rank[0]["doubling_max_bytes"][name],
@@ -482,6 +509,12 @@ def evaluate_targets(rows: list[dict[str, Any]], tcp: dict[str, float] | None) -
     return targets
 
 
+def wrong_results(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per row where an exact strategy returned a wrong sum in its checked call."""
+    return [f"{r['strategy']} P={r['world_size']} {_human(r['size_bytes'])}: {r['wrong']} of {r['numel']} elements "
+            "differ from the sum" for r in rows if r.get("exact", True) and r.get("wrong")]
+
+
 def _human(nbytes: int) -> str:
     for unit, k in (("MB", 20), ("KB", 10)):
         if nbytes >= 1 << k and nbytes % (1 << k) == 0:
@@ -515,17 +548,18 @@ def format_table(rows: list[dict[str, Any]], tcp: dict[str, float] | None = None
                 f"{'busbw(GB/s)':>11} {'sent(B)':>11}")
         if ceiling:
             head += f" {'bus/tcp':>7}"
-        head += f" {'model(us)':>11} {'err(%)':>7} {'errP(%)':>7}"
+        head += f" {'model(us)':>11} {'err(%)':>7} {'errP(%)':>7} {'#wrong':>7}"
         lines.append(head)
         for r in mine:
             line = (f"{r['size_bytes']:>12} {_human(r['size_bytes']):>7} {r['iters']:>5} {r['time_s'] * 1e6:>11.1f} "
                     f"{r['algbw_GBps']:>11.3f} {r['busbw_GBps']:>11.3f} {r['bytes_sent']:>11}")
             if ceiling:
                 line += f" {r['busbw_GBps'] / ceiling:>7.2f}"
-            if "model_time_s" in r:
-                line += f" {r['model_time_s'] * 1e6:>11.1f} {r['model_rel_err'] * 100:>+7.1f}"
-            if "model_p_rel_err" in r:
-                line += f" {r['model_p_rel_err'] * 100:>+7.1f}"
+            line += (f" {r['model_time_s'] * 1e6:>11.1f} {r['model_rel_err'] * 100:>+7.1f}" if "model_time_s" in r
+                     else " " * 20)
+            line += f" {r['model_p_rel_err'] * 100:>+7.1f}" if "model_p_rel_err" in r else " " * 8
+            if "wrong" in r:
+                line += f" {r['wrong'] if r.get('exact', True) else '(' + str(r['wrong']) + ')':>7}"
             lines.append(line)
         if mine and "slow_frac" in mine[0]:
             worst = max(mine, key=lambda r: r["slow_frac"])
@@ -553,6 +587,14 @@ def format_table(rows: list[dict[str, Any]], tcp: dict[str, float] | None = None
             f"{_human(s)} {r / 1e9:.1f}" for s, r in zip(memcpy["sizes_bytes"], rates)))
         lines.append(f"#   per-byte cost varies {max(rates) / min(rates):.2f}x over these sizes; the best line "
                      f"a + b*N through the copy times is off by {memcpy['best_line_rel_error']:.3f} somewhere")
+    bad = wrong_results(rows)
+    lines.append("")
+    if bad:
+        lines += [f"# WRONG RESULTS: {b}" for b in bad]
+    elif any("wrong" in r for r in rows):
+        lines.append("# results checked (integer data, every strategy, size and P): all exact strategies correct"
+                     + ("; #wrong in parentheses: lossy strategies, for information" if any(
+                         not r.get("exact", True) for r in rows) else ""))
     if targets:
         lines.append("")
         lines.append("# targets")
@@ -629,7 +671,8 @@ def _parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """The ``allreduce-bench`` subcommand: measure, print the table, write ``--json``; exit code 0."""
+    """The ``allreduce-bench`` subcommand: measure, print the table, write ``--json``/``--plot``; exit code 0,
+    or :class:`DistributedError` (non-zero exit) after writing them if any exact strategy summed wrongly."""
     sizes = parse_sizes(args.sizes) if args.sizes else list(QUICK_SIZES if args.quick else DEFAULT_SIZES)
     workers = args.workers or ([2] if args.quick else [2, 4])
     iters = args.iters if args.iters is not None else (5 if args.quick else 30)
@@ -661,6 +704,9 @@ def run_from_args(args: argparse.Namespace) -> int:
                        "iters": iters, "warmup": warmup, "backend": args.backend, "comm_options": options,
                        "cpu_count": os.cpu_count()},
             "tcp": tcp, "memcpy": memcpy, "rows": rows, "fits": fits, "targets": targets})
+    if wrong_results(rows):
+        raise DistributedError("an exact strategy returned a wrong sum (the WRONG RESULTS lines above name it); "
+                               "the timings of a broken all-reduce mean nothing")
     return 0
 
 
