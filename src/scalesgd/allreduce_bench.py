@@ -47,7 +47,8 @@ OUR_RINGS = ("ring", "ring-tcp")  # our ring all-reduce over torch.distributed a
 SLOW = 1.5  # a timing this many times its size's median counts as a stall
 LOSSY = ("qsgd",)  # strategies whose sum is an unbiased estimate, not exact: their #wrong is for information
 ROW_COLUMNS = ("strategy", "world_size", "size_bytes", "numel", "iters", "time_s", "time_min_s", "time_max_s",
-               "time_mean_s", "slow_frac", "wrong", "exact", "algbw_GBps", "busbw_GBps", "bytes_sent", "doubling_max_bytes", "doubling_p2_bytes")
+               "time_mean_s", "slow_frac", "wrong", "exact", "algbw_GBps", "busbw_GBps", "bytes_sent",
+               "doubling_max_bytes", "doubling_p2_bytes")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,9 +208,9 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
                              generator=torch.Generator().manual_seed(seed * 1000 + 7 + world.rank),
                              **comm_options.get(name, {}))
              for name in strategies}
-    # Our rings send small messages by recursive doubling (P a power of two): the model must know up to where.
     checked = check_input(max_numel, world.rank, device)
     expected = expected_sum(max_numel, world.size, device)
+    # Our rings send small messages by recursive doubling (P a power of two): the model must know up to where.
     out: dict[str, Any] = {"times": {}, "bytes_sent": {}, "wrong": {},
                            "doubling_max_bytes": {name: int(getattr(c, "doubling_max_bytes", 0))
                                                   for name, c in comms.items()},
@@ -350,8 +351,8 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
         One dict per (strategy, P, size) with :data:`ROW_COLUMNS`: ``time_s`` is the median over calls of
         the slowest rank's time (``time_mean_s`` their mean, ``slow_frac`` the share at least
         :data:`SLOW` × the median: stalls; ``wrong`` the most elements any rank got wrong in a checked
-        call on integer data, which must be 0 where ``exact``), ``algbw_GBps`` = N/T/1e9, ``busbw_GBps`` = algbw·2(P−1)/P, ``bytes_sent``
-        the most any rank sent per call.
+        call on integer data, which must be 0 where ``exact``), ``algbw_GBps`` = N/T/1e9,
+        ``busbw_GBps`` = algbw·2(P−1)/P, ``bytes_sent`` the most any rank sent per call.
     """
     from scalesgd.comm import COMM_STRATEGIES
     from scalesgd.distributed import spawn
@@ -404,15 +405,15 @@ def _fittable(rows: list[dict[str, Any]]) -> bool:
     return len({r["size_bytes"] for r in rows}) >= 2
 
 
-def _doubling(rows: list[dict[str, Any]]) -> list[int]:
-    """Each row's recursive-doubling threshold, the one that ran at its P (rows written before the bench
+def _doubling(row: dict[str, Any]) -> int:
+    """The row's recursive-doubling threshold, the one that ran at its P (rows written before the bench
     recorded it: none)."""
-    return [int(r.get("doubling_max_bytes") or 0) for r in rows]
+    return int(row.get("doubling_max_bytes") or 0)
 
 
 def _fit_entry(rows: list[dict[str, Any]]) -> dict[str, Any]:
     alpha, beta = fit_alpha_beta([r["size_bytes"] for r in rows], [r["world_size"] for r in rows],
-                                 [r["time_s"] for r in rows], doubling_max_bytes=_doubling(rows))
+                                 [r["time_s"] for r in rows], doubling_max_bytes=[_doubling(r) for r in rows])
     return {"alpha_s": alpha, "beta_s_per_byte": beta,
             "bandwidth_GBps": (1.0 / beta / 1e9) if beta > 0 else None, "rows": len(rows)}
 
@@ -435,7 +436,7 @@ def add_fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         fits[name]["by_world_size"] = {}
         for r in mine:
             r["model_time_s"] = float(ring_time_s(r["size_bytes"], r["world_size"], fits[name]["alpha_s"],
-                                                  fits[name]["beta_s_per_byte"], _doubling([r])[0]))
+                                                  fits[name]["beta_s_per_byte"], _doubling(r)))
             r["model_rel_err"] = (r["model_time_s"] - r["time_s"]) / r["time_s"]
         for p in dict.fromkeys(r["world_size"] for r in mine):
             at_p = [r for r in mine if r["world_size"] == p]
@@ -444,7 +445,7 @@ def add_fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             f = fits[name]["by_world_size"][p] = _fit_entry(at_p)
             for r in at_p:
                 r["model_p_time_s"] = float(ring_time_s(r["size_bytes"], p, f["alpha_s"], f["beta_s_per_byte"],
-                                                        _doubling([r])[0]))
+                                                        _doubling(r)))
                 r["model_p_rel_err"] = (r["model_p_time_s"] - r["time_s"]) / r["time_s"]
     return fits
 
@@ -500,7 +501,7 @@ def evaluate_targets(rows: list[dict[str, Any]], tcp: dict[str, float] | None) -
             groups = [in_range] if key == "model_rel_err" else [
                 [r for r in in_range if r["world_size"] == p] for p in dict.fromkeys(r["world_size"] for r in in_range)]
             bests = [best_max_rel_error([r["size_bytes"] for r in g], [r["world_size"] for r in g],
-                                        [r["time_s"] for r in g], doubling_max_bytes=_doubling(g))
+                                        [r["time_s"] for r in g], doubling_max_bytes=[_doubling(r) for r in g])
                      for g in groups if _fittable(g)]
             targets.append({"name": f"{name}: max |model - measured|/measured, 64 KB-64 MB, {label}",
                             "value": value, "threshold": 0.20,
@@ -588,10 +589,10 @@ def format_table(rows: list[dict[str, Any]], tcp: dict[str, float] | None = None
         lines.append(f"#   per-byte cost varies {max(rates) / min(rates):.2f}x over these sizes; the best line "
                      f"a + b*N through the copy times is off by {memcpy['best_line_rel_error']:.3f} somewhere")
     bad = wrong_results(rows)
-    lines.append("")
     if bad:
-        lines += [f"# WRONG RESULTS: {b}" for b in bad]
+        lines += [""] + [f"# WRONG RESULTS: {b}" for b in bad]
     elif any("wrong" in r for r in rows):
+        lines.append("")
         lines.append("# results checked (integer data, every strategy, size and P): all exact strategies correct"
                      + ("; #wrong in parentheses: lossy strategies, for information" if any(
                          not r.get("exact", True) for r in rows) else ""))
