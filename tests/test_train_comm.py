@@ -50,3 +50,17 @@ def test_more_local_workers_than_cores_warns(tmp_path, monkeypatch, capsys):
     train(_cfg(tmp_path, "allreduce").replace(steps=2))
     err = capsys.readouterr().err
     assert "2 local workers on 1 CPU cores" in err and "--workers 1" in err
+
+
+def test_ring_tcp_reads_its_address_and_local_worker_count_from_the_environment_in_one_place(monkeypatch):
+    from scalesgd import distributed
+
+    monkeypatch.delenv("SCALESGD_TCP_HOST", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert distributed.reachable_host() == "127.0.0.1"  # the interface that routes to the master
+    monkeypatch.setenv("SCALESGD_TCP_HOST", "10.1.2.3")
+    assert distributed.reachable_host() == "10.1.2.3"  # the user's choice wins
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert distributed.local_world_size(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert distributed.local_world_size(3) == 8

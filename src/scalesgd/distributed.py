@@ -67,6 +67,25 @@ def torchrun_rendezvous(environ: dict[str, str] | None = None) -> Rendezvous | N
         raise DistributedError(f"malformed torchrun environment ({e}); launch with torchrun or unset RANK/WORLD_SIZE")
 
 
+def local_world_size(default: int) -> int:
+    """Workers on this machine: torchrun's LOCAL_WORLD_SIZE, else ``default`` (a local spawn knows its own)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", default))
+
+
+def reachable_host() -> str:
+    """The address other ranks can reach this process on: ``SCALESGD_TCP_HOST`` when set, else the local
+    address that routes to MASTER_ADDR (127.0.0.1 for local jobs, or when no route is found)."""
+    if os.environ.get("SCALESGD_TCP_HOST"):
+        return os.environ["SCALESGD_TCP_HOST"]
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((master, 9))  # UDP: picks the outgoing interface, sends nothing
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
 def resolve_backend(backend: str) -> str:
     """``auto`` is NCCL when CUDA is present, gloo otherwise."""
     if backend not in BACKENDS:

@@ -123,7 +123,7 @@ class Progress:
 def _threads(cfg: RunConfig, world: World) -> int:
     if cfg.threads_per_worker is not None:
         return cfg.threads_per_worker
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size if world.size <= (os.cpu_count() or 1) else 1))
+    local = distributed.local_world_size(world.size if world.size <= (os.cpu_count() or 1) else 1)
     return max(1, (os.cpu_count() or 1) // max(local, 1))
 
 

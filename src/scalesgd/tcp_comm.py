@@ -30,22 +30,10 @@ import torch
 import torch.distributed as dist
 
 from scalesgd.comm import CommStats, RingAllReduce
+from scalesgd.distributed import local_world_size, reachable_host
 from scalesgd.errors import ConfigError, DistributedError
 
 _RANK = struct.Struct("!i")
-
-
-def _listen_host() -> str:
-    """The address peers can reach this rank on (see the module docstring)."""
-    if os.environ.get("SCALESGD_TCP_HOST"):
-        return os.environ["SCALESGD_TCP_HOST"]
-    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((master, 9))  # UDP: picks the outgoing interface, sends nothing
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
 
 
 class TcpMesh:
@@ -59,7 +47,7 @@ class TcpMesh:
                  spin_s: float = 0.0):
         self.rank, self.timeout_s, self.spin_s = rank, float(timeout_s), float(spin_s)
         self.socks: dict[int, socket.socket] = {}
-        host = _listen_host()
+        host = reachable_host()
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         connected = False
         try:
@@ -203,8 +191,7 @@ class TcpRingAllReduce(RingAllReduce):
                          small_bytes=small_bytes, latency_bytes=latency_bytes)
         if spin_us is None:
             # Polling only pays when every local worker has a core of its own to poll on.
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-            spin_us = 50.0 if local <= (os.cpu_count() or 1) else 0.0
+            spin_us = 50.0 if local_world_size(world_size) <= (os.cpu_count() or 1) else 0.0
         if spin_us < 0:
             raise ConfigError(f"spin_us must be >= 0 microseconds, got {spin_us}")
         self.spin_us = float(spin_us)
