@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scalesgd import distributed
-from scalesgd.comm import make_comm
+from scalesgd.comm import COMM_STRATEGIES, make_comm
 from scalesgd.models import MODELS
 from scalesgd.run import loss_function
 from scalesgd.step import FlatModel, train_step
@@ -112,7 +112,8 @@ def main() -> int:
     p.add_argument("--steps-per-block", type=int, default=30)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--comm", default="allreduce", help="scalesgd's communication strategy (DDP keeps its own)")
+    p.add_argument("--comm", default="allreduce", choices=sorted(COMM_STRATEGIES),
+                   help="scalesgd's communication strategy (DDP keeps its own)")
     p.add_argument("--quick", action="store_true", help="few short blocks (smoke test)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()

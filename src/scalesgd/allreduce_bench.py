@@ -18,7 +18,6 @@ The fit and the best-possible fit error are the performance model's (:mod:`scale
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import socket
@@ -42,7 +41,6 @@ RING_VS_BUILTIN_RANGE = (4 << 20, 25 << 20)
 SMALL_MESSAGE_MAX = 4096
 FIT_RANGE = (64 << 10, 64 << 20)
 RING_FAMILY = ("allreduce", "ring", "ring-tcp")  # strategies the ring cost model describes
-OUR_RINGS = ("ring", "ring-tcp")  # our ring all-reduce over torch.distributed and over our own sockets
 
 SLOW = 1.5  # a timing this many times its size's median counts as a stall
 LOSSY = ("qsgd",)  # strategies whose sum is an unbiased estimate, not exact: their #wrong is for information
@@ -457,6 +455,8 @@ def _verdict(ok: bool | None) -> str:
 def evaluate_targets(rows: list[dict[str, Any]], tcp: dict[str, float] | None) -> list[dict[str, Any]]:
     """The issue's three targets, each as ``{name, value, threshold, verdict, detail}``; verdict MET, MISSED
     or N/A (the run did not measure what the target needs). Call after :func:`add_fits`."""
+    from scalesgd.comm import OUR_RINGS  # here: the TCP probe's peer process imports this module without torch
+
     targets: list[dict[str, Any]] = []
     by = {(r["strategy"], r["world_size"], r["size_bytes"]): r for r in rows}
 

@@ -504,3 +504,7 @@ from scalesgd.tcp_comm import TcpRingAllReduce  # noqa: E402 - it builds on Ring
 
 COMM_STRATEGIES["ring-tcp"] = lambda *, world_size, rank, generator=None, **options: TcpRingAllReduce(
     world_size=world_size, rank=rank, **options)
+
+# Our own ring all-reduces (RingAllReduce's algorithms, recursive doubling for small messages included), over
+# torch.distributed and over our own sockets.
+OUR_RINGS = ("ring", "ring-tcp")

@@ -231,7 +231,7 @@ def allreduce_algorithm(message_bytes: float, workers: int, network: Network) ->
     if workers <= 1:
         return "none"
     limit = float(doubling_threshold_bytes(workers, network.doubling_max_bytes, network.latency_bytes))
-    return "recursive doubling" if message_bytes <= limit and bool(_power_of_two(np.float64(workers))) else "ring"
+    return "recursive doubling" if 0 < limit and message_bytes <= limit else "ring"  # limit 0: P not a power of 2
 
 
 def allreduce_time_as_run(message_bytes, workers, alpha_s: float, beta_s_per_byte: float, doubling_max_bytes=0):

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from scalesgd import perf_model as pm
-from scalesgd.allreduce_bench import OUR_RINGS
-from scalesgd.comm import COMM_STRATEGIES, RingAllReduce
+from scalesgd.comm import COMM_STRATEGIES, OUR_RINGS, RingAllReduce
 from scalesgd.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------------------
