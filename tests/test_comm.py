@@ -359,3 +359,14 @@ def test_ring_tcp_names_a_silent_or_vanished_peer():
     report = spawn(_tcp_failure_worker, 2, (), timeout_s=90)[0].splitlines()
     assert "no progress" in report[0] and "rank 1" in report[0] and float(report[0].split("s:")[0]) < 5
     assert all("closed its TCP connection" in line for line in report[1:]), report
+
+
+@pytest.mark.parametrize("module", ["scalesgd.tcp_comm", "scalesgd.comm"])
+def test_each_comm_module_imports_first(module):
+    """`ring-tcp` builds on comm.RingAllReduce: importing either module first in a fresh interpreter works."""
+    import subprocess
+    import sys
+
+    code = f"import {module}; from scalesgd.comm import COMM_STRATEGIES; assert 'ring-tcp' in COMM_STRATEGIES"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -500,10 +500,16 @@ COMM_STRATEGIES["ps"] = lambda *, world_size, rank, generator=None, **options: P
 COMM_STRATEGIES["qsgd"] = lambda *, world_size, rank, generator=None, **options: QSGDAllReduce(
     world_size=world_size, rank=rank, generator=generator, **options)
 
-from scalesgd.tcp_comm import TcpRingAllReduce  # noqa: E402 - it builds on RingAllReduce above
 
-COMM_STRATEGIES["ring-tcp"] = lambda *, world_size, rank, generator=None, **options: TcpRingAllReduce(
-    world_size=world_size, rank=rank, **options)
+def _tcp_ring(*, world_size, rank, generator=None, **options):
+    # Imported here, not at the top: tcp_comm builds on RingAllReduce, so importing it at module level
+    # would make `import scalesgd.tcp_comm` (before scalesgd.comm) fail on a half-initialised module.
+    from scalesgd.tcp_comm import TcpRingAllReduce
+
+    return TcpRingAllReduce(world_size=world_size, rank=rank, **options)
+
+
+COMM_STRATEGIES["ring-tcp"] = _tcp_ring
 
 # Our own ring all-reduces (RingAllReduce's algorithms, recursive doubling for small messages included), over
 # torch.distributed and over our own sockets.
