@@ -23,8 +23,9 @@ is deterministic given its seed, so a run cut at e epochs is that trajectory's s
 S₁ = Σᵢ‖gᵢ‖² and S₂ = ‖Σᵢgᵢ‖² over the whole training set (per-example gradients, torch.func), and
 B_S = n·ΣS₁/ΣS₂ — numerator and denominator averaged separately and the ratio taken last, as REFERENCES
 prescribes for the noise scale (and as the trainer's running estimate does). Single checkpoints scatter
-widely (34 to 294 on cnn1d/mnist1d), and their median is printed for comparison, as is the trainer's own
-running estimate (``batch_bound_est``).
+widely (34 to 294 on cnn1d/mnist1d), and their median is printed for comparison. Beside it, the trainer's
+own estimate over the same trajectory (a rerun with ``--diversity cheap``), which is what ``scalesgd predict
+--from-run`` takes; ``--batch-bound-from run`` predicts with that one, validating predict's own path.
 
 Learning rate: constant across B by default (``--lr-rule``). With ``--lr-rule adascale`` the larger
 batches get larger steps and need fewer passes than 1 + B/B_crit says with B_crit from n·Δ (on mnist1d
@@ -87,14 +88,14 @@ def exact_diversity_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
 
 
 def train(run_dir: Path, *, workers: int, batch: int, epochs: float | None, args, eval_every: int | None,
-          target: float | None, steps: int | None = None) -> tuple[dict, float]:
+          target: float | None, steps: int | None = None, diversity: str | None = None) -> tuple[dict, float]:
     """Run ``scalesgd train`` in a fresh process; return its summary and the wall seconds it took."""
     length = ["--steps", str(steps)] if steps is not None else ["--epochs", f"{epochs:g}"]
     cmd = [sys.executable, "-m", "scalesgd", "train", "--workers", str(workers), "--global-batch-size", str(batch),
            "--dataset", "mnist1d", "--model", args.model, *length, "--run-dir", str(run_dir),
            "--no-progress", "--threads-per-worker", "1", "--seed", str(args.seed), "--lr", str(args.lr),
            "--lr-rule", args.lr_rule, "--base-batch-size", str(args.base_batch_size),
-           "--lr-schedule", "constant", "--diversity", args.diversity, "--comm", args.comm]
+           "--lr-schedule", "constant", "--diversity", diversity or args.diversity, "--comm", args.comm]
     if target is not None:
         cmd += ["--target-accuracy", str(target)]
     if eval_every is not None:
@@ -167,6 +168,10 @@ def main(argv=None) -> int:
                     help="the trainer's diversity tap in every run (adascale needs it)")
     ap.add_argument("--base-batch-size", type=int, default=32)
     ap.add_argument("--batch-bound", type=float, default=None, help="B_S to use (default: measured, see above)")
+    ap.add_argument("--batch-bound-from", default="exact", choices=("exact", "run"),
+                    help="exact: n·ΣS₁/ΣS₂ at checkpoints along the reference trajectory (default); run: what "
+                         "`scalesgd predict --from-run` takes, the trainer's own estimate over the reference "
+                         "trajectory rerun with --diversity cheap")
     ap.add_argument("--trajectory-points", type=int, default=16, help="checkpoints along the reference run for exact n·Δ")
     ap.add_argument("--max-epochs", type=float, default=80.0)
     ap.add_argument("--profile-steps", type=int, default=150, help="steps of each profile run")
@@ -262,10 +267,23 @@ def main(argv=None) -> int:
     batch_crit = pm.batch_crit_from_bound(batch_bound)
     passes_min = pm.passes_min_from_measurement(ref["passes"], ref_b, batch_crit)
     print(f"B_S = {batch_bound:.1f} ({how}); passes_min = {passes_min:.3g}")
-    in_run = read_run(ref_dir).batch_bound
-    if in_run is not None:
-        print(f"  (for information: the trainer's own running estimate in the reference run, median "
-              f"batch_bound_est = {in_run:.1f})")
+    # What `scalesgd predict --from-run` would take: the same trajectory with the diversity tap on (the tap
+    # does not change the updates; a run of its own, so the reference run's timings stay tap-free).
+    tap_dir = ref_dir if args.diversity != "off" else out / f"P1-B{ref_b}-tap"
+    if tap_dir != ref_dir:
+        train(tap_dir, workers=1, batch=ref_b, epochs=ref["passes"], args=args, eval_every=None, target=None,
+              diversity="cheap")
+    facts = read_run(tap_dir)
+    if facts.batch_bound is not None:
+        print(f"  the trainer's own estimate over that trajectory (what predict --from-run takes): B_S = "
+              f"{facts.batch_bound:.1f} ({facts.batch_bound_how})")
+    if args.batch_bound is None and args.batch_bound_from == "run":
+        if facts.batch_bound is None:
+            raise SystemExit(f"{tap_dir} logged no diversity estimates; cannot take B_S from the run")
+        batch_bound = facts.batch_bound
+        batch_crit = pm.batch_crit_from_bound(batch_bound)
+        passes_min = pm.passes_min_from_measurement(ref["passes"], ref_b, batch_crit)
+        print(f"B_S = {batch_bound:.1f} (--batch-bound-from run); passes_min = {passes_min:.3g}")
 
     # 4. predict every configuration, then run it
     rows = []

@@ -78,6 +78,18 @@ def test_read_run_takes_median_bound_and_first_epoch_at_target(tmp_path):
     assert facts.global_batch_size == 64 and facts.target_accuracy == 0.9
 
 
+def test_read_run_averages_numerator_and_denominator_over_the_run(tmp_path):
+    """With per-step estimates logged, B_S = 1 + Σ tr/Σ g2 (ratio last), not the median of the smoothed ratios."""
+    write_run(tmp_path / "r", bounds=[500.0, 500.0, 500.0], evals=[(1.0, 0.95)])
+    steps = [(4.0, 100.0), (1.0, 200.0), (-0.5, 60.0), (float("nan"), 1.0)]  # (|G|^2, tr Sigma); one unusable
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        for g2, tr in steps:
+            f.write(json.dumps({"kind": "step", "grad_sq_norm_step": g2, "trace_cov_step": tr}) + "\n")
+    facts = read_run(tmp_path / "r")
+    assert facts.batch_bound == pytest.approx(1 + 360.0 / 4.5)
+    assert "3 steps" in facts.batch_bound_how
+
+
 def test_read_run_target_not_reached_and_missing_dir(tmp_path):
     write_run(tmp_path / "r", bounds=[50.0], evals=[(1.0, 0.5)])
     assert read_run(tmp_path / "r").passes_to_target is None

@@ -185,6 +185,7 @@ class RunFacts:
     passes_to_target: float | None
     global_batch_size: int | None
     target_accuracy: float | None
+    batch_bound_how: str = ""  # which estimator gave batch_bound, for the printout
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -202,19 +203,33 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_run(run_dir: str | Path) -> RunFacts:
-    """B_S (median of the run's finite ``batch_bound_est`` values) and the passes to the target accuracy.
+    """B_S over the whole run and the passes to the target accuracy.
 
-    The passes are the ``epoch`` of the first evaluation that reached ``target_accuracy``
-    (from summary.json, else config.json); None when the run never reached it.
+    B_S = 1 + Σ tr Σ̂ / Σ ‖G‖²̂ over the per-step estimates the diversity tap logged (``trace_cov_step``,
+    ``grad_sq_norm_step``): numerator and denominator averaged over the run and the ratio taken last
+    (REFERENCES §3), the trainer's own EMA with the whole run as its horizon. Runs that logged only the
+    smoothed ``batch_bound_est`` give its median. The passes are the ``epoch`` of the first evaluation that
+    reached ``target_accuracy`` (from summary.json, else config.json); None when the run never reached it.
     """
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.exists():
         raise DataError(f"{metrics_path} not found; --from-run needs a run directory written by `scalesgd train`")
     rows = _read_jsonl(metrics_path)
-    bounds = [float(r["batch_bound_est"]) for r in rows
-              if isinstance(r.get("batch_bound_est"), (int, float)) and math.isfinite(r["batch_bound_est"])
-              and r["batch_bound_est"] > 1]
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    pairs = [(float(r["grad_sq_norm_step"]), float(r["trace_cov_step"])) for r in rows
+             if finite(r.get("grad_sq_norm_step")) and finite(r.get("trace_cov_step"))]
+    bounds = [float(r["batch_bound_est"]) for r in rows if finite(r.get("batch_bound_est")) and r["batch_bound_est"] > 1]
+    g2_sum = sum(g for g, _ in pairs)
+    if pairs and g2_sum > 0:
+        batch_bound: float | None = 1.0 + sum(t for _, t in pairs) / g2_sum
+        how = f"1 + mean tr Sigma / mean |G|^2 over {len(pairs)} steps"
+    elif bounds:
+        batch_bound, how = float(np.median(bounds)), f"median batch_bound_est of {len(bounds)} steps"
+    else:
+        batch_bound, how = None, ""
     summary: dict[str, Any] = {}
     config: dict[str, Any] = {}
     for name, target in (("summary.json", summary), ("config.json", config)):
@@ -233,9 +248,9 @@ def read_run(run_dir: str | Path) -> RunFacts:
     if batch is None:
         steps = [r for r in rows if r.get("global_batch_size") is not None]
         batch = steps[0]["global_batch_size"] if steps else None
-    return RunFacts(batch_bound=float(np.median(bounds)) if bounds else None, passes_to_target=passes,
+    return RunFacts(batch_bound=batch_bound, passes_to_target=passes,
                     global_batch_size=int(batch) if batch is not None else None,
-                    target_accuracy=float(target_acc) if target_acc is not None else None)
+                    target_accuracy=float(target_acc) if target_acc is not None else None, batch_bound_how=how)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,7 +357,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--small-batch-size", type=int, default=32,
                    help="the batch size --passes-at-small-batch was measured at (default 32)")
     p.add_argument("--from-run", default=None, metavar="RUN_DIR",
-                   help="take B_S (median batch_bound_est) and the passes to its target from a run directory")
+                   help="take B_S (the run's diversity estimates, averaged over the run) and the passes to its target "
+                        "from a run directory")
     p.add_argument("--profile-batch-sizes", type=_int_list, default=[8, 32, 128, 512, 2048],
                    help="local batch sizes to profile (default 8,32,128,512,2048)")
     p.add_argument("--profile-steps", type=int, default=20, help="timed steps per profiled size (default 20)")
@@ -363,6 +379,7 @@ def _statistical_inputs(args: argparse.Namespace) -> tuple[float, float, str]:
     """(B_S, passes_min, description) from the command line and/or a run directory."""
     facts = read_run(args.from_run) if args.from_run else None
     batch_bound = args.batch_bound if args.batch_bound is not None else (facts.batch_bound if facts else None)
+    bound_how = "command line" if args.batch_bound is not None else (facts.batch_bound_how if facts else "")
     if batch_bound is None:
         raise ConfigError("predict needs the diversity batch bound B_S: pass --batch-bound (from a run's "
                           "batch_bound_est) or --from-run RUN_DIR of a run trained with --diversity cheap")
@@ -376,7 +393,7 @@ def _statistical_inputs(args: argparse.Namespace) -> tuple[float, float, str]:
                           "--passes-at-small-batch P --small-batch-size B, or --from-run RUN_DIR of a run "
                           "trained with --target-accuracy that reached its target")
     passes_min = pm.passes_min_from_measurement(passes, batch, batch_crit)
-    return batch_bound, passes_min, f"{passes:.3g} passes at B={batch} ({where}), B_S={batch_bound:.4g}"
+    return batch_bound, passes_min, f"{passes:.3g} passes at B={batch} ({where}), B_S={batch_bound:.4g} ({bound_how})"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
