@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import scalesgd.diversity as div
-from scalesgd.diversity import (GhostNormTap, NoiseScaleEMA, gradient_diversity, loop_sq_norms,
+from scalesgd.diversity import (GhostNormTap, NoiseScaleEMA, batch_bound_over_run, gradient_diversity, loop_sq_norms,
                                 per_example_losses, per_example_noise_stats, per_example_sq_norms,
                                 two_batch_noise_stats, vmap_sq_norms)
 from scalesgd.errors import ConfigError
@@ -529,3 +529,19 @@ def test_local_grad_sq_norm():
     flat = torch.arange(5.0)
     assert float(div.local_grad_sq_norm(flat)) == 30.0
     assert float(div.local_grad_sq_norm([flat[:2], flat[2:]])) == 30.0
+
+
+def test_batch_bound_over_run_is_the_ema_with_the_run_as_horizon():
+    """1 + Σtr/Σ‖G‖² equals NoiseScaleEMA's estimate as its decay goes to 1 (every step weighted alike)."""
+    rng = np.random.default_rng(3)
+    g2 = rng.normal(1.0, 3.0, 500)  # per-step ‖G‖² estimates: unbiased, noisy, often negative
+    tr = rng.normal(40.0, 10.0, 500)
+    ema = NoiseScaleEMA(1.0 - 1e-9)
+    state = ema.init()
+    for g, t in zip(g2, tr):
+        state = ema.update(state, g, t)
+    want = ema.estimate(state, 1000).batch_bound_est
+    assert batch_bound_over_run(g2, tr) == pytest.approx(want, rel=1e-5)
+    assert batch_bound_over_run(list(g2) + [math.nan], list(tr) + [1.0]) == pytest.approx(want, rel=1e-5)
+    assert batch_bound_over_run([-1.0, 0.5], [3.0, 3.0]) is None  # summed ‖G‖² <= 0: noise wins
+    assert batch_bound_over_run([], []) is None

@@ -87,7 +87,7 @@ def test_read_run_averages_numerator_and_denominator_over_the_run(tmp_path):
             f.write(json.dumps({"kind": "step", "grad_sq_norm_step": g2, "trace_cov_step": tr}) + "\n")
     facts = read_run(tmp_path / "r")
     assert facts.batch_bound == pytest.approx(1 + 360.0 / 4.5)
-    assert "3 steps" in facts.batch_bound_how
+    assert "3 per-step estimates" in facts.batch_bound_how
 
 
 def test_read_run_target_not_reached_and_missing_dir(tmp_path):

@@ -825,6 +825,21 @@ class DiversityEstimate:
     steps: int
 
 
+def batch_bound_over_run(grad_sq_norms: Sequence[float], trace_covs: Sequence[float]) -> float | None:
+    """B_S for a whole run from its per-step estimates of ||G||^2 and tr Sigma: 1 + sum tr / sum ||G||^2.
+
+    Numerator and denominator are averaged over every step and the ratio taken last (REFERENCES section 3):
+    :class:`NoiseScaleEMA` with the whole run as its horizon. Steps where either estimate is not finite are
+    skipped. Returns None when no step is usable or the summed ||G||^2 is not positive (noise wins).
+    """
+    pairs = [(float(g), float(t)) for g, t in zip(grad_sq_norms, trace_covs, strict=True)
+             if math.isfinite(g) and math.isfinite(t)]
+    g2_sum = sum(g for g, _ in pairs)
+    if not pairs or g2_sum <= 0:
+        return None
+    return 1.0 + sum(t for _, t in pairs) / g2_sum
+
+
 @dataclass(frozen=True)
 class NoiseScaleEMA:
     """Smooth ||G||^2 and tr Sigma separately (bias-corrected EMA), then take the ratio.

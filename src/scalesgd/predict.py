@@ -26,6 +26,7 @@ from torch import nn
 
 from scalesgd import perf_model as pm
 from scalesgd.comm import COMM_STRATEGIES, OUR_RINGS, RingAllReduce
+from scalesgd.diversity import batch_bound_over_run
 from scalesgd.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,6 +203,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)  # JSON null (None), strings and NaN are not
+
+
 def read_run(run_dir: str | Path) -> RunFacts:
     """B_S over the whole run and the passes to the target accuracy.
 
@@ -216,20 +221,14 @@ def read_run(run_dir: str | Path) -> RunFacts:
     if not metrics_path.exists():
         raise DataError(f"{metrics_path} not found; --from-run needs a run directory written by `scalesgd train`")
     rows = _read_jsonl(metrics_path)
-    def finite(v) -> bool:
-        return isinstance(v, (int, float)) and math.isfinite(v)
-
-    pairs = [(float(r["grad_sq_norm_step"]), float(r["trace_cov_step"])) for r in rows
-             if finite(r.get("grad_sq_norm_step")) and finite(r.get("trace_cov_step"))]
-    bounds = [float(r["batch_bound_est"]) for r in rows if finite(r.get("batch_bound_est")) and r["batch_bound_est"] > 1]
-    g2_sum = sum(g for g, _ in pairs)
-    if pairs and g2_sum > 0:
-        batch_bound: float | None = 1.0 + sum(t for _, t in pairs) / g2_sum
-        how = f"1 + mean tr Sigma / mean |G|^2 over {len(pairs)} steps"
-    elif bounds:
-        batch_bound, how = float(np.median(bounds)), f"median batch_bound_est of {len(bounds)} steps"
-    else:
-        batch_bound, how = None, ""
+    steps = [r for r in rows if _finite_number(r.get("grad_sq_norm_step")) and _finite_number(r.get("trace_cov_step"))]
+    batch_bound = batch_bound_over_run([r["grad_sq_norm_step"] for r in steps], [r["trace_cov_step"] for r in steps])
+    how = f"1 + mean tr Sigma / mean |G|^2 over the run's {len(steps)} per-step estimates"
+    if batch_bound is None:
+        bounds = [float(r["batch_bound_est"]) for r in rows
+                  if _finite_number(r.get("batch_bound_est")) and r["batch_bound_est"] > 1]
+        batch_bound = float(np.median(bounds)) if bounds else None
+        how = f"median batch_bound_est of {len(bounds)} steps" if bounds else ""
     summary: dict[str, Any] = {}
     config: dict[str, Any] = {}
     for name, target in (("summary.json", summary), ("config.json", config)):
