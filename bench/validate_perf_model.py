@@ -24,7 +24,7 @@ reference trajectory (rerun with ``--diversity cheap``; the tap does not change 
 REFERENCES prescribes. So the validation covers predict's own path. For comparison the exact value is
 printed too (``--batch-bound-from exact`` predicts with it): at checkpoints along the trajectory (the trainer
 is deterministic given its seed, so a run cut at e epochs is that trajectory's state at e) the sums
-S₁ = Σᵢ‖gᵢ‖² and S₂ = ‖Σᵢgᵢ‖² over the whole training set (per-example gradients, torch.func), and
+S₁ = Σᵢ‖gᵢ‖² and S₂ = ‖Σᵢgᵢ‖² over the whole training set (:func:`scalesgd.diversity.gradient_diversity`), and
 n·ΣS₁/ΣS₂. Single checkpoints scatter widely (13 to 428 on cnn1d/mnist1d) and one checkpoint with a large
 ‖G‖² can dominate the sums (seed 1: 32.7, against 62.8 from the trainer's 1326 steps), so the exact value
 from a handful of checkpoints is the less stable of the two.
@@ -57,36 +57,12 @@ import torch
 from scalesgd import perf_model as pm
 from scalesgd.comm import COMM_STRATEGIES
 from scalesgd.data import load_dataset
+from scalesgd.diversity import gradient_diversity
 from scalesgd.models import DEFAULT_WIDTH, MODELS, count_parameters
 from scalesgd.predict import _int_list, read_run
 
 TPP_TARGET, TTA_TARGET = 0.20, 0.25
 EVAL_EPOCHS = 1 / 8  # evaluation interval: the resolution of the measured passes
-
-
-def exact_diversity_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                         chunk: int = 2000) -> tuple[float, float]:
-    """(S₁, S₂) = (Σᵢ‖gᵢ‖², ‖Σᵢgᵢ‖²) over the whole set, gᵢ the gradient of example i's own loss, so that
-    n·Δ = n·S₁/S₂ (Yin et al. 2018).
-
-    Per-example gradients by torch.func (vmap of grad), in chunks; float64 accumulation.
-    """
-    from torch.func import functional_call, grad, vmap
-
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def loss_one(prm, xi, yi):
-        out = functional_call(model, prm, (xi[None],))
-        return torch.nn.functional.cross_entropy(out, yi[None], reduction="sum")
-
-    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
-    sq_sum, total = 0.0, None
-    for i in range(0, x.shape[0], chunk):
-        g = per_example(params, x[i:i + chunk], y[i:i + chunk])
-        flat = torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], dim=1).double()  # (chunk, N)
-        sq_sum += float((flat ** 2).sum())
-        total = flat.sum(0) if total is None else total + flat.sum(0)
-    return sq_sum, float((total ** 2).sum())
 
 
 def train(run_dir: Path, *, workers: int, batch: int, epochs: float | None, args, eval_every: int | None,
@@ -258,7 +234,8 @@ def main(argv=None) -> int:
             train(d, workers=1, batch=ref_b, epochs=ref["passes"] * i / k, args=args, eval_every=None, target=None)
         model = fresh_model()
         model.load_state_dict(torch.load(d / "checkpoint.pt", weights_only=False)["model"])
-        sums.append(exact_diversity_sums(model, ds.x_train, ds.y_train))
+        st = gradient_diversity(model, torch.nn.CrossEntropyLoss(), ds.x_train, ds.y_train, batch_size=2000)
+        sums.append((st.sum_sq_norms, st.grad_sq_norm))
     s1, s2 = np.array(sums).T
     values = ds.n_train * s1 / s2
     exact = float(ds.n_train * s1.sum() / s2.sum())
