@@ -261,9 +261,9 @@ def doubling_crossover_bytes(workers, latency_bytes: float):
     p = np.asarray(workers, dtype=np.float64)
     log_p = np.log2(np.maximum(p, 1.0))
     eligible = _power_of_two(p) & (p >= 4)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # P = 1 and 2 divide by zero; they are masked out
         ratio = (2.0 * (p - 1.0) - log_p) / (log_p - 2.0 * (p - 1.0) / p)
-        return np.where(eligible, np.float64(latency_bytes) * np.where(eligible, ratio, 0.0), 0.0)
+        return np.where(eligible, np.float64(latency_bytes) * ratio, 0.0)
 
 
 def doubling_threshold_bytes(workers, p2_bytes: float, latency_bytes: float):

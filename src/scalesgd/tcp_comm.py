@@ -185,8 +185,7 @@ class TcpRingAllReduce(RingAllReduce):
 
     def __init__(self, *, world_size: int, rank: int, group=None, chunk_bytes: int = 1 << 20,
                  small_bytes: int = RingAllReduce.DOUBLING_P2_BYTES, latency_bytes: float = 80 << 10,
-                 timeout_s: float = 300.0,
-                 spin_us: float | None = None):
+                 timeout_s: float = 300.0, spin_us: float | None = None):
         super().__init__(world_size=world_size, rank=rank, group=group, chunk_bytes=chunk_bytes,
                          small_bytes=small_bytes, latency_bytes=latency_bytes)
         if spin_us is None:
