@@ -11,7 +11,7 @@ from torch import nn
 
 from scalesgd import perf_model as pm
 from scalesgd.errors import ConfigError, DataError
-from scalesgd.predict import add_parser, measure_allreduce, profile_compute, read_run
+from scalesgd.predict import _statistical_inputs, add_parser, measure_allreduce, profile_compute, read_run
 
 
 def tiny_model() -> nn.Module:
@@ -88,6 +88,17 @@ def test_read_run_averages_numerator_and_denominator_over_the_run(tmp_path):
     facts = read_run(tmp_path / "r")
     assert facts.batch_bound == pytest.approx(1 + 360.0 / 4.5)
     assert "3 per-step estimates" in facts.batch_bound_how
+
+
+def test_predict_says_why_a_run_gives_no_batch_bound(tmp_path):
+    """Per-step estimates whose ‖G‖² sums to <= 0 give no B_S, and predict says so instead of asking for a tap."""
+    write_run(tmp_path / "r", bounds=[None], evals=[(1.0, 0.95)])
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "step", "grad_sq_norm_step": -1.0, "trace_cov_step": 5.0}) + "\n")
+    assert read_run(tmp_path / "r").batch_bound is None
+    args = parse(["--from-run", str(tmp_path / "r")])
+    with pytest.raises(ConfigError, match="gradient noise swamps"):
+        _statistical_inputs(args)
 
 
 def test_read_run_target_not_reached_and_missing_dir(tmp_path):

@@ -228,7 +228,9 @@ def read_run(run_dir: str | Path) -> RunFacts:
         bounds = [float(r["batch_bound_est"]) for r in rows
                   if _finite_number(r.get("batch_bound_est")) and r["batch_bound_est"] > 1]
         batch_bound = float(np.median(bounds)) if bounds else None
-        how = f"median batch_bound_est of {len(bounds)} steps" if bounds else ""
+        how = (f"median batch_bound_est of {len(bounds)} steps" if bounds else
+               f"its {len(steps)} per-step estimates sum to |G|^2 <= 0: gradient noise swamps the signal, so "
+               "B_S is beyond what the run measured; train longer or give --batch-bound" if steps else "")
     summary: dict[str, Any] = {}
     config: dict[str, Any] = {}
     for name, target in (("summary.json", summary), ("config.json", config)):
@@ -379,6 +381,8 @@ def _statistical_inputs(args: argparse.Namespace) -> tuple[float, float, str]:
     facts = read_run(args.from_run) if args.from_run else None
     batch_bound = args.batch_bound if args.batch_bound is not None else (facts.batch_bound if facts else None)
     bound_how = "command line" if args.batch_bound is not None else (facts.batch_bound_how if facts else "")
+    if batch_bound is None and facts is not None and facts.batch_bound_how:
+        raise ConfigError(f"--from-run {args.from_run}: no diversity batch bound B_S: {facts.batch_bound_how}")
     if batch_bound is None:
         raise ConfigError("predict needs the diversity batch bound B_S: pass --batch-bound (from a run's "
                           "batch_bound_est) or --from-run RUN_DIR of a run trained with --diversity cheap")
