@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 
 import pytest
 import torch
@@ -68,6 +69,11 @@ def _exactness_checks(world) -> dict:
     comms = {name: make_comm(name, world_size=P, rank=r) for name in EXACT_STRATEGIES}
     comms["ring_small_chunks"] = make_comm("ring", world_size=P, rank=r, chunk_bytes=4096, small_bytes=0)
     comms["ring-tcp_small_chunks"] = make_comm("ring-tcp", world_size=P, rank=r, chunk_bytes=4096, small_bytes=0)
+    # Sends and receives on process groups of their own (the default only where cores suffice), and not.
+    comms["ring_split"] = make_comm("ring", world_size=P, rank=r, split_directions=True)
+    comms["ring_split_small_chunks"] = make_comm("ring", world_size=P, rank=r, chunk_bytes=4096, small_bytes=0,
+                                                 split_directions=True)
+    comms["ring_one_group"] = make_comm("ring", world_size=P, rank=r, split_directions=False)
     out["doubling_max_bytes"] = {name: getattr(c, "doubling_max_bytes", 0) for name, c in comms.items()}
     for size in _sizes(P):
         for integer in (False, True):
@@ -93,6 +99,7 @@ def _exactness_checks(world) -> dict:
             buf = xs[r].clone()
             comm.allreduce_(buf)
             out["int_exact"][f"{name}/{size}/f64"] = bool(torch.equal(buf, sum(xs)))
+    out["edge_groups"] = {name: len(comms[name]._edge_groups) for name in ("ring_split", "ring_one_group")}
     return out
 
 
@@ -177,6 +184,24 @@ def test_registry_names_and_errors():
         make_comm("ring", world_size=2, rank=2)
     with pytest.raises(ConfigError, match="exact_tail"):
         make_comm("ring", world_size=1, rank=0).allreduce_(torch.zeros(3), exact_tail=4)
+    with pytest.raises(ConfigError, match="split_directions=True .*default group"):
+        make_comm("ring", world_size=2, rank=0, group=object(), split_directions=True)
+
+
+@pytest.mark.parametrize("P", range(2, 10))
+def test_ring_edges_next_to_each_other_travel_on_different_groups(P, monkeypatch):
+    """What a rank sends (edge r → r+1) and what it receives (edge r−1 → r) never share a process group:
+    two colours for an even ring, three for an odd one."""
+    ring = make_comm("ring", world_size=P, rank=0, split_directions=True)
+    colours = [ring._ring_colour(r) for r in range(P)]
+    assert all(colours[r] != colours[r - 1] for r in range(P)), colours
+    assert set(colours) == (set(range(2)) if P % 2 == 0 else set(range(3)))
+    # auto: split only when every local worker has a core (the extra I/O threads crowd shared cores)
+    cores = os.cpu_count() or 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))
+    assert make_comm("ring", world_size=P, rank=0).split_directions
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores + 1))
+    assert not make_comm("ring", world_size=P, rank=0).split_directions
 
 
 @pytest.mark.parametrize("name", ["ring", "ps"])
@@ -268,9 +293,11 @@ def test_exact_strategies_match_reference_and_agree_bitwise(job):
     results = [r["exact"] for r in results]
     r0 = results[0]
     # our rings double for every size tested here at P = 2 and 4 (P = 3: never), unless turned off
+    ring_doubling = {2: 256 << 10, 3: 0, 4: 8 * (192 << 10)}[P]
     assert r0["doubling_max_bytes"] == {
-        "allreduce": 0, "ps": 0, "ring_small_chunks": 0, "ring-tcp_small_chunks": 0,
-        "ring": {2: 256 << 10, 3: 0, 4: 8 * (192 << 10)}[P], "ring-tcp": {2: 256 << 10, 3: 0, 4: 8 * (80 << 10)}[P]}
+        "allreduce": 0, "ps": 0, "ring_small_chunks": 0, "ring-tcp_small_chunks": 0, "ring_split_small_chunks": 0,
+        "ring": ring_doubling, "ring_split": ring_doubling, "ring_one_group": ring_doubling,
+        "ring-tcp": {2: 256 << 10, 3: 0, 4: 8 * (80 << 10)}[P]}
     for key in r0["digest"]:
         assert all(r["digest"][key] == r0["digest"][key] for r in results), f"ranks differ: {key}"
     for key in r0["rel_err"]:
@@ -287,6 +314,11 @@ def test_exact_strategies_match_reference_and_agree_bitwise(job):
             assert total == 2 * (P - 1) * int(size) * 4, key
         if name.startswith("ring-tcp"):  # the same additions in the same order as over torch.distributed
             assert r0["digest"][key] == r0["digest"][key.replace("ring-tcp", "ring", 1)], key
+        if name in ("ring_split", "ring_one_group"):  # which groups carry the bytes changes no addition
+            assert r0["digest"][key] == r0["digest"][key.replace(name, "ring", 1)], key
+        if name == "ring_split_small_chunks":
+            assert r0["digest"][key] == r0["digest"][key.replace(name, "ring_small_chunks", 1)], key
+    assert r0["edge_groups"] == {"ring_split": 2 if P % 2 == 0 else 3, "ring_one_group": 1}
 
 
 @pytest.mark.timeout(240)

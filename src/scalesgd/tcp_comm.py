@@ -187,7 +187,7 @@ class TcpRingAllReduce(RingAllReduce):
                  small_bytes: int = RingAllReduce.DOUBLING_P2_BYTES, latency_bytes: float = 80 << 10,
                  timeout_s: float = 300.0, spin_us: float | None = None):
         super().__init__(world_size=world_size, rank=rank, group=group, chunk_bytes=chunk_bytes,
-                         small_bytes=small_bytes, latency_bytes=latency_bytes)
+                         small_bytes=small_bytes, latency_bytes=latency_bytes, split_directions=False)
         if spin_us is None:
             # Polling only pays when every local worker has a core of its own to poll on.
             spin_us = 50.0 if local_world_size(world_size) <= (os.cpu_count() or 1) else 0.0
