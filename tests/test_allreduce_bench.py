@@ -72,8 +72,10 @@ def test_sizes_and_options_parsing():
     assert ab.parse_sizes(["4KB:32KB", "1MB"]) == [4096, 8192, 16384, 32768, 1 << 20]
     with pytest.raises(ConfigError):
         ab.parse_size("lots")
-    assert ab._parse_options(["qsgd.levels=127", "ring.chunk_bytes=4096", "qsgd.scale=l2"]) == {
-        "qsgd": {"levels": 127, "scale": "l2"}, "ring": {"chunk_bytes": 4096}}
+    assert ab._parse_options(["qsgd.levels=127", "ring.chunk_bytes=4096", "qsgd.scale=l2",
+                              "ring.split_directions=False", "ring-tcp.spin_us=2.5"]) == {
+        "qsgd": {"levels": 127, "scale": "l2"}, "ring": {"chunk_bytes": 4096, "split_directions": False},
+        "ring-tcp": {"spin_us": 2.5}}
     with pytest.raises(ConfigError):
         ab._parse_options(["levels=3"])
     parser = argparse.ArgumentParser()
@@ -86,6 +88,8 @@ def test_sizes_and_options_parsing():
         ab.run_allreduce_bench(["ring"], [4096], [1], iters=1, warmup=0)
     with pytest.raises(ConfigError):
         ab.run_allreduce_bench(["nope"], [4096], [2], iters=1, warmup=0)
+    with pytest.raises(ConfigError, match="settle"):
+        ab.run_allreduce_bench(["ring"], [4096], [2], iters=1, warmup=0, settle_s=-0.001)
 
 
 @pytest.mark.timeout(120)
@@ -184,7 +188,8 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
 def test_cli_refuses_outputs_it_could_not_write_before_measuring(tmp_path):
     for argv, match in ((["--plot", str(tmp_path / "bench.txt")], "--plot .*must end in .png"),
                         (["--json", str(tmp_path / "no" / "such" / "dir" / "b.json")], "--json .*does not exist"),
-                        (["--json", str(tmp_path / "b.csv")], "--json .*must end in .json")):
+                        (["--json", str(tmp_path / "b.csv")], "--json .*must end in .json"),
+                        (["--settle-ms", "-1"], "--settle-ms must be >= 0")):
         args = _cli(["--quick", *argv])
         with pytest.raises(ConfigError, match=match):
             args.func(args)  # fails at once: the TCP probe and the sweep would take tens of seconds

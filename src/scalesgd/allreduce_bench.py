@@ -178,12 +178,15 @@ def measure_memcpy(sizes_bytes: Sequence[int], *, repeats: int = 15) -> dict[str
 
 def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], iters: int, warmup: int,
                   backend: str, threads: int, seed: int, comm_options: dict[str, dict[str, Any]],
-                  budget_s: float, pg_timeout_s: float) -> dict[str, Any]:
+                  budget_s: float, pg_timeout_s: float, settle_s: float = 0.0) -> dict[str, Any]:
     """One rank: for every size, ``warmup`` untimed rounds, then up to ``iters`` timed rounds; a round calls
     every strategy once (in an order rotated from round to round), so strategies are compared side by
     side under the same background load.
 
-    Before each timing the buffer is refilled (its contents would otherwise grow P× per call; the few
+    Before each timing the rank idles ``settle_s`` (a burst of gloo traffic keeps this host busy for a few
+    milliseconds after its last call returns: measured, a 4 KB ``ring-tcp`` call timed right after 32 calls
+    of the gloo ``ring`` took ≈ 120 µs, and ≈ 25 µs after a 5 ms pause, as when timed alone), so that no
+    strategy pays for the one timed before it. Then the buffer is refilled (its contents would otherwise grow P× per call; the few
     back-to-back calls of a small-message timing, :func:`calls_per_timing`, let it grow at most
     2^100-fold) and a tiny all-reduce lines the ranks up; that all-reduce also carries rank 0's decision to
     stop early once a size has used ``budget_s`` (at least 3 rounds are always made), so all ranks agree on the count.
@@ -218,6 +221,8 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
         out["p2p"] = _p2p_floor(world.rank, device)
 
     def lined_up_call(comm, x, y, stop: bool) -> tuple[float, int] | None:
+        if settle_s > 0:
+            time.sleep(settle_s)
         y.copy_(x)
         flag.fill_(1.0 if stop else 0.0)
         if world.size > 1:
@@ -332,7 +337,8 @@ def default_threads(world_size: int) -> int:
 def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], world_sizes: Sequence[int],
                         iters: int = 30, warmup: int = 3, *, backend: str = "gloo", threads: int | None = None,
                         seed: int = 0, comm_options: dict[str, dict[str, Any]] | None = None,
-                        budget_s_per_size: float = 8.0, timeout_s: float = 1800.0) -> list[dict[str, Any]]:
+                        budget_s_per_size: float = 8.0, timeout_s: float = 1800.0,
+                        settle_s: float = 0.005) -> list[dict[str, Any]]:
     """Time every strategy on float32 buffers of every size with every world size.
 
     Args:
@@ -346,6 +352,7 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
         threads: torch intra-op threads per worker (default: cores // P).
         comm_options: per-strategy options, e.g. ``{"qsgd": {"levels": 127}}``.
         timeout_s: bound on each job.
+        settle_s: idle time before each timing, so one strategy's after-effects stay out of the next one's.
     Returns:
         One dict per (strategy, P, size) with :data:`ROW_COLUMNS`: ``time_s`` is the median over calls of
         the slowest rank's time (``time_mean_s`` their mean, ``slow_frac`` the share at least
@@ -367,11 +374,14 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
                           f"{list(world_sizes)}")
     if iters < 1 or warmup < 0:
         raise ConfigError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    if not settle_s >= 0:
+        raise ConfigError(f"the settle time before each timing must be >= 0, got {settle_s * 1e3:g} ms")
     rows: list[dict[str, Any]] = []
     for p in (int(p) for p in world_sizes):
         nthreads = threads if threads is not None else default_threads(p)
         per_rank = spawn(_bench_worker, p, (list(strategies), sizes, iters, warmup, backend, nthreads, seed,
-                                            comm_options or {}, budget_s_per_size, min(timeout_s, 600.0)),
+                                            comm_options or {}, budget_s_per_size, min(timeout_s, 600.0),
+                                            settle_s),
                          timeout_s=timeout_s)
         p2p = per_rank[0].get("p2p") or {}
         for name in strategies:
@@ -661,8 +671,8 @@ def _parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
         name, dot, opt = key.partition(".")
         if not (eq and dot and name and opt):
             raise ConfigError(f"--comm-option {item!r} must look like STRATEGY.KEY=VALUE, e.g. qsgd.levels=127")
-        value: Any = raw
-        for conv in (int, float):
+        value: Any = {"true": True, "false": False}.get(raw.lower(), raw)
+        for conv in (int, float) if isinstance(value, str) else ():
             try:
                 value = conv(raw)
                 break
@@ -682,13 +692,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     options = _parse_options(args.comm_option or [])
     _check_output(args.json, "--json", (".json",))
     _check_output(args.plot, "--plot", (".png", ".pdf", ".svg"))
+    if not args.settle_ms >= 0:
+        raise ConfigError(f"--settle-ms must be >= 0 milliseconds, got {args.settle_ms}")
     tcp = measure_tcp_loopback(stream_bytes=(64 << 20) if args.quick else (256 << 20),
                                n_pings=500 if args.quick else 2000)
     in_fit_range = [s for s in sizes if FIT_RANGE[0] <= s <= FIT_RANGE[1]]
     memcpy = measure_memcpy(in_fit_range) if len(in_fit_range) >= 2 else None
     rows = run_allreduce_bench(args.strategies, sizes, workers, iters=iters, warmup=warmup, backend=args.backend,
                                threads=args.threads, seed=args.seed, comm_options=options,
-                               budget_s_per_size=args.budget_s, timeout_s=args.timeout_s)
+                               budget_s_per_size=args.budget_s, timeout_s=args.timeout_s,
+                               settle_s=args.settle_ms / 1e3)
     fits = add_fits(rows)
     targets = evaluate_targets(rows, tcp)
     print(format_table(rows, tcp, fits, targets, memcpy))
@@ -704,6 +717,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         write_json_atomic(Path(args.json), {
             "config": {"strategies": list(args.strategies), "sizes_bytes": sizes, "world_sizes": workers,
                        "iters": iters, "warmup": warmup, "backend": args.backend, "comm_options": options,
+                       "settle_ms": args.settle_ms,
                        "cpu_count": os.cpu_count()},
             "tcp": tcp, "memcpy": memcpy, "rows": rows, "fits": fits, "targets": targets})
     if wrong_results(rows):
@@ -749,6 +763,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="strategy option, e.g. qsgd.levels=127 or ring.chunk_bytes=1048576 (repeatable)")
     p.add_argument("--budget-s", type=float, default=8.0,
                    help="stop timing a size after this many seconds once 3 calls are in (default %(default)s)")
+    p.add_argument("--settle-ms", type=float, default=5.0,
+                   help="idle milliseconds before each timing, so a strategy's after-effects (gloo keeps the host "
+                        "busy for a few ms after a burst) stay out of the next one's timing (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout-s", type=float, default=1800.0, help="bound on each P's job (default %(default)s)")
     p.set_defaults(func=run_from_args)
