@@ -74,6 +74,7 @@ def _exactness_checks(world) -> dict:
     comms["ring_split_small_chunks"] = make_comm("ring", world_size=P, rank=r, chunk_bytes=4096, small_bytes=0,
                                                  split_directions=True)
     comms["ring_one_group"] = make_comm("ring", world_size=P, rank=r, split_directions=False)
+    out["split_groups_made_at_build"] = comms["ring_split"]._edge_groups is not None
     out["doubling_max_bytes"] = {name: getattr(c, "doubling_max_bytes", 0) for name, c in comms.items()}
     for size in _sizes(P):
         for integer in (False, True):
@@ -319,6 +320,7 @@ def test_exact_strategies_match_reference_and_agree_bitwise(job):
         if name == "ring_split_small_chunks":
             assert r0["digest"][key] == r0["digest"][key.replace(name, "ring_small_chunks", 1)], key
     assert r0["edge_groups"] == {"ring_split": 2 if P % 2 == 0 else 3, "ring_one_group": 1}
+    assert r0["split_groups_made_at_build"]  # a collective while every rank builds, not inside a first call
 
 
 @pytest.mark.timeout(240)

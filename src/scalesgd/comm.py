@@ -139,9 +139,11 @@ class RingAllReduce:
             default, 192 KB, is gloo's on a 2-core host (≈ 100–500 µs a message at ≈ 1.5 GB/s), which puts
             the switch at 1.5 MB for P = 4 (measured between 1 and 2 MB).
         split_directions: send and receive on different process groups (above). None (default): split when
-            this machine has at least one core per local worker and ``group`` is the default group. The
-            groups are made at the first call that needs them, by every rank of the default group together
-            (the trainer and ``allreduce-bench`` call every strategy on every rank), so True needs
+            ``group`` is the default group and either the backend is NCCL (where one communicator's receive
+            would hold up its send behind it on one stream; not yet run on a GPU here) or this machine has
+            at least one core per local worker. The groups are made by every rank of the default group
+            together, when the strategy is built if the process group is up (the trainer and
+            ``allreduce-bench`` build every strategy on every rank), else at the first call; so True needs
             ``group=None``.
     """
 
@@ -157,8 +159,10 @@ class RingAllReduce:
         if split_directions and group is not None:
             raise ConfigError("ring split_directions=True makes its process groups from the default group; "
                               "pass group=None, or split_directions=False with a group of your own")
+        up = dist.is_available() and dist.is_initialized()
         if split_directions is None:
-            split_directions = group is None and (os.cpu_count() or 1) >= local_world_size(world_size)
+            split_directions = group is None and ((up and dist.get_backend() == "nccl")
+                                                  or (os.cpu_count() or 1) >= local_world_size(world_size))
         self.split_directions = bool(split_directions) and world_size > 1
         self._edge_groups: list | None = None
         if chunk_bytes < 1:
@@ -179,6 +183,8 @@ class RingAllReduce:
         self._plans: dict[tuple[int, int], tuple] = {}
         self._peer = (lambda q: q) if group is None else (lambda q: dist.get_global_rank(group, q))
         self._right, self._left = self._peer((rank + 1) % world_size), self._peer((rank - 1) % world_size)
+        if self.split_directions and up:
+            self._group_of_edge(0)  # now, while every rank builds its strategy, not inside a timed first call
 
     def _plan(self, n: int, esize: int) -> tuple[list[tuple[int, int]], list[list[tuple[int, int]]], int]:
         """Segments, their sub-chunks and the tag stride for a buffer of ``n`` elements (cached: a trainer
@@ -220,7 +226,7 @@ class RingAllReduce:
 
     def _group_of_edge(self, colour: int):
         """The process group that carries edges of ``colour`` (``group`` itself when directions are not
-        split). The split groups are made at the first call, by every rank together."""
+        split). The split groups are made by every rank together, at the first call at the latest."""
         if self._edge_groups is None:
             if self.split_directions:
                 count = 2 if self.world_size % 2 == 0 else 3
