@@ -183,10 +183,13 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
     every strategy once (in an order rotated from round to round), so strategies are compared side by
     side under the same background load.
 
-    Before each timing the rank idles ``settle_s`` (a burst of gloo traffic keeps this host busy for a few
-    milliseconds after its last call returns: measured, a 4 KB ``ring-tcp`` call timed right after 32 calls
-    of the gloo ``ring`` took ≈ 120 µs, and ≈ 25 µs after a 5 ms pause, as when timed alone), so that no
-    strategy pays for the one timed before it. Then the buffer is refilled (its contents would otherwise grow P× per call; the few
+    Before each timing the rank busy-waits ``settle_s`` (a burst of gloo traffic keeps this host busy for a
+    few milliseconds after its last call returns: measured, a 4 KB ``ring-tcp`` call timed right after 32
+    calls of the gloo ``ring`` took ≈ 120–135 µs, and ≈ 30 µs after a 5 ms pause, as when timed alone), so
+    that no strategy pays for the one timed before it. The pause spins, as a compute phase between two
+    all-reduces would: a sleeping one lets this VM's idle vCPUs halt, and the gloo calls after it measured
+    slower still (the gloo ``ring``'s 4 KB call 690–750 µs after a sleep, 460–490 µs after a spin).
+    Then the buffer is refilled (its contents would otherwise grow P× per call; the few
     back-to-back calls of a small-message timing, :func:`calls_per_timing`, let it grow at most
     2^100-fold) and a tiny all-reduce lines the ranks up; that all-reduce also carries rank 0's decision to
     stop early once a size has used ``budget_s`` (at least 3 rounds are always made), so all ranks agree on the count.
@@ -221,8 +224,9 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
         out["p2p"] = _p2p_floor(world.rank, device)
 
     def lined_up_call(comm, x, y, stop: bool) -> tuple[float, int] | None:
-        if settle_s > 0:
-            time.sleep(settle_s)
+        t_settle = time.perf_counter()
+        while time.perf_counter() - t_settle < settle_s:
+            pass
         y.copy_(x)
         flag.fill_(1.0 if stop else 0.0)
         if world.size > 1:
@@ -352,7 +356,7 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
         threads: torch intra-op threads per worker (default: cores // P).
         comm_options: per-strategy options, e.g. ``{"qsgd": {"levels": 127}}``.
         timeout_s: bound on each job.
-        settle_s: idle time before each timing, so one strategy's after-effects stay out of the next one's.
+        settle_s: busy pause before each timing, so one strategy's after-effects stay out of the next one's.
     Returns:
         One dict per (strategy, P, size) with :data:`ROW_COLUMNS`: ``time_s`` is the median over calls of
         the slowest rank's time (``time_mean_s`` their mean, ``slow_frac`` the share at least
@@ -764,8 +768,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--budget-s", type=float, default=8.0,
                    help="stop timing a size after this many seconds once 3 calls are in (default %(default)s)")
     p.add_argument("--settle-ms", type=float, default=5.0,
-                   help="idle milliseconds before each timing, so a strategy's after-effects (gloo keeps the host "
-                        "busy for a few ms after a burst) stay out of the next one's timing (default %(default)s)")
+                   help="busy pause in milliseconds before each timing, so a strategy's after-effects (gloo keeps "
+                        "the host busy for a few ms after a burst) stay out of the next one's timing "
+                        "(default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout-s", type=float, default=1800.0, help="bound on each P's job (default %(default)s)")
     p.set_defaults(func=run_from_args)
