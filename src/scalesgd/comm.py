@@ -126,9 +126,9 @@ class RingAllReduce:
     never share a socket or a transport thread (a gloo process group serves all its sockets from one I/O
     thread, and NCCL queues one communicator's sends and receives on one stream). Two groups do it for even
     P (colour r mod 2, which also splits every recursive-doubling exchange: colour = the sender's bit of
-    the step), three for odd P. Measured on a 2-core host (P = 2, 4–16 MB): 1.1–1.5× the built-in's speed
-    with the split against 0.9–1.1× without; at P = 4 on the same 2 cores the extra I/O threads crowd the
-    cores and the split is 5–20 % slower, hence the default rule below.
+    the step), three for odd P. Measured on a 2-core host (P = 2, 4–16 MB, four runs): 1.0–1.5× the
+    built-in's speed with the split against 0.8–1.1× without; at P = 4 on the same 2 cores the extra I/O
+    threads crowd the cores and the split was 5–20 % slower, hence the default rule below.
 
     Args:
         world_size, rank: this process's place in ``group`` (the default group when None).
@@ -161,7 +161,7 @@ class RingAllReduce:
                               "pass group=None, or split_directions=False with a group of your own")
         up = dist.is_available() and dist.is_initialized()
         if split_directions is None:
-            split_directions = group is None and ((up and dist.get_backend() == "nccl")
+            split_directions = group is None and ((up and "nccl" in str(dist.get_backend()))
                                                   or (os.cpu_count() or 1) >= local_world_size(world_size))
         self.split_directions = bool(split_directions) and world_size > 1
         self._edge_groups: list | None = None
