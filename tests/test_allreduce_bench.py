@@ -78,6 +78,11 @@ def test_sizes_and_options_parsing():
         "ring-tcp": {"spin_us": 2.5}}
     with pytest.raises(ConfigError):
         ab._parse_options(["levels=3"])
+    for bad, match in ((["ring.nope=1"], "cannot take the options nope=1"),
+                       (["ring.split_directions=maybe"], "split_directions must be"),
+                       (["rign.chunk_bytes=4096"], "unknown communication strategy 'rign'")):
+        with pytest.raises(ConfigError, match=match):
+            ab._parse_options(bad)  # refused while parsing, before minutes of measuring
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     ab.add_parser(sub)

@@ -187,6 +187,12 @@ def test_registry_names_and_errors():
         make_comm("ring", world_size=1, rank=0).allreduce_(torch.zeros(3), exact_tail=4)
     with pytest.raises(ConfigError, match="split_directions=True .*default group"):
         make_comm("ring", world_size=2, rank=0, group=object(), split_directions=True)
+    with pytest.raises(ConfigError, match="split_directions must be true, false or unset"):
+        make_comm("ring", world_size=2, rank=0, split_directions="maybe")
+    with pytest.raises(ConfigError, match="'ring' cannot take the options nope=1"):
+        make_comm("ring", world_size=2, rank=0, nope=1)
+    with pytest.raises(ConfigError, match="'ps' cannot take the options chunk_bytes=4096"):
+        make_comm("ps", world_size=2, rank=0, chunk_bytes=4096)
 
 
 @pytest.mark.parametrize("P", range(2, 10))

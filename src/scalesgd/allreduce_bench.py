@@ -178,7 +178,7 @@ def measure_memcpy(sizes_bytes: Sequence[int], *, repeats: int = 15) -> dict[str
 
 def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], iters: int, warmup: int,
                   backend: str, threads: int, seed: int, comm_options: dict[str, dict[str, Any]],
-                  budget_s: float, pg_timeout_s: float, settle_s: float = 0.0) -> dict[str, Any]:
+                  budget_s: float, pg_timeout_s: float, settle_s: float) -> dict[str, Any]:
     """One rank: for every size, ``warmup`` untimed rounds, then up to ``iters`` timed rounds; a round calls
     every strategy once (in an order rotated from round to round), so strategies are compared side by
     side under the same background load.
@@ -683,6 +683,10 @@ def _parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
             except ValueError:
                 pass
         out.setdefault(name, {})[opt] = value
+    from scalesgd.comm import make_comm  # here: the TCP probe's peer process imports this module without torch
+
+    for name, opts in out.items():  # a bad option fails now, not in every worker after the TCP probe
+        make_comm(name, world_size=1, rank=0, **opts)
     return out
 
 

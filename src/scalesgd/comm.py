@@ -11,14 +11,13 @@ Strategies are picked by name from :data:`COMM_STRATEGIES` through :func:`make_c
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
 
-from scalesgd.distributed import local_world_size
+from scalesgd.distributed import core_per_local_worker
 from scalesgd.errors import ConfigError
 from scalesgd.perf_model import doubling_threshold_bytes
 
@@ -85,7 +84,11 @@ def make_comm(name: str, *, world_size: int, rank: int, generator: torch.Generat
     if name not in COMM_STRATEGIES:
         raise ConfigError(f"unknown communication strategy {name!r}; choose one of "
                           f"{', '.join(sorted(COMM_STRATEGIES))}")
-    return COMM_STRATEGIES[name](world_size=world_size, rank=rank, generator=generator, **options)
+    try:
+        return COMM_STRATEGIES[name](world_size=world_size, rank=rank, generator=generator, **options)
+    except TypeError as e:  # an option the strategy does not have, or a value of the wrong type
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ConfigError(f"communication strategy {name!r} cannot take the options {given}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,13 +159,15 @@ class RingAllReduce:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"ring all-reduce needs 0 <= rank < world_size, got rank={rank}, "
                               f"world_size={world_size}")
+        if split_directions not in (None, True, False):
+            raise ConfigError(f"ring split_directions must be true, false or unset (auto), got {split_directions!r}")
         if split_directions and group is not None:
             raise ConfigError("ring split_directions=True makes its process groups from the default group; "
                               "pass group=None, or split_directions=False with a group of your own")
         up = dist.is_available() and dist.is_initialized()
         if split_directions is None:
             split_directions = group is None and ((up and "nccl" in str(dist.get_backend()))
-                                                  or (os.cpu_count() or 1) >= local_world_size(world_size))
+                                                  or core_per_local_worker(world_size))
         self.split_directions = bool(split_directions) and world_size > 1
         self._edge_groups: list | None = None
         if chunk_bytes < 1:
@@ -210,7 +215,7 @@ class RingAllReduce:
         return s[:numel]
 
     def allreduce_(self, buffer: torch.Tensor, exact_tail: int = 0) -> CommStats:
-        P, r = self.world_size, self.rank
+        P = self.world_size
         n = buffer.numel()
         _check_tail(n, exact_tail)
         if P == 1 or n == 0:

@@ -72,6 +72,12 @@ def local_world_size(default: int) -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", default))
 
 
+def core_per_local_worker(world_size: int) -> bool:
+    """Whether every worker on this machine has a CPU core of its own (spinning and extra I/O threads only pay
+    then; ``world_size`` stands in for the local count outside torchrun)."""
+    return local_world_size(world_size) <= (os.cpu_count() or 1)
+
+
 def reachable_host() -> str:
     """The address other ranks can reach this process on: ``SCALESGD_TCP_HOST`` when set, else the local
     address that routes to MASTER_ADDR (127.0.0.1 for local jobs, or when no route is found)."""

@@ -20,7 +20,6 @@ else the local address that routes to ``MASTER_ADDR`` (127.0.0.1 for local jobs)
 
 from __future__ import annotations
 
-import os
 import select
 import socket
 import struct
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from scalesgd.comm import CommStats, RingAllReduce
-from scalesgd.distributed import local_world_size, reachable_host
+from scalesgd.distributed import core_per_local_worker, reachable_host
 from scalesgd.errors import ConfigError, DistributedError
 
 _RANK = struct.Struct("!i")
@@ -190,7 +189,7 @@ class TcpRingAllReduce(RingAllReduce):
                          small_bytes=small_bytes, latency_bytes=latency_bytes, split_directions=False)
         if spin_us is None:
             # Polling only pays when every local worker has a core of its own to poll on.
-            spin_us = 50.0 if local_world_size(world_size) <= (os.cpu_count() or 1) else 0.0
+            spin_us = 50.0 if core_per_local_worker(world_size) else 0.0
         if spin_us < 0:
             raise ConfigError(f"spin_us must be >= 0 microseconds, got {spin_us}")
         self.spin_us = float(spin_us)
