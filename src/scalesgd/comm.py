@@ -88,7 +88,8 @@ def make_comm(name: str, *, world_size: int, rank: int, generator: torch.Generat
         return COMM_STRATEGIES[name](world_size=world_size, rank=rank, generator=generator, **options)
     except TypeError as e:  # an option the strategy does not have, or a value of the wrong type
         given = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        raise ConfigError(f"communication strategy {name!r} cannot take the options {given}: {e}") from e
+        raise ConfigError(f"communication strategy {name!r} cannot take the options {given}: {e}; use the "
+                          "keyword arguments, with their types, of the class named there (its docstring lists them)") from e
 
 
 # --------------------------------------------------------------------------------------------------------------
