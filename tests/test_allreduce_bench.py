@@ -3,13 +3,13 @@ tested with the performance model)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 
 from scalesgd import allreduce_bench as ab
+from scalesgd.cli import build_parser, cmd_allreduce_bench
 from scalesgd.errors import ConfigError
 
 ALPHA, BETA = 60e-6, 1.25e-9  # 60 us per message, 0.8 GB/s
@@ -83,11 +83,8 @@ def test_sizes_and_options_parsing():
                        (["rign.chunk_bytes=4096"], "unknown communication strategy 'rign'")):
         with pytest.raises(ConfigError, match=match):
             ab._parse_options(bad)  # refused while parsing, before minutes of measuring
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    ab.add_parser(sub)
-    args = parser.parse_args(["allreduce-bench", "--quick", "--workers", "2", "3", "--json", "x.json"])
-    assert args.func is ab.run_from_args and args.workers == [2, 3] and args.quick
+    args = build_parser().parse_args(["allreduce-bench", "--quick", "--workers", "2", "3", "--json", "x.json"])
+    assert args.func is cmd_allreduce_bench and args.workers == [2, 3] and args.quick
     assert list(ab.DEFAULT_SIZES) == [4096 << k for k in range(15)] and ab.DEFAULT_SIZES[-1] == 64 << 20
     with pytest.raises(ConfigError):
         ab.run_allreduce_bench(["ring"], [4096], [1], iters=1, warmup=0)
@@ -170,9 +167,7 @@ def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    ab.add_parser(parser.add_subparsers())
-    return parser.parse_args(["allreduce-bench", *argv])
+    return build_parser().parse_args(["allreduce-bench", *argv])
 
 
 @pytest.mark.timeout(240)

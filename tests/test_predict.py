@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -11,7 +10,8 @@ from torch import nn
 
 from scalesgd import perf_model as pm
 from scalesgd.errors import ConfigError, DataError
-from scalesgd.predict import _statistical_inputs, add_parser, measure_allreduce, profile_compute, read_run
+from scalesgd.cli import build_parser
+from scalesgd.predict import measure_allreduce, profile_compute, read_run, statistical_inputs
 
 
 def tiny_model() -> nn.Module:
@@ -61,20 +61,21 @@ def write_run(run_dir, *, bounds, evals, target=0.9, batch=64):
     run_dir.mkdir()
     with open(run_dir / "metrics.jsonl", "w") as f:
         for i, b in enumerate(bounds):
-            f.write(json.dumps({"kind": "step", "step": i + 1, "global_batch_size": batch,
+            f.write(json.dumps({"kind": "step", "step": i + 1, "epoch": (i + 1) / 10, "global_batch_size": batch,
                                 "batch_bound_est": b}) + "\n")
         for epoch, acc in evals:
-            f.write(json.dumps({"kind": "eval", "epoch": epoch, "test_accuracy": acc}) + "\n")
+            f.write(json.dumps({"kind": "eval", "step": int(epoch * 10), "epoch": epoch, "test_accuracy": acc}) + "\n")
     (run_dir / "config.json").write_text(json.dumps({"global_batch_size": batch, "target_accuracy": target}))
     (run_dir / "summary.json").write_text(json.dumps({"target_accuracy": target, "epochs": evals[-1][0]}))
 
 
-def test_read_run_takes_median_bound_and_first_epoch_at_target(tmp_path):
+def test_read_run_takes_median_bound_and_interpolated_epoch_at_target(tmp_path):
     write_run(tmp_path / "r", bounds=[None, float("nan"), 100.0, 300.0, 200.0],
               evals=[(1.0, 0.5), (2.0, 0.91), (3.0, 0.95)])
     facts = read_run(tmp_path / "r")
     assert facts.batch_bound == 200.0
-    assert facts.passes_to_target == 2.0
+    # rundata.passes_to_target: between epoch 1 (0.5) and epoch 2 (0.91), 0.9 lies 0.4/0.41 of the way
+    assert facts.passes_to_target == pytest.approx(1.0 + 0.4 / 0.41)
     assert facts.global_batch_size == 64 and facts.target_accuracy == 0.9
 
 
@@ -84,7 +85,8 @@ def test_read_run_averages_numerator_and_denominator_over_the_run(tmp_path):
     steps = [(4.0, 100.0), (1.0, 200.0), (-0.5, 60.0), (float("nan"), 1.0)]  # (|G|^2, tr Sigma); one unusable
     with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
         for g2, tr in steps:
-            f.write(json.dumps({"kind": "step", "grad_sq_norm_step": g2, "trace_cov_step": tr}) + "\n")
+            f.write(json.dumps({"kind": "step", "step": 9, "epoch": 0.9, "grad_sq_norm_step": g2,
+                                "trace_cov_step": tr}) + "\n")
     facts = read_run(tmp_path / "r")
     assert facts.batch_bound == pytest.approx(1 + 360.0 / 4.5)
     assert "3 per-step estimates" in facts.batch_bound_how
@@ -94,11 +96,13 @@ def test_predict_says_why_a_run_gives_no_batch_bound(tmp_path):
     """Per-step estimates whose ‖G‖² sums to <= 0 give no B_S, and predict says so instead of asking for a tap."""
     write_run(tmp_path / "r", bounds=[None], evals=[(1.0, 0.95)])
     with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"kind": "step", "grad_sq_norm_step": -1.0, "trace_cov_step": 5.0}) + "\n")
+        f.write(json.dumps({"kind": "step", "step": 2, "epoch": 0.2, "grad_sq_norm_step": -1.0,
+                            "trace_cov_step": 5.0}) + "\n")
     assert read_run(tmp_path / "r").batch_bound is None
     args = parse(["--from-run", str(tmp_path / "r")])
     with pytest.raises(ConfigError, match="gradient noise swamps"):
-        _statistical_inputs(args)
+        statistical_inputs(batch_bound=args.batch_bound, passes_at_small_batch=args.passes_at_small_batch,
+                           small_batch_size=args.small_batch_size, from_run=args.from_run)
 
 
 def test_read_run_target_not_reached_and_missing_dir(tmp_path):
@@ -109,9 +113,7 @@ def test_read_run_target_not_reached_and_missing_dir(tmp_path):
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["predict", *argv])
+    return build_parser().parse_args(["predict", *argv])
 
 
 FAST = ["--profile-batch-sizes", "4,32", "--profile-steps", "2", "--network", "25 Gbit/s, 10 us"]
@@ -159,7 +161,8 @@ def test_predict_cli_from_run(tmp_path, capsys):
     write_run(tmp_path / "r", bounds=[150.0, 250.0], evals=[(4.0, 0.8), (6.5, 0.92)])
     args = parse([*FAST, "--from-run", str(tmp_path / "r"), "--batch-sizes", "64,512", "--max-workers", "8"])
     assert args.func(args) == 0
-    assert "6.5 passes at B=64" in capsys.readouterr().out
+    # 0.9 lies 0.1/0.12 of the way from epoch 4 (0.8) to epoch 6.5 (0.92): 4 + 2.5 * 5/6 = 6.083 passes
+    assert "6.08 passes at B=64" in capsys.readouterr().out
 
 
 def test_predict_cli_errors_say_how_to_fix(tmp_path):

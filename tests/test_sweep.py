@@ -8,9 +8,17 @@ import math
 import pytest
 
 from scalesgd.cli import build_parser, main
+from scalesgd.cli import sweep_spec_from_args as spec_from_args
 from scalesgd.errors import ConfigError
-from scalesgd.sweep import (Outcome, Point, choose_lr, crossing, expand_grid, load_spec, plan, point_config,
-                            run_sweep, runs_in_sweep, spec_from_args, spec_from_mappings)
+from scalesgd.rundata import passes_to_target
+from scalesgd.sweep import (Outcome, Point, choose_lr, expand_grid, load_spec, plan, point_config, run_sweep,
+                            runs_in_sweep, spec_from_mappings)
+
+
+def crossing(evals, metric, target):
+    """The sweep's (passes, training time) at the target: rundata's one passes-to-target function."""
+    hit = passes_to_target(evals, metric, target, clocks=("train_time_s",))
+    return None if hit is None else (hit.passes, hit.clocks["train_time_s"])
 
 SPEC = """
 [sweep]

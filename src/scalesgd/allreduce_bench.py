@@ -744,38 +744,3 @@ def _check_output(path: str | None, flag: str, suffixes: tuple[str, ...]) -> Non
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise ConfigError(f"{flag} {path}: directory {out.parent} does not exist or is not writable; create it "
                           "or choose another path")
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``allreduce-bench`` on the CLI's subparsers; its ``func`` takes the Namespace, returns an exit code."""
-    p = subparsers.add_parser(
-        "allreduce-bench", help="time the communication strategies against loopback TCP, nccl-tests style",
-        description=__doc__.split("\n\n")[1] if __doc__ else None)
-    p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES), metavar="NAME",
-                   help="strategies to time (default: %(default)s)")
-    p.add_argument("--sizes", nargs="+", default=None, metavar="SIZE",
-                   help="buffer sizes: 4096, 64KB, 16MB, or LO:HI for a doubling sweep (default 4KB:64MB; "
-                        "with --quick 4KB 64KB 1MB 8MB)")
-    p.add_argument("--workers", nargs="+", type=int, default=None, metavar="P",
-                   help="world sizes, one local job each (default 2 4; with --quick 2)")
-    p.add_argument("--iters", type=int, default=None, help="timed rounds per size (default 30; --quick 5)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls per size (default 3; --quick 1)")
-    p.add_argument("--quick", action="store_true", help="a small sweep that finishes in well under a minute")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write rows, link, fits and targets here")
-    p.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="also draw time and busbw against message size per P, with the fitted model and the "
-                        "TCP ceiling")
-    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl", "auto"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default cores // P)")
-    p.add_argument("--comm-option", action="append", metavar="STRATEGY.KEY=VALUE",
-                   help="strategy option, e.g. qsgd.levels=127 or ring.chunk_bytes=1048576 (repeatable)")
-    p.add_argument("--budget-s", type=float, default=8.0,
-                   help="stop timing a size after this many seconds once 3 calls are in (default %(default)s)")
-    p.add_argument("--settle-ms", type=float, default=5.0,
-                   help="busy pause in milliseconds before each timing, so a strategy's after-effects (gloo keeps "
-                        "the host busy for a few ms after a burst) stay out of the next one's timing "
-                        "(default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout-s", type=float, default=1800.0, help="bound on each P's job (default %(default)s)")
-    p.set_defaults(func=run_from_args)
-    return p

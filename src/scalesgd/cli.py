@@ -1,7 +1,8 @@
-"""Command-line interface: the only reader of ``sys.argv``.
+"""Command-line interface: the only reader of ``sys.argv`` and the only user of argparse in the package.
 
-Each subcommand fills a config and calls one function. Errors of the user's making (:class:`ScalesgdError`)
-become one line on stderr and exit code 2; nothing is half-written.
+Each subcommand fills a config (or spec) and calls one library function with explicit arguments; no
+library module imports this one. Errors of the user's making (:class:`ScalesgdError`) become one line on
+stderr and exit code 2; nothing is half-written.
 """
 
 from __future__ import annotations
@@ -13,27 +14,40 @@ from typing import Any, Sequence
 
 from scalesgd.errors import ConfigError, ScalesgdError
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+
+# Option types for lists of numbers ("16,32,64"); the parsing itself is config.parse_number_list.
+def _number_list(typ: type, minimum: float | None = None):
+    def parse(text: str) -> tuple:
+        from scalesgd.config import parse_number_list
+
+        try:
+            return parse_number_list(text, typ, minimum=minimum)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
-# (option, type, help). Every RunConfig field the user may set; defaults come from RunConfig itself.
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+_float_list = _number_list(float)
+_int_list = _number_list(int)
 
 
+def _positive_int_list(text: str) -> list[int]:
+    values = list(_number_list(int, minimum=1)(text))
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+# (option, type, help). Every RunConfig field the user may set; defaults come from RunConfig itself, and are
+# appended to the help unless the help states what an unset (None) value means.
 TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("dataset", str, "data set: mnist1d, digits, idx:PATH, cifar10:PATH, synthetic-linreg, synthetic-logreg"),
-    ("n-train", int, "training examples to generate (mnist1d, synthetic-*)"),
-    ("dim", int, "input dimension of synthetic data sets"),
-    ("noise", float, "label noise of synthetic data sets"),
+    ("n-train", int, "training examples to generate (mnist1d, synthetic-*) (default: the data set's own)"),
+    ("dim", int, "input dimension of synthetic data sets (default: the data set's own)"),
+    ("noise", float, "label noise of synthetic data sets (default: the data set's own)"),
     ("replicate", int, "keep n/r distinct training examples and refill to n (lowers gradient diversity)"),
-    ("data-seed", int, "seed of generated data sets and splits"),
+    ("data-seed", int, "seed of generated data sets and splits (default: the data set's own)"),
     ("model", str, "model: logreg, mlp, cnn1d, cnn"),
     ("width", int, "channels / hidden units (default: the model's own)"),
     ("depth", int, "hidden layers of the mlp"),
@@ -53,12 +67,13 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("batch-policy", str, "fixed, diversity (batch = delta*B_S + 1), schedule"),
     ("batch-schedule", str, "for --batch-policy schedule: epoch:batch pairs, e.g. 0:64,5:256"),
     ("delta", float, "for --batch-policy diversity: batch = delta * B_S + 1"),
-    ("min-batch", int, "smallest global batch a policy may choose (diversity policy: default the starting "
-                       "batch, since below it per-step overhead outweighs sample efficiency; 1 lets it shrink)"),
-    ("max-batch", int, "largest global batch a policy may choose"),
+    ("min-batch", int, "smallest global batch the diversity policy may choose; 1 lets it shrink (default: the "
+                       "starting batch, since below it per-step overhead outweighs sample efficiency)"),
+    ("max-batch", int, "largest global batch the diversity policy may choose (default: the training set's size)"),
     ("epochs", float, "passes over the training set"),
-    ("steps", int, "number of steps (overrides --epochs)"),
-    ("target-accuracy", float, "stop when test accuracy reaches this fraction; records the time to get there"),
+    ("steps", int, "number of steps; overrides --epochs (default: --epochs decides)"),
+    ("target-accuracy", float, "stop when --target-metric reaches this fraction; records the time to get there "
+                                "(default: no target, train the whole budget)"),
     ("target-metric", str, "what --target-accuracy applies to: test_accuracy or train_accuracy"),
     ("eval-every", int, "steps between evaluations (default: every epoch)"),
     ("eval-train-examples", int, "training examples used to measure train accuracy"),
@@ -93,8 +108,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "options given on the command line win")
     for option, typ, help_text in TRAIN_OPTIONS:
         default = FIELDS[option.replace("-", "_")].default
-        p.add_argument(f"--{option}", type=typ, default=argparse.SUPPRESS,
-                       help=f"{help_text} (default: {default})")
+        if "(default:" not in help_text:  # one default per option: the help's own, else RunConfig's
+            shown = (", ".join(map(str, default)) or "none") if isinstance(default, tuple) else default
+            help_text = f"{help_text} (default: {shown})"
+        p.add_argument(f"--{option}", type=typ, default=argparse.SUPPRESS, help=help_text)
     p.add_argument("--nesterov", action="store_true", default=argparse.SUPPRESS, help="Nesterov momentum")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="no progress bar")
@@ -102,18 +119,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | None = None):
     """defaults < TOML file < command line → a validated RunConfig."""
-    from scalesgd.config import FIELDS, RunConfig, config_from_mapping
+    from scalesgd.config import FIELDS, RunConfig, config_from_mapping, load_toml
 
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         path = Path(args.config)
-        try:
-            with open(path, "rb") as f:
-                values.update(config_from_mapping(tomllib.load(f), source=str(path)))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found; check the path given to --config") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML ({e}); fix the line it names") from None
+        values.update(config_from_mapping(load_toml(path, what="config file (--config)"), source=str(path)))
     for name in FIELDS:
         if name in vars(args):
             values[name] = getattr(args, name)
@@ -190,6 +201,202 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------
+# sweep
+
+
+_SWEEP_OPTIONS: list[tuple[str, Any, str]] = [
+    ("batch-sizes", _int_list, "global batch sizes, e.g. 16,32,64,128"),
+    ("seeds", _int_list, "seeds; results are mean ± std over them (default 0,1,2)"),
+    ("workers", _int_list, "worker counts, one series each (default 1)"),
+    ("lrs", _float_list, "learning rates; several are tuned per (B, P, r), one is used as given (default: "
+                         "the train default 0.05)"),
+    ("replicates", _int_list, "data replication factors r, one series each (default 1)"),
+    ("target-metric", str, "test_accuracy (the trainer stops there) or train_accuracy (read afterwards)"),
+    ("target", float, "the target accuracy, a fraction, e.g. 0.9"),
+    ("evals-per-epoch", float, "evaluations per pass, the resolution of passes to target (default 4)"),
+    ("tune", str, "lr tuning on the first seed (first-seed, default) or the mean over all-seeds"),
+    ("bound", str, "B_S marked on the plots: online (median of the runs' estimate over the first "
+                   "--bound-epochs at the smallest B, default), online-to-target (the same from the start to "
+                   "the target) or init (exact at initialisation)"),
+    ("bound-epochs", float, "epochs over which the online B_S estimate is taken (default 1)"),
+    ("name", str, "the sweep's name in the report"),
+]
+
+
+def _add_sweep_parser(subparsers) -> argparse.ArgumentParser:
+    from scalesgd.sweep import BOUND_MODES, GRID_OWNED, TARGET_METRICS, TUNE_MODES
+
+    p = subparsers.add_parser(
+        "sweep", help="run a resumable grid over the batch size (and P, lr, seed, r) and report time to accuracy",
+        description="Run every point of a grid over the global batch size (optionally worker counts, learning "
+                    "rates, seeds and data replication) into OUT/runs/<point>, skipping finished points, then "
+                    "write OUT/report.md with time per pass, passes to the target and time to the target "
+                    "against B (mean ± std over seeds) and the measured diversity bound B_S. The grid comes "
+                    "from a TOML spec ([sweep] axes and target, [base] run options) and/or the options below; "
+                    "the command line wins.")
+    p.add_argument("spec", nargs="?", metavar="SPEC.toml", help="sweep spec ([sweep] and [base] tables)")
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (runs in DIR/runs)")
+    p.add_argument("--report-dir", metavar="DIR", help="where report.md and the figures go (default: --out)")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report the runs already there")
+    p.add_argument("--measure-init-bound", action="store_true", default=argparse.SUPPRESS,
+                   help="also measure the exact B_S at initialisation for every (r, seed)")
+    choices = {"target-metric": TARGET_METRICS, "tune": TUNE_MODES, "bound": BOUND_MODES}
+    for option, typ, help_text in _SWEEP_OPTIONS:
+        p.add_argument(f"--{option}", type=typ, default=argparse.SUPPRESS, help=help_text,
+                       choices=choices.get(option))
+    base = p.add_argument_group("run options (the [base] of every run)")
+    for option, typ, help_text in TRAIN_OPTIONS:
+        name = option.replace("-", "_")
+        if name in GRID_OWNED or name in ("target_accuracy", "target_metric", "steps"):
+            continue
+        base.add_argument(f"--{option}", type=typ, default=argparse.SUPPRESS, dest=f"base_{name}",
+                          metavar=name.upper(), help=help_text)
+    base.add_argument("--nesterov", action="store_true", default=argparse.SUPPRESS, dest="base_nesterov")
+    p.set_defaults(func=cmd_sweep)
+    return p
+
+
+def sweep_spec_from_args(args: argparse.Namespace):
+    """TOML spec < command line → a validated :class:`scalesgd.sweep.SweepSpec`."""
+    from scalesgd.sweep import read_spec_file, spec_from_mappings
+
+    sweep, base = read_spec_file(Path(args.spec)) if args.spec else ({}, {})
+    given = vars(args)
+    for option, _, _ in _SWEEP_OPTIONS:
+        name = option.replace("-", "_")
+        if name in given:
+            sweep[name] = given[name]
+    if given.get("measure_init_bound"):
+        sweep["measure_init_bound"] = True
+    for key, value in given.items():
+        if key.startswith("base_"):
+            base[key[len("base_"):]] = value
+    base = {k.replace("-", "_"): v for k, v in base.items()}
+    return spec_from_mappings(sweep, base, source=args.spec or "the command line")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from scalesgd.sweep import run_sweep
+
+    spec = sweep_spec_from_args(args)
+    run_sweep(spec, Path(args.out), report_dir=Path(args.report_dir) if args.report_dir else None,
+              train_missing=not args.report_only, log=lambda line: print(line, flush=True))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# predict
+
+_PREDICT_ARGS = ("model", "dataset", "n_train", "width", "dropout", "norm", "network", "comm", "batch_sizes",
+                 "max_workers", "batch_bound", "passes_at_small_batch", "small_batch_size", "from_run",
+                 "profile_batch_sizes", "profile_steps", "compute_curve", "overhead_s", "tolerance", "seed", "out")
+
+
+def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
+    from scalesgd import perf_model as pm
+    from scalesgd.comm import COMM_STRATEGIES
+    from scalesgd.models import MODELS
+
+    p = subparsers.add_parser(
+        "predict", help="predict time per pass, passes and time to accuracy for up to 1024 workers",
+        description="Profile this machine (compute at a few local batch sizes, all-reduce alpha/beta), "
+                    "then predict time to accuracy = (n/B)*T_step(B,P) * passes(B) over a (B, P) grid, with "
+                    "T_step = T_compute(ceil(B/P)) + 2(P-1)alpha + 2(P-1)/P*N*beta and "
+                    "passes(B) = passes_min*(1 + B/(B_S-1)).")
+    p.add_argument("--model", default="cnn1d", choices=sorted(MODELS), help="model (default: cnn1d)")
+    p.add_argument("--dataset", default="mnist1d", help="data set spec, for input shape, n and outputs "
+                   "(default: mnist1d)")
+    p.add_argument("--n-train", type=int, default=None, help="training examples (default: the data set's)")
+    p.add_argument("--width", type=int, default=None, help="model width (default: the model's own)")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--norm", default="none")
+    p.add_argument("--network", default=None, metavar="'BW, LATENCY'",
+                   help="target network, e.g. '25 Gbit/s, 10 us' (default: measured here with gloo)")
+    p.add_argument("--comm", default="allreduce", choices=sorted(COMM_STRATEGIES),
+                   help="communication strategy: its alpha and beta are measured here when --network is not "
+                        "given, and ring/ring-tcp are modelled with their recursive doubling for small messages "
+                        "(default: allreduce)")
+    p.add_argument("--batch-sizes", type=_positive_int_list, default=[2 ** k for k in range(4, 17)],
+                   help="global batch sizes to predict (default: 16,32,...,65536)")
+    p.add_argument("--max-workers", type=int, default=1024, help="largest P; the grid is 1,2,4,... (default 1024)")
+    p.add_argument("--batch-bound", type=float, default=None,
+                   help="diversity batch bound B_S = n*Delta from a measured run (or use --from-run)")
+    p.add_argument("--passes-at-small-batch", type=float, default=None,
+                   help="passes to the target accuracy measured at --small-batch-size (or use --from-run)")
+    p.add_argument("--small-batch-size", type=int, default=32,
+                   help="the batch size --passes-at-small-batch was measured at (default 32)")
+    p.add_argument("--from-run", default=None, metavar="RUN_DIR",
+                   help="take B_S (the run's diversity estimates, averaged over the run) and the passes to its target "
+                        "from a run directory")
+    p.add_argument("--profile-batch-sizes", type=_positive_int_list, default=[8, 32, 128, 512, 2048],
+                   help="local batch sizes to profile (default 8,32,128,512,2048)")
+    p.add_argument("--profile-steps", type=int, default=20, help="timed steps per profiled size (default 20)")
+    p.add_argument("--compute-curve", default="auto", choices=pm.COMPUTE_KINDS,
+                   help="compute curve: affine t0 + t1*b, piecewise through the profile, or auto (affine "
+                        "when it fits every profiled point within 5%%; default)")
+    p.add_argument("--overhead-s", type=float, default=0.0, help="fixed extra seconds per step (default 0)")
+    p.add_argument("--tolerance", type=float, default=0.10,
+                   help="the cheapest recommendation may be this much slower than the fastest (default 0.10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="DIR", help="write predictions.csv, prediction.json and "
+                   "PNG plots here")
+    p.set_defaults(func=cmd_predict)
+    return p
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from scalesgd.predict import predict
+
+    return predict(**{name: getattr(args, name) for name in _PREDICT_ARGS})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# allreduce-bench
+
+
+def _add_allreduce_bench_parser(subparsers) -> argparse.ArgumentParser:
+    from scalesgd import allreduce_bench
+
+    p = subparsers.add_parser(
+        "allreduce-bench", help="time the communication strategies against loopback TCP, nccl-tests style",
+        description=allreduce_bench.__doc__.split("\n\n")[1] if allreduce_bench.__doc__ else None)
+    p.add_argument("--strategies", nargs="+", default=list(allreduce_bench.DEFAULT_STRATEGIES), metavar="NAME",
+                   help="strategies to time (default: %(default)s)")
+    p.add_argument("--sizes", nargs="+", default=None, metavar="SIZE",
+                   help="buffer sizes: 4096, 64KB, 16MB, or LO:HI for a doubling sweep (default 4KB:64MB; "
+                        "with --quick 4KB 64KB 1MB 8MB)")
+    p.add_argument("--workers", nargs="+", type=int, default=None, metavar="P",
+                   help="world sizes, one local job each (default 2 4; with --quick 2)")
+    p.add_argument("--iters", type=int, default=None, help="timed rounds per size (default 30; --quick 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per size (default 3; --quick 1)")
+    p.add_argument("--quick", action="store_true", help="a small sweep that finishes in well under a minute")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write rows, link, fits and targets here")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw time and busbw against message size per P, with the fitted model and the "
+                        "TCP ceiling")
+    p.add_argument("--backend", default="gloo", choices=("gloo", "nccl", "auto"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default cores // P)")
+    p.add_argument("--comm-option", action="append", metavar="STRATEGY.KEY=VALUE",
+                   help="strategy option, e.g. qsgd.levels=127 or ring.chunk_bytes=1048576 (repeatable)")
+    p.add_argument("--budget-s", type=float, default=8.0,
+                   help="stop timing a size after this many seconds once 3 calls are in (default %(default)s)")
+    p.add_argument("--settle-ms", type=float, default=5.0,
+                   help="busy pause in milliseconds before each timing, so a strategy's after-effects (gloo keeps "
+                        "the host busy for a few ms after a burst) stay out of the next one's timing "
+                        "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="bound on each P's job (default %(default)s)")
+    p.set_defaults(func=cmd_allreduce_bench)
+    return p
+
+
+def cmd_allreduce_bench(args: argparse.Namespace) -> int:
+    from scalesgd.allreduce_bench import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scalesgd", description="Synchronous data-parallel minibatch SGD with gradient "
                      "diversity: how many workers, what batch size, what learning rate, how long.")
@@ -214,11 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: the first run directory)")
     p.set_defaults(func=cmd_report)
 
-    from scalesgd import allreduce_bench, predict, sweep
-
-    allreduce_bench.add_parser(sub)
-    predict.add_parser(sub)
-    sweep.add_parser(sub)
+    _add_allreduce_bench_parser(sub)
+    _add_predict_parser(sub)
+    _add_sweep_parser(sub)
     return parser
 
 

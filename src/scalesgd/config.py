@@ -9,9 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from scalesgd.errors import ConfigError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from scalesgd.batch_policy import BATCH_POLICIES, parse_schedule
 from scalesgd.comm import COMM_STRATEGIES
@@ -194,6 +200,47 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def load_toml(path: Path | str, *, what: str) -> dict[str, Any]:
+    """Read a TOML file: ``train --config`` files and sweep specs both come through here.
+
+    Args:
+        path: the file.
+        what: what the file is, for the error line ("config file", "sweep spec").
+    Returns:
+        The parsed document (a dict of tables and keys).
+    Raises:
+        ConfigError: one line naming the file, when it does not exist or is not valid TOML (with the
+            parser's line and column).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found; check the path") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory; pass the path of a TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid TOML ({e}); fix the line it names") from None
+
+
+def parse_number_list(text: str, typ: type = float, *, minimum: float | None = None) -> tuple:
+    """``"16,32 64"`` → ``(16, 32, 64)``: numbers separated by commas and/or spaces, as options take them.
+
+    Raises:
+        ValueError: a message saying what was expected, for an item that is not a ``typ`` or is below
+            ``minimum`` (an empty text gives an empty tuple; the option's own check decides about that).
+    """
+    kind = "integers" if typ is int else "numbers"
+    try:
+        values = tuple(typ(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"expected {kind} separated by commas, got {text!r}") from None
+    if minimum is not None and any(v < minimum for v in values):
+        raise ValueError(f"expected {kind} >= {minimum:g} separated by commas, got {text!r}")
+    return values
 
 
 def config_from_mapping(values: dict[str, Any], *, source: str) -> dict[str, Any]:

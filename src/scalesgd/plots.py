@@ -12,13 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from scalesgd.rundata import RunData  # noqa: E402
+from scalesgd.writer import atomic_path  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, *, dpi: int = 110) -> Path:
+    """Lay out, write ``fig`` to ``path`` atomically (format from the suffix) and close it; returns ``path``."""
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return path
+
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -28,51 +35,57 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="valid")
 
 
-def loss_and_accuracy(runs: Sequence[RunData], path: Path, *, x_axis: str) -> Path:
-    """Training loss (smoothed) and test/train accuracy against ``x_axis`` ("step" or "time_s")."""
+def loss_and_accuracy(runs: Sequence[RunData], path: Path, *, x_axis: str,
+                      labels: Sequence[str] | None = None) -> Path:
+    """Training loss (smoothed) and test/train accuracy against ``x_axis`` ("step" or "time_s"); ``labels``
+    name the runs in the legend (default: each run's own label)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
+    for run, label in zip(runs, labels or [run.label for run in runs]):
         steps = run.steps
         if steps:
             x = np.array([r[x_axis] for r in steps], dtype=float)
             loss = np.array([np.nan if r["loss"] is None else r["loss"] for r in steps], dtype=float)
             window = max(1, len(loss) // 100)
-            ax_loss.plot(x[window - 1:], _smooth(loss, window), label=run.label, lw=1.2)
+            ax_loss.plot(x[window - 1:], _smooth(loss, window), label=label, lw=1.2)
         evals = run.evals
         if evals and evals[0].get("test_accuracy") is not None:
             x = [r[x_axis] for r in evals]
             line, = ax_acc.plot(x, [r["test_accuracy"] for r in evals], marker="o", ms=3,
-                                label=f"{run.label} test")
+                                label=f"{label} test")
             ax_acc.plot(x, [r["train_accuracy"] for r in evals], ls="--", color=line.get_color(),
-                        label=f"{run.label} train")
+                        label=f"{label} train")
         elif evals:
             ax_acc.plot([r[x_axis] for r in evals], [r["test_loss"] for r in evals], marker="o", ms=3,
-                        label=f"{run.label} test loss")
+                        label=f"{label} test loss")
     xlabel = "step" if x_axis == "step" else "wall time (s)"
     ax_loss.set(xlabel=xlabel, ylabel="training loss (batch mean)", yscale="log", title="loss")
     ax_acc.set(xlabel=xlabel, ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def time_breakdown(run: RunData, path: Path) -> Path:
-    """Stacked bar per worker: median compute, waiting for the slowest peer, transfer, update per step."""
+def time_breakdown(run: RunData, path: Path, *, label: str | None = None) -> Path:
+    """Stacked bar per worker: median compute and waiting for the slowest peer, then the all-reduce transfer
+    and optimizer update, which the metrics carry for rank 0 only (hatched: the same value on every bar)."""
     b = run.time_breakdown()
     ranks = np.arange(len(b["compute_s"]))
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(ranks) + 2), 4))
     bottom = np.zeros(len(ranks))
-    for key, label in (("compute_s", "compute (fwd+bwd)"), ("wait_s", "waiting for slowest peer"),
-                       ("transfer_s", "all-reduce transfer"), ("update_s", "optimizer update")):
+    for key, name in (("compute_s", "compute (fwd+bwd)"), ("wait_s", "waiting for slowest peer")):
         values = np.asarray(b[key]) * 1e3
-        ax.bar(ranks, values, bottom=bottom, label=label)
+        ax.bar(ranks, values, bottom=bottom, label=name)
+        bottom += values
+    for key, name in (("transfer_s", "all-reduce transfer (rank 0's)"), ("update_s", "optimizer update (rank 0's)")):
+        values = np.full(len(ranks), (b[key] or 0.0) * 1e3)
+        ax.bar(ranks, values, bottom=bottom, label=name, hatch="//", alpha=0.8)
         bottom += values
     ax.set_xticks(ranks, [f"rank {r}" for r in ranks])
-    ax.set(ylabel="median time per step (ms)", title=f"where the step time goes — {run.label}")
+    ax.set(ylabel="median time per step (ms)", title=f"where the step time goes — {label or run.label}")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def diversity_along_training(run: RunData, path: Path) -> Path:
@@ -98,7 +111,7 @@ def diversity_along_training(run: RunData, path: Path) -> Path:
         ax2.set(ylabel="training loss", yscale="log")
         ax2.legend(loc="lower right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def allreduce_bench(rows: Sequence[dict], path: Path, *, stream_bytes_per_s: float | None = None,
@@ -134,4 +147,4 @@ def allreduce_bench(rows: Sequence[dict], path: Path, *, stream_bytes_per_s: flo
         for ax in (ax_t, ax_bw):
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -11,9 +11,7 @@ Timing follows the trainer's layout on one host: one worker process per core, ea
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, replace
@@ -27,7 +25,9 @@ from torch import nn
 from scalesgd import perf_model as pm
 from scalesgd.comm import COMM_STRATEGIES, OUR_RINGS, RingAllReduce
 from scalesgd.diversity import batch_bound_over_run
-from scalesgd.errors import ConfigError, DataError
+from scalesgd.errors import ConfigError
+from scalesgd.rundata import RunData, finite, passes_to_target
+from scalesgd.writer import atomic_path, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------------------
 # Compute profile
@@ -189,62 +189,37 @@ class RunFacts:
     batch_bound_how: str = ""  # which estimator gave batch_bound, for the printout
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no} is not valid JSON ({e}); is the run directory complete?") from None
-    return rows
-
-
-def _finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)  # JSON null (None), strings and NaN are not
-
-
 def read_run(run_dir: str | Path) -> RunFacts:
     """B_S over the whole run and the passes to the target accuracy.
 
     B_S = 1 + Σ tr Σ̂ / Σ ‖G‖²̂ over the per-step estimates the diversity tap logged (``trace_cov_step``,
     ``grad_sq_norm_step``): numerator and denominator averaged over the run and the ratio taken last
     (REFERENCES §3), the trainer's own EMA with the whole run as its horizon. Runs that logged only the
-    smoothed ``batch_bound_est`` give its median. The passes are the ``epoch`` of the first evaluation that
-    reached ``target_accuracy`` (from summary.json, else config.json); None when the run never reached it.
+    smoothed ``batch_bound_est`` give its median. The passes to ``target_accuracy`` (from summary.json,
+    else config.json) on the run's ``target_metric`` are :func:`scalesgd.rundata.passes_to_target`'s,
+    interpolated between evaluations; None when the run never reached it.
+
+    Raises:
+        DataError: ``run_dir`` is not a run directory, or one of its files is damaged (one line naming it).
     """
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-    if not metrics_path.exists():
-        raise DataError(f"{metrics_path} not found; --from-run needs a run directory written by `scalesgd train`")
-    rows = _read_jsonl(metrics_path)
-    steps = [r for r in rows if _finite_number(r.get("grad_sq_norm_step")) and _finite_number(r.get("trace_cov_step"))]
+    run = RunData.open(run_dir)
+    rows = run.records
+    steps = [r for r in rows if finite(r.get("grad_sq_norm_step")) and finite(r.get("trace_cov_step"))]
     batch_bound = batch_bound_over_run([r["grad_sq_norm_step"] for r in steps], [r["trace_cov_step"] for r in steps])
     how = f"1 + mean tr Sigma / mean |G|^2 over the run's {len(steps)} per-step estimates"
     if batch_bound is None:
         bounds = [float(r["batch_bound_est"]) for r in rows
-                  if _finite_number(r.get("batch_bound_est")) and r["batch_bound_est"] > 1]
+                  if finite(r.get("batch_bound_est")) and r["batch_bound_est"] > 1]
         batch_bound = float(np.median(bounds)) if bounds else None
         how = (f"median batch_bound_est of {len(bounds)} steps" if bounds else
                f"its {len(steps)} per-step estimates sum to |G|^2 <= 0: gradient noise swamps the signal, so "
                "B_S is beyond what the run measured; train longer or give --batch-bound" if steps else "")
-    summary: dict[str, Any] = {}
-    config: dict[str, Any] = {}
-    for name, target in (("summary.json", summary), ("config.json", config)):
-        if (run_dir / name).exists():
-            with open(run_dir / name) as f:
-                target.update(json.load(f))
+    summary, config = run.summary or {}, run.config
     target_acc = summary.get("target_accuracy", config.get("target_accuracy"))
     passes = None
     if target_acc is not None:
-        for r in rows:
-            acc = r.get("test_accuracy")
-            if acc is not None and acc >= target_acc and r.get("epoch") is not None:
-                passes = float(r["epoch"])
-                break
+        hit = passes_to_target(run.evals, config.get("target_metric", "test_accuracy"), target_acc)
+        passes = hit.passes if hit is not None else None
     batch = config.get("global_batch_size")
     if batch is None:
         steps = [r for r in rows if r.get("global_batch_size") is not None]
@@ -264,6 +239,8 @@ def plot_predictions(table: Sequence[pm.Prediction], out_dir: Path) -> list[Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from scalesgd.plots import save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     batch_sizes = sorted({r.global_batch_size for r in table})
@@ -285,10 +262,7 @@ def plot_predictions(table: Sequence[pm.Prediction], out_dir: Path) -> list[Path
         ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="predicted time to accuracy (s)", title=title)
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
-        return out_dir / name
+        return save_figure(fig, out_dir / name, dpi=120)
 
     paths = [
         figure({f"P = {p}": [(b, by_key[b, p].time_to_accuracy_s) for b in batch_sizes if (b, p) in by_key]
@@ -303,7 +277,7 @@ def plot_predictions(table: Sequence[pm.Prediction], out_dir: Path) -> list[Path
 
 def write_table(table: Sequence[pm.Prediction], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         fields = list(asdict(table[0]).keys()) + ["worker_seconds"]
         w.writerow(fields)
@@ -315,82 +289,29 @@ def write_table(table: Sequence[pm.Prediction], path: Path) -> None:
 # Command line
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def statistical_inputs(*, batch_bound: float | None, passes_at_small_batch: float | None,
+                       small_batch_size: int, from_run: str | Path | None) -> tuple[float, float, str]:
+    """(B_S, passes_min, description) from the given numbers and/or a run directory (given numbers win).
 
+    passes_min = passes(B) / (1 + B/(B_S − 1)) (:func:`scalesgd.perf_model.passes_min_from_measurement`).
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``predict`` on the CLI's subparsers; ``set_defaults(func=cmd_predict)``."""
-    from scalesgd.models import MODELS
-
-    p = subparsers.add_parser(
-        "predict", help="predict time per pass, passes and time to accuracy for up to 1024 workers",
-        description="Profile this machine (compute at a few local batch sizes, all-reduce alpha/beta), "
-                    "then predict time to accuracy = (n/B)*T_step(B,P) * passes(B) over a (B, P) grid, with "
-                    "T_step = T_compute(ceil(B/P)) + 2(P-1)alpha + 2(P-1)/P*N*beta and "
-                    "passes(B) = passes_min*(1 + B/(B_S-1)).")
-    p.add_argument("--model", default="cnn1d", choices=sorted(MODELS), help="model (default: cnn1d)")
-    p.add_argument("--dataset", default="mnist1d", help="data set spec, for input shape, n and outputs "
-                   "(default: mnist1d)")
-    p.add_argument("--n-train", type=int, default=None, help="training examples (default: the data set's)")
-    p.add_argument("--width", type=int, default=None, help="model width (default: the model's own)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--norm", default="none")
-    p.add_argument("--network", default=None, metavar="'BW, LATENCY'",
-                   help="target network, e.g. '25 Gbit/s, 10 us' (default: measured here with gloo)")
-    p.add_argument("--comm", default="allreduce", choices=sorted(COMM_STRATEGIES),
-                   help="communication strategy: its alpha and beta are measured here when --network is not "
-                        "given, and ring/ring-tcp are modelled with their recursive doubling for small messages "
-                        "(default: allreduce)")
-    p.add_argument("--batch-sizes", type=_int_list, default=[2 ** k for k in range(4, 17)],
-                   help="global batch sizes to predict (default: 16,32,...,65536)")
-    p.add_argument("--max-workers", type=int, default=1024, help="largest P; the grid is 1,2,4,... (default 1024)")
-    p.add_argument("--batch-bound", type=float, default=None,
-                   help="diversity batch bound B_S = n*Delta from a measured run (or use --from-run)")
-    p.add_argument("--passes-at-small-batch", type=float, default=None,
-                   help="passes to the target accuracy measured at --small-batch-size (or use --from-run)")
-    p.add_argument("--small-batch-size", type=int, default=32,
-                   help="the batch size --passes-at-small-batch was measured at (default 32)")
-    p.add_argument("--from-run", default=None, metavar="RUN_DIR",
-                   help="take B_S (the run's diversity estimates, averaged over the run) and the passes to its target "
-                        "from a run directory")
-    p.add_argument("--profile-batch-sizes", type=_int_list, default=[8, 32, 128, 512, 2048],
-                   help="local batch sizes to profile (default 8,32,128,512,2048)")
-    p.add_argument("--profile-steps", type=int, default=20, help="timed steps per profiled size (default 20)")
-    p.add_argument("--compute-curve", default="auto", choices=pm.COMPUTE_KINDS,
-                   help="compute curve: affine t0 + t1*b, piecewise through the profile, or auto (affine "
-                        "when it fits every profiled point within 5%%; default)")
-    p.add_argument("--overhead-s", type=float, default=0.0, help="fixed extra seconds per step (default 0)")
-    p.add_argument("--tolerance", type=float, default=0.10,
-                   help="the cheapest recommendation may be this much slower than the fastest (default 0.10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, metavar="DIR", help="write predictions.csv, prediction.json and "
-                   "PNG plots here")
-    p.set_defaults(func=cmd_predict)
-    return p
-
-
-def _statistical_inputs(args: argparse.Namespace) -> tuple[float, float, str]:
-    """(B_S, passes_min, description) from the command line and/or a run directory."""
-    facts = read_run(args.from_run) if args.from_run else None
-    batch_bound = args.batch_bound if args.batch_bound is not None else (facts.batch_bound if facts else None)
-    bound_how = "command line" if args.batch_bound is not None else (facts.batch_bound_how if facts else "")
+    Raises:
+        ConfigError: B_S or the passes are neither given nor in the run; the message names the options.
+    """
+    facts = read_run(from_run) if from_run else None
+    given_bound = batch_bound
+    batch_bound = given_bound if given_bound is not None else (facts.batch_bound if facts else None)
+    bound_how = "command line" if given_bound is not None else (facts.batch_bound_how if facts else "")
     if batch_bound is None and facts is not None and facts.batch_bound_how:
-        raise ConfigError(f"--from-run {args.from_run}: no diversity batch bound B_S: {facts.batch_bound_how}")
+        raise ConfigError(f"--from-run {from_run}: no diversity batch bound B_S: {facts.batch_bound_how}")
     if batch_bound is None:
         raise ConfigError("predict needs the diversity batch bound B_S: pass --batch-bound (from a run's "
                           "batch_bound_est) or --from-run RUN_DIR of a run trained with --diversity cheap")
     batch_crit = pm.batch_crit_from_bound(batch_bound)
-    if args.passes_at_small_batch is not None:
-        passes, batch, where = args.passes_at_small_batch, args.small_batch_size, "command line"
+    if passes_at_small_batch is not None:
+        passes, batch, where = passes_at_small_batch, small_batch_size, "command line"
     elif facts is not None and facts.passes_to_target is not None and facts.global_batch_size:
-        passes, batch, where = facts.passes_to_target, facts.global_batch_size, str(args.from_run)
+        passes, batch, where = facts.passes_to_target, facts.global_batch_size, str(from_run)
     else:
         raise ConfigError("predict needs the passes to the target at a small batch: pass "
                           "--passes-at-small-batch P --small-batch-size B, or --from-run RUN_DIR of a run "
@@ -399,56 +320,86 @@ def _statistical_inputs(args: argparse.Namespace) -> tuple[float, float, str]:
     return batch_bound, passes_min, f"{passes:.3g} passes at B={batch} ({where}), B_S={batch_bound:.4g} ({bound_how})"
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    """The ``predict`` subcommand: measure, predict, print, plot."""
+def predict(*, model: str = "cnn1d", dataset: str = "mnist1d", n_train: int | None = None,
+            width: int | None = None, dropout: float = 0.0, norm: str = "none", network: str | None = None,
+            comm: str = "allreduce", batch_sizes: Sequence[int] = tuple(2 ** k for k in range(4, 17)),
+            max_workers: int = 1024, batch_bound: float | None = None, passes_at_small_batch: float | None = None,
+            small_batch_size: int = 32, from_run: str | Path | None = None,
+            profile_batch_sizes: Sequence[int] = (8, 32, 128, 512, 2048), profile_steps: int = 20,
+            compute_curve: str = "auto", overhead_s: float = 0.0, tolerance: float = 0.10, seed: int = 0,
+            out: str | Path | None = None) -> int:
+    """Measure this machine, predict time to accuracy over a (B, P) grid, print it, and write it to ``out``.
+
+    time to accuracy = (n/B)·T_step(B, P)·passes(B), T_step = T_compute(⌈B/P⌉) + T_allreduce(N, P) + overhead,
+    passes(B) = passes_min·(1 + B/(B_S − 1)) (:mod:`scalesgd.perf_model`; REFERENCES §1–3).
+
+    Args:
+        model, dataset, n_train, width, dropout, norm: what is profiled (the data set gives the input shape,
+            n and the outputs).
+        network: the target network, e.g. ``"25 Gbit/s, 10 us"``; None measures ``comm`` here.
+        comm: the communication strategy measured or modelled (our rings add recursive doubling).
+        batch_sizes: global batch sizes of the grid; ``max_workers``: P = 1, 2, 4, … up to it.
+        batch_bound, passes_at_small_batch, small_batch_size, from_run: the statistics
+            (see :func:`statistical_inputs`).
+        profile_batch_sizes, profile_steps, compute_curve: the compute profile (:func:`profile_compute`).
+        overhead_s: fixed seconds added per step; tolerance: how much slower the cheapest recommendation
+            may be than the fastest; seed: model init and profile data.
+        out: directory for predictions.csv, prediction.json and the plots (None: print only).
+    Returns:
+        0 (the exit code).
+    Raises:
+        ConfigError: bad input, with the option to fix.
+    """
     from scalesgd.data import load_dataset
     from scalesgd.models import DEFAULT_WIDTH, MODELS, count_parameters
 
-    if args.max_workers < 1:
-        raise ConfigError(f"--max-workers must be >= 1, got {args.max_workers}")
-    network = pm.parse_network(args.network) if args.network else None  # fail fast on a bad string
+    if max_workers < 1:
+        raise ConfigError(f"--max-workers must be >= 1, got {max_workers}")
+    network = pm.parse_network(network) if network else None  # fail fast on a bad string
     if network is not None:
         # our rings switch to recursive doubling for small messages on any network; the built-in is a ring
-        doubling = RingAllReduce.DOUBLING_P2_BYTES if args.comm in OUR_RINGS else 0
+        doubling = RingAllReduce.DOUBLING_P2_BYTES if comm in OUR_RINGS else 0
         network = replace(network, doubling_max_bytes=doubling)
-    batch_bound, passes_min, stat_source = _statistical_inputs(args)
-    ds = load_dataset(args.dataset, n_train=args.n_train)
-    width = args.width if args.width is not None else DEFAULT_WIDTH[args.model]
-    torch.manual_seed(args.seed)
+    batch_bound, passes_min, stat_source = statistical_inputs(
+        batch_bound=batch_bound, passes_at_small_batch=passes_at_small_batch, small_batch_size=small_batch_size,
+        from_run=from_run)
+    ds = load_dataset(dataset, n_train=n_train)
+    width = width if width is not None else DEFAULT_WIDTH[model]
+    torch.manual_seed(seed)
     try:
-        model = MODELS[args.model](input_shape=ds.input_shape, num_outputs=ds.num_outputs, width=width,
-                                   dropout=args.dropout, norm=args.norm)
+        net = MODELS[model](input_shape=ds.input_shape, num_outputs=ds.num_outputs, width=width,
+                            dropout=dropout, norm=norm)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    grad_bytes = 4 * count_parameters(model)
-    prof = profile_compute(model, ds.input_shape, ds.num_outputs, args.profile_batch_sizes, args.profile_steps,
-                           task=ds.task, curve=args.compute_curve, seed=args.seed)
-    print(f"compute profile ({args.model}, {count_parameters(model):,} parameters, 1 thread): " + ", ".join(
+    grad_bytes = 4 * count_parameters(net)
+    prof = profile_compute(net, ds.input_shape, ds.num_outputs, profile_batch_sizes, profile_steps,
+                           task=ds.task, curve=compute_curve, seed=seed)
+    print(f"compute profile ({model}, {count_parameters(net):,} parameters, 1 thread): " + ", ".join(
         f"b={b}: {pm.format_seconds(t)}" for b, t in zip(prof.local_batch_sizes, prof.median_s)))
     print(f"  compute curve: {prof.fit.describe()}")
     sweep = None
     if network is None:
-        sweep = measure_allreduce(comm=args.comm)
+        sweep = measure_allreduce(comm=comm)
         network = sweep.network
     print(f"network: {network.describe()}; gradient {grad_bytes:,} bytes")
     print(f"statistics: {stat_source} -> passes_min {passes_min:.3g}")
-    workers = [2 ** k for k in range(int(math.log2(args.max_workers)) + 1)]
-    if workers[-1] != args.max_workers:
-        workers.append(args.max_workers)
-    table = pm.predict_grid(args.batch_sizes, workers, n_train=ds.n_train, compute=prof.fit, network=network,
+    workers = [2 ** k for k in range(int(math.log2(max_workers)) + 1)]
+    if workers[-1] != max_workers:
+        workers.append(max_workers)
+    table = pm.predict_grid(batch_sizes, workers, n_train=ds.n_train, compute=prof.fit, network=network,
                             grad_bytes=grad_bytes, passes_min=passes_min,
-                            batch_crit=pm.batch_crit_from_bound(batch_bound), overhead_s=args.overhead_s)
+                            batch_crit=pm.batch_crit_from_bound(batch_bound), overhead_s=overhead_s)
     print(pm.format_table(table))
-    rec = pm.recommend(table, tolerance=args.tolerance)
+    rec = pm.recommend(table, tolerance=tolerance)
     print(pm.format_recommendation(rec))
     print("all-reduce of the gradient, as modelled: " + ", ".join(
         f"{pm.allreduce_algorithm(grad_bytes, p, network)} at P={p}"
         for p in dict.fromkeys((rec.fastest.workers, rec.cheapest.workers))))
-    if args.out:
-        out = Path(args.out)
+    if out:
+        out = Path(out)
         write_table(table, out / "predictions.csv")
         info = {
-            "model": args.model, "dataset": args.dataset, "n_train": ds.n_train, "grad_bytes": grad_bytes,
+            "model": model, "dataset": dataset, "n_train": ds.n_train, "grad_bytes": grad_bytes,
             "compute_profile": {"local_batch_sizes": prof.local_batch_sizes, "median_s": prof.median_s,
                                 "t0_s": prof.fit.t0_s, "t1_s": prof.fit.t1_s,
                                 "max_rel_err": prof.fit.max_rel_err, "threads": prof.threads,
@@ -457,12 +408,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "allreduce_sweep": None if sweep is None else {"sizes_bytes": sweep.sizes_bytes,
                                                            "world_size": sweep.world_size,
                                                            "median_s": sweep.median_s},
-            "batch_bound": batch_bound, "passes_min": passes_min, "overhead_s": args.overhead_s,
+            "batch_bound": batch_bound, "passes_min": passes_min, "overhead_s": overhead_s,
             "recommendation": {"tolerance": rec.tolerance, "fastest": asdict(rec.fastest),
                                "cheapest": asdict(rec.cheapest)},
         }
-        with open(out / "prediction.json", "w") as f:
-            json.dump(info, f, indent=2)
+        write_json_atomic(out / "prediction.json", info)
         for path in plot_predictions(table, out):
             print(f"plot: {path}")
         print(f"table: {out / 'predictions.csv'}")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
 from scalesgd import plots
-from scalesgd.rundata import RunData
+from scalesgd.rundata import RunData, distinct_labels
+from scalesgd.writer import write_atomic
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -23,14 +23,11 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
     nothing half-written.
     """
     runs = [RunData.open(p) for p in run_dirs]
+    labels = distinct_labels(runs)  # runs that differ only in --comm (say) are told apart by it
     out_dir = Path(out_dir) if out_dir is not None else runs[0].path
     out_dir.mkdir(parents=True, exist_ok=True)
-    figs = {
-        "loss_accuracy_vs_step.png": plots.loss_and_accuracy(runs, out_dir / "loss_accuracy_vs_step.png",
-                                                             x_axis="step"),
-        "loss_accuracy_vs_time.png": plots.loss_and_accuracy(runs, out_dir / "loss_accuracy_vs_time.png",
-                                                             x_axis="time_s"),
-    }
+    for x_axis, name in (("step", "loss_accuracy_vs_step.png"), ("time_s", "loss_accuracy_vs_time.png")):
+        plots.loss_and_accuracy(runs, out_dir / name, x_axis=x_axis, labels=labels)
     lines = ["# scalesgd report", ""]
     lines += ["| run | model | data set | B | P | comm | steps | epochs | final test acc | wall (s) | "
               "time to target (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -48,30 +45,31 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
               "Median per step and per worker (warm-up excluded). *Waiting* is the time a rank sits at the "
               "all-reduce for the slowest peer; a tall waiting bar on some ranks means imbalance, a tall "
               "transfer bar means the network limits scaling.", ""]
-    for i, run in enumerate(runs):
+    for i, (run, label) in enumerate(zip(runs, labels)):
         if not run.steps:
             continue
         name = f"time_breakdown_{i}.png"
-        figs[name] = plots.time_breakdown(run, out_dir / name)
+        plots.time_breakdown(run, out_dir / name, label=label)
         b = run.time_breakdown()
-        lines.append(f"![time breakdown {run.label}]({name})")
+        lines.append(f"![time breakdown {label}]({name})")
         lines.append("")
-        lines.append("| rank | compute (ms) | wait (ms) | transfer (ms) | update (ms) |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| rank | compute (ms) | wait (ms) |")
+        lines.append("|---|---|---|")
         for r in range(len(b["compute_s"])):
-            lines.append(f"| {r} | {b['compute_s'][r] * 1e3:.3f} | {b['wait_s'][r] * 1e3:.3f} | "
-                         f"{b['transfer_s'][r] * 1e3:.3f} | {b['update_s'][r] * 1e3:.3f} |")
+            lines.append(f"| {r} | {b['compute_s'][r] * 1e3:.3f} | {b['wait_s'][r] * 1e3:.3f} |")
+        lines.append("")
+        lines.append(f"All-reduce transfer {b['transfer_s'] * 1e3:.3f} ms and optimizer update "
+                     f"{b['update_s'] * 1e3:.3f} ms per step, measured on rank 0 (the metrics carry them for rank 0 "
+                     "only; every rank leaves the all-reduce together).")
         lines.append("")
     extra = [r for r in runs if any("batch_bound_est" in s for s in r.steps[-1:])]
     if extra:
         lines += ["## Gradient diversity (online estimate)", ""]
         for run in extra:
             last = run.steps[-1]
-            lines.append(f"- {run.label}: B_S estimate {_fmt(last.get('batch_bound_est'), '.1f')} at step "
+            lines.append(f"- {labels[runs.index(run)]}: B_S estimate {_fmt(last.get('batch_bound_est'), '.1f')} at step "
                          f"{last['step']}")
         lines.append("")
     path = out_dir / "report.md"
-    tmp = out_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    write_atomic(path, "\n".join(lines))
     return path

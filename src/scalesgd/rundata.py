@@ -1,93 +1,224 @@
-"""Reading run directories: the only input of reports, plots and sweeps."""
+"""Reading run directories: the only input of reports, plots, sweeps, ``predict`` and the benches.
+
+One reader, strict: a damaged file is one :class:`~scalesgd.errors.DataError` line naming the file (and the
+line of ``metrics.jsonl``) and what is wrong, never a record silently dropped. Also here: the one
+definition of *passes to a target* (:func:`passes_to_target`), used by ``sweep``, ``predict`` and
+``bench/time_to_accuracy.py``.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from scalesgd.errors import ScalesgdError
+from scalesgd.errors import DataError
+
+# Keys a metrics line must carry for the reader to place it: every line has a kind; steps and evaluations
+# are placed on the step and epoch axes (plots, passes to target).
+REQUIRED_KEYS = {"step": ("step", "epoch"), "eval": ("step", "epoch")}
+# Config keys that say nothing about what was run (where it was written, how it printed), left out when
+# runs are told apart by their differences.
+_NOT_A_DIFFERENCE = {"run_dir", "progress", "extra", "master_port", "master_addr"}
 
 
 @dataclass(frozen=True)
 class RunData:
-    """A run directory, read lazily."""
+    """A run directory (written by :class:`scalesgd.writer.RunWriter`), read lazily and strictly."""
 
     path: Path
 
     @staticmethod
     def open(path: Path | str) -> "RunData":
+        """The run directory at ``path``; :class:`DataError` if it has no ``metrics.jsonl``."""
         path = Path(path)
-        if not (path / "metrics.jsonl").exists():
-            raise ScalesgdError(f"{path} is not a run directory (no metrics.jsonl); pass the directory that "
-                                "`scalesgd train` printed")
+        if not (path / "metrics.jsonl").is_file():
+            raise DataError(f"{path} is not a run directory (no metrics.jsonl); pass the directory that "
+                            "`scalesgd train` printed")
         return RunData(path)
 
     @cached_property
     def config(self) -> dict[str, Any]:
+        """config.json ({} when absent)."""
         return _read_json(self.path / "config.json") or {}
 
     @cached_property
     def summary(self) -> dict[str, Any] | None:
+        """summary.json, written last by a finished run; None for a run that was interrupted or diverged."""
         return _read_json(self.path / "summary.json")
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:
+        """Every line of metrics.jsonl, in order.
+
+        Raises:
+            DataError: naming ``metrics.jsonl:LINE`` for a line that is not JSON (a write cut short), not a
+                JSON object, or lacks a key in :data:`REQUIRED_KEYS`.
+        """
+        path = self.path / "metrics.jsonl"
         out = []
-        with open(self.path / "metrics.jsonl") as f:
-            for line in f:
+        with open(path) as f:
+            for line_no, line in enumerate(f, 1):
                 line = line.strip()
-                if line:
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a crash; the rest is still good
+                if not line:
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where} is not valid JSON ({e}); the run was cut off mid-write: re-run it "
+                                    "or delete that line") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"{where} is a JSON {type(rec).__name__}, not an object; metrics.jsonl holds "
+                                    "one object per line as `scalesgd train` writes it")
+                kind = rec.get("kind")
+                missing = [k for k in ("kind", *REQUIRED_KEYS.get(kind, ())) if k not in rec]
+                if missing:
+                    raise DataError(f"{where} lacks the key {missing[0]!r}; this is not a metrics line that "
+                                    "`scalesgd train` writes (kind=step/eval lines carry step and epoch)")
+                out.append(rec)
         return out
 
     @property
     def steps(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("kind") == "step"]
+        return [r for r in self.records if r["kind"] == "step"]
 
     @property
     def evals(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("kind") == "eval"]
+        return [r for r in self.records if r["kind"] == "eval"]
 
     @property
     def label(self) -> str:
+        """``model B=… P=…`` from config.json (the directory name when there is none)."""
         c = self.config
         if not c:
             return self.path.name
         return f"{c.get('model')} B={c.get('global_batch_size')} P={c.get('workers')}"
 
-    def time_breakdown(self, skip: int = 5) -> dict[str, list[float]]:
-        """Median per-step compute, wait, transfer and update time for each rank (warm-up steps skipped).
+    def time_breakdown(self, skip: int = 5) -> dict[str, Any]:
+        """Median per-step compute and wait per rank, and the transfer and update time (warm-up skipped).
 
-        Rank 0 logs every rank's compute time (carried in the all-reduce); a rank's wait is the slowest
-        rank's compute minus its own, and the transfer is rank 0's all-reduce time minus its wait.
+        Rank 0 logs every rank's compute time (carried in the all-reduce, ``compute_s_rank{r}``); a rank's
+        wait is the slowest rank's compute minus its own. The transfer is rank 0's all-reduce time minus
+        its wait, and the update rank 0's update time: the metrics carry them for rank 0 only, so they are
+        single numbers, not per rank (every rank leaves a synchronous all-reduce together, so the transfer
+        is shared; the update is the same arithmetic on identical parameters).
+
+        Returns:
+            ``compute_s`` and ``wait_s``: lists, one median per rank (seconds); ``transfer_s`` and
+            ``update_s``: rank 0's medians (seconds), None without step records.
         """
         steps = self.steps[skip:] or self.steps
         if not steps:
-            return {"compute_s": [], "wait_s": [], "transfer_s": [], "update_s": []}
+            return {"compute_s": [], "wait_s": [], "transfer_s": None, "update_s": None}
         ranks = sorted(int(k[len("compute_s_rank"):]) for k in steps[0] if k.startswith("compute_s_rank"))
         compute = np.array([[s[f"compute_s_rank{r}"] for r in ranks] for s in steps])  # (steps, P)
         slowest = compute.max(axis=1, keepdims=True)
         wait = slowest - compute
         transfer = np.maximum(np.array([s["comm_s"] for s in steps]) - wait[:, 0], 0.0)
         update = np.array([s["update_s"] for s in steps])
-        return {"compute_s": list(np.median(compute, axis=0)), "wait_s": list(np.median(wait, axis=0)),
-                "transfer_s": [float(np.median(transfer))] * len(ranks),
-                "update_s": [float(np.median(update))] * len(ranks)}
+        return {"compute_s": [float(v) for v in np.median(compute, axis=0)],
+                "wait_s": [float(v) for v in np.median(wait, axis=0)],
+                "transfer_s": float(np.median(transfer)), "update_s": float(np.median(update))}
+
+
+def distinct_labels(runs: Sequence[RunData]) -> list[str]:
+    """A label per run that tells the runs apart: ``model B=… P=…`` plus every config option whose value
+    differs between the runs (``comm=ring``); the directory name when the configs are the same."""
+    labels = [run.label for run in runs]
+    configs = [run.config for run in runs]
+    keys = sorted({k for c in configs for k in c} - _NOT_A_DIFFERENCE - {"model", "global_batch_size", "workers"})
+    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    out = []
+    for run, label, c in zip(runs, labels, configs):
+        extra = " ".join(f"{k}={c.get(k)}" for k in differ)
+        out.append(f"{label} {extra}".strip())
+    if len(set(out)) < len(out):  # the same options: only the directory tells them apart
+        out = [f"{label} ({run.path.name})" for run, label in zip(runs, out)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Passes to a target
+
+
+@dataclass(frozen=True)
+class TargetCrossing:
+    """Where an evaluation metric first reaches its target: the epoch and each requested clock there."""
+
+    passes: float  # epochs (passes over the training set) at the target
+    clocks: dict[str, float]  # each requested key of the evaluations (e.g. train_time_s), at the same point
+
+
+def passes_to_target(evals: Sequence[Mapping[str, Any]], metric: str, target: float, *,
+                     clocks: Sequence[str] = ()) -> TargetCrossing | None:
+    """Passes (epochs) at which ``metric`` first reaches ``target``, linearly interpolated between evaluations.
+
+    Let e_k be the first evaluation with m_k ≥ target and e_j the last one before it with a value
+    (m_j < target). Then, with f = (target − m_j) / (m_k − m_j) ∈ (0, 1],
+
+        passes = epoch_j + f · (epoch_k − epoch_j),
+
+    and every key in ``clocks`` (``train_time_s``, ``time_s``, …) is interpolated with the same f. When the
+    first evaluation is already at the target there is nothing to interpolate from, and its own values are
+    returned. Evaluations whose ``metric`` is None (a regression run's accuracy) are skipped. Interpolating
+    makes the measure finer than the evaluation interval and unbiased by it (the first-evaluation-past rule
+    overstates passes by half an interval on average); it assumes the metric rises about linearly between
+    two evaluations, the same assumption as the sweep's figures.
+
+    Args:
+        evals: evaluation records in order (``kind == "eval"`` lines of metrics.jsonl or the like), each with
+            ``epoch``, ``metric`` and the ``clocks`` keys.
+        metric: the key compared with ``target`` (``test_accuracy``, ``train_accuracy``).
+        target: the target value (an accuracy in (0, 1]).
+        clocks: further keys to interpolate at the crossing.
+    Returns:
+        :class:`TargetCrossing`, or None when no evaluation reaches the target.
+    Raises:
+        DataError: an evaluation at or just before the crossing lacks ``epoch`` or a clock key.
+    """
+    prev = None
+    for rec in evals:
+        value = rec.get(metric)
+        if value is None:
+            continue
+        if value >= target:
+            keys = ("epoch", *clocks)
+            for r in (rec, prev) if prev is not None else (rec,):
+                missing = [k for k in keys if r.get(k) is None]
+                if missing:
+                    raise DataError(f"an evaluation record lacks {missing[0]!r}, needed for passes to the target")
+            if prev is None:
+                at = {k: float(rec[k]) for k in keys}
+            else:
+                f = (target - prev[metric]) / (value - prev[metric])
+                at = {k: float(prev[k]) + f * (float(rec[k]) - float(prev[k])) for k in keys}
+            return TargetCrossing(passes=at.pop("epoch"), clocks=at)
+        prev = rec  # below the target: m_j < target
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A run's JSON file, None when absent; :class:`DataError` naming the file when it is damaged."""
     try:
         with open(path) as f:
-            return json.load(f)
+            value = json.load(f)
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as e:
-        raise ScalesgdError(f"{path} is not valid JSON ({e}); the run may have been interrupted") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); the run may have been interrupted while writing it: "
+                        "re-run it or delete the file") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path} holds a JSON {type(value).__name__}, not an object; it is not a file "
+                        "`scalesgd train` wrote")
+    return value
+
+
+def finite(value: Any) -> bool:
+    """Whether ``value`` is a finite number (JSON null, strings, booleans and NaN are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

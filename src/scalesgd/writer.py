@@ -13,15 +13,17 @@ Layout (a run directory describes itself; reports read nothing else)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -44,13 +46,46 @@ def check_run_dir_is_new(run_dir: str | None) -> None:
                           "one under runs/, or delete the old directory first.")
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_jsonable)
-        f.write("\n")
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on a clean exit make it ``path`` in one step.
+
+    The caller writes the whole file to the yielded path (``open``, ``torch.save``, ``savefig``); the file is
+    then flushed to disk (fsync) and renamed over ``path`` with :func:`os.replace`, which is atomic within
+    one file system, so a reader sees the old file or the new one, never half a file. On an exception the
+    temporary file is removed and ``path`` is left as it was. The temporary name is unique (several
+    processes may write the same target) and starts with ``.`` so listings skip it.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # the writer may have closed it already: fsync the bytes it left
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path | str, data: str | bytes) -> None:
+    """Write text (UTF-8) or bytes to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+
+
+def write_json_atomic(path: Path | str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically, so readers never see half a file.
+
+    Paths, devices and tuples are written as strings and lists; anything else that JSON cannot hold raises
+    ``TypeError`` before ``path`` is touched.
+    """
+    write_atomic(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:
@@ -170,10 +205,8 @@ class RunWriter:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        path = self.run_dir / "checkpoint.pt"
-        tmp = path.with_name(".checkpoint.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_path(self.run_dir / "checkpoint.pt") as tmp:
+            torch.save(state, tmp)
 
     def close(self) -> None:
         if self._metrics is not None:

@@ -1,7 +1,7 @@
 """Figures of ``scalesgd sweep``: one function per figure, each writes a PNG and returns its path.
 
-They take already-aggregated curves (:class:`Curve`), not run directories: :mod:`scalesgd.sweep` reads
-the runs and computes mean ± std over seeds.
+They take already-aggregated curves (:class:`Curve`), not run directories: :mod:`scalesgd.sweep.report`
+reads the runs' outcomes and computes mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from scalesgd.plots import save_figure  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -34,13 +36,6 @@ class Curve:
     std: tuple[float, ...]
     missed: tuple[float, ...] = ()
     bound: tuple[float, float, float] | None = None
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _draw(ax, curves: Sequence[Curve], *, bounds: bool) -> None:
@@ -84,7 +79,7 @@ def _curve_figure(curves: Sequence[Curve], path: Path, *, bounds: bool, xlabel: 
     ax.set(xlabel=xlabel, ylabel=ylabel, yscale="log", title=title)
     _plain_log_y(ax)
     ax.legend(fontsize=8, loc=legend_loc)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def time_per_pass(curves: Sequence[Curve], path: Path) -> Path:
@@ -128,4 +123,4 @@ def ratio_vs_replicate(replicates: Sequence[float], ratio_mean: Sequence[float],
         a.set_xticks(r, [f"{v:g}" for v in r])
         a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         a.grid(alpha=0.3, which="both")
-    return _save(fig, path)
+    return save_figure(fig, path)
