@@ -44,6 +44,7 @@ from torch import nn
 
 from scalesgd.diversity import GhostNormTap, local_grad_sq_norm, vmap_sq_norms
 from scalesgd.models import cnn, mlp
+from scalesgd.writer import write_json_atomic
 
 # (name, target ratio, stretch ratio or None): exact/plain per model, plain-vmap speed, cheap/plain, memory
 TARGETS = {
@@ -322,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown model {key!r}; choose from mlp, cnn")
         results["models"][key] = run_model(key, desc, model, x, y, blocks, reps, not args.no_memory)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(args.json, results)
         print(f"\nwrote {args.json}")
     return 0
 

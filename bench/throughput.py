@@ -12,7 +12,7 @@ compared. Target: scalesgd ≥ 0.95× DDP for the MLP and the CNN (stretch ≥ 1
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 import statistics
 import time
 
@@ -25,6 +25,7 @@ from scalesgd.models import MODELS
 from scalesgd.run import loss_function
 from scalesgd.step import FlatModel, train_step
 from scalesgd.transforms import Hyper, sgd
+from scalesgd.writer import write_json_atomic
 
 CASES = {
     "mlp": dict(model="mlp", input_shape=(784,), width=256, batch=128),
@@ -137,8 +138,7 @@ def main() -> int:
                          "scalesgd_examples_per_s": ours, "ddp_examples_per_s": ddp, "ratio": ratio,
                          "blocks_scalesgd": out["ours"], "blocks_ddp": out["ddp"], "verdict": verdict}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(Path(args.json), results)
     return 0
 
 

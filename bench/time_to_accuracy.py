@@ -19,8 +19,9 @@ both (a run stops at the target, so a decaying schedule would make its horizon a
 phase interleaves the contestants seed by seed so that load from other jobs on this shared machine falls
 on all of them alike.
 
-Clock: wall time from the start of training to the end of the first evaluation that reaches the target,
-**minus the time spent in evaluations** (excluded for both). Evaluation frequency: every EVAL_EPOCHS of
+Clock: wall time from the start of training to where the test accuracy reaches the target, interpolated
+between the last evaluation below it and the first at or above it (``scalesgd.rundata.passes_to_target``,
+the sweep's definition), **minus the time spent in evaluations** (excluded for both). Evaluation frequency: every EVAL_EPOCHS of
 training data. DDP evaluates after the step that crosses each multiple of EVAL_EPOCHS·n examples;
 scalesgd's trainer counts evaluation intervals in steps, so it evaluates every
 round(EVAL_EPOCHS·n / 128) steps: every EVAL_EPOCHS at its starting batch of 128, proportionally less
@@ -43,7 +44,6 @@ factor 2 of the best fixed batch; the batch at the moment it reached the target 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -58,6 +58,8 @@ from scalesgd.baselines import ddp_worker
 from scalesgd.config import RunConfig
 from scalesgd.data import Dataset
 from scalesgd.run import load_data, train
+from scalesgd.rundata import RunData, passes_to_target
+from scalesgd.writer import write_json_atomic
 
 GRID_BATCH = (32, 64, 128, 256, 512)
 GRID_LR = (0.025, 0.05, 0.1, 0.2)
@@ -118,18 +120,22 @@ class RunResult:
 
 
 def time_to_target(evals: list[dict[str, float]], target: float) -> tuple[float, float, float] | None:
-    """(time excluding evaluation, time including it, epoch) at the first evaluation with accuracy ≥ target.
+    """(time excluding evaluation, time including it, epoch) where the test accuracy reaches ``target``.
 
-    ``time_s`` of an evaluation is the wall time since training started, read at the end of that
-    evaluation; ``eval_s`` its own duration. Excluding evaluation subtracts the durations of every
-    evaluation up to and including the one that reached the target. None if none reached it.
+    The crossing is :func:`scalesgd.rundata.passes_to_target`'s (the sweep's and ``predict``'s too): linearly
+    interpolated between the last evaluation below the target and the first at or above it, each clock at
+    the same fraction. ``time_s`` of an evaluation is the wall time since training started, read at the end
+    of that evaluation; ``eval_s`` its own duration. The clock excluding evaluation subtracts the durations
+    of every evaluation done by then. None if no evaluation reached the target.
     """
-    spent = 0.0
+    spent, marked = 0.0, []
     for ev in evals:
         spent += ev["eval_s"]
-        if ev["test_accuracy"] is not None and ev["test_accuracy"] >= target:
-            return ev["time_s"] - spent, ev["time_s"], ev["epoch"]
-    return None
+        marked.append({**ev, "time_excl_eval_s": ev["time_s"] - spent})
+    hit = passes_to_target(marked, "test_accuracy", target, clocks=("time_excl_eval_s", "time_s"))
+    if hit is None:
+        return None
+    return hit.clocks["time_excl_eval_s"], hit.clocks["time_s"], hit.passes
 
 
 def settled_batch(batches: list[tuple[float, int]]) -> float | None:
@@ -219,7 +225,7 @@ def run_policy(task: Task, ds: Dataset, seed: int, workdir: Path, min_batch: int
     t0 = time.perf_counter()
     train(cfg, ds)
     bench_s = time.perf_counter() - t0
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
+    rows = RunData.open(run_dir).records
     evals = [{k: r[k] for k in ("step", "epoch", "test_accuracy", "time_s", "eval_s")}
              for r in rows if r["kind"] == "eval"]
     steps = [r for r in rows if r["kind"] == "step"]
@@ -442,8 +448,7 @@ def main() -> int:
             results[name] = bench_task(name, TASKS[name], grid, seeds, top_k, Path(tmp), args.min_batch)
     print(f"\nbench wall time {time.perf_counter() - t0:.0f} s", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(Path(args.json), results)
     return 0
 
 

@@ -42,7 +42,6 @@ The machine is shared with other jobs: timings are noisy, and the load average i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -59,10 +58,19 @@ from scalesgd.comm import COMM_STRATEGIES
 from scalesgd.data import load_dataset
 from scalesgd.diversity import gradient_diversity
 from scalesgd.models import DEFAULT_WIDTH, MODELS, count_parameters
-from scalesgd.predict import _int_list, read_run
+from scalesgd.config import parse_number_list
+from scalesgd.predict import read_run
+from scalesgd.rundata import RunData, passes_to_target
 
 TPP_TARGET, TTA_TARGET = 0.20, 0.25
 EVAL_EPOCHS = 1 / 8  # evaluation interval: the resolution of the measured passes
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return list(parse_number_list(text, int, minimum=1))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def train(run_dir: Path, *, workers: int, batch: int, epochs: float | None, args, eval_every: int | None,
@@ -82,17 +90,16 @@ def train(run_dir: Path, *, workers: int, batch: int, epochs: float | None, args
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-    with open(run_dir / "summary.json") as f:
-        return json.load(f), time.perf_counter() - t0
+    return RunData.open(run_dir).summary, time.perf_counter() - t0
 
 
 def measured(run_dir: Path, n_train: int) -> dict:
     """Time per pass and time to accuracy on both clocks, from metrics.jsonl and summary.json."""
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if line.strip()]
-    with open(run_dir / "summary.json") as f:
-        summary = json.load(f)
-    steps = [r for r in rows if r.get("kind") == "step"]
-    evals = [r for r in rows if r.get("kind") == "eval"]
+    run = RunData.open(run_dir)
+    summary = run.summary
+    if summary is None:
+        raise SystemExit(f"{run_dir} has no summary.json: the run did not finish")
+    steps, evals = run.steps, run.evals
     batch = steps[0]["global_batch_size"]
     warm = steps[3:] if len(steps) > 10 else steps  # the first steps allocate and warm the caches
     # mean, not median: on a shared host a step's all-reduce is bimodal (about 0.5 ms, or a ~4 ms scheduler
@@ -111,12 +118,19 @@ def measured(run_dir: Path, n_train: int) -> dict:
     passes = None
     tta_step = tta_median = tta_wall = None
     if reached:
-        hit = next(r for r in evals if r["test_accuracy"] is not None and r["test_accuracy"] >= summary["target_accuracy"])
-        passes = hit["epoch"]
-        tta_step = summary["train_time_to_target_s"]
+        # every clock at the interpolated crossing (rundata.passes_to_target), like sweep and predict; the wall
+        # clock excludes the evaluations done by then
+        spent = 0.0
+        for r in evals:
+            spent += r["eval_s"]
+            r["wall_excl_eval_s"] = r["time_s"] - spent
+        hit = passes_to_target(evals, "test_accuracy", summary["target_accuracy"],
+                               clocks=("step", "train_time_s", "wall_excl_eval_s"))
+        passes = hit.passes
+        tta_step = hit.clocks["train_time_s"]
         # the same with every step at the median step time: what remains once other jobs' bursts are removed
-        tta_median = statistics.median(r["step_time_s"] for r in warm) * hit["step"]
-        tta_wall = summary["time_to_target_s"] - sum(r["eval_s"] for r in evals if r["step"] <= hit["step"])
+        tta_median = statistics.median(r["step_time_s"] for r in warm) * hit.clocks["step"]
+        tta_wall = hit.clocks["wall_excl_eval_s"]
     return {"tpp_step": tpp_step, "tpp_wall": tpp_wall, "overhead_s": overhead, "passes": passes,
             "median_step_s": statistics.median(r["step_time_s"] for r in warm),
             "mean_step_s": statistics.fmean(r["step_time_s"] for r in warm),

@@ -91,3 +91,44 @@ def test_public_api_is_exported():
     assert callable(scalesgd.per_example_sq_norms) and callable(scalesgd.gradient_diversity)
     with pytest.raises(AttributeError):
         scalesgd.no_such_thing  # noqa: B018
+
+
+def _fake_run(path, comm, *, ranks=2, steps=12):
+    path.mkdir(parents=True)
+    lines = []
+    for i in range(1, steps + 1):
+        rec = {"kind": "step", "step": i, "epoch": i / steps, "time_s": 0.01 * i, "loss": 1.0 / i,
+               "comm_s": 0.004, "update_s": 0.001, **{f"compute_s_rank{r}": 0.002 * (r + 1) for r in range(ranks)}}
+        lines.append(json.dumps(rec))
+    lines.append(json.dumps({"kind": "eval", "step": steps, "epoch": 1.0, "time_s": 0.2, "test_accuracy": 0.9,
+                             "train_accuracy": 0.95}))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (path / "config.json").write_text(json.dumps({"model": "mlp", "global_batch_size": 64, "workers": ranks,
+                                                  "comm": comm, "run_dir": str(path)}))
+
+
+def test_report_labels_runs_by_what_differs_and_shows_shared_times_once(tmp_path, capsys):
+    dirs = [tmp_path / c for c in ("allreduce", "ring", "ring-tcp")]
+    for d in dirs:
+        _fake_run(d, d.name)
+    assert main(["report", *map(str, dirs), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    for comm in ("allreduce", "ring", "ring-tcp"):
+        assert f"![time breakdown mlp B=64 P=2 comm={comm}]" in text
+    assert "| rank | compute (ms) | wait (ms) |" in text and "transfer (ms)" not in text
+    # rank 1 computes 4 ms, rank 0 2 ms: rank 0 waits 2 ms; transfer = rank 0's 4 ms all-reduce - 2 ms wait
+    assert "| 0 | 2.000 | 2.000 |" in text and "| 1 | 4.000 | 0.000 |" in text
+    assert text.count("All-reduce transfer 2.000 ms and optimizer update 1.000 ms") == 3
+
+
+def test_train_help_gives_one_default_per_option():
+    import argparse
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("train", "diversity", "sweep", "predict", "allreduce-bench"):
+        for action in sub.choices[name]._actions:
+            shown = (action.help or "").replace("%(default)s", str(action.default))
+            assert shown.count("(default") + shown.count("; default") <= 1, (name, action.option_strings, shown)
+    text = sub.choices["train"].format_help()
+    assert "(default: None)" not in text and "(default: the model's own)" in text

@@ -29,11 +29,13 @@ def _ev(epoch, acc, time_s, eval_s):
     return {"step": 0, "epoch": epoch, "test_accuracy": acc, "time_s": time_s, "eval_s": eval_s}
 
 
-def test_time_to_target_excludes_every_evaluation_up_to_the_hit(tta):
+def test_time_to_target_interpolates_and_excludes_every_evaluation_up_to_the_hit(tta):
     evals = [_ev(0.5, 0.80, 2.0, 0.5), _ev(1.0, 0.93, 4.0, 0.5), _ev(1.5, 0.95, 6.0, 0.5), _ev(2.0, 0.99, 8.0, 0.5)]
     excl, incl, epoch = tta.time_to_target(evals, 0.94)
-    assert (incl, epoch) == (6.0, 1.5)
-    assert excl == pytest.approx(6.0 - 1.5)
+    # 0.94 lies half-way from the evaluation at epoch 1.0 (0.93) to the one at 1.5 (0.95): every clock is
+    # interpolated there (rundata.passes_to_target), the one without evaluation from 4.0 - 1.0 and 6.0 - 1.5
+    assert (incl, epoch) == pytest.approx((5.0, 1.25))
+    assert excl == pytest.approx(0.5 * (4.0 - 1.0) + 0.5 * (6.0 - 1.5))
     assert tta.time_to_target(evals, 0.995) is None
     assert tta.time_to_target(evals, 0.93)[2] == 1.0  # reaching the target exactly counts
 

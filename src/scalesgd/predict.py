@@ -16,14 +16,14 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from scalesgd import perf_model as pm
-from scalesgd.comm import COMM_STRATEGIES, OUR_RINGS, RingAllReduce
+from scalesgd.comm import OUR_RINGS, RingAllReduce
 from scalesgd.diversity import batch_bound_over_run
 from scalesgd.errors import ConfigError
 from scalesgd.rundata import RunData, finite, passes_to_target

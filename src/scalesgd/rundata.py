@@ -129,7 +129,7 @@ class RunData:
 
 def distinct_labels(runs: Sequence[RunData]) -> list[str]:
     """A label per run that tells the runs apart: ``model B=… P=…`` plus every config option whose value
-    differs between the runs (``comm=ring``); the directory name when the configs are the same."""
+    differs between the runs (``comm=ring``); the directory (name, else path) when nothing else does."""
     labels = [run.label for run in runs]
     configs = [run.config for run in runs]
     keys = sorted({k for c in configs for k in c} - _NOT_A_DIFFERENCE - {"model", "global_batch_size", "workers"})
@@ -139,7 +139,9 @@ def distinct_labels(runs: Sequence[RunData]) -> list[str]:
         extra = " ".join(f"{k}={c.get(k)}" for k in differ)
         out.append(f"{label} {extra}".strip())
     if len(set(out)) < len(out):  # the same options: only the directory tells them apart
-        out = [f"{label} ({run.path.name})" for run, label in zip(runs, out)]
+        names = [run.path.name for run in runs]
+        where = names if len(set(names)) == len(names) else [str(run.path) for run in runs]
+        out = [f"{label} ({w})" for label, w in zip(out, where)]
     return out
 
 
