@@ -151,7 +151,7 @@ def measure_allreduce(sizes_bytes: Sequence[int] = DEFAULT_SWEEP_BYTES, *, world
 
     Args:
         sizes_bytes: message sizes in bytes, multiples of 4 (at least two distinct): small ones pin α, big ones β.
-        world_size: local processes (2 on a 2-core box: one per core, like the trainer).
+        world_size: local processes (one per core, like the trainer).
         repeats, warmup: timed and discarded samples per size (a sample of a small message is the mean of
             back-to-back calls).
         comm: the communication strategy timed (a name in :data:`scalesgd.comm.COMM_STRATEGIES`).
