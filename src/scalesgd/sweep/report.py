@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from scalesgd.sweep import plots as sweep_plots
+import scalesgd.sweep.plots as sweep_plots
 from scalesgd.sweep.runner import Outcome, SweepResult, describe
 from scalesgd.sweep.spec import Group, SweepSpec
 from scalesgd.writer import write_atomic
