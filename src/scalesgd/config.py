@@ -14,11 +14,6 @@ from typing import Any
 
 from scalesgd.errors import ConfigError
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
 from scalesgd.batch_policy import BATCH_POLICIES, parse_schedule
 from scalesgd.comm import COMM_STRATEGIES
 from scalesgd.models import MODELS, NORMS
@@ -214,6 +209,11 @@ def load_toml(path: Path | str, *, what: str) -> dict[str, Any]:
         ConfigError: one line naming the file, when it does not exist or is not valid TOML (with the
             parser's line and column).
     """
+    try:  # Python 3.11+
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
     path = Path(path)
     try:
         with open(path, "rb") as f:

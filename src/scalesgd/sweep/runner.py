@@ -161,8 +161,9 @@ class _Runner:
         if (run_dir / "summary.json").exists() or (run_dir / STATUS_FILE).exists():
             # --report-only may re-read the runs against another target; runs stopped at their own target
             # then count as misses for a higher one.
-            _check_same_config(run_dir, cfg, ignore_target=not self.train_missing)
-            outcome = measure(RunData.open(run_dir), point, self.spec)
+            run = RunData.open(run_dir)
+            _check_same_config(run, cfg, ignore_target=not self.train_missing)
+            outcome = measure(run, point, self.spec)
             self.log(f"{tag}: finished earlier, skipped — {describe(outcome, self.spec)}")
             return outcome
         if not self.train_missing:
@@ -208,12 +209,9 @@ class _Runner:
         return float(stats["batch_bound"])
 
 
-def _check_same_config(run_dir: Path, cfg: RunConfig, *, ignore_target: bool = False) -> None:
+def _check_same_config(run: RunData, cfg: RunConfig, *, ignore_target: bool = False) -> None:
     """Refuse to reuse a run directory written under different options (the spec changed)."""
-    try:
-        old = json.loads((run_dir / "config.json").read_text())
-    except FileNotFoundError:
-        return
+    old, run_dir = run.config, run.path
     new = cfg.to_dict()
     skip = {"run_dir", "progress", "extra"} | ({"n_train"} if cfg.n_train is None else set())
     if ignore_target:
