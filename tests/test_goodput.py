@@ -365,6 +365,20 @@ def test_range_test_detects_divergence_and_refines():
     assert test.observe(state, 1e-3, 2.3, 2.29).trials[-1].verdict == "flat"  # < 1% fall
 
 
+def test_range_test_refinement_narrows_on_flat_trials_too():
+    test = LrRangeTest(start_lr=1.0, refine_trials=3)
+    state = test.init_state()
+    state = test.observe(state, 1.0, 1.0, 0.5)            # stable
+    state = test.observe(state, 2.0, 1.0, 1.5)            # rose -> refine between 1 and 2
+    proposals = []
+    while (lr := test.propose(state)) is not None:
+        proposals.append(lr)
+        state = test.observe(state, lr, 1.0, 0.995)       # flat: < 1% fall, near the edge
+    assert len(proposals) == 3 and len(set(proposals)) == 3  # never the same rate twice
+    assert proposals == sorted(proposals, reverse=True) and all(1.0 < p < 2.0 for p in proposals)
+    assert test.result(state).lr == pytest.approx(0.5)   # largest stable 1.0 / 2
+
+
 def test_range_test_without_a_stable_lr_says_so():
     test = LrRangeTest(start_lr=1.0, min_lr=0.1)
     state = test.init_state()

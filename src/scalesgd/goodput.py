@@ -499,6 +499,7 @@ class GoodputPolicy:
         min_batch, max_batch: limits on the global batch (max_batch None: none).
         n_train: training-set size; the batch never exceeds it (None: no such cap).
         base_batch_size: B₀ of the efficiency (the batch the base lr was tuned at); None: the first batch seen.
+            B₀ scales every E(B) by the same factor, so it changes the reported goodput, never the choice.
         rel_gain: hysteresis threshold (0.05 = 5% predicted gain needed).
         min_interval_steps, min_timed_steps, min_estimates: see above.
         max_extrapolation: factor ≥ 1 (see above).
@@ -758,8 +759,10 @@ class LrRangeTest:
             return last * self.factor
         if state.phase == "down":
             return last / self.factor
+        # Between the largest stable rate and the smallest rate above it that was not stable: a flat trial
+        # up there (the loss barely moved: near the edge) bounds the interval as an unstable one does.
         lo = max(t.lr for t in self._stable(state))
-        hi = min(t.lr for t in self._unstable(state) if t.lr > lo)
+        hi = min(t.lr for t in state.trials if t.lr > lo and t.verdict != "stable")
         return math.sqrt(lo * hi)
 
     def verdict(self, state: LrSearchState, loss_before: float, loss_after: float) -> str:
