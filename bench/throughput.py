@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 import statistics
 import time
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -40,6 +41,68 @@ def _build(case: dict, seed: int = 0) -> torch.nn.Module:
     return MODELS[case["model"]](input_shape=case["input_shape"], num_outputs=10, width=case["width"])
 
 
+def compare_steps(world, build_model: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor,
+                  global_batch_size: int, shard_sizes: list[int], *, blocks: int, steps_per_block: int,
+                  warmup_steps: int, comm_name: str = "allreduce", wrap_ddp: bool | None = None) -> dict:
+    """examples/s of scalesgd's train_step and of DDP + torch.optim.SGD on this rank's shard ``x, y``.
+
+    Both loops run on the same process, alternating in blocks (the order flips every block), after
+    ``warmup_steps`` untimed steps each. ``build_model()`` must give the same initial model on every call.
+    ``wrap_ddp``: wrap the reference in DDP (needs an initialised default process group); None: when P > 1.
+    Returns ``{"ours": [ex/s per block], "ddp": [...], "device": str}``.
+    """
+    B = global_batch_size
+    loss_fn = loss_function("classification")
+
+    # scalesgd
+    model = build_model().to(world.device)
+    flat = FlatModel(model, world.size, world.device)
+    comm = make_comm(comm_name, world_size=world.size, rank=world.rank)
+    tx = sgd(momentum=MOMENTUM, weight_decay=WD)
+    state = {"tx": tx.init(flat.params), "step": 0}
+
+    def ours(n: int) -> None:
+        for _ in range(n):
+            _, state["tx"] = train_step(flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=B,
+                                        shard_sizes=shard_sizes, rank=world.rank, comm=comm, tx=tx,
+                                        tx_state=state["tx"], hyper=Hyper(lr=LR, step=state["step"]))
+            state["step"] += 1
+
+    # plain DDP + torch.optim.SGD, as a user would write it
+    ref_model = build_model().to(world.device)
+    ddp = DDP(ref_model) if (world.size > 1 if wrap_ddp is None else wrap_ddp) else ref_model
+    opt = torch.optim.SGD(ref_model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
+
+    def ddp_steps(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(ddp(x), y) * (world.size / B)
+            loss.backward()
+            opt.step()
+            _ = loss.item()  # the loss a progress bar shows; scalesgd's step reports it too
+
+    def timed(fn, n: int) -> float:
+        distributed.barrier(world)
+        if world.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(n)
+        if world.device.type == "cuda":
+            torch.cuda.synchronize()
+        distributed.barrier(world)
+        return time.perf_counter() - t0
+
+    ours(warmup_steps)
+    ddp_steps(warmup_steps)
+    ours_rates, ddp_rates = [], []
+    for block in range(blocks):
+        order = (("ours", ours), ("ddp", ddp_steps)) if block % 2 == 0 else (("ddp", ddp_steps), ("ours", ours))
+        for name, fn in order:
+            rate = B * steps_per_block / timed(fn, steps_per_block)
+            (ours_rates if name == "ours" else ddp_rates).append(rate)
+    return {"ours": ours_rates, "ddp": ddp_rates, "device": str(world.device)}
+
+
 def bench_worker(rdv, case_name: str, blocks: int, steps_per_block: int, warmup_steps: int,
                  backend: str, comm_name: str = "allreduce") -> dict:
     world = distributed.init_world(rdv, backend, timeout_s=300)
@@ -52,55 +115,8 @@ def bench_worker(rdv, case_name: str, blocks: int, steps_per_block: int, warmup_
         g = torch.Generator().manual_seed(100 + world.rank)
         x = torch.randn(len(local), *case["input_shape"], generator=g).to(world.device)
         y = torch.randint(0, 10, (len(local),), generator=g).to(world.device)
-        loss_fn = loss_function("classification")
-
-        # scalesgd
-        model = _build(case).to(world.device)
-        flat = FlatModel(model, world.size, world.device)
-        comm = make_comm(comm_name, world_size=world.size, rank=world.rank)
-        tx = sgd(momentum=MOMENTUM, weight_decay=WD)
-        state = {"tx": tx.init(flat.params), "step": 0}
-
-        def ours(n: int) -> None:
-            for _ in range(n):
-                _, state["tx"] = train_step(flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=B,
-                                            shard_sizes=shard_sizes, rank=world.rank, comm=comm, tx=tx,
-                                            tx_state=state["tx"], hyper=Hyper(lr=LR, step=state["step"]))
-                state["step"] += 1
-
-        # plain DDP + torch.optim.SGD, as a user would write it
-        ref_model = _build(case).to(world.device)
-        ddp = DDP(ref_model) if world.size > 1 else ref_model
-        opt = torch.optim.SGD(ref_model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD)
-
-        def ddp_steps(n: int) -> None:
-            for _ in range(n):
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(ddp(x), y) * (world.size / B)
-                loss.backward()
-                opt.step()
-                _ = loss.item()  # the loss a progress bar shows; scalesgd's step reports it too
-
-        def timed(fn, n: int) -> float:
-            distributed.barrier(world)
-            if world.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(n)
-            if world.device.type == "cuda":
-                torch.cuda.synchronize()
-            distributed.barrier(world)
-            return time.perf_counter() - t0
-
-        ours(warmup_steps)
-        ddp_steps(warmup_steps)
-        ours_rates, ddp_rates = [], []
-        for block in range(blocks):
-            order = (("ours", ours), ("ddp", ddp_steps)) if block % 2 == 0 else (("ddp", ddp_steps), ("ours", ours))
-            for name, fn in order:
-                rate = B * steps_per_block / timed(fn, steps_per_block)
-                (ours_rates if name == "ours" else ddp_rates).append(rate)
-        return {"ours": ours_rates, "ddp": ddp_rates, "device": str(world.device)}
+        return compare_steps(world, lambda: _build(case), x, y, B, shard_sizes, blocks=blocks,
+                             steps_per_block=steps_per_block, warmup_steps=warmup_steps, comm_name=comm_name)
     finally:
         distributed.shutdown_world()
 
