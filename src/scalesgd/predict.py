@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from scalesgd import perf_model as pm
-from scalesgd.comm import COMM_STRATEGIES, OUR_RINGS, RingAllReduce
+from scalesgd.comm import strategy_info
+from scalesgd.comm_registry import COMM_NAMES
 from scalesgd.diversity import batch_bound_over_run
 from scalesgd.errors import ConfigError, DataError
 
@@ -71,6 +72,7 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
         :class:`ComputeProfile` with medians and the fitted :class:`~scalesgd.perf_model.ComputeFit`.
     """
     from scalesgd.comm import make_comm
+    from scalesgd.distributed import World
     from scalesgd.run import loss_function
     from scalesgd.step import FlatModel, train_step
     from scalesgd.transforms import Hyper, sgd
@@ -87,7 +89,8 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
     try:
         model.train()
         flat = FlatModel(model, 1, torch.device("cpu"))
-        comm = make_comm("allreduce", world_size=1, rank=0)
+        comm = make_comm("allreduce", World(rank=0, size=1, local_rank=0, device=torch.device("cpu"),
+                                            backend="gloo"))
         tx = sgd(momentum=momentum, weight_decay=weight_decay)
         tx_state = tx.init(flat.params)
         loss_fn = loss_function(task)
@@ -154,7 +157,7 @@ def measure_allreduce(sizes_bytes: Sequence[int] = DEFAULT_SWEEP_BYTES, *, world
         world_size: local processes (2 on a 2-core box: one per core, like the trainer).
         repeats, warmup: timed and discarded samples per size (a sample of a small message is the mean of
             back-to-back calls).
-        comm: the communication strategy timed (a name in :data:`scalesgd.comm.COMM_STRATEGIES`).
+        comm: the communication strategy timed (a name in :data:`scalesgd.comm_registry.COMM_NAMES`).
     Returns:
         :class:`AllreduceSweep` with the medians over samples of the slowest rank's time, and the fitted
         :class:`~scalesgd.perf_model.Network` (with the strategy's recursive-doubling threshold).
@@ -344,7 +347,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--norm", default="none")
     p.add_argument("--network", default=None, metavar="'BW, LATENCY'",
                    help="target network, e.g. '25 Gbit/s, 10 us' (default: measured here with gloo)")
-    p.add_argument("--comm", default="allreduce", choices=sorted(COMM_STRATEGIES),
+    p.add_argument("--comm", default="allreduce", choices=COMM_NAMES,
                    help="communication strategy: its alpha and beta are measured here when --network is not "
                         "given, and ring/ring-tcp are modelled with their recursive doubling for small messages "
                         "(default: allreduce)")
@@ -409,7 +412,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     network = pm.parse_network(args.network) if args.network else None  # fail fast on a bad string
     if network is not None:
         # our rings switch to recursive doubling for small messages on any network; the built-in is a ring
-        doubling = RingAllReduce.DOUBLING_P2_BYTES if args.comm in OUR_RINGS else 0
+        doubling = strategy_info(args.comm).doubling_p2_bytes
         network = replace(network, doubling_max_bytes=doubling)
     batch_bound, passes_min, stat_source = _statistical_inputs(args)
     ds = load_dataset(args.dataset, n_train=args.n_train)
