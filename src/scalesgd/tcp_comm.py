@@ -1,8 +1,8 @@
 """The ring all-reduce over our own TCP connections instead of torch.distributed point-to-point calls.
 
 Why a second transport: on CPU every ``isend``/``irecv`` goes through gloo, whose I/O thread and request
-objects cost about 100 µs per message on a small host (``allreduce-bench`` measures this floor and prints
-it). A small all-reduce is a handful of messages, so no algorithm built on those calls gets near the TCP
+objects cost several TCP round trips per message on a small host (``allreduce-bench`` measures this floor
+and prints it next to the round trip). A small all-reduce is a handful of messages, so no algorithm built on those calls gets near the TCP
 round trip. Here each rank holds plain non-blocking sockets to the peers its algorithm talks to and
 drives them from its own thread: a message costs a ``send`` and a ``recv_into`` system call, and nothing
 else runs while it waits.
@@ -148,7 +148,7 @@ class TcpMesh:
             if moved:
                 spin_until = None
                 continue
-            # Stuck: poll for up to spin_s (a sleeping process wakes 10-20 µs after its data arrives), then sleep.
+            # Stuck: poll for up to spin_s (a sleeping process wakes only some time after its data arrives), then sleep.
             if self.spin_s > 0:
                 now = time.perf_counter()
                 if spin_until is None:
@@ -185,7 +185,7 @@ class TcpRingAllReduce(Transport):
             default α/β is this transport's on loopback (README, "Communication and scaling").
         timeout_s: longest wait for a peer before the call fails with an error that names it.
         spin_us: how long a stuck transfer polls before it sleeps in ``select`` (a sleeping process wakes
-            10–20 µs after its data arrives). Default: 50 when every local worker has a core to poll on,
+            only some time after its data arrives). Default: 50 when every local worker has a core to poll on,
             else 0.
     """
 
