@@ -2,10 +2,10 @@
 
 Why a second transport: on CPU every ``isend``/``irecv`` goes through gloo, whose I/O thread and request
 objects cost several TCP round trips per message on a small host (``allreduce-bench`` measures this floor
-and prints it next to the round trip). A small all-reduce is a handful of messages, so no algorithm built on those calls gets near the TCP
-round trip. Here each rank holds plain non-blocking sockets to the peers its algorithm talks to and
-drives them from its own thread: a message costs a ``send`` and a ``recv_into`` system call, and nothing
-else runs while it waits.
+and prints it next to the round trip). A small all-reduce is a handful of messages, so no algorithm built
+on those calls gets near the TCP round trip. Here each rank holds plain non-blocking sockets to the peers
+its algorithm talks to and drives them from its own thread: a message costs a ``send`` and a ``recv_into``
+system call, and nothing else runs while it waits.
 
 The algorithm and its arithmetic are those of :class:`scalesgd.comm.RingAllReduce`, both following
 :mod:`scalesgd.ring_schedule`: recursive doubling for small buffers when P is a power of two, else the
