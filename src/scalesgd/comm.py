@@ -109,16 +109,15 @@ def make_comm(name: str, world: World, *, generator: torch.Generator | None = No
         raise ConfigError(f"--comm {name} moves {'/'.join(info.devices)} tensors and this worker's device is "
                           f"{world.device.type}; use --comm allreduce or ring")
     try:
+        # The codec first: it holds nothing, while a transport may already have connected its peers.
+        codec = None if codec_cls is None else codec_cls(
+            world, generator=generator, **{k: v for k, v in options.items() if k in codec_cls.options})
         transport = transport_cls(world, **{k: v for k, v in options.items() if k in transport_cls.options})
-        if codec_cls is None:
-            return transport
-        codec = codec_cls(world, generator=generator,
-                          **{k: v for k, v in options.items() if k in codec_cls.options})
     except TypeError as e:  # a value of the wrong type
         given = ", ".join(f"{k}={v!r}" for k, v in options.items())
         raise ConfigError(f"communication strategy {name!r} cannot take the options {given}: {e}; give each "
                           "option a value of the type its class documents") from e
-    return Compressed(codec, transport)
+    return transport if codec is None else Compressed(codec, transport)
 
 
 # --------------------------------------------------------------------------------------------------------------
