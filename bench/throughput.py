@@ -21,7 +21,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scalesgd import distributed
-from scalesgd.comm import COMM_STRATEGIES, make_comm
+from scalesgd.comm import make_comm
+from scalesgd.comm_registry import COMM_NAMES
 from scalesgd.models import MODELS
 from scalesgd.run import loss_function
 from scalesgd.step import FlatModel, train_step
@@ -57,7 +58,7 @@ def compare_steps(world, build_model: Callable[[], torch.nn.Module], x: torch.Te
     # scalesgd
     model = build_model().to(world.device)
     flat = FlatModel(model, world.size, world.device)
-    comm = make_comm(comm_name, world_size=world.size, rank=world.rank)
+    comm = make_comm(comm_name, world)
     tx = sgd(momentum=MOMENTUM, weight_decay=WD)
     state = {"tx": tx.init(flat.params), "step": 0}
 
@@ -129,7 +130,7 @@ def main() -> int:
     p.add_argument("--steps-per-block", type=int, default=30)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--comm", default="allreduce", choices=sorted(COMM_STRATEGIES),
+    p.add_argument("--comm", default="allreduce", choices=COMM_NAMES,
                    help="scalesgd's communication strategy (DDP keeps its own)")
     p.add_argument("--quick", action="store_true", help="few short blocks (smoke test)")
     p.add_argument("--json", metavar="FILE")

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from scalesgd import perf_model as pm
-from scalesgd.comm import COMM_STRATEGIES
+from scalesgd.comm_registry import COMM_NAMES
 from scalesgd.data import load_dataset
 from scalesgd.diversity import gradient_diversity
 from scalesgd.models import DEFAULT_WIDTH, MODELS, count_parameters
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--lr-rule", default="constant",
                     help="lr as B changes (default constant: sqrt/linear at lr 0.05 from B=32 diverge at B=2048)")
-    ap.add_argument("--comm", default="allreduce", choices=sorted(COMM_STRATEGIES),
+    ap.add_argument("--comm", default="allreduce", choices=COMM_NAMES,
                     help="communication strategy of every P > 1 run, profiles included (default: the built-in)")
     ap.add_argument("--diversity", default="off", choices=("off", "cheap", "exact"),
                     help="the trainer's diversity tap in every run (adascale needs it)")

@@ -1,9 +1,11 @@
-"""allreduce-bench: the targets' logic on synthetic timings, and one tiny real run (the α–β fit itself is
-tested with the performance model)."""
+"""allreduce-bench: the fits and the table on synthetic timings, one tiny real run (the α–β fit itself is
+tested with the performance model), and bench/allreduce_targets.py's judging of the targets."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,16 @@ import pytest
 from scalesgd import allreduce_bench as ab
 from scalesgd.cli import build_parser, cmd_allreduce_bench
 from scalesgd.errors import ConfigError
+
+TARGETS = Path(__file__).resolve().parents[1] / "bench" / "allreduce_targets.py"
+
+
+@pytest.fixture(scope="module")
+def targets_script():
+    spec = importlib.util.spec_from_file_location("allreduce_targets", TARGETS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 ALPHA, BETA = 60e-6, 1.25e-9  # 60 us per message, 0.8 GB/s
 
@@ -22,7 +34,8 @@ def _row(strategy, p, size, t):
             "busbw_GBps": algbw * 2 * (p - 1) / p, "bytes_sent": size}
 
 
-def test_targets_met_and_missed_on_synthetic_rows():
+def test_targets_met_and_missed_on_synthetic_rows(targets_script):
+    evaluate_targets = targets_script.evaluate_targets
     sizes = [4096 << k for k in range(15)]
     rtt = 50e-6
     rows = []
@@ -38,7 +51,7 @@ def test_targets_met_and_missed_on_synthetic_rows():
     assert fits["ring"]["by_world_size"][2]["alpha_s"] == fits["ring"]["alpha_s"]
     rows += [_row("ring-tcp", 2, s, t / 0.7 if s == 8 << 20 else t / 1.5) for s in sizes
              for t in [float(ab.ring_time_s(s, 2, ALPHA, BETA))]]
-    targets = {t["name"]: t for t in ab.evaluate_targets(rows, {"rtt_s": rtt, "stream_bytes_per_s": 1e9})}
+    targets = {t["name"]: t for t in evaluate_targets(rows, {"rtt_s": rtt, "stream_bytes_per_s": 1e9})}
     ring_vs = targets["ring busbw / built-in busbw, P=2, 4-25 MB"]
     assert ring_vs["value"] == pytest.approx(0.8) and ring_vs["verdict"] == "MET" and ring_vs["stretch"] == "MISSED"
     # one slow size is enough to miss: the worst ratio over 4-25 MB counts
@@ -54,9 +67,12 @@ def test_targets_met_and_missed_on_synthetic_rows():
     assert targets["allreduce: max |model - measured|/measured, 64 KB-64 MB, one fit for all P"]["verdict"] == "MISSED"
     # without a P = 2 built-in row the comparison cannot be made
     only_ring = [r for r in rows if r["strategy"] == "ring"]
-    assert ab.evaluate_targets(only_ring, None)[0]["verdict"] == "N/A"
-    text = ab.format_table(rows, {"rtt_s": rtt, "stream_bytes_per_s": 1e9}, fits, ab.evaluate_targets(rows, None))
-    assert "# strategy=ring  P=2" in text and "MET" in text and "alpha" in text
+    assert evaluate_targets(only_ring, None)[0]["verdict"] == "N/A"
+    text = ab.format_table(rows, {"rtt_s": rtt, "stream_bytes_per_s": 1e9}, fits)
+    assert "# strategy=ring  P=2" in text and "alpha" in text
+    assert "MET" not in text and "target" not in text  # the library prints what it measured, nothing more
+    judged = targets_script.format_targets(evaluate_targets(rows, None))
+    assert "MET" in judged and "MISSED" in judged and "(>= 0.75)" in judged
 
 
 def test_small_messages_are_timed_back_to_back_within_float32_range():
@@ -163,7 +179,9 @@ def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
         "allreduce": 0, "ring": 256 << 10, "ring-tcp": 256 << 10, "qsgd": 0}
     fits = ab.add_fits(rows)
     assert all(r["model_time_s"] > 0 for r in rows) and set(fits) == set(names)
-    json.dumps({"rows": rows, "fits": fits, "targets": ab.evaluate_targets(rows, None)})
+    json.dumps({"rows": rows, "fits": fits})
+    assert {r["strategy"]: r["cost_model"] for r in rows} == {
+        "allreduce": "ring", "ring": "ring", "ring-tcp": "ring", "qsgd": "all-gather"}
 
 
 def _cli(argv):
@@ -171,7 +189,7 @@ def _cli(argv):
 
 
 @pytest.mark.timeout(240)
-def test_cli_writes_table_json_and_plot(tmp_path, capsys):
+def test_cli_writes_table_json_and_plot(tmp_path, capsys, targets_script):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     args = _cli(["--quick", "--sizes", "4KB", "64KB", "--iters", "2", "--warmup", "0",
                  "--strategies", "allreduce", "ring-tcp", "--json", str(out_json), "--plot", str(out_png)])
@@ -183,6 +201,13 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
     assert {r["strategy"] for r in data["rows"]} == {"allreduce", "ring-tcp"}
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out_png.stat().st_size > 10_000
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+    assert "targets" not in data and "MET" not in text
+    # the targets script judges the saved run
+    assert targets_script.main([str(out_json), "--json", str(tmp_path / "targets.json")]) == 0
+    judged = capsys.readouterr().out
+    assert "# targets" in judged and "ring-tcp: time of <=4 KB messages / TCP RTT, P=2" in judged
+    saved = json.loads((tmp_path / "targets.json").read_text())
+    assert all(t["verdict"] in ("MET", "MISSED", "N/A") or t["verdict"].startswith("INFO") for t in saved)
 
 
 def test_cli_refuses_outputs_it_could_not_write_before_measuring(tmp_path):

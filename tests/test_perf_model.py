@@ -118,17 +118,23 @@ def test_above_two_workers_the_model_prices_the_cheaper_of_doubling_and_the_ring
 
 
 def test_runtime_and_model_switch_at_the_same_size():
+    import torch
+
     from scalesgd.comm import RingAllReduce
+    from scalesgd.distributed import World
+
+    def world(p):
+        return World(rank=0, size=p, local_rank=0, device=torch.device("cpu"), backend="gloo")
 
     for p in (2, 3, 4, 8, 1024):
-        ring = RingAllReduce(world_size=p, rank=0, small_bytes=256 << 10, latency_bytes=80 << 10)
+        ring = RingAllReduce(world(p), small_bytes=256 << 10, latency_bytes=80 << 10)
         expected = float(pm.doubling_threshold_bytes(p, 256 << 10, 80 << 10))
         assert ring.doubling_max_bytes == int(expected)
-    assert RingAllReduce(world_size=4, rank=0, latency_bytes=80 << 10).doubling_max_bytes == 8 * (80 << 10)
-    assert RingAllReduce(world_size=4, rank=0, small_bytes=0).doubling_max_bytes == 0  # turned off
-    assert RingAllReduce(world_size=6, rank=0).doubling_max_bytes == 0
+    assert RingAllReduce(world(4), latency_bytes=80 << 10).doubling_max_bytes == 8 * (80 << 10)
+    assert RingAllReduce(world(4), small_bytes=0).doubling_max_bytes == 0  # turned off
+    assert RingAllReduce(world(6)).doubling_max_bytes == 0
     with pytest.raises(ConfigError, match="latency_bytes"):
-        RingAllReduce(world_size=4, rank=0, latency_bytes=-1)
+        RingAllReduce(world(4), latency_bytes=-1)
 
 
 def test_step_time_non_decreasing_in_message_size_with_the_doubling_switch():

@@ -1,5 +1,6 @@
 """Training end to end with every communication strategy: ring, ring-tcp and ps give the built-in all-reduce's
-parameters; qsgd trains (the loss falls) and keeps the replicas identical."""
+parameters; qsgd trains (the loss falls) and keeps the replicas identical, over the built-in all-reduce and
+over our ring."""
 
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ def test_every_strategy_trains(tmp_path):
     assert summary["final_test_accuracy"] > 0.7
     ref_bytes = json.loads(open(tmp_path / "allreduce" / "metrics.jsonl").readline())["bytes_sent"]
     assert steps[0]["bytes_sent"] < ref_bytes / 2  # quantized payload is smaller than float32
+    # over ring-tcp the decoded values travel as float32 (replicas checked identical every step)
+    cfg = _cfg(tmp_path, "qsgd+ring-tcp").replace(steps=10, qsgd_levels=127)
+    train(cfg)
+    steps = [json.loads(line) for line in open(f"{cfg.run_dir}/metrics.jsonl") if '"kind": "step"' in line]
+    assert len(steps) == 10 and steps[0]["bytes_sent"] == ref_bytes
 
 
 @pytest.mark.timeout(120)
@@ -64,3 +70,7 @@ def test_ring_tcp_reads_its_address_and_local_worker_count_from_the_environment_
     assert distributed.local_world_size(3) == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert distributed.local_world_size(3) == 8
+    # ... and hands them to the strategies in World, filled by init_world
+    world = distributed.init_world(distributed.Rendezvous("127.0.0.1", 0, rank=0, size=1, local_rank=0), "gloo")
+    assert (world.local_size, world.host) == (8, "10.1.2.3") and world.cpu_count >= 1
+    assert world.core_per_local_worker == (8 <= world.cpu_count)

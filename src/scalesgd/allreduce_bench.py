@@ -33,21 +33,18 @@ from scalesgd.errors import ConfigError, DistributedError
 from scalesgd.perf_model import allreduce_time_as_run as ring_time_s  # (N, P, α, β, threshold that ran)
 from scalesgd.perf_model import best_max_rel_error, fit_alpha_beta
 
-DEFAULT_STRATEGIES = ("allreduce", "ring", "ring-tcp", "ps", "qsgd")
+from scalesgd.comm_registry import CODECS, COMM_NAMES, TRANSPORTS
+
+DEFAULT_STRATEGIES = (*TRANSPORTS, *CODECS)  # every transport, and every codec over the built-in all-reduce
 # 4 KiB … 64 MiB, doubling (nccl-tests' usual sweep, cut to what a CPU box moves in a few minutes).
 DEFAULT_SIZES = tuple(4096 << k for k in range(15))
 QUICK_SIZES = (4096, 65536, 1 << 20, 8 << 20)
-# Rows the targets look at.
-RING_VS_BUILTIN_RANGE = (4 << 20, 25 << 20)
-SMALL_MESSAGE_MAX = 4096
-FIT_RANGE = (64 << 10, 64 << 20)
-RING_FAMILY = ("allreduce", "ring", "ring-tcp")  # strategies the ring cost model describes
+FIT_RANGE = (64 << 10, 64 << 20)  # sizes the memory-copy probe and the plot's fitted model cover
 
 SLOW = 1.5  # a timing this many times its size's median counts as a stall
-LOSSY = ("qsgd",)  # strategies whose sum is an unbiased estimate, not exact: their #wrong is for information
 ROW_COLUMNS = ("strategy", "world_size", "size_bytes", "numel", "iters", "time_s", "time_min_s", "time_max_s",
                "time_mean_s", "slow_frac", "wrong", "exact", "algbw_GBps", "busbw_GBps", "bytes_sent",
-               "doubling_max_bytes", "doubling_p2_bytes")
+               "doubling_max_bytes", "doubling_p2_bytes", "cost_model")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,12 +180,10 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
     every strategy once (in an order rotated from round to round), so strategies are compared side by
     side under the same background load.
 
-    Before each timing the rank busy-waits ``settle_s`` (a burst of gloo traffic keeps this host busy for a
-    few milliseconds after its last call returns: measured, a 4 KB ``ring-tcp`` call timed right after 32
-    calls of the gloo ``ring`` took ≈ 120–135 µs, and ≈ 30 µs after a 5 ms pause, as when timed alone), so
-    that no strategy pays for the one timed before it. The pause spins, as a compute phase between two
-    all-reduces would: a sleeping one lets this VM's idle vCPUs halt, and the gloo calls after it measured
-    slower still (the gloo ``ring``'s 4 KB call 690–750 µs after a sleep, 460–490 µs after a spin).
+    Before each timing the rank busy-waits ``settle_s`` (a burst of gloo traffic can keep a small host busy
+    for a few milliseconds after its last call returns; README, "Communication and scaling"), so that no
+    strategy pays for the one timed before it. The pause spins, as a compute phase between two all-reduces
+    would: after a sleep, idle virtual CPUs may halt and slow the next call.
     Then the buffer is refilled (its contents would otherwise grow P× per call; the few
     back-to-back calls of a small-message timing, :func:`calls_per_timing`, let it grow at most
     2^100-fold) and a tiny all-reduce lines the ranks up; that all-reduce also carries rank 0's decision to
@@ -209,8 +204,7 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
     source = torch.randn(max_numel, generator=gen).to(device)
     buffer = torch.empty_like(source)
     flag = torch.zeros(1, device=device)
-    comms = {name: make_comm(name, world_size=world.size, rank=world.rank,
-                             generator=torch.Generator().manual_seed(seed * 1000 + 7 + world.rank),
+    comms = {name: make_comm(name, world, generator=torch.Generator().manual_seed(seed * 1000 + 7 + world.rank),
                              **comm_options.get(name, {}))
              for name in strategies}
     checked = check_input(max_numel, world.rank, device)
@@ -268,6 +262,8 @@ def _bench_worker(rdv, strategies: Sequence[str], sizes_bytes: Sequence[int], it
                 if res is None:
                     break
     finally:
+        for comm in comms.values():
+            comm.close()
         shutdown_world()
     return out
 
@@ -293,7 +289,7 @@ def expected_sum(numel: int, world_size: int, device=None):
 def calls_per_timing(size_bytes: int, world_size: int = 2) -> int:
     """Back-to-back calls timed together (their mean is one sample), as nccl-tests times a loop of calls:
     32 up to 128 KB, halving to 1 at 4 MB. A single call after the lining-up all-reduce would partly
-    measure how unevenly the ranks leave it (tens of µs, as long as a whole 1 MB call of ring-tcp), not
+    measure how unevenly the ranks leave it (which can take as long as a whole small call), not
     the call; large calls are timed one by one. The buffer grows P-fold per call, so at most
     P^k ≤ 2^100 (float32 holds 2^127)."""
     k = max(1, min(32, (4 << 20) // max(int(size_bytes), 1)))
@@ -346,7 +342,7 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
     """Time every strategy on float32 buffers of every size with every world size.
 
     Args:
-        strategies: names in :data:`scalesgd.comm.COMM_STRATEGIES`.
+        strategies: names in :data:`scalesgd.comm_registry.COMM_NAMES`.
         sizes_bytes: buffer sizes N in bytes (multiples of 4; float32 elements).
         world_sizes: P values; one local job of P processes is started for each.
         iters: timed rounds per size (one call of every strategy each, interleaved), fewer once a size has
@@ -364,12 +360,13 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
         call on integer data, which must be 0 where ``exact``), ``algbw_GBps`` = N/T/1e9,
         ``busbw_GBps`` = algbw·2(P−1)/P, ``bytes_sent`` the most any rank sent per call.
     """
-    from scalesgd.comm import COMM_STRATEGIES
+    from scalesgd.comm import strategy_info
     from scalesgd.distributed import spawn
 
     for name in strategies:
-        if name not in COMM_STRATEGIES:
-            raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(sorted(COMM_STRATEGIES))}")
+        if name not in COMM_NAMES:
+            raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(COMM_NAMES)}")
+    info = {name: strategy_info(name) for name in strategies}
     sizes = [int(s) for s in sizes_bytes]
     if not sizes or any(s < 4 or s % 4 for s in sizes):
         raise ConfigError(f"sizes must be positive multiples of 4 bytes (float32 buffers), got {sizes}")
@@ -398,7 +395,8 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
                              "iters": int(per_call.size), "time_s": t, "time_min_s": float(per_call.min()),
                              "time_max_s": float(per_call.max()), "time_mean_s": float(per_call.mean()),
                              "slow_frac": float(np.mean(per_call >= SLOW * t)), "algbw_GBps": algbw,
-                             "wrong": int(max(r["wrong"][key] for r in per_rank)), "exact": name not in LOSSY,
+                             "wrong": int(max(r["wrong"][key] for r in per_rank)), "exact": info[name].exact,
+                             "cost_model": info[name].cost_model,
                              "busbw_GBps": algbw * 2 * (p - 1) / p,
                              "bytes_sent": int(max(r["bytes_sent"][key] for r in per_rank)),
                              "doubling_max_bytes": per_rank[0]["doubling_max_bytes"][name],
@@ -409,7 +407,7 @@ def run_allreduce_bench(strategies: Sequence[str], sizes_bytes: Sequence[int], w
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fits, targets, table
+# Fits, table
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -463,68 +461,6 @@ def add_fits(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return fits
 
 
-def _verdict(ok: bool | None) -> str:
-    return "N/A" if ok is None else ("MET" if ok else "MISSED")
-
-
-def evaluate_targets(rows: list[dict[str, Any]], tcp: dict[str, float] | None) -> list[dict[str, Any]]:
-    """The issue's three targets, each as ``{name, value, threshold, verdict, detail}``; verdict MET, MISSED
-    or N/A (the run did not measure what the target needs). Call after :func:`add_fits`."""
-    from scalesgd.comm import OUR_RINGS  # here: the TCP probe's peer process imports this module without torch
-
-    targets: list[dict[str, Any]] = []
-    by = {(r["strategy"], r["world_size"], r["size_bytes"]): r for r in rows}
-
-    # 1. our ring's busbw vs the built-in's, P = 2, 4–25 MB messages (every such size must pass).
-    for ring in OUR_RINGS:
-        sizes = sorted({s for (n, p, s) in by if n == ring and p == 2
-                        and RING_VS_BUILTIN_RANGE[0] <= s <= RING_VS_BUILTIN_RANGE[1] and ("allreduce", 2, s) in by})
-        if ring != "ring" and not sizes:
-            continue
-        ratios = [by[(ring, 2, s)]["busbw_GBps"] / by[("allreduce", 2, s)]["busbw_GBps"] for s in sizes]
-        worst = min(ratios) if ratios else None
-        # For information: the same ratio from each strategy's fastest call (less sensitive to stalls).
-        best = {str(s): by[("allreduce", 2, s)]["time_min_s"] / by[(ring, 2, s)]["time_min_s"] for s in sizes}
-        targets.append({"name": f"{ring} busbw / built-in busbw, P=2, 4-25 MB", "value": worst, "threshold": 0.75,
-                        "verdict": _verdict(None if worst is None else worst >= 0.75),
-                        "stretch": _verdict(None if worst is None else worst >= 1.0),
-                        "detail": {"median_ratio_by_size": {str(s): r for s, r in zip(sizes, ratios)},
-                                   "best_call_ratio_by_size": best}})
-
-    # 2. small-message latency vs the TCP round trip, at P = 2.
-    rtt = tcp["rtt_s"] if tcp else None
-    floor = next((r["p2p_exchange_s"] for r in rows if r["world_size"] == 2 and r.get("p2p_exchange_s")), None)
-    for name in dict.fromkeys(r["strategy"] for r in rows):
-        small = [r["time_s"] for r in rows if r["strategy"] == name and r["world_size"] == 2
-                 and r["size_bytes"] <= SMALL_MESSAGE_MAX]
-        value = max(small) / rtt if small and rtt else None
-        targets.append({"name": f"{name}: time of <=4 KB messages / TCP RTT, P=2", "value": value,
-                        "threshold": 3.0, "verdict": _verdict(None if value is None else value <= 3.0),
-                        "detail": {"rtt_s": rtt, "worst_time_s": max(small) if small else None,
-                                   "p2p_exchange_s": floor}})
-
-    # 3. the α–β fit predicts 64 KB – 64 MB within ±20 % (judged for the algorithms the ring model
-    # describes; the others are shown for information), with one fit over all P and with one per P.
-    # Beside each, the best any (α, β) ≥ 0 could do on the same rows (the minimax fit): when that is above
-    # 20 % too, the timings themselves are not a line in N and no fitting method would meet the target.
-    for name in dict.fromkeys(r["strategy"] for r in rows):
-        in_range = [r for r in rows if r["strategy"] == name and FIT_RANGE[0] <= r["size_bytes"] <= FIT_RANGE[1]]
-        for key, label in (("model_rel_err", "one fit for all P"), ("model_p_rel_err", "a fit per P")):
-            errs = [abs(r[key]) for r in in_range if key in r]
-            value = max(errs) if errs else None
-            ok = None if value is None else value <= 0.20
-            groups = [in_range] if key == "model_rel_err" else [
-                [r for r in in_range if r["world_size"] == p] for p in dict.fromkeys(r["world_size"] for r in in_range)]
-            bests = [best_max_rel_error([r["size_bytes"] for r in g], [r["world_size"] for r in g],
-                                        [r["time_s"] for r in g], doubling_max_bytes=[_doubling(r) for r in g])
-                     for g in groups if _fittable(g)]
-            targets.append({"name": f"{name}: max |model - measured|/measured, 64 KB-64 MB, {label}",
-                            "value": value, "threshold": 0.20,
-                            "verdict": _verdict(ok) if name in RING_FAMILY else f"INFO ({_verdict(ok)})",
-                            "detail": {"rows": len(errs), "best_possible": max(bests) if bests else None}})
-    return targets
-
-
 def wrong_results(rows: list[dict[str, Any]]) -> list[str]:
     """One line per row where an exact strategy returned a wrong sum in its checked call."""
     return [f"{r['strategy']} P={r['world_size']} {_human(r['size_bytes'])}: {r['wrong']} of {r['numel']} elements "
@@ -539,9 +475,9 @@ def _human(nbytes: int) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], tcp: dict[str, float] | None = None,
-                 fits: dict[str, dict[str, float]] | None = None,
-                 targets: list[dict[str, Any]] | None = None, memcpy: dict[str, Any] | None = None) -> str:
-    """nccl-tests-style text: one block per (strategy, P), then the link, the fits and the targets.
+                 fits: dict[str, dict[str, float]] | None = None, memcpy: dict[str, Any] | None = None) -> str:
+    """nccl-tests-style text: one block per (strategy, P), then the link and the fits: what was measured
+    (``bench/allreduce_targets.py`` judges it against the project's targets).
     (KB, MB are binary: 1 KB = 1024 bytes; GB/s are 1e9 bytes/s as in nccl-tests.)"""
     lines: list[str] = []
     if tcp:
@@ -611,22 +547,6 @@ def format_table(rows: list[dict[str, Any]], tcp: dict[str, float] | None = None
         lines.append("# results checked (integer data, every strategy, size and P): all exact strategies correct"
                      + ("; #wrong in parentheses: lossy strategies, for information" if any(
                          not r.get("exact", True) for r in rows) else ""))
-    if targets:
-        lines.append("")
-        lines.append("# targets")
-        for t in targets:
-            value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
-            cmp = ">=" if "busbw" in t["name"] else "<="
-            extra = f"  (stretch >= 1.0: {t['stretch']})" if "stretch" in t else ""
-            best = t.get("detail", {}).get("best_possible")
-            if best is not None:
-                extra += f"  (best any alpha, beta >= 0 could do: {best:.3f})"
-            lines.append(f"#   {t['verdict']:<15} {t['name']}: {value} ({cmp} {t['threshold']}){extra}")
-            per_size = t.get("detail", {}).get("median_ratio_by_size")
-            if per_size:
-                best = t["detail"]["best_call_ratio_by_size"]
-                lines.append("#                   by size (median; fastest call): " + ", ".join(
-                    f"{_human(int(k))} {v:.2f}; {best[k]:.2f}" for k, v in per_size.items()))
     return "\n".join(lines)
 
 
@@ -683,10 +603,14 @@ def _parse_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
             except ValueError:
                 pass
         out.setdefault(name, {})[opt] = value
-    from scalesgd.comm import make_comm  # here: the TCP probe's peer process imports this module without torch
+    import torch  # here: the TCP probe's peer process imports this module without torch
 
+    from scalesgd.comm import make_comm
+    from scalesgd.distributed import World
+
+    alone = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
     for name, opts in out.items():  # a bad option fails now, not in every worker after the TCP probe
-        make_comm(name, world_size=1, rank=0, **opts)
+        make_comm(name, alone, **opts).close()
     return out
 
 
@@ -711,8 +635,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                                budget_s_per_size=args.budget_s, timeout_s=args.timeout_s,
                                settle_s=args.settle_ms / 1e3)
     fits = add_fits(rows)
-    targets = evaluate_targets(rows, tcp)
-    print(format_table(rows, tcp, fits, targets, memcpy))
+    print(format_table(rows, tcp, fits, memcpy))
     if args.plot:
         from scalesgd import plots
 
@@ -727,7 +650,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                        "iters": iters, "warmup": warmup, "backend": args.backend, "comm_options": options,
                        "settle_ms": args.settle_ms,
                        "cpu_count": os.cpu_count()},
-            "tcp": tcp, "memcpy": memcpy, "rows": rows, "fits": fits, "targets": targets})
+            "tcp": tcp, "memcpy": memcpy, "rows": rows, "fits": fits})
     if wrong_results(rows):
         raise DistributedError("an exact strategy returned a wrong sum (the WRONG RESULTS lines above name it); "
                                "the timings of a broken all-reduce mean nothing")

@@ -84,7 +84,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("workers", int, "local worker processes (ignored under torchrun)"),
     ("backend", str, "auto (nccl with CUDA, else gloo), gloo, nccl"),
     ("comm", str, "gradient communication: allreduce (built-in), ring (ours, over torch.distributed), "
-                 "ring-tcp (ours, over our own sockets; CPU), ps, qsgd"),
+                 "ring-tcp (ours, over our own sockets; CPU), ps, qsgd (over the built-in), "
+                 "qsgd+ring, qsgd+ring-tcp, qsgd+ps (the QSGD codec over that transport)"),
     ("qsgd-levels", int, "quantisation levels of --comm qsgd"),
     ("master-addr", str, "rendezvous address for local workers"),
     ("master-port", int, "rendezvous port for local workers (default: a free one)"),
@@ -295,7 +296,7 @@ _PREDICT_ARGS = ("model", "dataset", "n_train", "width", "dropout", "norm", "net
 
 def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
     from scalesgd import perf_model as pm
-    from scalesgd.comm import COMM_STRATEGIES
+    from scalesgd.comm_registry import COMM_NAMES
     from scalesgd.models import MODELS
 
     p = subparsers.add_parser(
@@ -313,7 +314,7 @@ def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--norm", default="none")
     p.add_argument("--network", default=None, metavar="'BW, LATENCY'",
                    help="target network, e.g. '25 Gbit/s, 10 us' (default: measured here with gloo)")
-    p.add_argument("--comm", default="allreduce", choices=sorted(COMM_STRATEGIES),
+    p.add_argument("--comm", default="allreduce", choices=COMM_NAMES,
                    help="communication strategy: its alpha and beta are measured here when --network is not "
                         "given, and ring/ring-tcp are modelled with their recursive doubling for small messages "
                         "(default: allreduce)")
@@ -371,7 +372,7 @@ def _add_allreduce_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=None, help="timed rounds per size (default 30; --quick 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per size (default 3; --quick 1)")
     p.add_argument("--quick", action="store_true", help="a small sweep that finishes in well under a minute")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write rows, link, fits and targets here")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write rows, link and fits here (bench/allreduce_targets.py reads it)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="also draw time and busbw against message size per P, with the fitted model and the "
                         "TCP ceiling")

@@ -15,7 +15,7 @@ from typing import Any
 from scalesgd.errors import ConfigError
 
 from scalesgd.batch_policy import BATCH_POLICIES, parse_schedule
-from scalesgd.comm import COMM_STRATEGIES
+from scalesgd.comm_registry import COMM_NAMES
 from scalesgd.models import MODELS, NORMS
 from scalesgd.lr_rules import BASE_SCHEDULES as LR_SCHEDULES
 from scalesgd.lr_rules import LR_RULES
@@ -117,7 +117,7 @@ class RunConfig:
         if self.noise is not None and self.noise < 0:
             raise ConfigError(f"--noise must be >= 0, got {self.noise}")
         _choice("model", self.model, tuple(MODELS))
-        _choice("comm", self.comm, tuple(sorted(COMM_STRATEGIES)))
+        _choice("comm", self.comm, COMM_NAMES)
         if self.comm == "ring-tcp" and self.backend == "nccl":
             raise ConfigError("--comm ring-tcp moves CPU tensors through sockets; with --backend nccl use "
                               "--comm allreduce or ring")

@@ -29,17 +29,32 @@ BACKENDS = ("auto", "gloo", "nccl")
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the job."""
+    """This process's place in the job, and the facts about its machine that communication strategies use.
+
+    ``local_size``: workers on this machine (torchrun's LOCAL_WORLD_SIZE, else the whole job); ``cpu_count``:
+    this machine's CPU cores; ``host``: the address other ranks reach this process on (see
+    :func:`reachable_host`). :func:`init_world` fills them from the environment; the defaults describe a
+    lone process on loopback.
+    """
 
     rank: int
     size: int
     local_rank: int
     device: torch.device
     backend: str
+    local_size: int = 1
+    cpu_count: int = 1
+    host: str = "127.0.0.1"
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def core_per_local_worker(self) -> bool:
+        """Whether every worker on this machine has a CPU core of its own (spinning and extra I/O threads
+        only pay then)."""
+        return self.local_size <= self.cpu_count
 
 
 @dataclass(frozen=True)
@@ -70,12 +85,6 @@ def torchrun_rendezvous(environ: dict[str, str] | None = None) -> Rendezvous | N
 def local_world_size(default: int) -> int:
     """Workers on this machine: torchrun's LOCAL_WORLD_SIZE, else ``default`` (a local spawn knows its own)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", default))
-
-
-def core_per_local_worker(world_size: int) -> bool:
-    """Whether every worker on this machine has a CPU core of its own (spinning and extra I/O threads only pay
-    then; ``world_size`` stands in for the local count outside torchrun)."""
-    return local_world_size(world_size) <= (os.cpu_count() or 1)
 
 
 def reachable_host() -> str:
@@ -121,7 +130,8 @@ def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World
             raise DistributedError(
                 f"rank {rdv.rank} could not join the process group at {rdv.addr}:{rdv.port} ({e}); "
                 "check that every rank uses the same address and port and that the port is free") from e
-    return World(rank=rdv.rank, size=rdv.size, local_rank=rdv.local_rank, device=device, backend=backend)
+    return World(rank=rdv.rank, size=rdv.size, local_rank=rdv.local_rank, device=device, backend=backend,
+                 local_size=local_world_size(rdv.size), cpu_count=os.cpu_count() or 1, host=reachable_host())
 
 
 def shutdown_world() -> None:

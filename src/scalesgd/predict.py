@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from scalesgd import perf_model as pm
-from scalesgd.comm import OUR_RINGS, RingAllReduce
+from scalesgd.comm import strategy_info
 from scalesgd.diversity import batch_bound_over_run
 from scalesgd.errors import ConfigError
 from scalesgd.rundata import RunData, finite, passes_to_target
@@ -71,6 +71,7 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
         :class:`ComputeProfile` with medians and the fitted :class:`~scalesgd.perf_model.ComputeFit`.
     """
     from scalesgd.comm import make_comm
+    from scalesgd.distributed import World
     from scalesgd.run import loss_function
     from scalesgd.step import FlatModel, train_step
     from scalesgd.transforms import Hyper, sgd
@@ -87,7 +88,8 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
     try:
         model.train()
         flat = FlatModel(model, 1, torch.device("cpu"))
-        comm = make_comm("allreduce", world_size=1, rank=0)
+        comm = make_comm("allreduce", World(rank=0, size=1, local_rank=0, device=torch.device("cpu"),
+                                            backend="gloo"))
         tx = sgd(momentum=momentum, weight_decay=weight_decay)
         tx_state = tx.init(flat.params)
         loss_fn = loss_function(task)
@@ -154,7 +156,7 @@ def measure_allreduce(sizes_bytes: Sequence[int] = DEFAULT_SWEEP_BYTES, *, world
         world_size: local processes (one per core, like the trainer).
         repeats, warmup: timed and discarded samples per size (a sample of a small message is the mean of
             back-to-back calls).
-        comm: the communication strategy timed (a name in :data:`scalesgd.comm.COMM_STRATEGIES`).
+        comm: the communication strategy timed (a name in :data:`scalesgd.comm_registry.COMM_NAMES`).
     Returns:
         :class:`AllreduceSweep` with the medians over samples of the slowest rank's time, and the fitted
         :class:`~scalesgd.perf_model.Network` (with the strategy's recursive-doubling threshold).
@@ -358,7 +360,7 @@ def predict(*, model: str = "cnn1d", dataset: str = "mnist1d", n_train: int | No
     network = pm.parse_network(network) if network else None  # fail fast on a bad string
     if network is not None:
         # our rings switch to recursive doubling for small messages on any network; the built-in is a ring
-        doubling = RingAllReduce.DOUBLING_P2_BYTES if comm in OUR_RINGS else 0
+        doubling = strategy_info(comm).doubling_p2_bytes
         network = replace(network, doubling_max_bytes=doubling)
     batch_bound, passes_min, stat_source = statistical_inputs(
         batch_bound=batch_bound, passes_at_small_batch=passes_at_small_batch, small_batch_size=small_batch_size,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from scalesgd import distributed
-from scalesgd.comm import make_comm
+from scalesgd.comm import comm_settings, make_comm
 from scalesgd.config import RunConfig, check_against_data
 from scalesgd.data import Dataset, load_dataset
 from scalesgd.data.sharding import BatchStream, Cursor, shard
@@ -157,10 +157,8 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None) -> dict[str, Any]:
     model.train()
     flat = FlatModel(model, world.size, world.device)
     loss_fn = loss_function(ds.task)
-    comm = make_comm(cfg.comm, world_size=world.size, rank=world.rank,
-                     generator=torch.Generator().manual_seed(cfg.seed * 1000 + world.rank),
-                     **({"levels": cfg.qsgd_levels} if cfg.comm == "qsgd" else {}),
-                     **({"timeout_s": cfg.timeout_s} if cfg.comm == "ring-tcp" else {}))
+    comm = make_comm(cfg.comm, world, generator=torch.Generator().manual_seed(cfg.seed * 1000 + world.rank),
+                     **comm_settings(cfg.comm, levels=cfg.qsgd_levels, timeout_s=cfg.timeout_s))
     tx = sgd(momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
              langevin_noise=cfg.langevin_noise, seed=cfg.seed)
     tx_state = tx.init(flat.params)
@@ -185,6 +183,7 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None) -> dict[str, Any]:
         return summary
     finally:
         writer.close()
+        comm.close()
 
 
 def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classification) -> dict[str, Any]:

@@ -1,21 +1,23 @@
 """The ring all-reduce over our own TCP connections instead of torch.distributed point-to-point calls.
 
 Why a second transport: on CPU every ``isend``/``irecv`` goes through gloo, whose I/O thread and request
-objects cost about 100 µs per message on a small host (``allreduce-bench`` measures this floor and prints
-it). A small all-reduce is a handful of messages, so no algorithm built on those calls gets near the TCP
-round trip. Here each rank holds plain non-blocking sockets to the peers its algorithm talks to and
-drives them from its own thread: a message costs a ``send`` and a ``recv_into`` system call, and nothing
-else runs while it waits.
+objects cost several TCP round trips per message on a small host (``allreduce-bench`` measures this floor
+and prints it next to the round trip). A small all-reduce is a handful of messages, so no algorithm built
+on those calls gets near the TCP round trip. Here each rank holds plain non-blocking sockets to the peers
+its algorithm talks to and drives them from its own thread: a message costs a ``send`` and a ``recv_into``
+system call, and nothing else runs while it waits.
 
-The algorithm and its arithmetic are those of :class:`scalesgd.comm.RingAllReduce`: recursive doubling
-for small buffers when P is a power of two, else the chunked reduce-scatter + all-gather ring. The
-additions happen in the same order, so the result is bit-identical to ``ring``'s. CPU tensors only (the
-bytes are read and written in place through their numpy views); on GPUs use NCCL's built-in all-reduce.
+The algorithm and its arithmetic are those of :class:`scalesgd.comm.RingAllReduce`, both following
+:mod:`scalesgd.ring_schedule`: recursive doubling for small buffers when P is a power of two, else the
+chunked reduce-scatter + all-gather ring. The additions happen in the same order, so the result is
+bit-identical to ``ring``'s. CPU tensors only (the bytes are read and written in place through byte views
+of their storage); on GPUs use NCCL's built-in all-reduce.
 
 The connections are set up once, when the strategy is built: every rank listens on an ephemeral port,
 the addresses are exchanged with one ``all_gather_object`` over the process group, and the higher rank
-of each pair connects to the lower one. The address a rank listens on is ``SCALESGD_TCP_HOST`` when set,
-else the local address that routes to ``MASTER_ADDR`` (127.0.0.1 for local jobs).
+of each pair connects to the lower one. The address a rank listens on is ``World.host``
+(:func:`scalesgd.distributed.reachable_host`: ``SCALESGD_TCP_HOST`` when set, else the local address that
+routes to ``MASTER_ADDR``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from scalesgd.comm import CommStats, RingAllReduce
-from scalesgd.distributed import core_per_local_worker, reachable_host
+from scalesgd import ring_schedule as rs
+from scalesgd.comm_protocol import CommStats, Option, Transport
+from scalesgd.distributed import World
 from scalesgd.errors import ConfigError, DistributedError
 
 _RANK = struct.Struct("!i")
@@ -42,11 +45,10 @@ class TcpMesh:
     be symmetric (q in my peers ⇔ I am in q's). Waits at most ``timeout_s`` for any connection or any byte.
     """
 
-    def __init__(self, rank: int, world_size: int, peers: set[int], *, group=None, timeout_s: float = 300.0,
-                 spin_s: float = 0.0):
+    def __init__(self, rank: int, world_size: int, peers: set[int], *, host: str, group=None,
+                 timeout_s: float = 300.0, spin_s: float = 0.0):
         self.rank, self.timeout_s, self.spin_s = rank, float(timeout_s), float(spin_s)
         self.socks: dict[int, socket.socket] = {}
-        host = reachable_host()
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         connected = False
         try:
@@ -146,7 +148,7 @@ class TcpMesh:
             if moved:
                 spin_until = None
                 continue
-            # Stuck: poll for up to spin_s (a sleeping process wakes 10-20 µs after its data arrives), then sleep.
+            # Stuck: poll for up to spin_s (a sleeping process wakes only some time after its data arrives), then sleep.
             if self.spin_s > 0:
                 now = time.perf_counter()
                 if spin_until is None:
@@ -164,58 +166,81 @@ class TcpMesh:
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's storage."""
-    return memoryview(t.numpy()).cast("B")
+    """A writable byte view of a contiguous CPU tensor's storage, of any dtype (through torch's own uint8
+    view: numpy has no bfloat16)."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
-class TcpRingAllReduce(RingAllReduce):
-    """``ring-tcp``: :class:`RingAllReduce`'s algorithms, with messages on our own TCP connections.
+
+class TcpRingAllReduce(Transport):
+    """``ring-tcp``: :class:`scalesgd.comm.RingAllReduce`'s algorithms (:mod:`scalesgd.ring_schedule`), with
+    messages on our own TCP connections.
 
     Args:
-        world_size, rank, group: as for :class:`RingAllReduce`.
+        world: this process's place in ``group`` (the default group when None) and its machine's facts:
+            ``world.host`` is the address this rank listens on, ``world.core_per_local_worker`` decides the
+            default ``spin_us``.
         chunk_bytes: pipelining grain: a received chunk is added and forwarded while the next arrives.
         small_bytes, latency_bytes: where recursive doubling stops, as for :class:`RingAllReduce`; the
-            default α/β (80 KB) is this transport's on loopback (α ≈ 20 µs, β ≈ 1/4 GB/s), which puts the
-            switch at 640 KB for P = 4 (measured between 512 KB and 1 MB).
+            default α/β is this transport's on loopback (README, "Communication and scaling").
         timeout_s: longest wait for a peer before the call fails with an error that names it.
+        spin_us: how long a stuck transfer polls before it sleeps in ``select`` (a sleeping process wakes
+            only some time after its data arrives). Default: 50 when every local worker has a core to poll on,
+            else 0.
     """
 
     name = "ring-tcp"
+    devices = ("cpu",)
+    recursive_doubling = True
+    options = {
+        "chunk_bytes": Option(int, 1 << 20, "pipelining grain in bytes"),
+        "small_bytes": Option(int, rs.DOUBLING_P2_BYTES, "recursive doubling up to this size at P = 2 (0: off)"),
+        "latency_bytes": Option(float, 80 << 10, "alpha/beta of the links: sets the doubling switch for P >= 4"),
+        "timeout_s": Option(float, 300.0, "longest wait for a peer, in seconds"),
+        "spin_us": Option(float, None, "poll this long before sleeping (unset: 50 with a core per worker, else 0)"),
+    }
 
-    def __init__(self, *, world_size: int, rank: int, group=None, chunk_bytes: int = 1 << 20,
-                 small_bytes: int = RingAllReduce.DOUBLING_P2_BYTES, latency_bytes: float = 80 << 10,
+    def __init__(self, world: World, *, group=None, chunk_bytes: int = 1 << 20,
+                 small_bytes: int = rs.DOUBLING_P2_BYTES, latency_bytes: float = 80 << 10,
                  timeout_s: float = 300.0, spin_us: float | None = None):
-        super().__init__(world_size=world_size, rank=rank, group=group, chunk_bytes=chunk_bytes,
-                         small_bytes=small_bytes, latency_bytes=latency_bytes, split_directions=False)
+        world_size, rank = world.size, world.rank
+        rs.check_ring_options(world_size, rank, chunk_bytes, small_bytes, latency_bytes)
         if spin_us is None:
-            # Polling only pays when every local worker has a core of its own to poll on.
-            spin_us = 50.0 if core_per_local_worker(world_size) else 0.0
+            spin_us = 50.0 if world.core_per_local_worker else 0.0
         if spin_us < 0:
             raise ConfigError(f"spin_us must be >= 0 microseconds, got {spin_us}")
+        self.world_size, self.rank = world_size, rank
+        self.chunk_bytes = int(chunk_bytes)
+        self.small_bytes = int(small_bytes)
+        self.latency_bytes = float(latency_bytes)
+        self.doubling_max_bytes = rs.doubling_max_bytes(world_size, self.small_bytes, self.latency_bytes)
         self.spin_us = float(spin_us)
         # Per buffer (address, length, dtype): the byte views and schedule of one call. The views keep the
         # buffer's storage alive, so no other tensor can take its address while the entry exists.
         self._views: dict[tuple, tuple] = {}
         self.mesh: TcpMesh | None = None
         if world_size > 1:
-            peers = {(rank + 1) % world_size, (rank - 1) % world_size}  # the ring's neighbours
-            if world_size & (world_size - 1) == 0:  # recursive doubling's partners
-                peers |= {rank ^ (1 << k) for k in range(world_size.bit_length() - 1)}
-            self.mesh = TcpMesh(rank, world_size, peers - {rank}, group=group, timeout_s=timeout_s,
-                                spin_s=self.spin_us * 1e-6)
+            self.mesh = TcpMesh(rank, world_size, rs.peers(rank, world_size), host=world.host,
+                                group=group, timeout_s=timeout_s, spin_s=self.spin_us * 1e-6)
 
     def close(self) -> None:
+        """Close the sockets to the peers."""
         if self.mesh is not None:
             self.mesh.close()
+        self._views.clear()
 
-    def _check_device(self, buffer: torch.Tensor) -> None:
-        if buffer.device.type != "cpu":
-            raise ConfigError("--comm ring-tcp moves CPU tensors through sockets; on GPUs use --comm allreduce "
-                              "(NCCL) or --comm ring")
+    def _allreduce_flat_(self, buffer: torch.Tensor, exact_tail: int) -> CommStats:
+        n = buffer.numel()
+        if self.world_size == 1 or n == 0:
+            return CommStats(bytes_sent=0)
+        if n * buffer.element_size() <= self.doubling_max_bytes:
+            return self._recursive_doubling_(buffer)
+        return self._ring_(buffer)
 
     def _ring_(self, buffer: torch.Tensor) -> CommStats:
         P, r = self.world_size, self.rank
-        sends, recvs, recv_ranges, adds, ready0, scratch, sent = self._schedule(buffer)
+        sends, recvs, recv_ranges, adds, ready0, scratch, sent = self._cached(
+            ("ring", buffer.data_ptr(), buffer.numel(), buffer.dtype), lambda: self._make_schedule(buffer))
 
         def on_recv(j: int) -> None:
             if adds[j]:
@@ -233,39 +258,34 @@ class TcpRingAllReduce(RingAllReduce):
             got = self._views[key] = make()
         return got
 
-    def _schedule(self, buffer: torch.Tensor) -> tuple:
-        """The ring's byte views of ``buffer`` and the scratch, in stream order (cached: a trainer reduces the
-        same buffer every step)."""
-        return self._cached(("ring", buffer.data_ptr(), buffer.numel(), buffer.dtype),
-                            lambda: self._make_schedule(buffer))
-
     def _make_schedule(self, buffer: torch.Tensor) -> tuple:
+        """The ring's byte views of ``buffer`` and the scratch, in stream order
+        (:func:`scalesgd.ring_schedule.stream_schedule`): received chunks land in the scratch and are added
+        during the reduce-scatter, straight into place in the all-gather."""
         P, r, n, esize = self.world_size, self.rank, buffer.numel(), buffer.element_size()
-        segs, chunks, _ = self._plan(n, esize)
+        segs, chunks, _ = rs.plan(n, esize, P, self.chunk_bytes)
         scratch = torch.empty(max(b - a for c in chunks for a, b in c), dtype=buffer.dtype)
         raw, area = _bytes(buffer), _bytes(scratch)
-        # The stream carries, in order: the chunks of segment r, then every chunk completed at steps
-        # 0 … 2P−4 (what step g completes is what step g + 1 sends). Receives: segment (r − g − 1) mod P at
-        # step g, into the scratch and added during the reduce-scatter, straight into place in the all-gather.
-        recv_ranges, adds = [], []
-        for step in range(2 * (P - 1)):
-            for a, b in chunks[(r - step - 1) % P]:
-                recv_ranges.append((a, b))
-                adds.append(step < P - 1)
-        sends = [raw[a * esize:b * esize] for a, b in chunks[r]]
-        sends += [raw[a * esize:b * esize] for a, b in recv_ranges[:len(recv_ranges) - len(chunks[(r + 2) % P])]]
+        send_ranges, recv_ranges, adds, ready0 = rs.stream_schedule(r, P, chunks)
+        sends = [raw[a * esize:b * esize] for a, b in send_ranges]
         recvs = [area[:(b - a) * esize] if add else raw[a * esize:b * esize]
                  for (a, b), add in zip(recv_ranges, adds)]
-        seg_len_of = [b - a for a, b in segs]
-        sent = (2 * n - seg_len_of[(r + 1) % P] - seg_len_of[(r + 2) % P]) * esize
-        return sends, recvs, recv_ranges, adds, len(chunks[r]), scratch, sent
+        return sends, recvs, recv_ranges, adds, ready0, scratch, rs.ring_bytes_sent(segs, r, esize)
 
-    # Recursive doubling is RingAllReduce's, with each exchange on the partner's socket.
+    def _recursive_doubling_(self, buffer: torch.Tensor) -> CommStats:
+        """As :meth:`RingAllReduce._recursive_doubling_`, each exchange on the partner's socket."""
+        other, mine, theirs = self._cached(("rd", buffer.data_ptr(), buffer.numel(), buffer.dtype),
+                                           lambda: self._doubling_views(buffer))
+        steps = rs.doubling_steps(self.rank, self.world_size)
+        for partner, partner_first in steps:
+            self.mesh.transfer(partner, mine, partner, theirs)
+            if partner_first:
+                torch.add(other, buffer, out=buffer)
+            else:
+                torch.add(buffer, other, out=buffer)
+        return CommStats(bytes_sent=len(steps) * buffer.numel() * buffer.element_size())
 
-    def _rd_scratch(self, buffer: torch.Tensor) -> torch.Tensor:
-        return self._cached(("rd", buffer.data_ptr(), buffer.numel(), buffer.dtype), lambda: torch.empty_like(buffer))
-
-    def _exchange(self, buffer: torch.Tensor, other: torch.Tensor, partner: int, tag: int) -> None:
-        mine, theirs = self._cached(("rd-views", buffer.data_ptr(), other.data_ptr(), buffer.numel(), buffer.dtype),
-                                    lambda: ([_bytes(buffer)], [_bytes(other)]))
-        self.mesh.transfer(partner, mine, partner, theirs)
+    @staticmethod
+    def _doubling_views(buffer: torch.Tensor) -> tuple:
+        other = torch.empty_like(buffer)
+        return other, [_bytes(buffer)], [_bytes(other)]

@@ -1,0 +1,40 @@
+"""Which communication strategies exist, by name, without importing torch (the command line checks names
+before anything heavy is loaded).
+
+A ``--comm`` name is a transport (how buffers are summed), optionally behind a codec (how the gradient part
+is compressed first): ``allreduce``, ``ring``, ``ring-tcp``, ``ps``; ``qsgd`` (QSGD over the built-in
+all-reduce) and ``qsgd+TRANSPORT`` (QSGD over another transport). Each name points at the class that
+implements it (``module:Class``); what a strategy is (exact or lossy, the devices it serves, its options)
+is declared on that class, and :mod:`scalesgd.comm` reads it from there.
+"""
+
+from __future__ import annotations
+
+from scalesgd.errors import ConfigError
+
+# name -> "module:Class". Imported on first use (scalesgd.tcp_comm only when ring-tcp is asked for).
+TRANSPORTS: dict[str, str] = {
+    "allreduce": "scalesgd.comm:BuiltinAllReduce",
+    "ring": "scalesgd.comm:RingAllReduce",
+    "ring-tcp": "scalesgd.tcp_comm:TcpRingAllReduce",
+    "ps": "scalesgd.comm:ParameterServerAllReduce",
+}
+CODECS: dict[str, str] = {
+    "qsgd": "scalesgd.comm:QSGDCodec",
+}
+DEFAULT_TRANSPORT = "allreduce"  # what a codec name alone runs over
+SEPARATOR = "+"
+
+# Every name --comm accepts: the transports, each codec alone, and each codec over every other transport.
+COMM_NAMES: tuple[str, ...] = (*TRANSPORTS, *CODECS, *(f"{c}{SEPARATOR}{t}" for c in CODECS for t in TRANSPORTS
+                                                      if t != DEFAULT_TRANSPORT))
+
+
+def parse_comm_name(name: str) -> tuple[str | None, str]:
+    """``(codec or None, transport)`` for a name in :data:`COMM_NAMES`; :class:`ConfigError` otherwise."""
+    if name not in COMM_NAMES:
+        raise ConfigError(f"unknown communication strategy {name!r}; choose one of {', '.join(COMM_NAMES)}")
+    if name in TRANSPORTS:
+        return None, name
+    codec, _, transport = name.partition(SEPARATOR)
+    return codec, transport or DEFAULT_TRANSPORT
