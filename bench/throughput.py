@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scalesgd import distributed
 from scalesgd.comm import COMM_STRATEGIES, make_comm
 from scalesgd.models import MODELS
-from scalesgd.run import loss_function
+from scalesgd.models import loss_function
 from scalesgd.step import FlatModel, train_step
 from scalesgd.transforms import Hyper, sgd
 

@@ -56,8 +56,8 @@ from typing import Any
 from scalesgd import distributed
 from scalesgd.baselines import ddp_worker
 from scalesgd.config import RunConfig
-from scalesgd.data import Dataset
-from scalesgd.run import load_data, train
+from scalesgd.data import Dataset, load_data
+from scalesgd.run import train
 
 GRID_BATCH = (32, 64, 128, 256, 512)
 GRID_LR = (0.025, 0.05, 0.1, 0.2)

@@ -434,6 +434,41 @@ BATCH_POLICIES: dict[str, Callable[..., BatchPolicy]] = {
 }
 
 
+def run_batch_policy(name: str, *, global_batch_size: int, n_train: int, delta: float = 0.5,
+                     min_batch: int | None = None, max_batch: int | None = None,
+                     schedule: Schedule | str | None = None) -> BatchPolicy:
+    """The batch-size policy of a training run, from its command-line options.
+
+    ``diversity`` never asks for more than the data set (``max_batch`` defaults to, and is capped at,
+    ``n_train``). Without ``min_batch`` its floor is the starting global batch: it grows the batch when
+    δ·B̂_S + 1 rises above it and never shrinks below it. Why: wall time to a target is
+    T(B) ∝ (1 + B_noise/B)·(t0 + c·B) (steps from McCandlish et al. 2018 times an affine step time), least at
+    B* = √(B_h·B_noise) with B_h = t0/c, the batch whose per-example cost equals the fixed per-step cost
+    (all-reduce latency, launches, Python). The δ-bound counts examples only, so it sits below B* whenever
+    B_h > δ²·B_noise, and the policy has no throughput model to tell. The starting batch is the one the user
+    picked for the hardware and tuned the lr at, so, as Pollux does (AdaptDL's goodput optimiser searches
+    [init_batch_size, max_batch_size] only), it is the floor; ``bench/time_to_accuracy.py`` measures the
+    effect. Pass ``min_batch`` to let it shrink (worth it where the per-step overhead is small next to
+    per-example compute).
+
+    Args:
+        name: ``fixed``, ``diversity`` or ``schedule``.
+        global_batch_size: the starting global batch (examples).
+        n_train: training-set size.
+        delta, min_batch, max_batch: the diversity policy's options (None: the defaults above).
+        schedule: the schedule policy's epoch → batch schedule.
+    Raises:
+        ConfigError: as :func:`make_batch_policy`.
+    """
+    if name == "diversity":
+        top = min(max_batch or n_train, n_train)
+        return make_batch_policy("diversity", delta=delta, min_batch=min_batch or min(global_batch_size, top),
+                                 max_batch=top)
+    if name == "schedule":
+        return make_batch_policy("schedule", schedule=schedule)
+    return make_batch_policy("fixed", global_batch_size=global_batch_size)
+
+
 def make_batch_policy(name: str, **options) -> BatchPolicy:
     """Build the batch-size policy ``name`` with its options.
 

@@ -71,7 +71,7 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
         :class:`ComputeProfile` with medians and the fitted :class:`~scalesgd.perf_model.ComputeFit`.
     """
     from scalesgd.comm import make_comm
-    from scalesgd.run import loss_function
+    from scalesgd.models import loss_function
     from scalesgd.step import FlatModel, train_step
     from scalesgd.transforms import Hyper, sgd
 
