@@ -19,10 +19,15 @@ Three layers, fastest first:
   It never reads or writes ``.grad``.
 * :func:`per_example_sq_norms` and :func:`gradient_diversity` wrap the tap for a model, a loss and data.
   :func:`loop_sq_norms` and :func:`vmap_sq_norms` are the slow, obviously correct references.
-* :func:`per_example_noise_stats`, :func:`two_batch_noise_stats` and :class:`NoiseScaleEMA` estimate
+* :func:`per_example_noise_stats`, :func:`two_batch_noise_stats` (and its average over the workers,
+  :func:`rank_averaged_two_batch_noise_stats`, the one the trainer runs) and :class:`NoiseScaleEMA` estimate
   ``||G||^2`` and ``tr Sigma`` online during training, smooth them separately and only then form
   ``B_simple = tr Sigma / ||G||^2`` and the batch-size bound ``n Delta = B_simple + 1``
   (McCandlish et al., arXiv 1812.06162; Yin et al., arXiv 1706.05699; REFERENCES section 3).
+* :func:`measure_exact_diversity` and :func:`diversity_at_checkpoint`: the exact whole-data figures of a run.
+
+Names: ``sum_grad_sq_norm`` is ``||sum_i g_i||^2`` of the summed gradient, ``mean_grad_sq_norm`` (and the
+metrics' ``grad_sq_norm_*``) ``||G||^2`` of the mean gradient; the two differ by n^2.
 """
 
 from __future__ import annotations
@@ -791,7 +796,7 @@ def per_example_noise_stats(sum_sq_norms: float, sum_grad_sq_norm: float, batch_
     return NoiseStats(mean_grad_sq_norm=g2, trace_cov=s1 / b - g2)
 
 
-def two_batch_noise_stats(small_grad_sq_norm: float, small_batch_size: int, big_grad_sq_norm: float,
+def two_batch_noise_stats(small_mean_grad_sq_norm: float, small_batch_size: int, big_mean_grad_sq_norm: float,
                           big_batch_size: int) -> NoiseStats:
     """Unbiased ||G||^2 and tr Sigma from the squared norms of two mean-loss gradients (no per-example norms).
 
@@ -808,11 +813,11 @@ def two_batch_noise_stats(small_grad_sq_norm: float, small_batch_size: int, big_
     if not 0 < bs < bb:
         raise ConfigError(f"the two-batch estimate needs 0 < small batch < big batch, got {bs} and {bb}: it needs "
                           "at least 2 workers; on one worker use the per-example path (--diversity exact)")
-    gs, gb = float(small_grad_sq_norm), float(big_grad_sq_norm)
+    gs, gb = float(small_mean_grad_sq_norm), float(big_mean_grad_sq_norm)
     return NoiseStats(mean_grad_sq_norm=(bb * gb - bs * gs) / (bb - bs), trace_cov=(gs - gb) / (1.0 / bs - 1.0 / bb))
 
 
-def two_batch_rank_terms(local_grad_sq_norm: float, local_batch_size: int,
+def two_batch_rank_terms(local_mean_grad_sq_norm: float, local_batch_size: int,
                          global_batch_size: int) -> tuple[float, float]:
     """One rank's two scalars (u_p, v_p) for :func:`rank_averaged_two_batch_noise_stats`; summed over ranks.
 
@@ -823,11 +828,11 @@ def two_batch_rank_terms(local_grad_sq_norm: float, local_batch_size: int,
     bs, bb = int(local_batch_size), int(global_batch_size)
     if not 0 < bs < bb:
         return 0.0, 0.0
-    g2 = float(local_grad_sq_norm)
+    g2 = float(local_mean_grad_sq_norm)
     return bs * g2 / (bb - bs), g2 / (1.0 / bs - 1.0 / bb)
 
 
-def rank_averaged_two_batch_noise_stats(sum_u: float, sum_v: float, global_grad_sq_norm: float,
+def rank_averaged_two_batch_noise_stats(sum_u: float, sum_v: float, global_mean_grad_sq_norm: float,
                                         shard_sizes: Sequence[int], global_batch_size: int) -> NoiseStats | None:
     """The mean over ranks of :func:`two_batch_noise_stats` (rank p's B_s,p examples against the global batch),
     from the all-reduced sums of :func:`two_batch_rank_terms` and the reduced gradient alone.
@@ -840,7 +845,7 @@ def rank_averaged_two_batch_noise_stats(sum_u: float, sum_v: float, global_grad_
 
     Args:
         sum_u, sum_v: Sigma_p u_p and Sigma_p v_p over all ranks.
-        global_grad_sq_norm: ||G_B||^2 of the all-reduced mean gradient over the global batch.
+        global_mean_grad_sq_norm: ||G_B||^2 of the all-reduced mean gradient over the global batch.
         shard_sizes: B_s,p of every rank (P,).
         global_batch_size: B = Sigma_p B_s,p.
     Returns:
@@ -851,7 +856,7 @@ def rank_averaged_two_batch_noise_stats(sum_u: float, sum_v: float, global_grad_
     if not ranks:
         return None
     p = len(ranks)
-    gb = float(global_grad_sq_norm)
+    gb = float(global_mean_grad_sq_norm)
     coef_g = sum(bb / (bb - bs) for bs in ranks)
     coef_t = sum(1.0 / (1.0 / bs - 1.0 / bb) for bs in ranks)
     return NoiseStats(mean_grad_sq_norm=(gb * coef_g - float(sum_u)) / p, trace_cov=(float(sum_v) - gb * coef_t) / p)
