@@ -24,7 +24,7 @@ from scalesgd import distributed
 from scalesgd.comm import make_comm
 from scalesgd.comm_registry import COMM_NAMES
 from scalesgd.models import MODELS
-from scalesgd.run import loss_function
+from scalesgd.models import loss_function
 from scalesgd.step import FlatModel, train_step
 from scalesgd.transforms import Hyper, sgd
 from scalesgd.writer import write_json_atomic

@@ -56,8 +56,8 @@ from typing import Any
 from scalesgd import distributed
 from scalesgd.baselines import ddp_worker
 from scalesgd.config import RunConfig
-from scalesgd.data import Dataset
-from scalesgd.run import load_data, train
+from scalesgd.data import Dataset, load_data
+from scalesgd.run import train
 from scalesgd.rundata import RunData, passes_to_target
 from scalesgd.writer import write_json_atomic
 

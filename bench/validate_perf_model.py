@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         model = fresh_model()
         model.load_state_dict(torch.load(d / "checkpoint.pt", weights_only=False)["model"])
         st = gradient_diversity(model, torch.nn.CrossEntropyLoss(), ds.x_train, ds.y_train, batch_size=2000)
-        sums.append((st.sum_sq_norms, st.grad_sq_norm))
+        sums.append((st.sum_sq_norms, st.sum_grad_sq_norm))
     s1, s2 = np.array(sums).T
     values = ds.n_train * s1 / s2
     exact = float(ds.n_train * s1.sum() / s2.sum())

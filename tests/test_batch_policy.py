@@ -10,9 +10,8 @@ from scalesgd.batch_policy import (BATCH_POLICIES, BatchPolicyState, DiversityPo
 from scalesgd.errors import ConfigError
 
 
-def obs(step=0, epoch=0.0, batch=64, bound=None, p=4, mem=None):
-    return StepObservation(step=step, epoch=epoch, global_batch_size=batch, batch_bound_est=bound, world_size=p,
-                           max_batch_memory=mem)
+def obs(step=0, epoch=0.0, batch=64, bound=None, p=4):
+    return StepObservation(step=step, epoch=epoch, global_batch_size=batch, batch_bound_est=bound, world_size=p)
 
 
 def eager(**options):
@@ -21,12 +20,12 @@ def eager(**options):
                                              **options})
 
 
-def run(policy, estimates, *, batch=64, p=4, mem=None, state=None):
+def run(policy, estimates, *, batch=64, p=4, state=None):
     """Feed a sequence of estimates as a trainer would; return the batch after each step and the final state."""
     state = state or policy.init_state()
     batches = []
     for step, est in enumerate(estimates):
-        decision, state = policy.next(state, obs(step=step, batch=batch, bound=est, p=p, mem=mem))
+        decision, state = policy.next(state, obs(step=step, batch=batch, bound=est, p=p))
         assert decision.changed == (decision.global_batch_size != batch)
         batch = decision.global_batch_size
         batches.append(batch)
@@ -123,13 +122,14 @@ def test_diversity_never_below_p():
     assert decision.global_batch_size == 16
 
 
-def test_diversity_memory_cap_honoured():
-    policy = eager()
-    batches, _ = run(policy, [1e5] * 50, batch=64, p=4, mem=1000)
+def test_diversity_max_batch_cap_honoured():
+    # (the never-supplied per-observation memory cap is gone; max_batch is the hard cap the trainer passes)
+    policy = eager(max_batch=1000)
+    batches, _ = run(policy, [1e5] * 50, batch=64, p=4)
     assert max(batches) <= 1000 and batches[-1] == 1000
     # a current batch above the cap is cut at once, even during warm-up and without an estimate
-    cold = make_batch_policy("diversity", min_steps=100, min_interval_steps=100)
-    decision, _ = cold.next(cold.init_state(), obs(batch=2048, bound=None, p=4, mem=1002))
+    cold = make_batch_policy("diversity", min_steps=100, min_interval_steps=100, max_batch=1002)
+    decision, _ = cold.next(cold.init_state(), obs(batch=2048, bound=None, p=4))
     assert decision.global_batch_size == 1000 and decision.changed and decision.reason.startswith("forced")
 
 
@@ -318,12 +318,12 @@ def test_schedule_policy_before_first_key_keeps_batch():
     assert decision.global_batch_size == 96 and not decision.changed
 
 
-def test_schedule_policy_rounds_to_p_and_honours_memory():
+def test_schedule_policy_rounds_to_p():
     policy = make_batch_policy("schedule", schedule="0:100,1:1000")
     decision, _ = policy.next(policy.init_state(), obs(epoch=0.5, batch=64, p=3))
     assert decision.global_batch_size == 99 and "legalised" in decision.reason
-    decision, _ = policy.next(policy.init_state(), obs(epoch=1.5, batch=99, p=3, mem=600))
-    assert decision.global_batch_size == 600 and "memory cap 600" in decision.reason
+    decision, _ = policy.next(policy.init_state(), obs(epoch=1.5, batch=99, p=3))
+    assert decision.global_batch_size == 999 and "legalised to 999" in decision.reason
 
 
 def test_schedule_policy_pure():
@@ -358,4 +358,4 @@ def test_observation_validation():
     with pytest.raises(ValueError):
         obs(batch=0)
     with pytest.raises(ValueError):
-        obs(mem=0)
+        obs(epoch=-1.0)

@@ -437,7 +437,7 @@ def test_streaming_loader_equals_one_batch():
     whole = gradient_diversity(model, CE, x, y, batch_size=20)
     loader = [(x[i:i + 6], y[i:i + 6]) for i in range(0, 20, 6)]
     streamed = gradient_diversity(model, CE, loader)
-    for field in ("sum_sq_norms", "grad_sq_norm", "delta", "b_simple"):
+    for field in ("sum_sq_norms", "sum_grad_sq_norm", "delta", "b_simple"):
         assert getattr(streamed, field) == pytest.approx(getattr(whole, field), rel=1e-5)
     assert streamed.n == whole.n == 20
     with pytest.raises(ConfigError):
@@ -470,13 +470,13 @@ def test_online_estimators_recover_b_simple_and_plugin_does_not():
         # per-example path on the global batch: S1 and S2 are what the all-reduced tap sums give
         s1, s2 = float((g * g).sum()), float(np.square(g.sum(0)).sum())
         st = per_example_noise_stats(s1, s2, global_b)
-        per_example_state = ema.update(per_example_state, st.grad_sq_norm, st.trace_cov)
+        per_example_state = ema.update(per_example_state, st.mean_grad_sq_norm, st.trace_cov)
         # two-batch path: each worker's local mean gradient and the global one
         local_means = g.reshape(workers, local_b, -1).mean(1)  # (P, d)
         small = float(np.square(local_means).sum(1).mean())  # ||G_s||^2 averaged over the P workers
         big = float(np.square(local_means.mean(0)).sum())  # ||G_b||^2
         st = two_batch_noise_stats(small, local_b, big, global_b)
-        two_batch_state = ema.update(two_batch_state, st.grad_sq_norm, st.trace_cov)
+        two_batch_state = ema.update(two_batch_state, st.mean_grad_sq_norm, st.trace_cov)
         g0 = g[:local_b]  # one worker's batch: the plug-in diversity of a single minibatch
         plugin.append(local_b * float((g0 * g0).sum()) / float(np.square(g0.sum(0)).sum()))
     n = 50_000
@@ -499,7 +499,7 @@ def test_per_example_estimates_are_unbiased_on_average():
     for _ in range(3000):
         g = mean + rng.standard_normal((8, mean.size)) * std
         st = per_example_noise_stats(float((g * g).sum()), float(np.square(g.sum(0)).sum()), 8)
-        g2.append(st.grad_sq_norm)
+        g2.append(st.mean_grad_sq_norm)
         tr.append(st.trace_cov)
     assert np.mean(g2) == pytest.approx(1.0, abs=4 * np.std(g2) / math.sqrt(3000))
     assert np.mean(tr) == pytest.approx(20.0, abs=4 * np.std(tr) / math.sqrt(3000))
@@ -545,3 +545,55 @@ def test_batch_bound_over_run_is_the_ema_with_the_run_as_horizon():
     assert batch_bound_over_run(list(g2) + [math.nan], list(tr) + [1.0]) == pytest.approx(want, rel=1e-5)
     assert batch_bound_over_run([-1.0, 0.5], [3.0, 3.0]) is None  # summed ‖G‖² <= 0: noise wins
     assert batch_bound_over_run([], []) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the rank-averaged two-batch form the trainer runs (--diversity cheap)
+
+
+@pytest.mark.parametrize("shard_sizes", [[4, 4], [5, 4, 4], [1, 9], [3, 0, 3]])
+def test_rank_averaged_two_batch_equals_mean_of_per_rank_estimates(shard_sizes):
+    """Slow reference: two_batch_noise_stats computed on each rank's explicit gradients, averaged over ranks."""
+    rng = np.random.default_rng(len(shard_sizes))
+    B = sum(shard_sizes)
+    g = rng.standard_normal((B, 30)) + 0.5  # per-example gradients, rank-major
+    shards = np.split(g, np.cumsum(shard_sizes)[:-1])
+    big = float(np.square(g.mean(0)).sum())
+    terms = [div.two_batch_rank_terms(float(np.square(s.mean(0)).sum()) if len(s) else 0.0, len(s), B)
+             for s in shards]
+    got = div.rank_averaged_two_batch_noise_stats(sum(u for u, _ in terms), sum(v for _, v in terms), big,
+                                                  shard_sizes, B)
+    per_rank = [two_batch_noise_stats(float(np.square(s.mean(0)).sum()), len(s), big, B) for s in shards if len(s)]
+    assert got.mean_grad_sq_norm == pytest.approx(np.mean([r.mean_grad_sq_norm for r in per_rank]), rel=1e-10)
+    assert got.trace_cov == pytest.approx(np.mean([r.trace_cov for r in per_rank]), rel=1e-10)
+
+
+def test_rank_averaged_two_batch_is_unbiased_and_none_without_a_smaller_batch():
+    rng, mean, std = synthetic_problem(d=64, b_simple=30.0, seed=2)  # ||G||^2 = 1, tr Sigma = 30
+    shard_sizes, trials = [6, 5, 5], 4000
+    B = sum(shard_sizes)
+    g2, tr = [], []
+    for _ in range(trials):
+        g = mean + rng.standard_normal((B, mean.size)) * std
+        shards = np.split(g, np.cumsum(shard_sizes)[:-1])
+        terms = [div.two_batch_rank_terms(float(np.square(s.mean(0)).sum()), len(s), B) for s in shards]
+        st = div.rank_averaged_two_batch_noise_stats(sum(u for u, _ in terms), sum(v for _, v in terms),
+                                                     float(np.square(g.mean(0)).sum()), shard_sizes, B)
+        g2.append(st.mean_grad_sq_norm)
+        tr.append(st.trace_cov)
+    assert np.mean(g2) == pytest.approx(1.0, abs=4 * np.std(g2) / math.sqrt(trials))
+    assert np.mean(tr) == pytest.approx(30.0, abs=4 * np.std(tr) / math.sqrt(trials))
+    assert div.rank_averaged_two_batch_noise_stats(0.0, 0.0, 1.0, [8], 8) is None  # one worker: no small batch
+    assert div.two_batch_rank_terms(2.0, 8, 8) == (0.0, 0.0)
+
+
+def test_fold_skips_non_finite_steps_and_reports_both_estimates():
+    ema = NoiseScaleEMA(0.9)
+    state, noise = ema.fold(ema.init(), div.NoiseStats(2.0, 6.0), 10)
+    assert state.steps == 1 and noise.metrics() == pytest.approx(
+        {"grad_sq_norm_est": 2.0, "trace_cov_est": 6.0, "batch_bound_est": 4.0, "diversity_est": 0.4,
+         "grad_sq_norm_step": 2.0, "trace_cov_step": 6.0})
+    same, noise = ema.fold(state, div.NoiseStats(math.inf, 1.0), 10)
+    assert same == state and noise.step is None and "grad_sq_norm_step" not in noise.metrics()
+    _, noise = ema.fold(state, None, 10)
+    assert noise.smoothed.batch_bound_est == pytest.approx(4.0)

@@ -72,12 +72,13 @@ def _ddp_with_params(rdv, cfg, ds):
 
 def test_initial_model_differs_from_trained(tmp_path):
     """Guards the comparison above: training for 20 steps really moves the parameters."""
-    from scalesgd.run import build_model
+    from scalesgd.models import build_model
 
     model_kwargs, shape = CASES["mlp"]
     ds = _dataset(shape)
     cfg = _config(tmp_path, model_kwargs, 1, "p1")
     train(cfg, ds)
-    init = build_model(cfg, ds, cfg.seed).state_dict()
+    init = build_model(cfg.model, input_shape=ds.input_shape, num_outputs=ds.num_outputs, seed=cfg.seed,
+                       width=cfg.width, depth=cfg.depth).state_dict()
     trained = _params(cfg.run_dir)
     assert max(float((init[k] - trained[k]).abs().max()) for k in init) > 1e-3

@@ -35,11 +35,18 @@ def _imports(path: Path, name: str) -> tuple[set[str], set[str]]:
         # `from scalesgd import comm` imports the module scalesgd.comm; `from scalesgd.comm import X` the module
         return {f"{base}.{a.name}" for a in node.names} | {base}
 
+    def type_checking_only(node) -> bool:  # `if TYPE_CHECKING:` never runs, so its imports make no cycle
+        test = getattr(node, "test", None)
+        return isinstance(node, ast.If) and (
+            (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+            or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
     def visit(node, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 (nested if in_function else top).update(t for t in targets(child) if t.split(".")[0] == "scalesgd")
-            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+            visit(child, in_function or type_checking_only(child)
+                  or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
     visit(tree, False)
     return top, nested

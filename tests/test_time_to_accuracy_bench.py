@@ -90,7 +90,7 @@ def test_compare_picks_the_fastest_fixed_median_and_checks_the_batch(tta):
 
 def test_one_tiny_run_of_each_contestant(tta, tmp_path):
     from scalesgd.config import RunConfig
-    from scalesgd.run import load_data
+    from scalesgd.data import load_data
 
     task = tta.Task("digits", "mlp", target_accuracy=0.5, max_epochs=2.0)
     ds = load_data(RunConfig(dataset="digits", model="mlp"))
@@ -112,7 +112,7 @@ def test_one_tiny_run_of_each_contestant(tta, tmp_path):
 def test_hopeless_baseline_runs_stop_on_every_rank(tta):
     """A run past its time limit, or one whose loss blew up, stops at the next evaluation (no hang)."""
     from scalesgd.config import RunConfig
-    from scalesgd.run import load_data
+    from scalesgd.data import load_data
 
     task = tta.Task("digits", "mlp", target_accuracy=0.999, max_epochs=5.0)
     ds = load_data(RunConfig(dataset="digits", model="mlp"))
@@ -126,7 +126,11 @@ def test_hopeless_baseline_runs_stop_on_every_rank(tta):
 def test_trainer_diversity_policy_floors_at_the_starting_batch_unless_told():
     """The default the bench justified: no shrinking below the starting batch without --min-batch."""
     from scalesgd.config import RunConfig
-    from scalesgd.run import batch_policy
+    from scalesgd.batch_policy import run_batch_policy
+
+    def batch_policy(cfg, n_train):
+        return run_batch_policy(cfg.batch_policy, global_batch_size=cfg.global_batch_size, n_train=n_train,
+                                delta=cfg.delta, min_batch=cfg.min_batch, max_batch=cfg.max_batch)
 
     cfg = RunConfig(batch_policy="diversity", global_batch_size=128)
     assert batch_policy(cfg, 20000).min_batch == 128 and batch_policy(cfg, 20000).max_batch == 20000

@@ -35,13 +35,14 @@ def ddp_worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset, *, return_params: b
     At an evaluation the run also stops (``stopped``) if its loss is no longer finite ("diverged") or its
     wall time passed ``max_wall_s`` ("time limit"), so a tuning grid does not wait on hopeless settings.
     """
-    from scalesgd.lr_rules import learning_rate
-    from scalesgd.run import build_model, loss_function, lr_config
+    from scalesgd.lr_rules import LrConfig, learning_rate
+    from scalesgd.models import build_model, loss_function
 
     world = distributed.init_world(rdv, cfg.backend, timeout_s=cfg.timeout_s)
     try:
         torch.set_num_threads(cfg.threads_per_worker or 1)
-        model = build_model(cfg, ds, cfg.seed).to(world.device)
+        model = build_model(cfg.model, input_shape=ds.input_shape, num_outputs=ds.num_outputs, seed=cfg.seed,
+                            width=cfg.width, depth=cfg.depth, dropout=cfg.dropout, norm=cfg.norm).to(world.device)
         ddp = DDP(model) if world.size > 1 else model
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
@@ -50,7 +51,7 @@ def ddp_worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset, *, return_params: b
         x_train, y_train = ds.x_train.to(world.device), ds.y_train.to(world.device)
         stream = BatchStream(ds.n_train, cfg.seed)
         total = cfg.steps * cfg.global_batch_size if cfg.steps else int(math.ceil(cfg.epochs * ds.n_train))
-        lr_cfg = lr_config(cfg)
+        lr_cfg = LrConfig.from_run_config(cfg)
         cursor, step, examples, train_time = Cursor(), 0, 0, 0.0
         start = time.perf_counter()
         time_to_target = None

@@ -17,7 +17,7 @@ Policies (see :data:`BATCH_POLICIES`):
 - ``fixed``: the configured global batch, always.
 - ``diversity``: target B = δ·B̂_S + 1 from the online estimate B̂_S = n·Δ̂ of the gradient-diversity
   batch-size bound (Yin et al., AISTATS 2018, arXiv 1706.05699), with clipping, rounding to a multiple of
-  the worker count, a memory cap, a warm-up and hysteresis.
+  the worker count, a warm-up and hysteresis.
 - ``schedule``: a user-given piecewise-constant epoch → batch schedule, "don't decay the learning rate,
   increase the batch size" (Smith, Kindermans, Ying, Le 2017, arXiv 1711.00489).
 """
@@ -42,7 +42,6 @@ class StepObservation:
         batch_bound_est: the trainer's smoothed estimate of B_S = n·Δ_S = tr Σ/‖G‖² + 1 (examples), or
             None / NaN while there is none yet.
         world_size: number of data-parallel workers P; every global batch must be a multiple of it.
-        max_batch_memory: the largest global batch that fits in memory on P workers, or None for no cap.
     """
 
     step: int
@@ -50,7 +49,6 @@ class StepObservation:
     global_batch_size: int
     batch_bound_est: float | None
     world_size: int
-    max_batch_memory: int | None = None
 
     def __post_init__(self):
         if self.step < 0:
@@ -61,8 +59,6 @@ class StepObservation:
             raise ValueError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {self.world_size}")
-        if self.max_batch_memory is not None and self.max_batch_memory < 1:
-            raise ValueError(f"max_batch_memory must be >= 1 or None, got {self.max_batch_memory}")
 
 
 @dataclass(frozen=True)
@@ -189,7 +185,7 @@ class DiversityPolicy:
     ``rel_threshold`` above target; δ = 0.5 with the 25% band keeps the effective inflation (≈0.6) below
     the knee.
 
-    The target is clipped to [min_batch, max_batch] and to ``obs.max_batch_memory``, and rounded to a
+    The target is clipped to [min_batch, max_batch] and rounded to a
     multiple of P (never below P); see :func:`legal_batch_size`. The batch changes only when
 
     - at least ``min_steps`` observations have carried a usable estimate (warm-up), and
@@ -203,7 +199,7 @@ class DiversityPolicy:
     band that is a change on ~18% of steps). Requiring persistence makes an excursion caused by noise
     exponentially unlikely, and an estimate that oscillates across the band edge never changes the batch.
 
-    A current batch that is itself illegal (above the memory cap or max_batch, below min_batch, not a
+    A current batch that is itself illegal (above max_batch, below min_batch, not a
     multiple of P, e.g. after resuming on another worker count) is corrected at once, ignoring warm-up and
     hysteresis.
 
@@ -260,8 +256,7 @@ class DiversityPolicy:
         usable = _usable(obs.batch_bound_est)
         if usable:
             state = replace(state, n_estimates=state.n_estimates + 1)
-        limits = dict(world_size=obs.world_size, min_batch=self.min_batch, max_batch=self.max_batch,
-                      max_batch_memory=obs.max_batch_memory)
+        limits = dict(world_size=obs.world_size, min_batch=self.min_batch, max_batch=self.max_batch)
         ready = usable and state.n_estimates >= self.min_steps
 
         legal_current = legal_batch_size(current, **limits)
@@ -310,8 +305,6 @@ def _describe_limits(obs: StepObservation, policy: DiversityPolicy) -> str:
     parts = [f"multiple of P={obs.world_size}", f"min_batch={policy.min_batch}"]
     if policy.max_batch is not None:
         parts.append(f"max_batch={policy.max_batch}")
-    if obs.max_batch_memory is not None:
-        parts.append(f"memory cap={obs.max_batch_memory}")
     return ", ".join(parts)
 
 
@@ -390,8 +383,8 @@ def scheduled_batch_size(schedule: Schedule, epoch: float) -> int | None:
 class SchedulePolicy:
     """A piecewise-constant epoch → global batch schedule (Smith et al. 2017: grow B instead of decaying η).
 
-    The scheduled batch is rounded to a multiple of P and capped by ``obs.max_batch_memory`` (see
-    :func:`legal_batch_size`); the reason string says when that changed the user's number.
+    The scheduled batch is rounded to a multiple of P (see :func:`legal_batch_size`); the reason string says
+    when that changed the user's number.
 
     Args:
         schedule: a string for :func:`parse_schedule` or a sequence of (epoch, batch) pairs.
@@ -415,11 +408,10 @@ class SchedulePolicy:
         if wanted is None:
             reason = f"schedule: before epoch {self.schedule[0][0]:g}, keep {obs.global_batch_size}"
             return BatchDecision(obs.global_batch_size, False, reason), state
-        new = legal_batch_size(wanted, world_size=obs.world_size, max_batch_memory=obs.max_batch_memory)
+        new = legal_batch_size(wanted, world_size=obs.world_size)
         reason = f"schedule: epoch {obs.epoch:.2f} -> {wanted}"
         if new != wanted:
-            reason += f" (legalised to {new}: multiple of P={obs.world_size}"
-            reason += f", memory cap {obs.max_batch_memory})" if obs.max_batch_memory is not None else ")"
+            reason += f" (legalised to {new}: multiple of P={obs.world_size})"
         changed = new != obs.global_batch_size
         if changed:
             state = replace(state, last_change_step=obs.step, n_changes=state.n_changes + 1)
@@ -432,6 +424,41 @@ BATCH_POLICIES: dict[str, Callable[..., BatchPolicy]] = {
     "diversity": DiversityPolicy,
     "schedule": SchedulePolicy,
 }
+
+
+def run_batch_policy(name: str, *, global_batch_size: int, n_train: int, delta: float = 0.5,
+                     min_batch: int | None = None, max_batch: int | None = None,
+                     schedule: Schedule | str | None = None) -> BatchPolicy:
+    """The batch-size policy of a training run, from its command-line options.
+
+    ``diversity`` never asks for more than the data set (``max_batch`` defaults to, and is capped at,
+    ``n_train``). Without ``min_batch`` its floor is the starting global batch: it grows the batch when
+    δ·B̂_S + 1 rises above it and never shrinks below it. Why: wall time to a target is
+    T(B) ∝ (1 + B_noise/B)·(t0 + c·B) (steps from McCandlish et al. 2018 times an affine step time), least at
+    B* = √(B_h·B_noise) with B_h = t0/c, the batch whose per-example cost equals the fixed per-step cost
+    (all-reduce latency, launches, Python). The δ-bound counts examples only, so it sits below B* whenever
+    B_h > δ²·B_noise, and the policy has no throughput model to tell. The starting batch is the one the user
+    picked for the hardware and tuned the lr at, so, as Pollux does (AdaptDL's goodput optimiser searches
+    [init_batch_size, max_batch_size] only), it is the floor; ``bench/time_to_accuracy.py`` measures the
+    effect. Pass ``min_batch`` to let it shrink (worth it where the per-step overhead is small next to
+    per-example compute).
+
+    Args:
+        name: ``fixed``, ``diversity`` or ``schedule``.
+        global_batch_size: the starting global batch (examples).
+        n_train: training-set size.
+        delta, min_batch, max_batch: the diversity policy's options (None: the defaults above).
+        schedule: the schedule policy's epoch → batch schedule.
+    Raises:
+        ConfigError: as :func:`make_batch_policy`.
+    """
+    if name == "diversity":
+        top = min(max_batch or n_train, n_train)
+        return make_batch_policy("diversity", delta=delta, min_batch=min_batch or min(global_batch_size, top),
+                                 max_batch=top)
+    if name == "schedule":
+        return make_batch_policy("schedule", schedule=schedule)
+    return make_batch_policy("fixed", global_batch_size=global_batch_size)
 
 
 def make_batch_policy(name: str, **options) -> BatchPolicy:

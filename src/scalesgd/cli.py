@@ -169,7 +169,7 @@ def cmd_diversity(args: argparse.Namespace) -> int:
     from scalesgd.rundata import RunData
 
     if args.checkpoint:
-        from scalesgd.run import diversity_at_checkpoint
+        from scalesgd.diversity import diversity_at_checkpoint
 
         stats = diversity_at_checkpoint(Path(args.checkpoint))
         print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))

@@ -19,10 +19,15 @@ Three layers, fastest first:
   It never reads or writes ``.grad``.
 * :func:`per_example_sq_norms` and :func:`gradient_diversity` wrap the tap for a model, a loss and data.
   :func:`loop_sq_norms` and :func:`vmap_sq_norms` are the slow, obviously correct references.
-* :func:`per_example_noise_stats`, :func:`two_batch_noise_stats` and :class:`NoiseScaleEMA` estimate
+* :func:`per_example_noise_stats`, :func:`two_batch_noise_stats` (and its average over the workers,
+  :func:`rank_averaged_two_batch_noise_stats`, the one the trainer runs) and :class:`NoiseScaleEMA` estimate
   ``||G||^2`` and ``tr Sigma`` online during training, smooth them separately and only then form
   ``B_simple = tr Sigma / ||G||^2`` and the batch-size bound ``n Delta = B_simple + 1``
   (McCandlish et al., arXiv 1812.06162; Yin et al., arXiv 1706.05699; REFERENCES section 3).
+* :func:`measure_exact_diversity` and :func:`diversity_at_checkpoint`: the exact whole-data figures of a run.
+
+Names: ``sum_grad_sq_norm`` is ``||sum_i g_i||^2`` of the summed gradient, ``mean_grad_sq_norm`` (and the
+metrics' ``grad_sq_norm_*``) ``||G||^2`` of the mean gradient; the two differ by n^2.
 """
 
 from __future__ import annotations
@@ -648,7 +653,7 @@ class DiversityStats:
     Attributes:
         n: number of examples.
         sum_sq_norms: S1 = sum_i ||g_i||^2.
-        grad_sq_norm: ||sum_i g_i||^2.
+        sum_grad_sq_norm: S2 = ||sum_i g_i||^2 (of the *summed* gradient; ``mean_grad_sq_norm`` is S2 / n^2).
         delta: Delta = S1 / ||sum_i g_i||^2, in [1/n, inf).
         m2: M2 = S1 / n.
         mean_grad_sq_norm: ||G||^2 = ||sum_i g_i||^2 / n^2.
@@ -660,7 +665,7 @@ class DiversityStats:
 
     n: int
     sum_sq_norms: float
-    grad_sq_norm: float
+    sum_grad_sq_norm: float
     delta: float
     m2: float
     mean_grad_sq_norm: float
@@ -680,7 +685,7 @@ def diversity_from_sums(sum_sq_norms: float, sum_grad: torch.Tensor | float, n: 
     m2 = s1 / n
     g2 = grad_sq / (n * n)
     trace = m2 - g2
-    return DiversityStats(n=int(n), sum_sq_norms=s1, grad_sq_norm=grad_sq, delta=delta, m2=m2,
+    return DiversityStats(n=int(n), sum_sq_norms=s1, sum_grad_sq_norm=grad_sq, delta=delta, m2=m2,
                           mean_grad_sq_norm=g2, trace_cov=trace, batch_bound=n * delta,
                           b_simple=trace / g2 if g2 > 0 else math.inf)
 
@@ -761,9 +766,14 @@ def local_grad_sq_norm(grads: torch.Tensor | Iterable[torch.Tensor]) -> torch.Te
 
 @dataclass(frozen=True)
 class NoiseStats:
-    """One step's unbiased estimates: ``grad_sq_norm`` = ||G||^2 (mean-loss gradient), ``trace_cov`` = tr Sigma."""
+    """One step's unbiased estimates of the gradient noise.
 
-    grad_sq_norm: float
+    Attributes:
+        mean_grad_sq_norm: ||G||^2, the squared norm of the gradient of the *mean* loss (not of the sum).
+        trace_cov: tr Sigma, the trace of the per-example gradient covariance.
+    """
+
+    mean_grad_sq_norm: float
     trace_cov: float
 
 
@@ -774,38 +784,90 @@ def per_example_noise_stats(sum_sq_norms: float, sum_grad_sq_norm: float, batch_
     gradient), S1 = sum_i ||g_i||^2 and S2 = ||sum_i g_i||^2 (= b^2 ||G_b||^2 if you hold the mean gradient):
     ``||G||^2_hat = (S2 - S1) / (b (b - 1))``, ``tr Sigma_hat = S1 / b - ||G||^2_hat``
     (REFERENCES section 3; E S1 = b (tr Sigma + ||G||^2), E S2 = b tr Sigma + b^2 ||G||^2).
+
+    Raises:
+        ConfigError: if ``batch_size`` < 2.
     """
     b = int(batch_size)
     if b < 2:
         raise ConfigError(f"the per-example estimate needs a batch of at least 2 examples, got {b}")
     s1, s2 = float(sum_sq_norms), float(sum_grad_sq_norm)
     g2 = (s2 - s1) / (b * (b - 1))
-    return NoiseStats(grad_sq_norm=g2, trace_cov=s1 / b - g2)
+    return NoiseStats(mean_grad_sq_norm=g2, trace_cov=s1 / b - g2)
 
 
-def two_batch_noise_stats(small_grad_sq_norm: float, small_batch_size: int, big_grad_sq_norm: float,
+def two_batch_noise_stats(small_mean_grad_sq_norm: float, small_batch_size: int, big_mean_grad_sq_norm: float,
                           big_batch_size: int) -> NoiseStats:
     """Unbiased ||G||^2 and tr Sigma from the squared norms of two mean-loss gradients (no per-example norms).
 
-    ``small``: a worker's local gradient of the mean loss over its B_s examples (averaged over the P workers
-    -- one extra scalar all-reduce -- to cut variance); ``big``: the all-reduced mean gradient over B_b
-    examples. Since E||G_B||^2 = ||G||^2 + tr Sigma / B:
+    ``small``: ||G_s||^2 of a gradient of the mean loss over B_s examples; ``big``: ||G_b||^2 of the mean
+    gradient over B_b examples that include them. Since E||G_B||^2 = ||G||^2 + tr Sigma / B:
     ``||G||^2_hat = (B_b ||G_b||^2 - B_s ||G_s||^2) / (B_b - B_s)``,
     ``tr Sigma_hat = (||G_s||^2 - ||G_b||^2) / (1/B_s - 1/B_b)`` (McCandlish et al. 2018, appendix A.1).
+    :func:`rank_averaged_two_batch_noise_stats` averages this over the P workers of a step.
+
+    Raises:
+        ConfigError: unless 0 < B_s < B_b.
     """
     bs, bb = int(small_batch_size), int(big_batch_size)
     if not 0 < bs < bb:
         raise ConfigError(f"the two-batch estimate needs 0 < small batch < big batch, got {bs} and {bb}: it needs "
                           "at least 2 workers; on one worker use the per-example path (--diversity exact)")
-    gs, gb = float(small_grad_sq_norm), float(big_grad_sq_norm)
-    return NoiseStats(grad_sq_norm=(bb * gb - bs * gs) / (bb - bs), trace_cov=(gs - gb) / (1.0 / bs - 1.0 / bb))
+    gs, gb = float(small_mean_grad_sq_norm), float(big_mean_grad_sq_norm)
+    return NoiseStats(mean_grad_sq_norm=(bb * gb - bs * gs) / (bb - bs), trace_cov=(gs - gb) / (1.0 / bs - 1.0 / bb))
+
+
+def two_batch_rank_terms(local_mean_grad_sq_norm: float, local_batch_size: int,
+                         global_batch_size: int) -> tuple[float, float]:
+    """One rank's two scalars (u_p, v_p) for :func:`rank_averaged_two_batch_noise_stats`; summed over ranks.
+
+    With ||G_s,p||^2 the squared norm of rank p's mean gradient over its B_s,p examples and B the global batch:
+    ``u_p = B_s,p ||G_s,p||^2 / (B - B_s,p)``, ``v_p = ||G_s,p||^2 / (1/B_s,p - 1/B)``; (0, 0) for a rank with no
+    examples or with the whole batch (it has no smaller batch to compare).
+    """
+    bs, bb = int(local_batch_size), int(global_batch_size)
+    if not 0 < bs < bb:
+        return 0.0, 0.0
+    g2 = float(local_mean_grad_sq_norm)
+    return bs * g2 / (bb - bs), g2 / (1.0 / bs - 1.0 / bb)
+
+
+def rank_averaged_two_batch_noise_stats(sum_u: float, sum_v: float, global_mean_grad_sq_norm: float,
+                                        shard_sizes: Sequence[int], global_batch_size: int) -> NoiseStats | None:
+    """The mean over ranks of :func:`two_batch_noise_stats` (rank p's B_s,p examples against the global batch),
+    from the all-reduced sums of :func:`two_batch_rank_terms` and the reduced gradient alone.
+
+    Each per-rank estimate is linear in ||G_s,p||^2 and ||G_B||^2, so their average over the P' ranks with
+    0 < B_s,p < B needs only Sigma_p u_p and Sigma_p v_p (two scalars riding on the gradient's all-reduce):
+    ``||G||^2_hat = (||G_B||^2 Sigma_p B/(B - B_s,p) - Sigma_p u_p) / P'``,
+    ``tr Sigma_hat = (Sigma_p v_p - ||G_B||^2 Sigma_p 1/(1/B_s,p - 1/B)) / P'``. Averaging the P estimates
+    cuts the variance of one (McCandlish et al. 2018, appendix A.1).
+
+    Args:
+        sum_u, sum_v: Sigma_p u_p and Sigma_p v_p over all ranks.
+        global_mean_grad_sq_norm: ||G_B||^2 of the all-reduced mean gradient over the global batch.
+        shard_sizes: B_s,p of every rank (P,).
+        global_batch_size: B = Sigma_p B_s,p.
+    Returns:
+        :class:`NoiseStats`, or None when no rank holds a proper part of the batch (P = 1, or B < 2).
+    """
+    bb = int(global_batch_size)
+    ranks = [int(bs) for bs in shard_sizes if 0 < bs < bb]
+    if not ranks:
+        return None
+    p = len(ranks)
+    gb = float(global_mean_grad_sq_norm)
+    coef_g = sum(bb / (bb - bs) for bs in ranks)
+    coef_t = sum(1.0 / (1.0 / bs - 1.0 / bb) for bs in ranks)
+    return NoiseStats(mean_grad_sq_norm=(gb * coef_g - float(sum_u)) / p, trace_cov=(float(sum_v) - gb * coef_t) / p)
 
 
 @dataclass(frozen=True)
 class EMAState:
-    """Bias-uncorrected EMAs of ||G||^2 and tr Sigma; ``weight`` = 1 - decay^steps corrects them."""
+    """Bias-uncorrected EMAs of ||G||^2 (of the mean gradient) and tr Sigma; ``weight`` = 1 - decay^steps
+    corrects them."""
 
-    grad_sq_norm_avg: float = 0.0
+    mean_grad_sq_norm_avg: float = 0.0
     trace_cov_avg: float = 0.0
     weight: float = 0.0
     steps: int = 0
@@ -825,8 +887,34 @@ class DiversityEstimate:
     steps: int
 
 
+@dataclass(frozen=True)
+class NoiseEstimate:
+    """What the trainer's estimate stage reports after a step: the smoothed estimates and the step's own.
+
+    Attributes:
+        smoothed: :class:`DiversityEstimate` after folding in this step.
+        step: this step's unbiased :class:`NoiseStats`, or None when the step gave none (batch < 2, one
+            worker on the two-batch path, or a non-finite value that was not folded in).
+    """
+
+    smoothed: DiversityEstimate
+    step: NoiseStats | None
+
+    def metrics(self) -> dict[str, float]:
+        """The ``metrics.jsonl`` keys: ``grad_sq_norm_est``, ``trace_cov_est``, ``batch_bound_est``,
+        ``diversity_est`` and, when the step gave an estimate, ``grad_sq_norm_step``, ``trace_cov_step``
+        (every ``grad_sq_norm_*`` is ||G||^2 of the mean gradient)."""
+        out = {"grad_sq_norm_est": self.smoothed.grad_sq_norm_est, "trace_cov_est": self.smoothed.trace_cov_est,
+               "batch_bound_est": self.smoothed.batch_bound_est, "diversity_est": self.smoothed.diversity_est}
+        if self.step is not None:
+            out["grad_sq_norm_step"] = self.step.mean_grad_sq_norm
+            out["trace_cov_step"] = self.step.trace_cov
+        return out
+
+
 def batch_bound_over_run(grad_sq_norms: Sequence[float], trace_covs: Sequence[float]) -> float | None:
-    """B_S for a whole run from its per-step estimates of ||G||^2 and tr Sigma: 1 + sum tr / sum ||G||^2.
+    """B_S for a whole run from its per-step estimates of ||G||^2 (mean gradient) and tr Sigma:
+    ``1 + sum tr / sum ||G||^2``.
 
     Numerator and denominator are averaged over every step and the ratio taken last (REFERENCES section 3):
     :class:`NoiseScaleEMA` with the whole run as its horizon. Steps where either estimate is not finite are
@@ -867,7 +955,7 @@ class NoiseScaleEMA:
         """Fold one step's estimates of ||G||^2 and tr Sigma into the state; returns the new state."""
         state = EMAState() if state is None else state
         a = self.decay
-        return EMAState(grad_sq_norm_avg=a * state.grad_sq_norm_avg + (1 - a) * float(g2_hat),
+        return EMAState(mean_grad_sq_norm_avg=a * state.mean_grad_sq_norm_avg + (1 - a) * float(g2_hat),
                         trace_cov_avg=a * state.trace_cov_avg + (1 - a) * float(tr_hat),
                         weight=a * state.weight + (1 - a), steps=state.steps + 1)
 
@@ -878,9 +966,86 @@ class NoiseScaleEMA:
         if state.steps == 0:
             nan = math.nan
             return DiversityEstimate(nan, nan, nan, nan, nan, 0)
-        g2 = state.grad_sq_norm_avg / state.weight
+        g2 = state.mean_grad_sq_norm_avg / state.weight
         tr = state.trace_cov_avg / state.weight
         b_simple = tr / g2 if g2 > 0 else math.inf
         bound = b_simple + 1.0
         return DiversityEstimate(grad_sq_norm_est=g2, trace_cov_est=tr, b_simple_est=b_simple,
                                  batch_bound_est=bound, diversity_est=bound / n, steps=state.steps)
+
+    def fold(self, state: EMAState, step: NoiseStats | None, n: int) -> tuple[EMAState, NoiseEstimate]:
+        """Fold a step's :class:`NoiseStats` into the state when both values are finite (a diverging step's
+        inf/NaN would poison the average for good); returns the new state and the :class:`NoiseEstimate`."""
+        usable = step if step is not None and all(
+            math.isfinite(v) for v in (step.mean_grad_sq_norm, step.trace_cov)) else None
+        if usable is not None:
+            state = self.update(state, usable.mean_grad_sq_norm, usable.trace_cov)
+        return state, NoiseEstimate(smoothed=self.estimate(state, n), step=usable)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exact whole-data diversity of a training run
+
+
+def measure_exact_diversity(model: nn.Module, loss_fn: LossFn, x_train: torch.Tensor, y_train: torch.Tensor, *,
+                            world: Any = None, batch_size: int = 1024) -> dict[str, float]:
+    """Exact Delta_S, M2, ||G||^2 (mean gradient), tr Sigma, B_S and B_simple over a whole training set at the
+    current weights, as the flat record a ``diversity`` line of ``metrics.jsonl`` holds.
+
+    Every rank of ``world`` streams its contiguous part of (x_train, y_train) (N, ...) and the sums are
+    all-reduced (Yin et al. 2018, eq. 3); ranks must call this collectively.
+
+    Args:
+        model: the model at the weights to measure.
+        loss_fn: per-example loss (``reduction="none"``).
+        x_train, y_train: the whole training set (every rank passes all of it).
+        world: optional :class:`scalesgd.distributed.World`.
+        batch_size: chunk size per backward pass.
+    Returns:
+        ``{"delta", "m2", "mean_grad_sq_norm", "trace_cov", "batch_bound", "b_simple", "n"}``.
+    """
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
+    device = world.device if world is not None else x_train.device
+    part = torch.tensor_split(torch.arange(x_train.shape[0]), size)[rank]
+    x, y = x_train[part].to(device), y_train[part].to(device)
+    stats = gradient_diversity(model, loss_fn, x, y, world=world, batch_size=batch_size)
+    return {"delta": stats.delta, "m2": stats.m2, "mean_grad_sq_norm": stats.mean_grad_sq_norm,
+            "trace_cov": stats.trace_cov, "batch_bound": stats.batch_bound, "b_simple": stats.b_simple,
+            "n": stats.n}
+
+
+def diversity_at_checkpoint(path: Any) -> dict[str, float]:
+    """Exact whole-data diversity at a run's saved checkpoint (``RUN_DIR`` or ``RUN_DIR/checkpoint.pt``).
+
+    Rebuilds the run's data set and model from the config saved in the checkpoint, loads the weights and
+    measures in train mode (dropout, if any, is part of the gradients, as during training). Writes
+    ``diversity_checkpoint.json`` next to the checkpoint and returns ``{"step", **measure_exact_diversity}``.
+
+    Raises:
+        ScalesgdError: if there is no checkpoint at ``path``.
+    """
+    from pathlib import Path
+
+    from scalesgd.config import RunConfig
+    from scalesgd.data import load_data
+    from scalesgd.errors import ScalesgdError
+    from scalesgd.models import build_model, loss_function
+    from scalesgd.writer import write_json_atomic
+
+    path = Path(path)
+    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
+    if not ckpt_path.exists():
+        raise ScalesgdError(f"no checkpoint at {ckpt_path}; pass a run directory written by `scalesgd train`")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    known = {k: v for k, v in ckpt["config"].items() if k in RunConfig.__dataclass_fields__}
+    known["lr_milestones"] = tuple(known.get("lr_milestones", ()))
+    cfg = RunConfig(**known)
+    ds = load_data(cfg)
+    model = build_model(cfg.model, input_shape=ds.input_shape, num_outputs=ds.num_outputs, seed=cfg.seed,
+                        width=cfg.width, depth=cfg.depth, dropout=cfg.dropout, norm=cfg.norm)
+    model.load_state_dict(ckpt["model"])
+    model.train()
+    stats = {"step": ckpt["step"], **measure_exact_diversity(model, loss_function(ds.task, "none"), ds.x_train,
+                                                             ds.y_train)}
+    write_json_atomic(ckpt_path.parent / "diversity_checkpoint.json", stats)
+    return stats

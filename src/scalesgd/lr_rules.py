@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from scalesgd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from scalesgd.config import RunConfig
 
 LR_RULES = ("constant", "linear", "sqrt", "adascale")
 BASE_SCHEDULES = ("constant", "cosine", "step")
@@ -38,7 +42,7 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def adascale_gain(grad_sq_norm: float | None, trace_cov: float | None, global_batch_size: int,
+def adascale_gain(mean_grad_sq_norm: float | None, trace_cov: float | None, global_batch_size: int,
                   base_batch_size: int) -> float:
     """AdaScale gain r for the scale S = B/B₀.
 
@@ -53,16 +57,16 @@ def adascale_gain(grad_sq_norm: float | None, trace_cov: float | None, global_ba
     clipped to [min(1, S), max(1, S)]. Missing or non-finite estimates, or both zero, give r = 1.
 
     Args:
-        grad_sq_norm: smoothed estimate of ‖G‖² (squared norm of the mean gradient).
+        mean_grad_sq_norm: smoothed estimate of ‖G‖² (squared norm of the mean gradient, not of the sum).
         trace_cov: smoothed estimate of tr Σ (per-example covariance, i.e. per-example variance).
         global_batch_size, base_batch_size: B and B₀ (examples).
     Returns:
         The gain r: 1 at S = 1, → S when tr Σ dominates, → 1 when ‖G‖² dominates.
     """
     scale = global_batch_size / base_batch_size
-    if not (_finite(grad_sq_norm) and _finite(trace_cov)):
+    if not (_finite(mean_grad_sq_norm) and _finite(trace_cov)):
         return 1.0
-    sqr = max(grad_sq_norm, 0.0)
+    sqr = max(mean_grad_sq_norm, 0.0)
     var = max(trace_cov, 0.0) / base_batch_size
     if sqr == 0.0 and var == 0.0:
         return 1.0
@@ -70,7 +74,7 @@ def adascale_gain(grad_sq_norm: float | None, trace_cov: float | None, global_ba
     return min(max(gain, min(1.0, scale)), max(1.0, scale))
 
 
-def statistical_efficiency(grad_sq_norm: float | None, trace_cov: float | None, global_batch_size: int,
+def statistical_efficiency(mean_grad_sq_norm: float | None, trace_cov: float | None, global_batch_size: int,
                            base_batch_size: int) -> float:
     """AdaScale/Pollux statistical efficiency r/S: progress per example at B relative to B₀.
 
@@ -78,7 +82,7 @@ def statistical_efficiency(grad_sq_norm: float | None, trace_cov: float | None, 
     estimates give r = 1, so 1/S: the pessimistic reading (no gain from the larger batch).
     """
     scale = global_batch_size / base_batch_size
-    return adascale_gain(grad_sq_norm, trace_cov, global_batch_size, base_batch_size) / scale
+    return adascale_gain(mean_grad_sq_norm, trace_cov, global_batch_size, base_batch_size) / scale
 
 
 def warmup_factor(rule_factor: float, progress: float) -> float:
@@ -178,6 +182,19 @@ class LrConfig:
         elif self.milestone_steps or self.milestone_epochs:
             raise ConfigError(f"milestones apply only to schedule='step', not {self.schedule!r}; remove them or "
                               "use the step schedule")
+
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig) -> LrConfig:
+        """The rule and base schedule of a training run: B₀ is ``--base-batch-size`` or the starting global
+        batch; cosine spans the whole run (its steps, or else its epochs); step decay uses the epoch
+        milestones. Raises :class:`ConfigError` as the constructor does."""
+        cosine = cfg.lr_schedule == "cosine"
+        return cls(base_lr=cfg.lr, base_batch_size=cfg.base_batch_size or cfg.global_batch_size,
+                   rule=cfg.lr_rule, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs,
+                   total_steps=cfg.steps if cosine and cfg.steps else None,
+                   total_epochs=cfg.epochs if cosine and not cfg.steps else None,
+                   milestone_epochs=cfg.lr_milestones if cfg.lr_schedule == "step" else (),
+                   gamma=cfg.lr_gamma)
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,48 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cn
 DEFAULT_WIDTH = {"logreg": 1, "mlp": 256, "cnn1d": 32, "cnn": 64}
 
 
+def build_model(name: str, *, input_shape: Sequence[int], num_outputs: int, seed: int, width: int | None = None,
+                depth: int = 2, dropout: float = 0.0, norm: str = "none") -> nn.Module:
+    """The model ``name`` of :data:`MODELS` for inputs of ``input_shape``, initialised from ``seed``.
+
+    Seeds torch's global RNG with ``seed`` before building, so every rank gets the same initial weights;
+    the RNG is left where initialisation stopped (the trainer saves that state and dropout continues from
+    it, so a run is the same whether the model was built in the worker or handed to it).
+
+    Args:
+        name: a key of :data:`MODELS`.
+        input_shape: one example's shape, without the batch axis.
+        num_outputs: classes (classification) or regression outputs.
+        seed: initialisation seed.
+        width: the model's width; None takes :data:`DEFAULT_WIDTH`.
+        depth: hidden layers (``mlp`` only; ignored by the others).
+        dropout, norm: as the constructors take them.
+    Raises:
+        ValueError: unknown name, or options the model cannot take (the message says which and how to fix).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    torch.manual_seed(seed)
+    kwargs: dict = dict(input_shape=input_shape, num_outputs=num_outputs,
+                        width=DEFAULT_WIDTH[name] if width is None else width, dropout=dropout, norm=norm)
+    if name == "mlp":
+        kwargs["depth"] = depth
+    return MODELS[name](**kwargs)
+
+
+def loss_function(task: str, reduction: str = "sum") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss of ``task`` (``"classification"``: cross-entropy; ``"regression"``: ½‖out − y‖²).
+
+    ``reduction="sum"`` gives Σᵢ ℓᵢ (the convention of :mod:`scalesgd.step`), ``"none"`` the per-example
+    losses (B,) that :mod:`scalesgd.diversity` wants.
+    """
+    if task == "classification":
+        return lambda out, y: nn.functional.cross_entropy(out, y, reduction=reduction)
+    if reduction == "none":
+        return lambda out, y: 0.5 * (out - y).pow(2).reshape(out.shape[0], -1).sum(1)
+    return lambda out, y: 0.5 * nn.functional.mse_loss(out, y, reduction="sum")
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -72,7 +72,7 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
     """
     from scalesgd.comm import make_comm
     from scalesgd.distributed import World
-    from scalesgd.run import loss_function
+    from scalesgd.models import loss_function
     from scalesgd.step import FlatModel, train_step
     from scalesgd.transforms import Hyper, sgd
 

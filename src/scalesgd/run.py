@@ -1,7 +1,11 @@
-"""The thin training loop: build, step, evaluate, adapt, write. No maths of its own.
+"""The thin training loop over one :class:`~scalesgd.train_state.TrainState`. No maths and no builders of its own.
 
-:func:`train` is what ``scalesgd train`` calls: it spawns local workers (or, under torchrun, runs as the
-rank torchrun made) and returns rank 0's summary. :func:`worker` is one rank's whole job.
+:func:`train` is what ``scalesgd train`` calls: it checks and builds what one build can serve (model, lr rule,
+batch policy) once, then spawns local workers (or, under torchrun, runs as the rank torchrun made) and
+returns rank 0's summary. :func:`worker` is one rank's whole job. Each step reads top to bottom in named
+stages, each taking the state and returning the next one:
+
+    adapt (batch size, lr) → shard → step → estimate → log → evaluate → … → checkpoint (at the end)
 """
 
 from __future__ import annotations
@@ -12,112 +16,64 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from scalesgd import distributed
-from scalesgd.comm import comm_settings, make_comm
-from scalesgd.config import RunConfig, check_against_data
-from scalesgd.data import Dataset, load_dataset
-from scalesgd.data.sharding import BatchStream, Cursor, shard
-from scalesgd.diversity import gradient_diversity
+from scalesgd.batch_policy import BatchPolicy, StepObservation, run_batch_policy
+from scalesgd.comm import CommStrategy, comm_settings, make_comm
+from scalesgd.config import RunConfig
+from scalesgd.data import Dataset, load_data
+from scalesgd.data.sharding import BatchStream, Cursor, GlobalBatch, shard
+from scalesgd.diversity import DiversityEstimate, NoiseEstimate, NoiseScaleEMA, measure_exact_diversity
 from scalesgd.distributed import Rendezvous, World
-from scalesgd.errors import ConfigError, DivergedError, DistributedError
-from scalesgd.batch_policy import BatchPolicy, StepObservation, make_batch_policy
-from scalesgd.lr_rules import LrConfig, lr_terms
-from scalesgd.models import DEFAULT_WIDTH, MODELS
-from scalesgd.step import FlatModel, evaluate, train_step
-from scalesgd.tracking import DiversityTracker
-from scalesgd.transforms import Hyper, sgd
+from scalesgd.errors import ConfigError, DistributedError, DivergedError
+from scalesgd.lr_rules import LrConfig, LrTerms, lr_terms
+from scalesgd.models import build_model, loss_function
+from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
+from scalesgd.train_state import TrainState
+from scalesgd.transforms import GradientTransformation, Hyper, sgd
 from scalesgd.writer import RunWriter, check_run_dir_is_new, default_run_dir, environment
 
 
-def load_data(cfg: RunConfig) -> Dataset:
-    """The data set a config names, checked against the batch size."""
-    options = {k: v for k, v in (("n_train", cfg.n_train), ("seed", cfg.data_seed), ("dim", cfg.dim),
-                                 ("noise", cfg.noise)) if v is not None}
-    ds = load_dataset(cfg.dataset, replicate=cfg.replicate, **options)
-    check_against_data(cfg, ds.n_train)
-    return ds
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`preflight` builds once and every rank starts from.
 
-
-def build_model(cfg: RunConfig, ds: Dataset, seed: int) -> nn.Module:
-    """The model of ``cfg`` for ``ds``, initialised from ``seed`` (the same on every rank)."""
-    torch.manual_seed(seed)
-    width = cfg.width if cfg.width is not None else DEFAULT_WIDTH[cfg.model]
-    kwargs: dict[str, Any] = dict(input_shape=ds.input_shape, num_outputs=ds.num_outputs, width=width,
-                                  dropout=cfg.dropout, norm=cfg.norm)
-    if cfg.model == "mlp":
-        kwargs["depth"] = cfg.depth
-    return MODELS[cfg.model](**kwargs)
-
-
-def loss_function(task: str, reduction: str = "sum"):
-    """The loss of ``task``: ``reduction="sum"`` gives Σᵢ ℓᵢ (the convention of :mod:`scalesgd.step`),
-    ``"none"`` the per-example losses (B,) that :mod:`scalesgd.diversity` wants."""
-    if task == "classification":
-        return lambda out, y: nn.functional.cross_entropy(out, y, reduction=reduction)
-    if reduction == "none":
-        return lambda out, y: 0.5 * (out - y).pow(2).reshape(out.shape[0], -1).sum(1)
-    return lambda out, y: 0.5 * nn.functional.mse_loss(out, y, reduction="sum")
-
-
-def measure_exact_diversity(model: nn.Module, ds: Dataset, world: World) -> dict[str, float]:
-    """Exact Δ_S, M2, ‖∇F‖² and B_S over the whole training set at the current weights; every rank streams
-    its contiguous part of the data and the sums are all-reduced (Yin et al. 2018)."""
-    part = torch.tensor_split(torch.arange(ds.n_train), world.size)[world.rank]
-    x, y = ds.x_train[part].to(world.device), ds.y_train[part].to(world.device)
-    stats = gradient_diversity(model, loss_function(ds.task, "none"), x, y, world=world, batch_size=1024)
-    return {"delta": stats.delta, "m2": stats.m2, "mean_grad_sq_norm": stats.mean_grad_sq_norm,
-            "trace_cov": stats.trace_cov, "batch_bound": stats.batch_bound, "b_simple": stats.b_simple,
-            "n": stats.n}
-
-
-def lr_config(cfg: RunConfig) -> LrConfig:
-    """The learning-rate rule and base schedule of ``cfg`` (cosine spans the whole run)."""
-    return LrConfig(base_lr=cfg.lr, base_batch_size=cfg.base_batch_size or cfg.global_batch_size,
-                    rule=cfg.lr_rule, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs,
-                    total_steps=cfg.steps if cfg.lr_schedule == "cosine" and cfg.steps else None,
-                    total_epochs=cfg.epochs if cfg.lr_schedule == "cosine" and not cfg.steps else None,
-                    milestone_epochs=cfg.lr_milestones if cfg.lr_schedule == "step" else (),
-                    gamma=cfg.lr_gamma)
-
-
-def batch_policy(cfg: RunConfig, n_train: int) -> BatchPolicy:
-    """The batch-size policy of ``cfg``; the diversity policy never asks for more than the data set.
-
-    Without ``--min-batch`` the diversity policy's floor is the starting global batch: it grows the batch
-    when δ·B̂_S + 1 rises above it and never shrinks below it. Why: wall time to a target is
-    T(B) ∝ (1 + B_noise/B)·(t0 + c·B) (steps from McCandlish et al. 2018 times an affine step time), least
-    at B* = √(B_h·B_noise) with B_h = t0/c, the batch whose per-example cost equals the fixed per-step
-    cost (all-reduce latency, launches, Python). The δ-bound counts examples only, so it sits below B*
-    whenever B_h > δ²·B_noise, and the policy has no throughput model to tell. The starting batch is the
-    one the user picked for the hardware and tuned the lr at, so, as Pollux does (AdaptDL's goodput
-    optimiser searches [init_batch_size, max_batch_size] only), it is the floor. Measured on the 2-core
-    CPU (bench/time_to_accuracy.py, P = 2, 3 seeds): B_h ≈ 300–1100 and B_noise ≈ 45–120, so B* ≈ 220–320
-    while δ·B̂_S + 1 ≈ 25–60; this floor cut the policy's wall time to target on every seed, by a median
-    13% (MNIST-1D CNN, though it took 2× the epochs) and 38% (digits MLP). Pass ``--min-batch`` to let it
-    shrink (worth it where the per-step overhead is small next to per-example compute).
+    Attributes:
+        model: the initialised model (the same weights on every rank).
+        torch_rng_state: torch's global CPU RNG state right after the model's initialisation (dropout
+            continues from it, exactly as if each rank had built the model itself).
+        lr_config: the learning-rate rule and base schedule.
+        policy: the batch-size policy.
     """
-    if cfg.batch_policy == "diversity":
-        max_batch = min(cfg.max_batch or n_train, n_train)
-        min_batch = cfg.min_batch or min(cfg.global_batch_size, max_batch)
-        return make_batch_policy("diversity", delta=cfg.delta, min_batch=min_batch, max_batch=max_batch)
-    if cfg.batch_policy == "schedule":
-        return make_batch_policy("schedule", schedule=cfg.batch_schedule)
-    return make_batch_policy("fixed", global_batch_size=cfg.global_batch_size)
+
+    model: nn.Module
+    torch_rng_state: torch.Tensor
+    lr_config: LrConfig
+    policy: BatchPolicy
 
 
-@dataclass
-class Progress:
-    """Where the loop is; returned by the loop body, never hidden in globals."""
+def preflight(cfg: RunConfig, ds: Dataset) -> Prepared:
+    """Build what the run needs from the config and the data set, before anything is spawned or written:
+    the model (it must fit the data), the lr rule and the batch policy (they must accept their options).
 
-    step: int = 0
-    examples: int = 0
-    cursor: Cursor = Cursor()
-    train_time_s: float = 0.0  # wall time spent in training steps (evaluation excluded)
+    Raises:
+        ConfigError: the model cannot take the data or its options; the lr rule or policy rejects theirs.
+    """
+    try:
+        model = build_model(cfg.model, input_shape=ds.input_shape, num_outputs=ds.num_outputs, seed=cfg.seed,
+                            width=cfg.width, depth=cfg.depth, dropout=cfg.dropout, norm=cfg.norm)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    torch_rng_state = torch.get_rng_state()
+    policy = run_batch_policy(cfg.batch_policy, global_batch_size=cfg.global_batch_size, n_train=ds.n_train,
+                              delta=cfg.delta, min_batch=cfg.min_batch, max_batch=cfg.max_batch,
+                              schedule=cfg.batch_schedule)
+    return Prepared(model=model, torch_rng_state=torch_rng_state, lr_config=LrConfig.from_run_config(cfg),
+                    policy=policy)
 
 
 def _threads(cfg: RunConfig, world: World) -> int:
@@ -125,6 +81,12 @@ def _threads(cfg: RunConfig, world: World) -> int:
         return cfg.threads_per_worker
     local = distributed.local_world_size(world.size if world.size <= (os.cpu_count() or 1) else 1)
     return max(1, (os.cpu_count() or 1) // max(local, 1))
+
+
+def _comm(cfg: RunConfig, world: World, generator: torch.Generator) -> CommStrategy:
+    """The run's communication strategy (the one place the trainer calls :func:`make_comm`)."""
+    return make_comm(cfg.comm, world, generator=generator,
+                     **comm_settings(cfg.comm, levels=cfg.qsgd_levels, timeout_s=cfg.timeout_s))
 
 
 def verify_replicas(params: torch.Tensor, world: World, step: int) -> None:
@@ -139,29 +101,196 @@ def verify_replicas(params: torch.Tensor, world: World, step: int) -> None:
                                    "replicas diverged; check that all ranks run the same code and data")
 
 
-def worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset | None = None) -> dict[str, Any]:
+def worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset | None = None,
+           prepared: Prepared | None = None) -> dict[str, Any]:
     """One rank's whole job; returns the run summary (rank 0's is the one written)."""
     world = distributed.init_world(rdv, cfg.backend, timeout_s=cfg.timeout_s)
     try:
-        return _train(cfg, world, ds)
+        return _train(cfg, world, ds, prepared)
     finally:
         distributed.shutdown_world()
 
 
-def _train(cfg: RunConfig, world: World, ds: Dataset | None) -> dict[str, Any]:
+# --------------------------------------------------------------------------------------------------------
+# The stages of one step
+
+
+def finished(state: TrainState, *, steps: int | None, total_examples: int) -> bool:
+    """Whether the budget is spent: ``steps`` optimizer steps if given, else ``total_examples`` examples."""
+    return state.step >= steps if steps else state.examples >= total_examples
+
+
+def smoothed_estimate(state: TrainState, ema: NoiseScaleEMA | None, n_train: int) -> DiversityEstimate | None:
+    """The smoothed noise estimate the next step adapts to: None without a tap or before the first step."""
+    if ema is None or state.step == 0:
+        return None
+    return ema.estimate(state.noise_ema, n_train)
+
+
+def adapt(state: TrainState, *, policy: BatchPolicy, lr_config: LrConfig, estimate: DiversityEstimate | None,
+          n_train: int, world_size: int, writer: RunWriter) -> tuple[TrainState, LrTerms]:
+    """Choose this step's global batch (the policy, on the smoothed B̂_S) and its learning rate."""
+    epoch = state.epoch(n_train)
+    decision, policy_state = policy.next(state.policy, StepObservation(
+        step=state.step, epoch=epoch, global_batch_size=state.global_batch_size,
+        batch_bound_est=estimate.batch_bound_est if estimate is not None else None, world_size=world_size))
+    if decision.changed:
+        writer.log({"kind": "batch_change", "step": state.step, "epoch": epoch, "from": state.global_batch_size,
+                    "to": decision.global_batch_size, "reason": decision.reason})
+    terms = lr_terms(lr_config, step=state.step, epoch=epoch, global_batch_size=decision.global_batch_size,
+                     grad_sq_norm_est=estimate.grad_sq_norm_est if estimate is not None else None,
+                     trace_cov_est=estimate.trace_cov_est if estimate is not None else None)
+    return state.replace(policy=policy_state, global_batch_size=decision.global_batch_size), terms
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This step's global batch, this rank's part of it and where the stream stands after it."""
+
+    batch: GlobalBatch
+    local: torch.Tensor  # (B_p,) this rank's example indices
+    shard_sizes: list[int]  # (P,) every rank's B_p
+    next_cursor: Cursor
+
+
+def shard_batch(state: TrainState, *, stream: BatchStream, world: World, examples_left: int | None) -> Shard:
+    """The next global batch of the policy's size (cut to ``examples_left`` on an epoch budget) and this
+    rank's contiguous part of it."""
+    want = state.global_batch_size if examples_left is None else min(state.global_batch_size, examples_left)
+    batch, next_cursor = stream.next(state.cursor, want)
+    return Shard(batch=batch, local=shard(batch.indices, world.rank, world.size),
+                 shard_sizes=[int(t.numel()) for t in torch.tensor_split(batch.indices, world.size)],
+                 next_cursor=next_cursor)
+
+
+def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn: Callable, x_train: torch.Tensor,
+         y_train: torch.Tensor, rank: int, comm: CommStrategy, tx: GradientTransformation, tap: NoiseTap | None,
+         classification: bool) -> tuple[TrainState, StepResult]:
+    """One synchronous step on ``part`` (:func:`scalesgd.step.train_step`); advances counters and cursor."""
+    b = int(part.batch.indices.numel())
+    result, tx_state = train_step(
+        flat=flat, loss_fn=loss_fn, x=x_train[part.local], y=y_train[part.local], global_batch_size=b,
+        shard_sizes=part.shard_sizes, rank=rank, comm=comm, tx=tx, tx_state=state.tx_state,
+        hyper=Hyper(lr=lr, step=state.step), tap=tap, classification=classification)
+    step_s = result.compute_s + result.comm_s + result.update_s
+    return state.replace(tx_state=tx_state, step=state.step + 1, examples=state.examples + b,
+                         cursor=part.next_cursor, train_time_s=state.train_time_s + step_s,
+                         torch_rng_state=torch.get_rng_state()), result
+
+
+def estimate(state: TrainState, result: StepResult, *, ema: NoiseScaleEMA | None,
+             n_train: int) -> tuple[TrainState, NoiseEstimate | None]:
+    """Fold the step's unbiased ‖G‖², tr Σ into the EMA carried in the state (:meth:`NoiseScaleEMA.fold`)."""
+    if ema is None:
+        return state, None
+    noise_ema, noise = ema.fold(state.noise_ema, result.noise, n_train)
+    return state.replace(noise_ema=noise_ema), noise
+
+
+def log_step(state: TrainState, result: StepResult, part: Shard, terms: LrTerms, noise: NoiseEstimate | None, *,
+             n_train: int, classification: bool, adascale: bool, start_s: float, base_lr: float,
+             writer: RunWriter) -> None:
+    """Write the step's line to ``metrics.jsonl``; stop the run if its loss is no longer finite.
+
+    Raises:
+        DivergedError: the loss is inf or NaN.
+    """
+    b = int(part.batch.indices.numel())
+    step_s = result.compute_s + result.comm_s + result.update_s
+    record = {
+        "kind": "step", "step": state.step, "epoch": state.epoch(n_train), "global_batch_size": b,
+        "local_batch_size": int(part.local.numel()), "lr": terms.lr, "loss": result.loss,
+        "train_batch_accuracy": result.correct / b if classification else None,
+        "examples_per_s": b / step_s if step_s > 0 else None,
+        "time_s": time.perf_counter() - start_s, "step_time_s": step_s,
+        "compute_s": result.compute_s, "comm_s": result.comm_s, "update_s": result.update_s,
+        "wait_s": result.wait_s, "bytes_sent": result.bytes_sent,
+        **{f"compute_s_rank{r}": t for r, t in enumerate(result.compute_s_per_rank)},
+        **(noise.metrics() if noise is not None else {}),
+    }
+    if adascale:
+        record["adascale_gain"] = terms.gain
+    writer.log(record)
+    if not math.isfinite(result.loss):
+        raise DivergedError(
+            f"the loss became {result.loss} at step {state.step} (lr {terms.lr:.4g}); training stopped. "
+            f"Lower the learning rate (e.g. --lr {base_lr / 4:.3g}) or add warm-up "
+            f"(--warmup-epochs 1); the metrics so far are in {writer.run_dir or 'the run directory'}")
+
+
+def log_exact_diversity(state: TrainState, *, model: nn.Module, ds: Dataset, world: World,
+                        estimate: DiversityEstimate | None, start_s: float, writer: RunWriter) -> None:
+    """Measure the exact whole-data Δ_S, B_S at the current weights (all ranks) and log it beside the estimate."""
+    t0 = time.perf_counter()
+    rec = {"kind": "diversity", "step": state.step, "epoch": state.epoch(ds.n_train),
+           **measure_exact_diversity(model, loss_function(ds.task, "none"), ds.x_train, ds.y_train, world=world),
+           "batch_bound_est": estimate.batch_bound_est if estimate is not None else None,
+           "time_s": time.perf_counter() - start_s}
+    rec["measure_s"] = time.perf_counter() - t0
+    writer.log(rec)
+
+
+def log_eval(state: TrainState, *, model: nn.Module, loss_fn: Callable, ds: Dataset, eval_train_idx: torch.Tensor,
+             world: World, classification: bool, start_s: float, writer: RunWriter) -> dict[str, Any]:
+    """Test loss/accuracy and loss/accuracy on a fixed training subset, summed over ranks; logged and returned."""
+    t0 = time.perf_counter()
+    test = evaluate(model, loss_fn, ds.x_test, ds.y_test, rank=world.rank, world_size=world.size,
+                    device=world.device, classification=classification)
+    train = evaluate(model, loss_fn, ds.x_train[eval_train_idx], ds.y_train[eval_train_idx], rank=world.rank,
+                     world_size=world.size, device=world.device, classification=classification)
+    s = distributed.all_reduce_scalars([*test, *train], world)
+    rec = {"kind": "eval", "step": state.step, "epoch": state.epoch(ds.n_train),
+           "test_loss": s[0] / max(s[2], 1), "train_loss": s[3] / max(s[5], 1),
+           "test_accuracy": s[1] / max(s[2], 1) if classification else None,
+           "train_accuracy": s[4] / max(s[5], 1) if classification else None,
+           "time_s": time.perf_counter() - start_s, "train_time_s": state.train_time_s,
+           "eval_s": time.perf_counter() - t0}
+    writer.log(rec)
+    return rec
+
+
+def reached_target(state: TrainState, eval_record: dict[str, Any], *, target: float | None,
+                   metric: str) -> TrainState:
+    """Record the time to target the first time the evaluated ``metric`` reaches ``target``."""
+    value = eval_record.get(metric)
+    if target is None or value is None or value < target or state.time_to_target_s is not None:
+        return state
+    return state.replace(time_to_target_s=eval_record["time_s"], train_time_to_target_s=state.train_time_s)
+
+
+def save_checkpoint(state: TrainState, *, model: nn.Module, config: dict[str, Any], writer: RunWriter) -> None:
+    """``checkpoint.pt``: the model's state_dict, the step and the config (what ``diversity --checkpoint``
+    reads), plus the whole :class:`TrainState` (``train_state``, see :meth:`TrainState.to_checkpoint`)."""
+    writer.save_checkpoint({"model": model.state_dict(), "step": state.step, "config": config,
+                            "train_state": state.to_checkpoint()})
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared | None) -> dict[str, Any]:
     torch.set_num_threads(_threads(cfg, world))
     if ds is None:
         ds = load_data(cfg)
-    classification = ds.task == "classification"
-    model = build_model(cfg, ds, cfg.seed).to(world.device)
+    if prepared is None:
+        prepared = preflight(cfg, ds)
+    model = prepared.model.to(world.device)
     model.train()
     flat = FlatModel(model, world.size, world.device)
-    loss_fn = loss_function(ds.task)
-    comm = make_comm(cfg.comm, world, generator=torch.Generator().manual_seed(cfg.seed * 1000 + world.rank),
-                     **comm_settings(cfg.comm, levels=cfg.qsgd_levels, timeout_s=cfg.timeout_s))
+    comm_generator = torch.Generator().manual_seed(cfg.seed * 1000 + world.rank)
+    comm = _comm(cfg, world, comm_generator)
     tx = sgd(momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
              langevin_noise=cfg.langevin_noise, seed=cfg.seed)
-    tx_state = tx.init(flat.params)
+    tap = NoiseTap(cfg.diversity, model, world_size=world.size) if cfg.diversity != "off" else None
+    ema = NoiseScaleEMA(cfg.diversity_decay) if tap is not None else None
+    state = TrainState(params=flat.params, tx_state=tx.init(flat.params), noise_ema=ema.init() if ema else None,
+                       policy=prepared.policy.init_state(), global_batch_size=cfg.global_batch_size,
+                       cursor=Cursor(), torch_rng_state=prepared.torch_rng_state, comm_generator=comm_generator)
+    # As if this rank had built the model itself: every generator seeded from the seed (CUDA's too), torch's
+    # CPU generator where the model's initialisation left it.
+    torch.manual_seed(cfg.seed)
+    torch.set_rng_state(state.torch_rng_state)
 
     run_dir = None
     if world.is_main:
@@ -175,10 +304,14 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None) -> dict[str, Any]:
                                           "num_parameters": flat.numel})
         writer.write_json("env.json", environment(world_size=world.size, backend=world.backend,
                                                   device=world.device))
-        summary = _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classification)
+        try:
+            state, summary = _loop(state, cfg=cfg, world=world, ds=ds, flat=flat, comm=comm, tx=tx, tap=tap, ema=ema,
+                                   lr_config=prepared.lr_config, policy=prepared.policy, writer=writer)
+        finally:
+            if tap is not None:
+                tap.close()
         summary["run_dir"] = str(run_dir) if run_dir else None
-        writer.save_checkpoint({"model": model.state_dict(), "step": summary["steps"],
-                                "config": resolved.to_dict()})
+        save_checkpoint(state, model=model, config=resolved.to_dict(), writer=writer)
         writer.write_json("summary.json", summary)
         return summary
     finally:
@@ -186,148 +319,79 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None) -> dict[str, Any]:
         comm.close()
 
 
-def _loop(cfg, world, ds, flat, loss_fn, comm, tx, tx_state, writer, classification) -> dict[str, Any]:
+def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat: FlatModel, comm: CommStrategy,
+          tx: GradientTransformation, tap: NoiseTap | None, ema: NoiseScaleEMA | None, lr_config: LrConfig,
+          policy: BatchPolicy, writer: RunWriter) -> tuple[TrainState, dict[str, Any]]:
+    """Train until the step or epoch budget is spent or the target is reached; returns the final state and
+    the run summary."""
+    classification = ds.task == "classification"
+    loss_fn = loss_function(ds.task)
     x_train, y_train = ds.x_train.to(world.device), ds.y_train.to(world.device)
     stream = BatchStream(ds.n_train, cfg.seed)
     total_examples = cfg.steps * cfg.global_batch_size if cfg.steps else int(math.ceil(cfg.epochs * ds.n_train))
     eval_train_idx = torch.randperm(ds.n_train, generator=torch.Generator().manual_seed(cfg.seed + 17))[
         : cfg.eval_train_examples]
     bar = _progress_bar(cfg, world, total_examples)
-    prog = Progress()
-    time_to_target_s = train_time_to_target_s = None
+    start_s = time.perf_counter()
     last_eval: dict[str, Any] = {}
-    start = time.perf_counter()
-    global_batch_size = cfg.global_batch_size
-    diverged_at = None
-    lr_cfg = lr_config(cfg)
-    policy = batch_policy(cfg, ds.n_train)
-    policy_state = policy.init_state()
-    estimates: dict[str, float] = {}  # latest smoothed gradient statistics from the tap
-    tracker = (DiversityTracker(cfg.diversity, flat.model, world_size=world.size, n_train=ds.n_train,
-                                decay=cfg.diversity_decay) if cfg.diversity != "off" else None)
-
-    def run_eval(epoch_float: float) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        test = evaluate(flat.model, loss_fn, ds.x_test, ds.y_test, rank=world.rank, world_size=world.size,
-                        device=world.device, classification=classification)
-        train = evaluate(flat.model, loss_fn, ds.x_train[eval_train_idx], ds.y_train[eval_train_idx],
-                         rank=world.rank, world_size=world.size, device=world.device,
-                         classification=classification)
-        s = distributed.all_reduce_scalars([*test, *train], world)
-        rec = {"kind": "eval", "step": prog.step, "epoch": epoch_float,
-               "test_loss": s[0] / max(s[2], 1), "train_loss": s[3] / max(s[5], 1),
-               "test_accuracy": s[1] / max(s[2], 1) if classification else None,
-               "train_accuracy": s[4] / max(s[5], 1) if classification else None,
-               "time_s": time.perf_counter() - start, "train_time_s": prog.train_time_s,
-               "eval_s": time.perf_counter() - t0}
-        writer.log(rec)
-        return rec
-
-    def finished() -> bool:
-        return prog.step >= cfg.steps if cfg.steps else prog.examples >= total_examples
-
-    def run_exact_diversity(epoch_float: float) -> None:
-        t0 = time.perf_counter()
-        rec = {"kind": "diversity", "step": prog.step, "epoch": epoch_float,
-               **measure_exact_diversity(flat.model, ds, world),
-               "batch_bound_est": estimates.get("batch_bound_est"), "time_s": time.perf_counter() - start}
-        rec["measure_s"] = time.perf_counter() - t0
-        writer.log(rec)
 
     try:
         if cfg.exact_diversity_every:
-            run_exact_diversity(0.0)
-        while not finished():
-            epoch_float = prog.cursor.epoch + prog.cursor.offset / ds.n_train
-            decision, policy_state = policy.next(policy_state, StepObservation(
-                step=prog.step, epoch=epoch_float, global_batch_size=global_batch_size,
-                batch_bound_est=estimates.get("batch_bound_est"), world_size=world.size))
-            if decision.changed:
-                writer.log({"kind": "batch_change", "step": prog.step, "epoch": epoch_float,
-                            "from": global_batch_size, "to": decision.global_batch_size,
-                            "reason": decision.reason})
-            global_batch_size = decision.global_batch_size
-            want = min(global_batch_size, total_examples - prog.examples) if cfg.steps is None else global_batch_size
-            batch, next_cursor = stream.next(prog.cursor, want)
-            b = int(batch.indices.numel())
-            local = shard(batch.indices, world.rank, world.size)
-            shard_sizes = [int(t.numel()) for t in torch.tensor_split(batch.indices, world.size)]
-            terms = lr_terms(lr_cfg, step=prog.step, epoch=epoch_float, global_batch_size=global_batch_size,
-                             grad_sq_norm_est=estimates.get("grad_sq_norm_est"),
-                             trace_cov_est=estimates.get("trace_cov_est"))
-            lr = terms.lr
-            result, tx_state = train_step(
-                flat=flat, loss_fn=loss_fn, x=x_train[local], y=y_train[local], global_batch_size=b,
-                shard_sizes=shard_sizes, rank=world.rank, comm=comm, tx=tx, tx_state=tx_state,
-                hyper=Hyper(lr=lr, step=prog.step), tap=tracker, classification=classification)
-            step_s = result.compute_s + result.comm_s + result.update_s
-            prog = Progress(step=prog.step + 1, examples=prog.examples + b, cursor=next_cursor,
-                            train_time_s=prog.train_time_s + step_s)
-            epoch_now = next_cursor.epoch + next_cursor.offset / ds.n_train
-            record = {
-                "kind": "step", "step": prog.step, "epoch": epoch_now, "global_batch_size": b,
-                "local_batch_size": int(local.numel()), "lr": lr, "loss": result.loss,
-                "train_batch_accuracy": result.correct / b if classification else None,
-                "examples_per_s": b / step_s if step_s > 0 else None,
-                "time_s": time.perf_counter() - start, "step_time_s": step_s,
-                "compute_s": result.compute_s, "comm_s": result.comm_s, "update_s": result.update_s,
-                "wait_s": result.wait_s, "bytes_sent": result.bytes_sent,
-                **{f"compute_s_rank{r}": t for r, t in enumerate(result.compute_s_per_rank)},
-                **result.extra,
-            }
-            if cfg.lr_rule == "adascale":
-                record["adascale_gain"] = terms.gain
-            estimates = result.extra or estimates
-            writer.log(record)
-            if not math.isfinite(result.loss):
-                diverged_at = prog.step
-                raise DivergedError(
-                    f"the loss became {result.loss} at step {prog.step} (lr {lr:.4g}); training stopped. "
-                    f"Lower the learning rate (e.g. --lr {cfg.lr / 4:.3g}) or add warm-up "
-                    f"(--warmup-epochs 1); the metrics so far are in {writer.run_dir or 'the run directory'}")
-            if cfg.exact_diversity_every and prog.step % cfg.exact_diversity_every == 0:
-                run_exact_diversity(epoch_now)
-            if cfg.check_replicas_every and prog.step % cfg.check_replicas_every == 0:
-                verify_replicas(flat.params, world, prog.step)
+            log_exact_diversity(state, model=flat.model, ds=ds, world=world, estimate=None, start_s=start_s,
+                                writer=writer)
+        while not finished(state, steps=cfg.steps, total_examples=total_examples):
+            # adapt: the batch size and learning rate for this step, from the estimates so far
+            state, terms = adapt(state, policy=policy, lr_config=lr_config,
+                                 estimate=smoothed_estimate(state, ema, ds.n_train), n_train=ds.n_train,
+                                 world_size=world.size, writer=writer)
+            # shard: the next global batch, in the same order whatever P is; this rank's part of it
+            part = shard_batch(state, stream=stream, world=world,
+                               examples_left=None if cfg.steps else total_examples - state.examples)
+            # step: forward/backward, one all-reduce (gradient + statistics), the same update on every rank
+            state, result = step(state, part, lr=terms.lr, flat=flat, loss_fn=loss_fn, x_train=x_train,
+                                 y_train=y_train, rank=world.rank, comm=comm, tx=tx, tap=tap,
+                                 classification=classification)
+            # estimate: fold the step's unbiased ‖G‖², tr Σ into the smoothed estimates
+            state, noise = estimate(state, result, ema=ema, n_train=ds.n_train)
+            # log: the step's line; a non-finite loss stops the run here
+            log_step(state, result, part, terms, noise, n_train=ds.n_train, classification=classification,
+                     adascale=cfg.lr_rule == "adascale", start_s=start_s, base_lr=cfg.lr, writer=writer)
             if bar is not None:
-                bar.update(b)
-                postfix = {"loss": f"{result.loss:.3f}", "ex/s": f"{b / step_s:,.0f}" if step_s > 0 else "-"}
-                if last_eval.get("test_accuracy") is not None:
-                    postfix["test_acc"] = f"{last_eval['test_accuracy']:.3f}"
-                bar.set_postfix(postfix, refresh=False)
-            due = (cfg.eval_every is not None and prog.step % cfg.eval_every == 0) or (
-                cfg.eval_every is None and batch.epoch_end)
-            if due or finished():
-                last_eval = run_eval(epoch_now)
-                acc = last_eval.get(cfg.target_metric)
-                if (cfg.target_accuracy is not None and acc is not None and acc >= cfg.target_accuracy
-                        and time_to_target_s is None):
-                    time_to_target_s = last_eval["time_s"]
-                    train_time_to_target_s = prog.train_time_s
+                _advance_bar(bar, part, result, last_eval)
+            # evaluate: exact diversity, replica check and test accuracy when due
+            if cfg.exact_diversity_every and state.step % cfg.exact_diversity_every == 0:
+                log_exact_diversity(state, model=flat.model, ds=ds, world=world,
+                                    estimate=smoothed_estimate(state, ema, ds.n_train), start_s=start_s,
+                                    writer=writer)
+            if cfg.check_replicas_every and state.step % cfg.check_replicas_every == 0:
+                verify_replicas(flat.params, world, state.step)
+            due = (cfg.eval_every is not None and state.step % cfg.eval_every == 0) or (
+                cfg.eval_every is None and part.batch.epoch_end)
+            if due or finished(state, steps=cfg.steps, total_examples=total_examples):
+                last_eval = log_eval(state, model=flat.model, loss_fn=loss_fn, ds=ds, eval_train_idx=eval_train_idx,
+                                     world=world, classification=classification, start_s=start_s, writer=writer)
+                state = reached_target(state, last_eval, target=cfg.target_accuracy, metric=cfg.target_metric)
+                if state.time_to_target_s is not None:
                     break
     finally:
         if bar is not None:
             bar.close()
-        if tracker is not None:
-            tracker.close()
-    if diverged_at is not None:  # pragma: no cover - raised above
-        raise AssertionError("unreachable")
-    if not last_eval or last_eval["step"] != prog.step:
-        last_eval = run_eval(prog.cursor.epoch + prog.cursor.offset / ds.n_train)
-    wall_s = time.perf_counter() - start
-    return {
+    if not last_eval or last_eval["step"] != state.step:
+        last_eval = log_eval(state, model=flat.model, loss_fn=loss_fn, ds=ds, eval_train_idx=eval_train_idx,
+                             world=world, classification=classification, start_s=start_s, writer=writer)
+    return state, {
         "final_test_accuracy": last_eval.get("test_accuracy"),
         "final_train_accuracy": last_eval.get("train_accuracy"),
         "final_test_loss": last_eval.get("test_loss"),
-        "steps": prog.step,
-        "epochs": prog.cursor.epoch + prog.cursor.offset / ds.n_train,
-        "examples": prog.examples,
-        "wall_s": wall_s,
-        "train_time_s": prog.train_time_s,
+        "steps": state.step,
+        "epochs": state.epoch(ds.n_train),
+        "examples": state.examples,
+        "wall_s": time.perf_counter() - start_s,
+        "train_time_s": state.train_time_s,
         "target_accuracy": cfg.target_accuracy,
         "target_metric": cfg.target_metric,
-        "time_to_target_s": time_to_target_s,
-        "train_time_to_target_s": train_time_to_target_s,
+        "time_to_target_s": state.time_to_target_s,
+        "train_time_to_target_s": state.train_time_to_target_s,
         "world_size": world.size,
         "backend": world.backend,
         "num_parameters": flat.numel,
@@ -343,41 +407,14 @@ def _progress_bar(cfg: RunConfig, world: World, total_examples: int):
                 desc=f"train P={world.size}", mininterval=0.5)
 
 
-def diversity_at_checkpoint(path: Path) -> dict[str, float]:
-    """Exact whole-data diversity at a run's saved checkpoint (``RUN_DIR`` or ``RUN_DIR/checkpoint.pt``).
-
-    Writes ``diversity_checkpoint.json`` next to the checkpoint and returns the figures.
-    """
-    from scalesgd.errors import ScalesgdError
-    from scalesgd.writer import write_json_atomic
-
-    path = Path(path)
-    ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
-    if not ckpt_path.exists():
-        raise ScalesgdError(f"no checkpoint at {ckpt_path}; pass a run directory written by `scalesgd train`")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    known = {k: v for k, v in ckpt["config"].items() if k in RunConfig.__dataclass_fields__}
-    known["lr_milestones"] = tuple(known.get("lr_milestones", ()))
-    cfg = RunConfig(**known)
-    ds = load_data(cfg)
-    model = build_model(cfg, ds, cfg.seed)
-    model.load_state_dict(ckpt["model"])
-    model.train()
-    world = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
-    stats = {"step": ckpt["step"], **measure_exact_diversity(model, ds, world)}
-    write_json_atomic(ckpt_path.parent / "diversity_checkpoint.json", stats)
-    return stats
-
-
-def preflight(cfg: RunConfig, ds: Dataset) -> None:
-    """Checks that need the data set, run before anything is spawned or written: the model fits the data,
-    the lr rule and the batch policy accept their options."""
-    try:
-        build_model(cfg, ds, cfg.seed)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    lr_config(cfg)
-    batch_policy(cfg, ds.n_train)
+def _advance_bar(bar, part: Shard, result: StepResult, last_eval: dict[str, Any]) -> None:
+    b = int(part.batch.indices.numel())
+    step_s = result.compute_s + result.comm_s + result.update_s
+    bar.update(b)
+    postfix = {"loss": f"{result.loss:.3f}", "ex/s": f"{b / step_s:,.0f}" if step_s > 0 else "-"}
+    if last_eval.get("test_accuracy") is not None:
+        postfix["test_acc"] = f"{last_eval['test_accuracy']:.3f}"
+    bar.set_postfix(postfix, refresh=False)
 
 
 def train(cfg: RunConfig, ds: Dataset | None = None) -> dict[str, Any]:
@@ -390,17 +427,17 @@ def train(cfg: RunConfig, ds: Dataset | None = None) -> dict[str, Any]:
         check_run_dir_is_new(cfg.run_dir)
     if ds is None:
         ds = load_data(cfg)
-    preflight(cfg, ds)
+    prepared = preflight(cfg, ds)
     if rdv is not None:
-        return worker(rdv, cfg, ds)
+        return worker(rdv, cfg, ds, prepared)
     if cfg.workers == 1:
-        return worker(Rendezvous("127.0.0.1", 0, 0, 1, 0), cfg, ds)
+        return worker(Rendezvous("127.0.0.1", 0, 0, 1, 0), cfg, ds, prepared)
     cores = os.cpu_count() or 1
     if cfg.workers > cores and distributed.resolve_backend(cfg.backend) == "gloo":
-        # Measured on 2 cores: P = 4 trained 12-16x slower than P = 2, every blocking call waiting for a time slice.
+        # Many more blocking workers than cores: every all-reduce waits for each peer's time slice.
         print(f"warning: {cfg.workers} local workers on {cores} CPU cores; each worker waits for a time slice "
               f"at every all-reduce, so steps slow down many-fold. Use --workers {cores} or fewer here, or "
               "run the extra workers on other machines with torchrun.", file=sys.stderr, flush=True)
-    results = distributed.spawn(worker, cfg.workers, (cfg, ds), port=cfg.master_port, addr=cfg.master_addr,
-                                timeout_s=None)
+    results = distributed.spawn(worker, cfg.workers, (cfg, ds, prepared), port=cfg.master_port,
+                                addr=cfg.master_addr, timeout_s=None)
     return results[0]

@@ -13,6 +13,7 @@ means would weight unequal shards wrongly).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from scalesgd.comm import CommStrategy
+from scalesgd.diversity import (GhostNormTap, NoiseStats, per_example_noise_stats, rank_averaged_two_batch_noise_stats,
+                                two_batch_rank_terms)
 from scalesgd.transforms import GradientTransformation, Hyper, apply_updates_
 
 # Fixed slots at the head of the statistics tail; per-rank compute times follow them.
@@ -59,20 +62,67 @@ class FlatModel:
 
 
 class StatsTap(Protocol):
-    """Something that measures gradient statistics inside the step (e.g. diversity estimators).
+    """Something that measures gradient statistics inside the step (e.g. the noise estimators).
 
-    ``before_backward`` may return a context manager around backward; ``local_stats`` writes up to
+    ``backward_context`` may return a context manager around backward; ``local_stats`` writes up to
     :data:`N_TAP_SLOTS` values into the tail before the all-reduce; ``after_reduce`` reads the summed
-    tail and the reduced gradient and returns a dict of metrics.
+    tail and the reduced gradient and returns the step's :class:`~scalesgd.diversity.NoiseStats` (or None).
+    A tap keeps no state between steps: smoothing is the caller's, on state it holds.
     """
 
     def backward_context(self) -> Any: ...
 
-    def local_stats(self, flat: FlatModel, local_batch_size: int, global_batch_size: int,
+    def local_stats(self, grad: torch.Tensor, local_batch_size: int, global_batch_size: int,
                     loss_scale: float) -> list[float]: ...
 
-    def after_reduce(self, flat: FlatModel, tap_sums: list[float], shard_sizes: list[int],
-                     global_batch_size: int) -> dict[str, float]: ...
+    def after_reduce(self, grad: torch.Tensor, tap_sums: list[float], shard_sizes: list[int],
+                     global_batch_size: int) -> NoiseStats | None: ...
+
+
+class NoiseTap:
+    """The :class:`StatsTap` behind ``--diversity cheap|exact``: one step's unbiased ‖G‖² and tr Σ.
+
+    Both paths put their few scalars into the tail of the gradient buffer, so they ride on the step's one
+    all-reduce; the formulas are the pure functions of :mod:`scalesgd.diversity`:
+
+    * ``exact`` — ghost norms give S₁ = Σᵢ‖gᵢ‖² of this rank's examples (summed over ranks by the all-reduce),
+      the reduced gradient S₂ = ‖Σᵢgᵢ‖² = B²‖G_B‖²; :func:`~scalesgd.diversity.per_example_noise_stats`.
+    * ``cheap`` — no per-example norms: every rank's local mean gradient against the all-reduced one,
+      averaged over ranks (:func:`~scalesgd.diversity.two_batch_rank_terms`,
+      :func:`~scalesgd.diversity.rank_averaged_two_batch_noise_stats`). With one worker there is no
+      smaller batch; ``cheap`` then falls back to ``exact``.
+    """
+
+    def __init__(self, mode: str, model: nn.Module, *, world_size: int):
+        if mode == "cheap" and world_size == 1:
+            mode = "exact"  # no second batch size to compare with; documented in the option's help
+        self.mode = mode
+        self.ghost = GhostNormTap(model) if mode == "exact" else None
+
+    def backward_context(self) -> Any:
+        return self.ghost.capture() if self.ghost is not None else contextlib.nullcontext()
+
+    def local_stats(self, grad: torch.Tensor, local_batch_size: int, global_batch_size: int,
+                    loss_scale: float) -> list[float]:
+        if local_batch_size == 0:
+            return [0.0, 0.0]
+        if self.mode == "exact":
+            return [float(self.ghost.sq_norms(loss_scale).sum())]
+        # The buffer holds Σ_{i∈shard} gᵢ / B; the local mean gradient is that times B / B_s.
+        local_sq = float(torch.dot(grad, grad)) * (global_batch_size / local_batch_size) ** 2  # ‖G_s,p‖²
+        return list(two_batch_rank_terms(local_sq, local_batch_size, global_batch_size))
+
+    def after_reduce(self, grad: torch.Tensor, tap_sums: list[float], shard_sizes: list[int],
+                     global_batch_size: int) -> NoiseStats | None:
+        bb = global_batch_size
+        big_sq = float(torch.dot(grad, grad))  # ‖G_B‖² of the reduced mean gradient
+        if self.mode == "exact":
+            return per_example_noise_stats(tap_sums[0], big_sq * bb * bb, bb) if bb >= 2 else None
+        return rank_averaged_two_batch_noise_stats(tap_sums[0], tap_sums[1], big_sq, shard_sizes, bb)
+
+    def close(self) -> None:
+        if self.ghost is not None:
+            self.ghost.close()
 
 
 @dataclass(frozen=True)
@@ -88,7 +138,7 @@ class StepResult:
     wait_s: float  # estimated wait for the slowest peer: max over ranks of compute_s − own compute_s
     compute_s_per_rank: tuple[float, ...]
     bytes_sent: int
-    extra: dict[str, float]
+    noise: NoiseStats | None  # the tap's unbiased ‖G‖² (mean gradient) and tr Σ of this step; None without
 
 
 def _sync(device: torch.device) -> None:
@@ -111,7 +161,7 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         comm: the communication strategy.
         tx, tx_state: the gradient transformation and its state.
         hyper: learning rate and step number.
-        tap: optional statistics tap (diversity).
+        tap: optional statistics tap (:class:`NoiseTap`); its estimate is ``StepResult.noise``.
     Returns:
         (StepResult, new tx_state).
     """
@@ -136,7 +186,7 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     else:
         stats[SLOT_COUNT] = 0.0
     if tap is not None:
-        values = tap.local_stats(flat, local_b, global_batch_size, loss_scale)
+        values = tap.local_stats(flat.grad, local_b, global_batch_size, loss_scale)
         if values:
             # Through a float64 tensor: a diverging run's statistics saturate to inf instead of raising.
             stats[SLOT_TAP:SLOT_TAP + len(values)] = torch.tensor(values, dtype=torch.float64).to(stats.dtype)
@@ -150,9 +200,9 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     t2 = time.perf_counter()
 
     summed = stats.tolist()
-    extra: dict[str, float] = {}
+    noise = None
     if tap is not None:
-        extra = tap.after_reduce(flat, summed[SLOT_TAP:SLOT_TAP + N_TAP_SLOTS], shard_sizes, global_batch_size)
+        noise = tap.after_reduce(flat.grad, summed[SLOT_TAP:SLOT_TAP + N_TAP_SLOTS], shard_sizes, global_batch_size)
     with torch.no_grad():
         direction, tx_state = tx.update(flat.grad, tx_state, flat.params, hyper)
         apply_updates_(flat.params, direction, hyper.lr)
@@ -171,7 +221,7 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         wait_s=max(per_rank) - compute_s if per_rank else 0.0,
         compute_s_per_rank=per_rank,
         bytes_sent=comm_stats.bytes_sent,
-        extra=extra,
+        noise=noise,
     )
     return result, tx_state
 

@@ -121,3 +121,42 @@ def sgd(*, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = Fa
 def apply_updates_(params: torch.Tensor, direction: torch.Tensor, lr: float) -> None:
     """w ← w − lr·d, in place on the flat parameter vector (one fused pass)."""
     params.add_(direction, alpha=-lr)
+
+
+# The state types of this module, by name, so a saved state tree can be rebuilt without pickled classes.
+_STATE_TYPES = {cls.__name__: cls for cls in (TraceState, LangevinState)}
+
+
+def state_to_tree(state: Any) -> Any:
+    """A transformation state as tensors and plain Python only, loadable with ``torch.load(weights_only=True)``.
+
+    Tuples become lists, this module's named states ``{"type": name, "fields": [...]}``, a
+    ``torch.Generator`` ``{"generator": get_state(), "device": str}``; tensors are cloned to the CPU.
+    Inverse: :func:`state_from_tree`.
+    """
+    if isinstance(state, torch.Generator):
+        return {"generator": state.get_state(), "device": str(state.device)}
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu().clone()
+    if isinstance(state, tuple) and type(state).__name__ in _STATE_TYPES:
+        return {"type": type(state).__name__, "fields": [state_to_tree(v) for v in state]}
+    if isinstance(state, (tuple, list)):
+        return [state_to_tree(v) for v in state]
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state
+    raise TypeError(f"cannot save transformation state of type {type(state).__name__}")
+
+
+def state_from_tree(tree: Any, device: torch.device | str = "cpu") -> Any:
+    """Rebuild a transformation state written by :func:`state_to_tree`; tensors go to ``device``."""
+    if isinstance(tree, dict) and "generator" in tree:
+        gen = torch.Generator(device=tree["device"])
+        gen.set_state(tree["generator"])
+        return gen
+    if isinstance(tree, dict):
+        return _STATE_TYPES[tree["type"]](*(state_from_tree(v, device) for v in tree["fields"]))
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, list):
+        return tuple(state_from_tree(v, device) for v in tree)
+    return tree

@@ -14,11 +14,15 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from scalesgd.errors import DataError
+
+if TYPE_CHECKING:
+    from scalesgd.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -531,3 +535,19 @@ def load_dataset(spec: str, *, n_train: int | None = None, seed: int | None = No
                                    num_classes=num_classes or 2, noise=1.0 if noise is None else float(noise),
                                    seed=data_seed)
     return replicate_training_set(ds, replicate, seed=data_seed)
+
+
+def load_data(cfg: RunConfig) -> Dataset:
+    """The data set a run's config names (its spec, sizes, data seed, replication), checked against the
+    config's batch sizes (:func:`scalesgd.config.check_against_data`).
+
+    Raises:
+        DataError: bad data options or files; ConfigError: a batch the data set cannot fill.
+    """
+    # Imported here: config validates names from models/comm/policies, and must stay importable without data.
+    from scalesgd.config import check_against_data
+
+    ds = load_dataset(cfg.dataset, replicate=cfg.replicate, n_train=cfg.n_train, seed=cfg.data_seed, dim=cfg.dim,
+                      noise=cfg.noise)
+    check_against_data(cfg, ds.n_train)
+    return ds

@@ -145,7 +145,7 @@ class _Runner:
 
     def data(self, r: int):
         if r not in self._data:
-            from scalesgd.run import load_data
+            from scalesgd.data import load_data
 
             # One data set at a time: groups come ordered by r, and a replicated set is as large as the original.
             self._data = {r: load_data(self.spec.base.replace(replicate=r, global_batch_size=1, workers=1))}
@@ -193,16 +193,17 @@ class _Runner:
             return math.nan
         import torch
 
-        from scalesgd.distributed import World
-        from scalesgd.run import build_model, measure_exact_diversity
+        from scalesgd.diversity import measure_exact_diversity
+        from scalesgd.models import build_model, loss_function
 
         ds = self.data(r)
-        if self.spec.base.threads_per_worker:
-            torch.set_num_threads(self.spec.base.threads_per_worker)
-        model = build_model(self.spec.base, ds, seed)
+        base = self.spec.base
+        if base.threads_per_worker:
+            torch.set_num_threads(base.threads_per_worker)
+        model = build_model(base.model, input_shape=ds.input_shape, num_outputs=ds.num_outputs, seed=seed,
+                            width=base.width, depth=base.depth, dropout=base.dropout, norm=base.norm)
         model.train()
-        world = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
-        stats = measure_exact_diversity(model, ds, world)
+        stats = measure_exact_diversity(model, loss_function(ds.task, "none"), ds.x_train, ds.y_train)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, {"replicate": r, "seed": seed, **stats})
         self.log(f"exact B_S at init, r={r:g} seed={seed}: {stats['batch_bound']:.1f}")

@@ -1,0 +1,85 @@
+"""The trainer's in-step noise tap against independent references: cheap = the average over ranks of the
+per-rank two-batch estimates from explicit per-rank gradients; exact = the per-example estimate from S₁ of a
+per-example autograd loop (``loop_sq_norms``) and S₂ of a separate full-batch backward, inside a real
+``train_step``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from scalesgd.comm import make_comm
+from scalesgd.diversity import NoiseScaleEMA, loop_sq_norms, per_example_noise_stats, two_batch_noise_stats
+from scalesgd.models import loss_function, mlp
+from scalesgd.step import FlatModel, NoiseTap, train_step
+from scalesgd.transforms import Hyper, sgd
+
+
+@pytest.mark.parametrize("shard_sizes", [[5, 5], [4, 3, 3], [7, 6, 6, 6]])
+def test_cheap_tap_equals_mean_of_per_rank_two_batch_estimates(shard_sizes):
+    g = torch.Generator().manual_seed(len(shard_sizes))
+    B, dim = sum(shard_sizes), 50
+    per_example = torch.randn(B, dim, generator=g, dtype=torch.float64) + 0.3  # (B, dim)
+    shards = torch.split(per_example, shard_sizes)
+    model = mlp(input_shape=(4,), num_outputs=2, width=3)
+    taps = [NoiseTap("cheap", model, world_size=len(shard_sizes)) for _ in shard_sizes]
+    # Each rank's buffer holds Σ_{i∈shard} gᵢ / B; the all-reduce sums the buffers and the tap slots.
+    sums = [0.0, 0.0]
+    for tap, shard in zip(taps, shards):
+        values = tap.local_stats(shard.sum(0) / B, len(shard), B, 1.0 / B)
+        sums = [a + b for a, b in zip(sums, values)]
+    reduced = per_example.sum(0) / B
+    out = taps[0].after_reduce(reduced, sums, shard_sizes, B)
+
+    big_sq = float(reduced.square().sum())
+    reference = [two_batch_noise_stats(float((s.mean(0)).square().sum()), len(s), big_sq, B) for s in shards]
+    g2 = sum(r.mean_grad_sq_norm for r in reference) / len(reference)
+    tr = sum(r.trace_cov for r in reference) / len(reference)
+    assert out.mean_grad_sq_norm == pytest.approx(g2, rel=1e-9)
+    assert out.trace_cov == pytest.approx(tr, rel=1e-9)
+    _, noise = NoiseScaleEMA(0.5).fold(NoiseScaleEMA(0.5).init(), out, 1000)
+    metrics = noise.metrics()
+    assert (metrics["grad_sq_norm_step"], metrics["trace_cov_step"]) == (out.mean_grad_sq_norm, out.trace_cov)
+    assert metrics["batch_bound_est"] == pytest.approx(tr / g2 + 1, rel=1e-9)  # first EMA step: the step's own
+
+
+def test_exact_tap_in_a_real_step_equals_per_example_autograd_reference():
+    torch.manual_seed(0)
+    model = mlp(input_shape=(6,), num_outputs=3, width=8).double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    B = x.shape[0]
+    loss_fn = loss_function("classification")
+    # References on a copy at the same weights, before the step moves them.
+    ref_model = copy.deepcopy(model)
+    s1_loop = float(loop_sq_norms(ref_model, loss_function("classification", "none"), x, y).sum())
+    grads = torch.autograd.grad(loss_fn(ref_model(x), y), list(ref_model.parameters()))  # Σᵢ gᵢ
+    s2 = float(sum(g.square().sum() for g in grads))
+    ref = per_example_noise_stats(s1_loop, s2, B)
+
+    flat = FlatModel(model, 1, torch.device("cpu"))
+    tap = NoiseTap("exact", model, world_size=1)
+    tx = sgd()
+    result, _ = train_step(flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=B, shard_sizes=[B], rank=0,
+                           comm=make_comm("allreduce", world_size=1, rank=0), tx=tx, tx_state=tx.init(flat.params),
+                           hyper=Hyper(lr=0.1, step=0), tap=tap, classification=True)
+    tap.close()
+    assert result.noise.mean_grad_sq_norm == pytest.approx(ref.mean_grad_sq_norm, rel=1e-9)
+    assert result.noise.trace_cov == pytest.approx(ref.trace_cov, rel=1e-9)
+    assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters()))  # it stepped
+
+
+def test_cheap_on_one_worker_uses_the_exact_path():
+    assert NoiseTap("cheap", mlp(input_shape=(2,), num_outputs=2, width=2), world_size=1).mode == "exact"
+
+
+def test_step_without_tap_reports_no_noise_estimate():
+    model = mlp(input_shape=(3,), num_outputs=2, width=4)
+    flat = FlatModel(model, 1, torch.device("cpu"))
+    tx = sgd()
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    result, _ = train_step(flat=flat, loss_fn=loss_function("classification"), x=x, y=y, global_batch_size=4,
+                           shard_sizes=[4], rank=0, comm=make_comm("allreduce", world_size=1, rank=0), tx=tx,
+                           tx_state=tx.init(flat.params), hyper=Hyper(lr=0.1, step=0))
+    assert result.noise is None and result.global_batch_size == 4
