@@ -139,6 +139,23 @@ def shutdown_world() -> None:
         dist.destroy_process_group()
 
 
+def check_local_address(addr: str) -> None:
+    """Refuse a rendezvous address local workers cannot listen on (rank 0's store binds it on this machine).
+
+    Raises:
+        ConfigError: one line, when ``addr`` does not resolve or is not an address of this machine.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((addr, 0))
+    except socket.gaierror as e:
+        raise ConfigError(f"--master-addr {addr!r} does not resolve ({e.strerror}); local workers meet on this "
+                          "machine: leave it out (127.0.0.1) or give one of this machine's addresses") from None
+    except OSError as e:
+        raise ConfigError(f"--master-addr {addr} is not an address of this machine ({e.strerror}); local workers "
+                          "meet on this machine: leave it out (127.0.0.1) or give one of its own addresses") from None
+
+
 def free_port(addr: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``addr`` right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

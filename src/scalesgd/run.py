@@ -432,6 +432,7 @@ def train(cfg: RunConfig, ds: Dataset | None = None) -> dict[str, Any]:
         return worker(rdv, cfg, ds, prepared)
     if cfg.workers == 1:
         return worker(Rendezvous("127.0.0.1", 0, 0, 1, 0), cfg, ds, prepared)
+    distributed.check_local_address(cfg.master_addr)
     cores = os.cpu_count() or 1
     if cfg.workers > cores and distributed.resolve_backend(cfg.backend) == "gloo":
         # Many more blocking workers than cores: every all-reduce waits for each peer's time slice.
