@@ -10,10 +10,11 @@ from scalesgd.cli import main
 from scalesgd.config import RunConfig, _field_kind
 
 
-def _one_error_line(capsys, argv, tmp_path, *, own_options=True):
+def _one_error_line(capsys, argv, tmp_path, *, own_options=True, writes=False):
     """Run the CLI in-process; assert exit 2, exactly one ``scalesgd: error:`` line and no traceback.
 
-    ``own_options``: add ``--run-dir``/``--no-progress`` (off when the case sets them itself, in its file)."""
+    ``own_options``: add ``--run-dir``/``--no-progress`` (off when the case sets them itself, in its file);
+    ``writes``: the error comes during training, after the run directory was started."""
     run_dir = tmp_path / "run"
     code = main([*argv, *(["--run-dir", str(run_dir), "--no-progress"] if own_options else [])])
     captured = capsys.readouterr()
@@ -21,7 +22,7 @@ def _one_error_line(capsys, argv, tmp_path, *, own_options=True):
     assert code == 2, (code, captured.err)
     assert len(lines) == 1 and lines[0].startswith("scalesgd: error:"), captured.err
     assert "Traceback" not in captured.err + captured.out
-    assert not run_dir.exists()
+    assert run_dir.exists() == writes
     return lines[0]
 
 
@@ -114,3 +115,132 @@ def test_bad_command_line_values_are_one_line(tmp_path, capsys, argv, words):
     line = _one_error_line(capsys, ["train", *argv], tmp_path)
     for w in words:
         assert w in line, line
+
+
+# --- 3 and 4. divergence: caught when the loss explodes, and the advice changes what happens -------------------
+
+import json  # noqa: E402
+import re  # noqa: E402
+
+from scalesgd.errors import DivergedError  # noqa: E402
+from scalesgd.run import train  # noqa: E402
+
+
+def _digits_run(tmp_path, tag, **options):
+    """Train digits/mlp on one worker; returns (DivergedError message or None, the step records)."""
+    cfg = RunConfig(dataset="digits", model="mlp", workers=1, progress=False, threads_per_worker=1,
+                    run_dir=str(tmp_path / tag), **{"epochs": 2, **options})
+    try:
+        train(cfg)
+        message = None
+    except DivergedError as e:
+        message = str(e)
+    lines = [json.loads(line) for line in (tmp_path / tag / "metrics.jsonl").read_text().splitlines()]
+    return message, [r for r in lines if r["kind"] == "step"]
+
+
+def _advised(message):
+    """The options the error line advises, as RunConfig changes."""
+    lr = re.search(r"--lr ([0-9.e+-]+)", message)
+    warmup = re.search(r"--warmup-epochs ([0-9.e+-]+)", message)
+    assert lr and warmup, message
+    return [{"lr": float(lr.group(1))}, {"warmup_epochs": float(warmup.group(1))}]
+
+
+@pytest.mark.parametrize("lr", [5.0, 30.0])
+def test_an_exploding_loss_stops_the_run_with_one_line(tmp_path, capsys, lr):
+    # Only NaN was caught: at --lr 5 and 30 the loss rose a hundred- to a billion-fold, the run ended at chance
+    # accuracy with exit 0.
+    line = _one_error_line(capsys, ["train", "--dataset", "digits", "--model", "mlp", "--workers", "1",
+                                    "--epochs", "2", "--lr", str(lr)], tmp_path, writes=True)
+    assert "exploded" in line and "--lr" in line and "--warmup-epochs" in line
+
+
+def test_a_spike_that_recovers_is_not_divergence(tmp_path):
+    message, steps = _digits_run(tmp_path, "spiky", lr=0.5, epochs=5)
+    assert message is None and max(r["loss"] for r in steps) > 5 * steps[0]["loss"]  # it did spike
+
+
+@pytest.mark.parametrize("lr,options", [(1000.0, {"steps": 30}), (30.0, {})], ids=["nan", "explosion"])
+def test_the_divergence_advice_changes_the_learning_rates_and_the_outcome(tmp_path, lr, options):
+    message, steps = _digits_run(tmp_path, "base", lr=lr, **options)
+    assert message is not None
+    base_lrs = [r["lr"] for r in steps]
+    for i, change in enumerate(_advised(message)):
+        advised_message, advised = _digits_run(tmp_path, f"advised{i}", **{"lr": lr, **options, **change})
+        lrs = [r["lr"] for r in advised]
+        n = min(len(lrs), len(base_lrs))
+        assert all(a < b for a, b in zip(lrs[:n], base_lrs[:n])), (change, lrs[:5], base_lrs[:5])  # smaller rates
+        assert advised_message != message  # a different outcome: later, another kind, or none
+        assert advised_message is None or len(advised) >= len(steps) or "exploded" in advised_message
+    # The lr advice, followed as often as it is given, ends in a run that trains.
+    for attempt in range(3):
+        lr = _advised(message)[0]["lr"]
+        message, steps = _digits_run(tmp_path, f"follow{attempt}", lr=lr, **options)
+        if message is None:
+            break
+    assert message is None, message
+
+
+def test_warm_up_ramps_under_the_constant_rule(tmp_path):
+    # --warmup-epochs 1 under the default --lr-rule constant ramped from 1 to 1: the same rates as without it.
+    _, plain = _digits_run(tmp_path, "plain", lr=0.1, steps=20, lr_schedule="constant")
+    _, warm = _digits_run(tmp_path, "warm", lr=0.1, steps=20, lr_schedule="constant", warmup_epochs=0.5)
+    assert [r["lr"] for r in plain] == [0.1] * 20
+    lrs = [r["lr"] for r in warm]
+    assert lrs[0] == pytest.approx(0.01) and lrs[1] > lrs[0] and all(b >= a for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(0.1)
+
+
+def test_non_finite_inputs_are_named_at_load_not_blamed_on_the_learning_rate(tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from scalesgd.data import load_data
+
+    monkeypatch.setenv("SCALESGD_CACHE", str(tmp_path / "cache"))
+    load_data(RunConfig(dataset="mnist1d", n_train=100, model="mlp", global_batch_size=10))  # the cache file the run below reads
+    (cache,) = (tmp_path / "cache").glob("mnist1d-*.npz")
+    with np.load(cache) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["x"][7, 3] = np.nan
+    np.savez(cache, **arrays)
+    line = _one_error_line(capsys, ["train", "--dataset", "mnist1d", "--n-train", "100", "--model", "mlp",
+                                    "--workers", "1", "--global-batch-size", "10", "--steps", "2"], tmp_path)
+    assert str(cache) in line and "example 7" in line and "nan" in line and "delete" in line
+
+
+# --- 7. the names MNIST's files go by ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("style", ["official", "dotted", "dotted-gz", "official-gz", "all-dots"])
+def test_mnist_files_under_the_official_and_mirror_names(tmp_path, style):
+    import gzip
+    import struct
+
+    import numpy as np
+
+    from scalesgd.data.datasets import load_idx
+
+    d = tmp_path / style
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        images = rng.integers(0, 256, size=(n, 5, 5), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        pixels[prefix] = (images, labels)
+        for what, magic, arr in (("images-idx3", 0x803, images), ("labels-idx1", 0x801, labels)):
+            head, kind = what.split("-")
+            sep1, sep2 = {"official": "--", "official-gz": "--", "dotted": ".-", "dotted-gz": ".-",
+                          "all-dots": ".."}[style]
+            name = f"{prefix}-{head}{sep1}{kind}{sep2}ubyte"
+            data = struct.pack(">I", magic) + b"".join(struct.pack(">I", s) for s in arr.shape) + arr.tobytes()
+            if style.endswith("gz"):
+                (d / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (d / name).write_bytes(data)
+    ds = load_idx(d)
+    assert ds.n_train == 6 and ds.n_test == 4
+    # every example is there (a subset is not taken when n is not given), in some order
+    got = sorted(map(tuple, (ds.x_train.reshape(6, -1) * 255).round().to(int).tolist()))
+    want = sorted(map(tuple, pixels["train"][0].reshape(6, -1).astype(int).tolist()))
+    assert got == want

@@ -33,7 +33,7 @@ from scalesgd.errors import ConfigError, DistributedError, DivergedError
 from scalesgd.lr_rules import LrConfig, LrTerms, lr_terms
 from scalesgd.models import build_model, loss_function
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
-from scalesgd.train_state import TrainState
+from scalesgd.train_state import LossWatch, TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, sgd
 from scalesgd.writer import RunWriter, check_run_dir_is_new, default_run_dir, environment
 
@@ -188,13 +188,8 @@ def estimate(state: TrainState, result: StepResult, *, ema: NoiseScaleEMA | None
 
 
 def log_step(state: TrainState, result: StepResult, part: Shard, terms: LrTerms, noise: NoiseEstimate | None, *,
-             n_train: int, classification: bool, adascale: bool, start_s: float, base_lr: float,
-             writer: RunWriter) -> None:
-    """Write the step's line to ``metrics.jsonl``; stop the run if its loss is no longer finite.
-
-    Raises:
-        DivergedError: the loss is inf or NaN.
-    """
+             n_train: int, classification: bool, adascale: bool, start_s: float, writer: RunWriter) -> None:
+    """Write the step's line to ``metrics.jsonl``."""
     b = int(part.batch.indices.numel())
     step_s = result.compute_s + result.comm_s + result.update_s
     record = {
@@ -211,11 +206,41 @@ def log_step(state: TrainState, result: StepResult, part: Shard, terms: LrTerms,
     if adascale:
         record["adascale_gain"] = terms.gain
     writer.log(record)
-    if not math.isfinite(result.loss):
-        raise DivergedError(
-            f"the loss became {result.loss} at step {state.step} (lr {terms.lr:.4g}); training stopped. "
-            f"Lower the learning rate (e.g. --lr {base_lr / 4:.3g}) or add warm-up "
-            f"(--warmup-epochs 1); the metrics so far are in {writer.run_dir or 'the run directory'}")
+
+
+# Divergence: the smoothed training loss (EMA with this decay) above EXPLOSION_FACTOR times the first step's
+# loss for EXPLOSION_STEPS steps in a row. A run that recovers from a spike (digits/mlp at --lr 0.5 peaks at
+# ~10x its first loss for a step) stays under it; one that blows up (--lr 5: ~50x and more) does not.
+LOSS_EMA_DECAY, EXPLOSION_FACTOR, EXPLOSION_STEPS = 0.9, 10.0, 5
+
+
+def divergence_advice(cfg: RunConfig) -> str:
+    """What to change after a divergence, as options that change the learning rates the run uses (each is
+    tested to do so): a tenth of the rate, and warm-up (longer, if it was already on)."""
+    warmup = max(1.0, 2 * cfg.warmup_epochs)
+    return (f"lower the learning rate (e.g. --lr {cfg.lr / 10:.3g}) or ramp it up over more of the start "
+            f"(--warmup-epochs {warmup:g})")
+
+
+def watch_loss(state: TrainState, loss: float, *, lr: float, cfg: RunConfig, writer: RunWriter) -> TrainState:
+    """Stop the run when its training loss is no longer finite or has exploded (see EXPLOSION_FACTOR).
+
+    Raises:
+        DivergedError: one line with the step, the loss and the advice (:func:`divergence_advice`).
+    """
+    where = f"the metrics so far are in {writer.run_dir or 'the run directory'}"
+    if not math.isfinite(loss):
+        raise DivergedError(f"the loss became {loss} at step {state.step} (lr {lr:.4g}); training stopped. "
+                            f"{divergence_advice(cfg).capitalize()}; {where}")
+    w = state.loss_watch
+    first = loss if w.first_loss is None else w.first_loss
+    smoothed = loss if w.smoothed_loss is None else LOSS_EMA_DECAY * w.smoothed_loss + (1 - LOSS_EMA_DECAY) * loss
+    above = w.steps_above + 1 if smoothed > EXPLOSION_FACTOR * abs(first) else 0
+    if above >= EXPLOSION_STEPS:
+        raise DivergedError(f"the training loss exploded: smoothed {smoothed:.4g} at step {state.step} (lr {lr:.4g}), "
+                            f"over {EXPLOSION_FACTOR:g}x the first step's {first:.4g} for {above} steps; training "
+                            f"stopped. {divergence_advice(cfg).capitalize()}; {where}")
+    return state.replace(loss_watch=LossWatch(first_loss=first, smoothed_loss=smoothed, steps_above=above))
 
 
 def log_exact_diversity(state: TrainState, *, model: nn.Module, ds: Dataset, world: World,
@@ -353,9 +378,10 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                                  classification=classification)
             # estimate: fold the step's unbiased ‖G‖², tr Σ into the smoothed estimates
             state, noise = estimate(state, result, ema=ema, n_train=ds.n_train)
-            # log: the step's line; a non-finite loss stops the run here
+            # log: the step's line; a non-finite or exploding loss stops the run here
             log_step(state, result, part, terms, noise, n_train=ds.n_train, classification=classification,
-                     adascale=cfg.lr_rule == "adascale", start_s=start_s, base_lr=cfg.lr, writer=writer)
+                     adascale=cfg.lr_rule == "adascale", start_s=start_s, writer=writer)
+            state = watch_loss(state, result.loss, lr=terms.lr, cfg=cfg, writer=writer)
             if bar is not None:
                 _advance_bar(bar, part, result, last_eval)
             # evaluate: exact diversity, replica check and test accuracy when due
