@@ -244,3 +244,52 @@ def test_mnist_files_under_the_official_and_mirror_names(tmp_path, style):
     got = sorted(map(tuple, (ds.x_train.reshape(6, -1) * 255).round().to(int).tolist()))
     want = sorted(map(tuple, pixels["train"][0].reshape(6, -1).astype(int).tolist()))
     assert got == want
+
+
+# --- 6. the environment does not override the command line silently ----------------------------------------
+
+from scalesgd import distributed  # noqa: E402
+
+_TORCHRUN_ENV = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "0",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "TORCHELASTIC_RUN_ID": "none"}
+
+
+def _set_env(monkeypatch, env):
+    for var in distributed.TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+
+
+def test_torchrun_is_recognised_by_all_its_variables():
+    assert set(_TORCHRUN_ENV) == set(distributed.TORCHRUN_VARS)
+    rdv = distributed.torchrun_rendezvous(dict(_TORCHRUN_ENV, RANK="1", WORLD_SIZE="4", LOCAL_RANK="1"))
+    assert (rdv.rank, rdv.size, rdv.local_rank, rdv.port, rdv.from_env) == (1, 4, 1, 29511, True)
+    assert distributed.torchrun_rendezvous({}) is None
+    assert distributed.torchrun_rendezvous({"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}) is None  # a shell's
+    for var in distributed.TORCHRUN_VARS:  # any one missing: not torchrun, and said so
+        partial = {k: v for k, v in _TORCHRUN_ENV.items() if k != var}
+        with pytest.raises(Exception, match=f"not {var}|but not .*{var}") as info:
+            distributed.torchrun_rendezvous(partial)
+        assert type(info.value).__name__ == "ConfigError"
+
+
+def test_rank_and_world_size_left_in_the_shell_are_refused(tmp_path, capsys, monkeypatch):
+    # RANK=0 WORLD_SIZE=1 scalesgd train --workers 2 ran on one worker and recorded workers: 1.
+    _set_env(monkeypatch, {"RANK": "0", "WORLD_SIZE": "1"})
+    line = _one_error_line(capsys, ["train", "--dataset", "digits", "--model", "mlp", "--workers", "2", "--steps", "1"],
+                           tmp_path)
+    assert "RANK=0" in line and "WORLD_SIZE=1" in line and "not a torchrun launch" in line and "unset" in line
+
+
+@pytest.mark.parametrize("how", ["option", "config file"])
+def test_workers_that_disagree_with_torchrun_are_refused(tmp_path, capsys, monkeypatch, how):
+    _set_env(monkeypatch, _TORCHRUN_ENV)
+    argv = ["train", "--dataset", "digits", "--model", "mlp", "--steps", "1"]
+    if how == "option":
+        argv += ["--workers", "2"]
+    else:
+        (tmp_path / "c.toml").write_text("workers = 2\n")
+        argv += ["--config", str(tmp_path / "c.toml")]
+    line = _one_error_line(capsys, argv, tmp_path)
+    assert "--workers 2" in line and "WORLD_SIZE=1" in line and "drop --workers" in line

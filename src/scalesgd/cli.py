@@ -81,7 +81,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
                        "exact), exact (per-example ghost norms)"),
     ("diversity-decay", float, "EMA decay of the diversity estimators"),
     ("exact-diversity-every", int, "measure the exact whole-data diversity every k steps (0: never)"),
-    ("workers", int, "local worker processes (ignored under torchrun)"),
+    ("workers", int, "local worker processes (under torchrun the launch sets them: a different --workers is an "
+                     "error)"),
     ("backend", str, "auto (nccl with CUDA, else gloo), gloo, nccl"),
     ("comm", str, "gradient communication: allreduce (built-in), ring (ours, over torch.distributed), "
                  "ring-tcp (ours, over our own sockets; CPU), ps, qsgd (over the built-in), "
@@ -135,11 +136,25 @@ def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | Non
         raise ConfigError(f"invalid value in the configuration: {e}") from None
 
 
+def check_launch(args: argparse.Namespace, cfg) -> None:
+    """Under torchrun, a ``--workers`` the user gave (option or config file) must match the launch's world
+    size; a partial torchrun environment is refused (:func:`scalesgd.distributed.torchrun_rendezvous`)."""
+    from scalesgd.config import load_toml
+    from scalesgd.distributed import check_workers_match, torchrun_rendezvous
+
+    rdv = torchrun_rendezvous()
+    given = "workers" in vars(args) or (getattr(args, "config", None) is not None and "workers" in load_toml(
+        Path(args.config), what="config file (--config)"))
+    if given:
+        check_workers_match(rdv, cfg.workers)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from scalesgd.distributed import torchrun_rendezvous
     from scalesgd.run import train
 
     cfg = config_from_args(args)
+    check_launch(args, cfg)
     summary = train(cfg)
     rdv = torchrun_rendezvous()
     if rdv is None or rdv.rank == 0:
@@ -177,6 +192,7 @@ def cmd_diversity(args: argparse.Namespace) -> int:
     from scalesgd.run import train
 
     cfg = config_from_args(args)
+    check_launch(args, cfg)
     if not cfg.exact_diversity_every:
         cfg = cfg.replace(exact_diversity_every=args.every)
     summary = train(cfg)

@@ -1,7 +1,7 @@
 """Who this process is in the job, and how the job's processes are started.
 
 The environment is read here and nowhere else: under ``torchrun`` the rendezvous comes from its
-variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); otherwise :func:`spawn` starts P local
+variables (:data:`TORCHRUN_VARS`, all of them); otherwise :func:`spawn` starts P local
 processes on a loopback port. Every process group gets a timeout, so a dead peer ends the job with an
 error that names it instead of a hang.
 """
@@ -69,17 +69,48 @@ class Rendezvous:
     from_env: bool = False  # made by torchrun: join through env:// (reuses torchrun's own store)
 
 
+# What torchrun (torch.distributed.run's elastic agent) sets for every worker it starts. A process with any of
+# the per-rank ones is one rank of a launched job; it is a torchrun launch only with all of them.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID")
+_PER_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def torchrun_rendezvous(environ: dict[str, str] | None = None) -> Rendezvous | None:
-    """The rendezvous torchrun (or any launcher that sets the same variables) put in the environment."""
+    """The rendezvous torchrun put in the environment; None when this process was not launched as a rank.
+
+    Raises:
+        ConfigError: some of torchrun's variables are set but not all (e.g. RANK and WORLD_SIZE left in the
+            shell): that is not a torchrun launch, and running as rank RANK of WORLD_SIZE would silently
+            override ``--workers``. DistributedError: a malformed value.
+    """
     env = os.environ if environ is None else environ
-    if "RANK" not in env or "WORLD_SIZE" not in env:
+    present = [v for v in TORCHRUN_VARS if v in env]
+    if not any(v in env for v in _PER_RANK_VARS):
         return None
+    missing = [v for v in TORCHRUN_VARS if v not in env]
+    if missing:
+        raise ConfigError(f"the environment sets {', '.join(f'{v}={env[v]}' for v in present)} but not "
+                          f"{', '.join(missing)}: this is not a torchrun launch; unset "
+                          f"{' '.join(v for v in present if v in _PER_RANK_VARS)} to run on --workers local "
+                          "processes, or launch with torchrun --nproc-per-node P")
     try:
-        return Rendezvous(addr=env.get("MASTER_ADDR", "127.0.0.1"), port=int(env.get("MASTER_PORT", "29500")),
-                          rank=int(env["RANK"]), size=int(env["WORLD_SIZE"]),
-                          local_rank=int(env.get("LOCAL_RANK", env["RANK"])), from_env=True)
+        return Rendezvous(addr=env["MASTER_ADDR"], port=int(env["MASTER_PORT"]), rank=int(env["RANK"]),
+                          size=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]), from_env=True)
     except ValueError as e:
         raise DistributedError(f"malformed torchrun environment ({e}); launch with torchrun or unset RANK/WORLD_SIZE")
+
+
+def check_workers_match(rdv: Rendezvous | None, workers: int) -> None:
+    """Refuse an explicit ``--workers`` that disagrees with torchrun's world size (the launch decides it).
+
+    Raises:
+        ConfigError: one line naming both numbers and the fix.
+    """
+    if rdv is not None and workers != rdv.size:
+        raise ConfigError(f"--workers {workers} disagrees with torchrun's WORLD_SIZE={rdv.size}: under torchrun the "
+                          f"launch sets the number of workers; drop --workers, or launch {workers} processes "
+                          f"(torchrun --nproc-per-node {workers})")
 
 
 def local_world_size(default: int) -> int:
