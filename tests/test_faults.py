@@ -293,3 +293,61 @@ def test_workers_that_disagree_with_torchrun_are_refused(tmp_path, capsys, monke
         argv += ["--config", str(tmp_path / "c.toml")]
     line = _one_error_line(capsys, argv, tmp_path)
     assert "--workers 2" in line and "WORLD_SIZE=1" in line and "drop --workers" in line
+
+
+# --- 9. one-time warm-up stays out of every clock; seeds that disagree on time are flagged ---------------------
+
+def test_the_warm_up_is_untimed_and_leaves_the_run_as_it_was(tmp_path, monkeypatch):
+    import time
+
+    from scalesgd import run as run_module
+
+    options = dict(steps=6, dropout=0.3, comm="qsgd", qsgd_levels=3, langevin_noise=0.01, lr_schedule="constant")
+    original = run_module.warm_up
+    monkeypatch.setattr(run_module, "warm_up", lambda *a, **k: (original(*a, **k), time.sleep(1.5)))
+    _, slow = _digits_run(tmp_path, "with", lr=0.1, **options)
+    summary = json.loads((tmp_path / "with" / "summary.json").read_text())
+    assert summary["train_time_s"] < 1.5 and summary["wall_s"] < 1.5 + 30 and slow[0]["time_s"] < 1.5
+    # bit for bit the run it would have been without the warm-up (dropout, QSGD's rounding, Langevin noise)
+    monkeypatch.setattr(run_module, "warm_up", lambda *a, **k: None)
+    _, plain = _digits_run(tmp_path, "without", lr=0.1, **options)
+    assert [r["loss"] for r in slow] == [r["loss"] for r in plain]
+    import torch
+
+    with_params = torch.load(tmp_path / "with" / "checkpoint.pt", weights_only=True)["train_state"]["params"]
+    without = torch.load(tmp_path / "without" / "checkpoint.pt", weights_only=True)["train_state"]["params"]
+    assert torch.equal(with_params, without)
+
+
+def test_the_sweep_report_flags_seeds_whose_times_disagree():
+    from scalesgd.sweep import Outcome, spec_from_mappings
+    from scalesgd.sweep.report import _table_lines, rows_by_series
+    from scalesgd.sweep.runner import SweepResult
+    from scalesgd.sweep.spec import plan
+
+    spec = spec_from_mappings({"batch_sizes": [16, 64], "seeds": [0, 1], "lrs": [0.1], "target": 0.9},
+                              {"dataset": "digits", "model": "mlp", "epochs": 5}, source="test")
+    result = SweepResult(spec, plan(spec))
+    # The first point paid a one-time cost: 3.2 s against 0.19 s for the same work with the other seed.
+    times = {(16, 0): 3.2, (16, 1): 0.19, (64, 0): 0.08, (64, 1): 0.09}
+    for g in result.groups:
+        result.chosen_lr[(1, 1, g.global_batch_size)] = 0.1
+        for seed in (0, 1):
+            t = times[(g.global_batch_size, seed)]
+            result.outcomes[g.at(0.1, seed)] = Outcome(g.at(0.1, seed), "done", reached=True, passes_to_target=1.0,
+                                                       time_to_target_s=t, time_per_pass_s=t, epochs=5.0,
+                                                       train_time_s=5 * t, final_test_accuracy=0.95)
+    ((key, rows),) = rows_by_series(result).items()
+    text = "\n".join(_table_lines(result, key, rows))
+    row16 = next(line for line in text.splitlines() if line.startswith("| 16 |"))
+    row64 = next(line for line in text.splitlines() if line.startswith("| 64 |"))
+    assert "‡" in row16 and "‡" in row64  # B=64's time speedup is taken against the disagreeing B=16
+    assert "more than 3×" in text and "B=16: 16.8×" in text and "B=64" not in text.split("‡ the seeds")[1]
+    times[(16, 0)] = 0.2  # seeds that agree: no flag
+    for seed in (0, 1):
+        p = result.groups[0].at(0.1, seed)
+        result.outcomes[p] = Outcome(p, "done", reached=True, passes_to_target=1.0, time_to_target_s=times[(16, seed)],
+                                     time_per_pass_s=times[(16, seed)], epochs=5.0, train_time_s=1.0,
+                                     final_test_accuracy=0.95)
+    ((key, rows),) = rows_by_series(result).items()
+    assert "‡" not in "\n".join(_table_lines(result, key, rows))

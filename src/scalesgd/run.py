@@ -178,6 +178,24 @@ def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn:
                          torch_rng_state=torch.get_rng_state()), result
 
 
+def warm_up(state: TrainState, part: Shard, *, flat: FlatModel, loss_fn: Callable, x_train: torch.Tensor,
+            y_train: torch.Tensor, comm: CommStrategy) -> None:
+    """One untimed forward/backward and all-reduce on ``part``, then undone: no clock of the run (training
+    time, time to target) pays for one-time costs such as first-use allocations and kernel choices or a
+    transport's first exchange, which made the first point of a sweep look many times slower than the same
+    point with another seed. Parameters, optimizer state and every generator are as they were before; the
+    gradient buffer is zeroed (the step zeroes it anyway)."""
+    torch_rng, comm_rng = torch.get_rng_state(), state.comm_generator.get_state()
+    flat.buffer.zero_()
+    if part.local.numel() > 0:
+        loss = loss_fn(flat.model(x_train[part.local]), y_train[part.local])
+        (loss / int(part.batch.indices.numel())).backward()
+    comm.allreduce_(flat.buffer, exact_tail=flat.tail)
+    flat.buffer.zero_()
+    torch.set_rng_state(torch_rng)
+    state.comm_generator.set_state(comm_rng)
+
+
 def estimate(state: TrainState, result: StepResult, *, ema: NoiseScaleEMA | None,
              n_train: int) -> tuple[TrainState, NoiseEstimate | None]:
     """Fold the step's unbiased ‖G‖², tr Σ into the EMA carried in the state (:meth:`NoiseScaleEMA.fold`)."""
@@ -357,6 +375,9 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     eval_train_idx = torch.randperm(ds.n_train, generator=torch.Generator().manual_seed(cfg.seed + 17))[
         : cfg.eval_train_examples]
     bar = _progress_bar(cfg, world, total_examples)
+    warm_up(state, shard_batch(state, stream=stream, world=world,
+                               examples_left=None if cfg.steps else total_examples - state.examples),
+            flat=flat, loss_fn=loss_fn, x_train=x_train, y_train=y_train, comm=comm)
     start_s = time.perf_counter()
     last_eval: dict[str, Any] = {}
 
