@@ -100,6 +100,10 @@ def test_beta_mu_estimates_on_synthetic_least_squares():
     lin = MODELS["logreg"](input_shape=(6,), num_outputs=1)[-1]
     w0 = np.concatenate([lin.weight.detach().double().numpy()[0], lin.bias.detach().double().numpy()])
     assert consts["d0"].value == pytest.approx(float(np.sum((w0 - w_star) ** 2)), rel=1e-6)
+    def f(w):  # mean ½(x̃·w − y)² + ½λ|w|², straight from the definition
+        return 0.5 * np.mean((xt @ w - y[:, 0]) ** 2) + 0.5 * 0.01 * np.sum(w ** 2)
+
+    assert consts["f0"].value == pytest.approx(f(w0) - f(w_star), rel=1e-5)
     assert consts["f0"].value > 0
 
 
