@@ -8,7 +8,7 @@ load from other processes skews least. A "step" is what the trainer does: zero t
 that the parameters' ``.grad`` views point into, forward, ``loss = sum_i loss_i / B``, backward. Variants:
 
 * ``plain``: that step.
-* ``exact``: the same step with :class:`scalesgd.diversity.GhostNormTap` capturing the per-example squared
+* ``exact``: the same step with :class:`scalesgd.ghost_norms.GhostNormTap` capturing the per-example squared
   norms inside the backward (``tap.sq_norms(1/B)``).
 * ``cheap``: the same step plus the two-batch estimator's only extra work, ``torch.dot`` of the flat gradient.
 * ``vmap``: per-example norms by ``torch.func.vmap(grad)`` (norms only, no batch gradient: flattering to it).
@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalesgd.diversity import GhostNormTap, local_grad_sq_norm, vmap_sq_norms
+from scalesgd.diversity import local_grad_sq_norm
+from scalesgd.ghost_norms import GhostNormTap, vmap_sq_norms
 from scalesgd.models import cnn, mlp
 
 # (name, target ratio, stretch ratio or None): exact/plain per model, plain-vmap speed, cheap/plain, memory

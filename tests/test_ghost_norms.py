@@ -1,0 +1,373 @@
+"""Ghost norms (per-example squared gradient norms) against slow references, and the trainer-facing tap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import scalesgd.ghost_norms as ghost_norms
+from scalesgd.diversity import gradient_diversity
+from scalesgd.errors import ConfigError
+from scalesgd.ghost_norms import GhostNormTap, loop_sq_norms, per_example_losses, per_example_sq_norms, vmap_sq_norms
+from scalesgd.models import cnn, cnn1d, mlp
+from scalesgd.step import FlatModel
+
+
+CE = nn.CrossEntropyLoss()
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    """Max relative error over the examples (norms are positive, so this is well defined)."""
+    rel = ((actual.double() - expected.double()).abs() / expected.double().abs()).max().item()
+    assert rel <= rtol, f"relative error {rel:.3g} > {rtol}"
+
+
+def check_against_references(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=CE,
+                             vmap: bool = True) -> torch.Tensor:
+    fast = per_example_sq_norms(model, loss_fn, x, y)
+    assert fast.shape == (x.shape[0],)
+    assert_rel(fast, loop_sq_norms(model, loss_fn, x, y))
+    if vmap:
+        assert_rel(fast, vmap_sq_norms(model, loss_fn, x, y))
+    return fast
+
+
+def forms_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=CE) -> dict[str, str]:
+    with GhostNormTap(model) as tap:
+        losses = per_example_losses(loss_fn, model(x), y)
+        with tap.capture():
+            torch.autograd.grad(losses.sum(), [p for p in model.parameters() if p.requires_grad])
+        return dict(tap.forms)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fast path == references
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_layernorm", "cnn1d", "cnn1d_groupnorm", "cnn", "cnn_groupnorm"])
+def test_project_models_agree_with_loop_and_vmap(name):
+    torch.manual_seed(0)
+    if name.startswith("mlp"):
+        model = mlp(input_shape=(20,), num_outputs=5, width=16, norm="group" if "norm" in name else "none")
+        x = torch.randn(8, 20)
+    elif name.startswith("cnn1d"):
+        model = cnn1d(input_shape=(40,), num_outputs=5, width=8, norm="group" if "norm" in name else "none")
+        x = torch.randn(8, 40)
+    else:
+        model = cnn(input_shape=(3, 12, 12), num_outputs=5, width=8, norm="group" if "norm" in name else "none")
+        x = torch.randn(6, 3, 12, 12)
+    y = torch.randint(0, 5, (x.shape[0],))
+    check_against_references(model, x, y)
+
+
+# (constructor, kwargs, input shape without batch): strides, paddings (int, tuple, 'same' with even kernels,
+# 'valid', reflect/replicate/circular modes), dilations and groups, chosen to reach all three forms.
+CONV_CASES = [
+    (nn.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, groups=2), (4, 9, 9)),
+    (nn.Conv2d, dict(in_channels=6, out_channels=6, kernel_size=(3, 2), dilation=(2, 1), padding="same",
+                     padding_mode="reflect", groups=3), (6, 7, 6)),
+    (nn.Conv2d, dict(in_channels=4, out_channels=8, kernel_size=2, padding="same", padding_mode="circular"),
+     (4, 5, 5)),
+    (nn.Conv2d, dict(in_channels=3, out_channels=4, kernel_size=3, stride=(2, 1), padding=(1, 0), dilation=2,
+                     bias=False, padding_mode="replicate"), (3, 10, 9)),
+    (nn.Conv2d, dict(in_channels=3, out_channels=4, kernel_size=3, stride=2, padding="valid"), (3, 8, 8)),
+    (nn.Conv2d, dict(in_channels=8, out_channels=16, kernel_size=3, stride=2, padding=1), (8, 4, 4)),  # Gram
+    (nn.Conv2d, dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=4), (8, 2, 2)),  # Gram
+    (nn.Conv1d, dict(in_channels=3, out_channels=6, kernel_size=5, stride=2, padding=2, groups=3), (3, 20)),
+    (nn.Conv1d, dict(in_channels=4, out_channels=4, kernel_size=4, padding="same", dilation=2), (4, 15)),
+    (nn.Conv1d, dict(in_channels=6, out_channels=8, kernel_size=3, stride=3, padding_mode="reflect",
+                     padding=1), (6, 7)),  # Gram
+]
+
+
+def conv_model(ctor, kwargs, shape):
+    conv = ctor(**kwargs)
+    with torch.no_grad():
+        flat = conv(torch.zeros(1, *shape)).numel()
+    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(flat, 3))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("loop_min_macs", [None, 0], ids=["default-rule", "force-conv-loop"])
+@pytest.mark.parametrize("case", range(len(CONV_CASES)))
+def test_conv_variants_agree_with_references(case, loop_min_macs, monkeypatch):
+    if loop_min_macs is not None:  # send every materialised layer down the per-example weight-gradient loop
+        monkeypatch.setattr(ghost_norms, "_CONV_LOOP_MIN_MACS", loop_min_macs)
+    torch.manual_seed(case)
+    ctor, kwargs, shape = CONV_CASES[case]
+    model = conv_model(ctor, kwargs, shape)
+    x, y = torch.randn(5, *shape), torch.randint(0, 3, (5,))
+    check_against_references(model, x, y)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("case", [0, 1, 5, 7])
+def test_conv_one_example_per_chunk(case, monkeypatch):
+    """chunk_bytes=1 forces chunks of one example on every path (unfold, Gram and the weight-gradient loop)."""
+    torch.manual_seed(case)
+    ctor, kwargs, shape = CONV_CASES[case]
+    model = conv_model(ctor, kwargs, shape)
+    x, y = torch.randn(4, *shape), torch.randint(0, 3, (4,))
+    expected = loop_sq_norms(model, CE, x, y)
+    for min_macs in (ghost_norms._CONV_LOOP_MIN_MACS, 0):
+        monkeypatch.setattr(ghost_norms, "_CONV_LOOP_MIN_MACS", min_macs)
+        with GhostNormTap(model, chunk_bytes=1) as tap:
+            losses = per_example_losses(CE, model(x), y)
+            with tap.capture():
+                losses.sum().backward()
+            assert_rel(tap.sq_norms(), expected)
+
+
+def test_conv_cost_rule_picks_each_form(monkeypatch):
+    torch.manual_seed(0)
+    forms = {}
+    for ctor, kwargs, shape in CONV_CASES:
+        model = conv_model(ctor, kwargs, shape)
+        forms[repr(model[0])] = forms_of(model, torch.randn(3, *shape), torch.randint(0, 3, (3,)))["0"]
+    assert set(forms.values()) == {"gram", "materialised"}, forms
+    # T = 2x2 outputs, d*p = 72*16 >> 2 T^2: the Gram form
+    assert forms[repr(nn.Conv2d(8, 16, 3, stride=2, padding=1))] == "gram"
+    monkeypatch.setattr(ghost_norms, "_CONV_LOOP_MIN_MACS", 0)
+    model = conv_model(*CONV_CASES[0])
+    assert forms_of(model, torch.randn(3, 4, 9, 9), torch.randint(0, 3, (3,)))["0"] == "conv-loop"
+    # the small CNN at its default width takes the per-example loop for its second conv
+    big = cnn(input_shape=(3, 32, 32), num_outputs=10, width=32)
+    monkeypatch.undo()
+    got = forms_of(big, torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))
+    assert got["3"] == "conv-loop" and got["7"] == "outer", got
+
+
+def test_linear_with_sequence_axes_both_forms():
+    torch.manual_seed(0)
+    mse = nn.MSELoss()
+    # T = 3, d p = 35: Gram; then T = 12 with d p = 6: materialised
+    for t, d, p in [(3, 5, 7), (12, 2, 3)]:
+        model = nn.Sequential(nn.Linear(d, p), nn.Tanh(), nn.Linear(p, 2))
+        x, y = torch.randn(4, t, d), torch.randn(4, t, 2)
+        check_against_references(model, x, y, loss_fn=mse)
+        forms = forms_of(model, x, y, mse)
+        assert forms["0"] == ("gram" if 2 * t * t < d * p else "materialised")
+    # two middle axes
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    check_against_references(model, torch.randn(3, 2, 5, 3), torch.randn(3, 2, 5, 1), loss_fn=mse)
+
+
+class EmbeddingBag(nn.Module):
+    def __init__(self, padding_idx=0):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6, padding_idx=padding_idx)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, idx):
+        return self.head(self.norm(self.emb(idx))).mean(1)
+
+
+def test_embedding_with_repeats_and_padding():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 11, (7, 9))
+    idx[:, 3] = idx[:, 0]  # every example repeats a row: per-example rows must be summed before squaring
+    idx[0, :4] = 0  # padding rows get no gradient
+    y = torch.randint(0, 3, (7,))
+    check_against_references(EmbeddingBag(), idx, y)
+    check_against_references(EmbeddingBag(padding_idx=None), idx, y)
+    assert forms_of(EmbeddingBag(), idx, y)["emb"] == "embedding"
+
+
+def test_embedding_scale_grad_by_freq_is_refused():
+    model = nn.Sequential(nn.Embedding(5, 3, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 2))
+    with pytest.raises(ConfigError, match="scale_grad_by_freq"):
+        per_example_sq_norms(model, CE, torch.randint(0, 5, (4, 2)), torch.randint(0, 2, (4,)))
+
+
+def test_layernorm_and_groupnorm_variants():
+    torch.manual_seed(0)
+    mse = nn.MSELoss()
+    # LayerNorm over the last two axes of a (B, T, C, D) input, one without bias
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm((3, 4)), nn.Tanh(), nn.LayerNorm(4, bias=False),
+                          nn.Linear(4, 1))
+    check_against_references(model, torch.randn(5, 2, 3, 4), torch.randn(5, 2, 3, 1), loss_fn=mse)
+    # GroupNorm on a (B, C) input and on a (B, C, H, W) input with frozen weight, trainable bias
+    gn = nn.GroupNorm(2, 6)
+    gn.weight.requires_grad_(False)
+    model = nn.Sequential(nn.Linear(5, 6), nn.GroupNorm(3, 6), nn.Unflatten(1, (6, 1, 1)),
+                          nn.Upsample(scale_factor=2), gn, nn.Flatten(), nn.Linear(24, 3))
+    check_against_references(model, torch.randn(6, 5), torch.randint(0, 3, (6,)))
+
+
+def test_frozen_parameters_are_left_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 4), nn.ReLU(),
+                          nn.Linear(4, 3), nn.Linear(3, 3, bias=False))
+    model[0].bias.requires_grad_(False)  # conv: weight only
+    model[3].weight.requires_grad_(False)  # linear: bias only
+    model[6].weight.requires_grad_(False)  # linear without trainable parameters: no hook at all
+    x, y = torch.randn(5, 2, 6), torch.randint(0, 3, (5,))
+    check_against_references(model, x, y)
+    assert set(forms_of(model, x, y)) == {"0", "3", "5"}
+
+
+def test_inplace_activation_after_a_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.ReLU(inplace=True),
+                          nn.Linear(8, 3))
+    check_against_references(model, torch.randn(5, 6), torch.randint(0, 3, (5,)))
+
+
+def test_dropout_norms_are_those_of_the_same_forward_pass():
+    """Same seed => same dropout masks in the fast path and in the per-example loop over one batched forward."""
+    torch.manual_seed(0)
+    model = mlp(input_shape=(30,), num_outputs=4, width=32, dropout=0.5)
+    x, y = torch.randn(16, 30), torch.randint(0, 4, (16,))
+    torch.manual_seed(123)
+    fast = per_example_sq_norms(model, CE, x, y)
+    torch.manual_seed(123)
+    assert_rel(fast, loop_sq_norms(model, CE, x, y))
+    # the comparison is sensitive to the masks: other masks give other norms
+    torch.manual_seed(124)
+    other = loop_sq_norms(model, CE, x, y)
+    assert ((fast - other).abs() / other).max() > 1e-2
+    # and without dropout (eval) all three agree
+    model.eval()
+    check_against_references(model, x, y)
+    # vmap's independent per-example forwards cannot reproduce a batch's masks: it refuses by default
+    model.train()
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap_sq_norms(model, CE, x, y)
+
+
+class Scale(nn.Module):
+    """A layer with its own parameter and no closed form: handled by the torch.func fallback."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class Gated(nn.Module):
+    """Own parameter plus a child Linear: the whole subtree goes to the fallback."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(dim))
+        self.inner = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return torch.sigmoid(self.gate) * self.inner(x)
+
+
+def test_unsupported_layers_fall_back_to_torch_func_with_one_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), Scale(6), nn.ReLU(), Gated(6), nn.Linear(6, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with pytest.warns(UserWarning, match="no closed form") as record:
+        tap = GhostNormTap(model)
+    assert len(record) == 1 and "Scale" in str(record[0].message) and "Gated" in str(record[0].message)
+    with tap:
+        losses = per_example_losses(CE, model(x), y)
+        with tap.capture():
+            losses.sum().backward()
+        for _ in range(2):  # the warning is per tap, not per step
+            assert_rel(tap.sq_norms(), loop_sq_norms(model, CE, x, y))
+        assert tap.forms == {"0": "outer", "1": "func", "3": "func", "4": "outer"}
+    with pytest.warns(UserWarning, match="no closed form"):
+        check_against_references(model, x, y)
+
+
+def test_batchnorm_training_mode_is_refused_eval_mode_works():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2),
+                          nn.BatchNorm1d(2, affine=False))
+    x, y = torch.randn(5, 3, 6, 6), torch.randint(0, 2, (5,))
+    with pytest.raises(ConfigError, match="not independent") as err:
+        per_example_sq_norms(model, CE, x, y)
+    assert "GroupNorm" in str(err.value) and "model.eval()" in str(err.value)
+    model(x)  # give the running statistics some values
+    model.eval()
+    check_against_references(model, x, y)
+
+
+def test_shared_weights_are_refused():
+    shared = nn.Linear(4, 4)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ConfigError, match="tied"):
+        GhostNormTap(tied)
+    reused = nn.Sequential(shared, nn.Tanh(), shared)
+    with pytest.raises(ConfigError, match="more than once"):
+        per_example_sq_norms(reused, nn.MSELoss(), torch.randn(3, 4), torch.randn(3, 4))
+
+
+def test_scalar_loss_function_is_refused_with_a_fix():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ConfigError, match="reduction='none'"):
+        per_example_sq_norms(model, lambda o, y: F.cross_entropy(o, y), torch.randn(4, 3), torch.randint(0, 2, (4,)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the trainer-facing tap
+
+
+def test_tap_with_mean_loss_and_flat_grad_buffer_views():
+    """The trainer backpropagates sum_i loss_i / B into .grad views of one flat buffer; the tap must not care."""
+    torch.manual_seed(0)
+    model = mlp(input_shape=(12,), num_outputs=3, width=10)
+    x, y = torch.randn(9, 12), torch.randint(0, 3, (9,))
+    expected_grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    flat = FlatModel(model, 1, torch.device("cpu")).grad  # .grad views into one buffer, as in the trainer
+    params = list(model.parameters())
+    tap = GhostNormTap(model)
+    loss_scale = 1.0 / x.shape[0]
+    loss = F.cross_entropy(model(x), y, reduction="sum") * loss_scale
+    with tap.capture():
+        loss.backward()
+    assert_rel(tap.sq_norms(loss_scale), loop_sq_norms(model, CE, x, y))
+    assert torch.allclose(flat, torch.cat([g.reshape(-1) for g in expected_grads]), atol=1e-7)
+    offset = 0
+    for p in params:  # still views into the same buffer
+        assert p.grad.data_ptr() == flat[offset:].data_ptr()
+        offset += p.numel()
+    tap.close()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_tap_disabled_or_outside_capture_does_nothing():
+    torch.manual_seed(0)
+    model = mlp(input_shape=(4,), num_outputs=2, width=5)
+    x, y = torch.randn(3, 4), torch.randint(0, 2, (3,))
+    tap = GhostNormTap(model, enabled=False)
+    with pytest.raises(ConfigError, match="capture"):
+        tap.sq_norms()
+    with tap.capture():
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ConfigError, match="enabled"):
+        tap.sq_norms()
+    tap.enabled = True
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    loss.backward(retain_graph=True)  # outside capture: nothing recorded
+    with tap.capture():
+        loss.backward()
+    assert_rel(tap.sq_norms(), loop_sq_norms(model, CE, x, y))
+    with torch.no_grad():
+        model(x)  # evaluation passes under no_grad register nothing and do not fail
+
+
+def test_reduction_and_loss_rescaling_do_not_change_the_norms():
+    torch.manual_seed(0)
+    model = mlp(input_shape=(6,), num_outputs=3, width=8)
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    ref = per_example_sq_norms(model, nn.CrossEntropyLoss(reduction="none"), x, y)
+    assert_rel(per_example_sq_norms(model, nn.CrossEntropyLoss(reduction="mean"), x, y), ref)
+    assert_rel(per_example_sq_norms(model, nn.CrossEntropyLoss(reduction="sum"), x, y), ref)
+    assert_rel(per_example_sq_norms(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y), ref)
+    scaled = per_example_sq_norms(model, lambda o, t: 3.0 * F.cross_entropy(o, t, reduction="none"), x, y)
+    assert_rel(scaled, 9.0 * ref)
+    d1 = gradient_diversity(model, CE, x, y)
+    d3 = gradient_diversity(model, lambda o, t: 3.0 * F.cross_entropy(o, t, reduction="none"), x, y)
+    assert d3.delta == pytest.approx(d1.delta, rel=1e-5)
+    assert d3.b_simple == pytest.approx(d1.b_simple, rel=1e-5)
