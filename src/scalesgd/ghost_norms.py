@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from scalesgd.errors import ConfigError
 
@@ -85,10 +87,42 @@ def _kind(module: nn.Module) -> str | None:
     """The closed-form rule that applies to ``module``'s own parameters, or None (torch.func fallback)."""
     for base, kind in ((nn.Linear, "linear"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv"),
                        (nn.Embedding, "embedding"), (nn.LayerNorm, "layernorm"), (nn.GroupNorm, "groupnorm"),
-                       (nn.modules.batchnorm._BatchNorm, "batchnorm")):
+                       (nn.modules.batchnorm._BatchNorm, "batchnorm"), (nn.MultiheadAttention, "mha")):
         if isinstance(module, base) and not _overrides(module, base):
             return kind
     return None
+
+
+def _batch_first(module: nn.Module) -> bool | None:
+    """``batch_first`` of a PyTorch transformer container (layer, stack or whole model), None for other modules."""
+    if isinstance(module, nn.Transformer):
+        return module.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        module = module.layers[0] if len(module.layers) else None
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return getattr(getattr(module, "self_attn", None), "batch_first", None)
+    return None
+
+
+def _batch_dims(model: nn.Module) -> dict[int, int]:
+    """id(module) -> the batch axis of its inputs: 1 inside PyTorch's transformer modules built with
+    ``batch_first=False`` (their Linear and LayerNorm sublayers see (T, B, ...) tensors), 0 everywhere else."""
+    dims: dict[int, int] = {}
+    for module in model.modules():  # pre-order: an inner container overrides an outer one
+        batch_first = _batch_first(module)
+        if batch_first is not None:
+            for sub in module.modules():
+                dims[id(sub)] = 0 if batch_first else 1
+    return dims
+
+
+def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """An attention mask as F.multi_head_attention_forward uses it: boolean True -> -inf, float as given."""
+    if mask is None or torch.is_floating_point(mask):
+        return mask
+    if mask.dtype != torch.bool:
+        raise ConfigError(f"attention masks must be bool or floating point, got {mask.dtype}")
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
 
 
 def _conv_padding(module: nn.Module) -> tuple[list[int], str]:
@@ -139,11 +173,29 @@ def _gram_or_full(a: torch.Tensor, b: torch.Tensor, chunk_bytes: int) -> tuple[t
 class _Handler:
     """Hooks for one layer (or one fallback subtree): what to save in forward, what to add in backward."""
 
-    def __init__(self, name: str, module: nn.Module, kind: str):
-        self.name, self.module, self.kind = name, module, kind
+    def __init__(self, name: str, module: nn.Module, kind: str, batch_dim: int = 0):
+        self.name, self.module, self.kind, self.batch_dim = name, module, kind, batch_dim
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         self.weight_grad = isinstance(weight, torch.Tensor) and weight.requires_grad
         self.bias_grad = isinstance(bias, torch.Tensor) and bias.requires_grad
+        self.modes: list[_AttentionMode] = []  # MultiheadAttention: the interception active in its forward
+
+
+class _AttentionMode(TorchFunctionMode):
+    """Active only while one MultiheadAttention's forward runs: routes its call of
+    ``F.multi_head_attention_forward`` to the tap's own implementation (:meth:`GhostNormTap._mha_forward`),
+    the same arithmetic with each projection's input and output gradient visible; every other call passes."""
+
+    def __init__(self, tap: "GhostNormTap", handler: _Handler):
+        super().__init__()
+        self.tap, self.handler, self.calls = tap, handler, 0
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            self.calls += 1
+            return self.tap._mha_forward(self.handler, *args, **kwargs)
+        return func(*args, **kwargs)
 
 
 class GhostNormTap:
@@ -162,14 +214,25 @@ class GhostNormTap:
     layer. ``.grad`` is never touched. With ``enabled=False`` every hook returns at once.
 
     Supported with closed forms: Linear (any number of middle axes), Conv1d/Conv2d (any stride, padding,
-    padding mode, dilation, groups), Embedding, LayerNorm, GroupNorm, BatchNorm in eval mode. BatchNorm in
+    padding mode, dilation, groups), Embedding, LayerNorm, GroupNorm, BatchNorm in eval mode, and
+    MultiheadAttention (packed in_proj or separate q/k/v weights, bias_k/bias_v, add_zero_attn, any mask,
+    need_weights either way), hence TransformerEncoderLayer/TransformerDecoderLayer and the stacks built from
+    them. MultiheadAttention passes its projection weights to ``F.multi_head_attention_forward`` directly, not
+    through its Linear submodules, so no submodule hook sees them: while its forward runs the tap routes that
+    call (a ``TorchFunctionMode``) to its own implementation of the same function, identical arithmetic with
+    each projection's input saved and a hook on its output, and applies the Linear rule to each projection
+    (in_proj's q, k and v blocks are disjoint rows, so their squared norms add). BatchNorm in
     training mode is refused (its examples are not independent). Any other module that owns trainable
     parameters is handled, with its whole subtree, by torch.func (``vmap(grad(functional_call))``) on the
-    saved inputs, with one warning per tap. A module called more than once per forward (weight sharing) or
+    saved inputs, with one warning per tap; its output may be any nesting of tuples, lists and dicts of
+    tensors and Nones. A module called more than once per forward (weight sharing) or
     a parameter shared by two modules is an error: per-layer norms do not add up for shared weights.
 
-    The batch axis is axis 0 of every parametrised layer's input. Dropout and other randomness are those of
-    the forward pass that was run: the norms are of that pass's per-example gradients.
+    The batch axis is axis 0 of every parametrised layer's input, except inside PyTorch's transformer
+    modules (Transformer, TransformerEncoder/Decoder and their layers) built with ``batch_first=False``,
+    whose sublayers see (T, B, ...) tensors and are read with the batch on axis 1 (MultiheadAttention follows
+    its own ``batch_first``). Dropout and other randomness are those of the forward pass that was run: the
+    norms are of that pass's per-example gradients.
 
     Args:
         model: the model; hooks go on its submodules.
@@ -196,40 +259,54 @@ class GhostNormTap:
         fallback_names: list[str] = []
         skip_prefixes: list[str] = []
         owner: dict[int, str] = {}
+        batch_dims = _batch_dims(model)
         for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 self._handles.append(module.register_forward_hook(self._batchnorm_check(name)))
             if any(name.startswith(prefix) for prefix in skip_prefixes):
                 continue
             kind = _kind(module)
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            # MultiheadAttention's parameters include out_proj's, which its forward uses without calling out_proj
+            own = [p for p in module.parameters(recurse=kind == "mha") if p.requires_grad]
             if not own:
                 continue
             if kind is None:
                 kind = "fallback"
                 fallback_names.append(f"{name or '<model>'} ({type(module).__name__})")
-                skip_prefixes.append(f"{name}." if name else "")
                 own = [p for p in module.parameters() if p.requires_grad]
+            if kind in ("fallback", "mha"):
+                skip_prefixes.append(f"{name}." if name else "")
             for p in own:
                 if id(p) in owner:
                     raise ConfigError(
                         f"a parameter is shared by modules {owner[id(p)]!r} and {name!r} (tied weights); per-layer "
                         "ghost norms do not add up for a shared parameter: untie the weights, or use vmap_sq_norms")
                 owner[id(p)] = name
-            handler = _Handler(name or "<model>", module, kind)
+            handler = _Handler(name or "<model>", module, kind, batch_dims.get(id(module), 0))
             self._handlers.append(handler)
-            hook = getattr(self, f"_forward_{kind}")
             if kind == "fallback":
+                if handler.batch_dim:
+                    raise ConfigError(
+                        f"layer {handler.name!r} ({type(module).__name__}) has no closed form and sits in a "
+                        "transformer built with batch_first=False; the torch.func fallback needs the batch on "
+                        "axis 0: build the transformer with batch_first=True")
                 self._handles.append(module.register_forward_hook(
-                    lambda m, args, kwargs, out, h=handler, f=hook: f(h, args, kwargs, out), with_kwargs=True))
+                    lambda m, args, kwargs, out, h=handler: self._forward_fallback(h, args, kwargs, out),
+                    with_kwargs=True))
+            elif kind == "mha":
+                self._handles.append(module.register_forward_pre_hook(lambda m, args, h=handler: self._mha_pre(h)))
+                self._handles.append(module.register_forward_hook(
+                    lambda m, args, out, h=handler: self._mha_post(h, out), always_call=True))
             else:
+                hook = getattr(self, f"_forward_{kind}")
                 self._handles.append(module.register_forward_hook(
-                    lambda m, inp, out, h=handler, f=hook: f(h, inp[0], out)))
+                    lambda m, inp, out, h=handler, f=hook: self._closed_form_forward(h, f, inp[0], out)))
         if fallback_names:
             warnings.warn(
                 "ghost norms: no closed form for " + ", ".join(fallback_names) + "; their per-example norms come "
                 "from torch.func (vmap of grad) on the saved inputs, which is slower. Supported closed forms: "
-                "Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm, BatchNorm in eval mode.",
+                "Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm, BatchNorm in eval mode, "
+                "MultiheadAttention.",
                 stacklevel=2)
 
     # ---- public API
@@ -288,12 +365,33 @@ class GhostNormTap:
         return (self.enabled and not self._in_fallback and torch.is_grad_enabled()
                 and isinstance(out, torch.Tensor) and out.requires_grad)
 
-    def _add(self, handler: _Handler, part: torch.Tensor, form: str) -> None:
-        self.forms[handler.name] = form
-        if handler.name in self._fired:
-            self._reused.add(handler.name)
-        self._fired.add(handler.name)
+    def _add(self, handler: _Handler, part: torch.Tensor, form: str, piece: str | None = None) -> None:
+        """Add one layer's (or one piece of a layer's, e.g. an attention projection's) per-example part (B,)."""
+        name = handler.name if piece is None else f"{handler.name}.{piece}"
+        self.forms[name] = form
+        if name in self._fired:
+            self._reused.add(name)
+        self._fired.add(name)
         self._parts.append(part)
+
+    def _closed_form_forward(self, h: _Handler, forward: Callable, x: torch.Tensor, out: Any) -> None:
+        """Forward hook of a closed-form layer: puts the batch axis first, then calls the layer's rule."""
+        if not self._active_forward(out):
+            return
+        if h.batch_dim:
+            if x.dim() <= h.batch_dim + 1:
+                raise ConfigError(
+                    f"layer {h.name!r}: per-example norms need a batched (T, B, ...) input in a transformer built "
+                    f"with batch_first=False; got shape {tuple(x.shape)}")
+            x = x.movedim(h.batch_dim, 0)
+        forward(h, x, out)
+
+    def _on_grad(self, h: _Handler, out: torch.Tensor, backward: Callable[[torch.Tensor], None]) -> None:
+        """Call ``backward`` with the gradient of ``out``, its batch axis first."""
+        if h.batch_dim:
+            out.register_hook(lambda g: backward(g.movedim(h.batch_dim, 0)))
+        else:
+            out.register_hook(backward)
 
     def _batchnorm_check(self, name: str) -> Callable:
         def check(module: nn.Module, inp: Any, out: Any) -> None:
@@ -310,8 +408,6 @@ class GhostNormTap:
     # ---- Linear
 
     def _forward_linear(self, h: _Handler, x: torch.Tensor, out: torch.Tensor) -> None:
-        if not self._active_forward(out):
-            return
         x = x.detach()
         if x.dim() == 2:
             # ||grad_W||^2 + ||grad_c||^2 = ||b_i||^2 (||a_i||^2 + 1): keep only the (B,) factor, not the input
@@ -321,9 +417,9 @@ class GhostNormTap:
                     coef.add_(1.0)
             else:
                 coef = None  # bias only
-            out.register_hook(lambda g: self._backward_linear2d(h, coef, g))
+            self._on_grad(h, out, lambda g: self._backward_linear2d(h, coef, g))
         elif x.dim() > 2:
-            out.register_hook(lambda g: self._backward_linear_seq(h, x, g))
+            self._on_grad(h, out, lambda g: self._backward_linear_seq(h, x, g))
         else:
             raise ConfigError(f"layer {h.name!r}: per-example norms need a batch axis; got an input of shape "
                               f"{tuple(x.shape)}")
@@ -341,24 +437,30 @@ class GhostNormTap:
         if not self._capturing:
             return
         with torch.no_grad():
-            batch = x.shape[0]
-            a = x.reshape(batch, 1, -1, x.shape[-1])  # (B, 1, T, d)
-            b = g.reshape(batch, 1, -1, g.shape[-1])  # (B, 1, T, p)
-            part, form = _gram_or_full(a, b, self.chunk_bytes) if h.weight_grad else (x.new_zeros(batch), "bias")
-            if h.bias_grad:
-                part = part + b.sum(2).square().sum((1, 2))
+            part, form = self._seq_linear_sq(x, g, h.weight_grad, h.bias_grad)
             self._add(h, part, form)
+
+    def _seq_linear_sq(self, x: torch.Tensor, g: torch.Tensor, weight_grad: bool,
+                       bias_grad: bool) -> tuple[torch.Tensor, str]:
+        """Per-example ``||sum_t g_t x_t^T||^2 + ||sum_t g_t||^2`` of a linear map applied along middle axes.
+
+        x: (B, ..., d) input, g: (B, ..., p) output gradient. Returns (B,) and the form used for the weight."""
+        batch = x.shape[0]
+        a = x.reshape(batch, 1, -1, x.shape[-1])  # (B, 1, T, d)
+        b = g.reshape(batch, 1, -1, g.shape[-1])  # (B, 1, T, p)
+        part, form = _gram_or_full(a, b, self.chunk_bytes) if weight_grad else (x.new_zeros(batch), "bias")
+        if bias_grad:
+            part = part + b.sum(2).square().sum((1, 2))
+        return part, form
 
     # ---- Conv1d / Conv2d
 
     def _forward_conv(self, h: _Handler, x: torch.Tensor, out: torch.Tensor) -> None:
-        if not self._active_forward(out):
-            return
         x = x.detach()
         if x.dim() != len(h.module.kernel_size) + 2:
             raise ConfigError(f"layer {h.name!r}: per-example norms need a batched input (B, C, ...); got shape "
                               f"{tuple(x.shape)}")
-        out.register_hook(lambda g: self._backward_conv(h, x, g))
+        self._on_grad(h, out, lambda g: self._backward_conv(h, x, g))
 
     def _backward_conv(self, h: _Handler, x: torch.Tensor, g: torch.Tensor) -> None:
         if not self._capturing:
@@ -420,14 +522,12 @@ class GhostNormTap:
     # ---- Embedding
 
     def _forward_embedding(self, h: _Handler, idx: torch.Tensor, out: torch.Tensor) -> None:
-        if not self._active_forward(out):
-            return
         if h.module.scale_grad_by_freq:
             raise ConfigError(f"layer {h.name!r}: Embedding(scale_grad_by_freq=True) scales gradients by counts "
                               "over the whole batch, so examples have no gradient of their own; turn it off")
         if idx.dim() < 1:
             raise ConfigError(f"layer {h.name!r}: per-example norms need a batch axis on the indices")
-        out.register_hook(lambda g: self._backward_embedding(h, idx, g))
+        self._on_grad(h, out, lambda g: self._backward_embedding(h, idx, g))
 
     def _backward_embedding(self, h: _Handler, idx: torch.Tensor, g: torch.Tensor) -> None:
         if not self._capturing:
@@ -456,10 +556,8 @@ class GhostNormTap:
     _forward_batchnorm = _forward_layernorm
 
     def _forward_norm(self, h: _Handler, x: torch.Tensor, out: torch.Tensor) -> None:
-        if not self._active_forward(out):
-            return
         x = x.detach()
-        out.register_hook(lambda g: self._backward_norm(h, x, g))
+        self._on_grad(h, out, lambda g: self._backward_norm(h, x, g))
 
     def _backward_norm(self, h: _Handler, x: torch.Tensor, g: torch.Tensor) -> None:
         if not self._capturing:
@@ -484,21 +582,201 @@ class GhostNormTap:
                 part = part + gb.reshape(batch, -1).square().sum(1)
             self._add(h, part, "norm")
 
+    # ---- MultiheadAttention (and through it TransformerEncoderLayer / TransformerDecoderLayer)
+
+    def _mha_pre(self, h: _Handler) -> None:
+        if self.enabled and not self._in_fallback and torch.is_grad_enabled():
+            mode = _AttentionMode(self, h)
+            mode.__enter__()
+            h.modes.append(mode)
+
+    def _mha_post(self, h: _Handler, out: Any) -> None:
+        if not h.modes:
+            return
+        mode = h.modes.pop()
+        mode.__exit__(None, None, None)
+        if mode.calls == 0 and out is not None and any(o.requires_grad for o in tree_leaves(out)
+                                                       if isinstance(o, torch.Tensor)):
+            raise ConfigError(
+                f"layer {h.name!r} (MultiheadAttention) did not call F.multi_head_attention_forward, so the tap saw "
+                "none of its projections (a fused fast path?); its per-example norms are unknown: run it in "
+                "training mode with grad enabled, or use vmap_sq_norms")
+
+    def _mha_forward(self, h: _Handler, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     embed_dim_to_check: int, num_heads: int, in_proj_weight: torch.Tensor | None,
+                     in_proj_bias: torch.Tensor | None, bias_k: torch.Tensor | None, bias_v: torch.Tensor | None,
+                     add_zero_attn: bool, dropout_p: float, out_proj_weight: torch.Tensor,
+                     out_proj_bias: torch.Tensor | None, training: bool = True,
+                     key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                     attn_mask: torch.Tensor | None = None, use_separate_proj_weight: bool = False,
+                     q_proj_weight: torch.Tensor | None = None, k_proj_weight: torch.Tensor | None = None,
+                     v_proj_weight: torch.Tensor | None = None, static_k: torch.Tensor | None = None,
+                     static_v: torch.Tensor | None = None, average_attn_weights: bool = True,
+                     is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``F.multi_head_attention_forward`` (same signature) for batched (T, B, E) inputs, step for step the
+        same arithmetic as torch's, with a hook on every projection: the q/k/v projections (packed in_proj or
+        separate weights, plus in_proj_bias), bias_k/bias_v and out_proj each add their per-example part.
+        Returns (attn_output (T, B, E), attention weights or None), as torch does."""
+        if query.dim() != 3:
+            raise ConfigError(f"layer {h.name!r} (MultiheadAttention): per-example norms need a batched input; got "
+                              f"a query of shape {tuple(query.shape)}")
+        if static_k is not None or static_v is not None:
+            raise ConfigError(f"layer {h.name!r} (MultiheadAttention): static_k/static_v are not supported")
+        tgt_len, bsz, embed_dim = query.shape
+        if embed_dim != embed_dim_to_check or embed_dim % num_heads:
+            raise ConfigError(f"layer {h.name!r}: query embedding dimension {embed_dim}, expected "
+                              f"{embed_dim_to_check} divisible by {num_heads} heads")
+        head_dim = embed_dim // num_heads
+        key_padding_mask = _float_mask(key_padding_mask, query.dtype)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                               "method `generate_square_subsequent_mask` to create this mask.")
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # scaled_dot_product_attention applies the causal mask itself
+        else:
+            attn_mask = _float_mask(attn_mask, query.dtype)
+            if key_padding_mask is not None:
+                is_causal = False
+        q, k, v = self._mha_in_projection(h, query, key, value, in_proj_weight, in_proj_bias,
+                                          use_separate_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight)
+        src_len = key.shape[0]
+        if attn_mask is not None:
+            expected = (tgt_len, src_len) if attn_mask.dim() == 2 else (bsz * num_heads, tgt_len, src_len)
+            if tuple(attn_mask.shape) != expected:
+                raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is {tuple(attn_mask.shape)}, "
+                                   f"but should be {expected}.")
+            if attn_mask.dim() == 2:
+                attn_mask = attn_mask.unsqueeze(0)
+        if bias_k is not None and bias_v is not None:
+            k = torch.cat([k, self._mha_bias_kv(h, "bias_k", bias_k, bsz)])
+            v = torch.cat([v, self._mha_bias_kv(h, "bias_v", bias_v, bsz)])
+            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+        k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+        v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+        if add_zero_attn:
+            zeros = torch.zeros((bsz * num_heads, 1, head_dim), dtype=k.dtype, device=k.device)
+            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        src_len = k.size(1)
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (bsz, src_len):
+                raise RuntimeError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected "
+                                   f"{(bsz, src_len)}")
+            key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
+                                .reshape(bsz * num_heads, 1, src_len))
+            attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+        if not training:
+            dropout_p = 0.0
+        if need_weights:
+            q_scaled = q * math.sqrt(1.0 / float(q.shape[-1]))
+            if attn_mask is not None:
+                weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+            else:
+                weights = torch.bmm(q_scaled, k.transpose(-2, -1))
+            weights = F.softmax(weights, dim=-1)
+            if dropout_p > 0.0:
+                weights = F.dropout(weights, p=dropout_p)
+            attn_output = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+            weights = weights.view(bsz, num_heads, tgt_len, src_len)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            if attn_mask is not None:
+                if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+                    attn_mask = attn_mask.unsqueeze(0)
+                else:
+                    attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
+            q = q.view(bsz, num_heads, tgt_len, head_dim)
+            k = k.view(bsz, num_heads, src_len, head_dim)
+            v = v.view(bsz, num_heads, src_len, head_dim)
+            attn_output = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+            attn_output = attn_output.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
+            weights = None
+        out = self._mha_linear(h, "out_proj", attn_output, out_proj_weight, out_proj_bias, tgt_len)  # (T*B, E)
+        return out.view(tgt_len, bsz, out.size(1)), weights
+
+    def _mha_in_projection(self, h: _Handler, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           in_proj_weight: torch.Tensor | None, in_proj_bias: torch.Tensor | None,
+                           separate: bool, q_proj_weight: torch.Tensor | None, k_proj_weight: torch.Tensor | None,
+                           v_proj_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections as torch's ``_in_projection_packed`` / ``_in_projection`` compute them: one
+        matmul for self-attention, q and packed kv when key is value, three otherwise; each one hooked."""
+        embed_dim = query.shape[-1]
+        if separate:
+            w_q, w_k, w_v = q_proj_weight, k_proj_weight, v_proj_weight
+            b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
+        elif key is value and query is key:
+            proj = self._mha_linear(h, "in_proj", query, in_proj_weight, in_proj_bias, query.shape[0])  # (T, B, 3E)
+            proj = proj.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+            return proj[0], proj[1], proj[2]
+        elif key is value:
+            w_q, w_kv = in_proj_weight.split([embed_dim, 2 * embed_dim])
+            b_q, b_kv = (None, None) if in_proj_bias is None else in_proj_bias.split([embed_dim, 2 * embed_dim])
+            q = self._mha_linear(h, "q_proj", query, w_q, b_q, query.shape[0])
+            kv = self._mha_linear(h, "kv_proj", key, w_kv, b_kv, key.shape[0])  # (S, B, 2E)
+            kv = kv.unflatten(-1, (2, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+            return q, kv[0], kv[1]
+        else:
+            w_q, w_k, w_v = in_proj_weight.chunk(3)
+            b_q, b_k, b_v = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
+        return (self._mha_linear(h, "q_proj", query, w_q, b_q, query.shape[0]),
+                self._mha_linear(h, "k_proj", key, w_k, b_k, key.shape[0]),
+                self._mha_linear(h, "v_proj", value, w_v, b_v, value.shape[0]))
+
+    def _mha_linear(self, h: _Handler, piece: str, x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None, seq_len: int) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` on a (T, B, d) or (T*B, d) input, its per-example part added in backward.
+
+        ``weight``/``bias`` may be row blocks of in_proj: the blocks of one parameter are disjoint, so the
+        parameter's per-example squared norm is the sum of its blocks'."""
+        out = F.linear(x, weight, bias)
+        weight_grad, bias_grad = weight.requires_grad, bias is not None and bias.requires_grad
+        if out.requires_grad and (weight_grad or bias_grad):
+            a = x.detach()
+
+            def backward(g: torch.Tensor) -> None:
+                if not self._capturing:
+                    return
+                with torch.no_grad():  # (T, B, ...) -> (B, T, ...)
+                    part, form = self._seq_linear_sq(a.reshape(seq_len, -1, a.shape[-1]).transpose(0, 1),
+                                                     g.reshape(seq_len, -1, g.shape[-1]).transpose(0, 1),
+                                                     weight_grad, bias_grad)
+                    self._add(h, part, form, piece)
+
+            out.register_hook(backward)
+        return out
+
+    def _mha_bias_kv(self, h: _Handler, piece: str, bias: torch.Tensor, bsz: int) -> torch.Tensor:
+        """bias_k or bias_v repeated over the batch as torch does, (1, B, E); example i's gradient is row i's."""
+        rep = bias.repeat(1, bsz, 1)
+        if rep.requires_grad and bias.requires_grad:
+            def backward(g: torch.Tensor) -> None:
+                if self._capturing:
+                    with torch.no_grad():
+                        self._add(h, g[0].square().sum(1), "bias", piece)
+
+            rep.register_hook(backward)
+        return rep
+
     # ---- anything else: torch.func on the saved inputs
 
     def _forward_fallback(self, h: _Handler, args: tuple, kwargs: dict, out: Any) -> None:
         if not (self.enabled and not self._in_fallback and torch.is_grad_enabled()):
             return
-        outs = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, (tuple, list)) else None
-        if outs is None or not all(isinstance(o, torch.Tensor) for o in outs):
-            raise ConfigError(f"layer {h.name!r} ({type(h.module).__name__}): the torch.func fallback needs a "
-                              "tensor or a tuple of tensors as output")
-        live = [o for o in outs if o.requires_grad]
+        outs = tree_leaves(out)  # tuples, lists and dicts, flattened; Nones are leaves too
+        if not all(o is None or isinstance(o, torch.Tensor) for o in outs):
+            raise ConfigError(f"layer {h.name!r} ({type(h.module).__name__}): the torch.func fallback needs an "
+                              "output made of tensors and Nones (in tuples, lists or dicts); got "
+                              f"{sorted({type(o).__name__ for o in outs})}")
+        live = [o for o in outs if o is not None and o.requires_grad]
         if not live:
             return
         saved_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         saved_kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        live_pos = [i for i, o in enumerate(outs) if o.requires_grad]
+        live_pos = [i for i, o in enumerate(outs) if o is not None and o.requires_grad]
         torch.autograd.graph.register_multi_grad_hook(
             live, lambda grads: self._backward_fallback(h, saved_args, saved_kwargs, live_pos, grads))
 
@@ -516,8 +794,7 @@ class GhostNormTap:
         def loss_one(prm: dict, args_i: tuple, kwargs_i: dict, grads_i: tuple) -> torch.Tensor:
             call_args = tuple(a.unsqueeze(0) if batched_a else a for a, batched_a in zip(args_i, arg_dims))
             call_kwargs = {k: v.unsqueeze(0) if kwarg_dims[k] == 0 else v for k, v in kwargs_i.items()}
-            out = torch.func.functional_call(module, prm, call_args, call_kwargs)
-            outs = [out] if isinstance(out, torch.Tensor) else list(out)
+            outs = tree_leaves(torch.func.functional_call(module, prm, call_args, call_kwargs))
             # <output_i, grad_output_i>: its gradient w.r.t. the parameters is example i's gradient
             return sum((outs[pos] * g.unsqueeze(0)).sum() for pos, g in zip(live_pos, grads_i) if g is not None)
 
