@@ -386,12 +386,29 @@ class GhostNormTap:
             x = x.movedim(h.batch_dim, 0)
         forward(h, x, out)
 
-    def _on_grad(self, h: _Handler, out: torch.Tensor, backward: Callable[[torch.Tensor], None]) -> None:
-        """Call ``backward`` with the gradient of ``out``, its batch axis first."""
-        if h.batch_dim:
-            out.register_hook(lambda g: backward(g.movedim(h.batch_dim, 0)))
-        else:
-            out.register_hook(backward)
+    def _on_grad(self, h: _Handler, out: torch.Tensor, backward: Callable[..., None], *saved: Any,
+                 batch_dim: int | None = None) -> None:
+        """In a captured backward, call ``backward(*saved, g)`` under no_grad with ``out``'s gradient g, its batch
+        axis (``h.batch_dim`` unless given) moved first.
+
+        The saved tensors are dropped as soon as they are used: held until the graph is freed, they would outlive
+        autograd's own copies and keep activations alive through the whole backward (more peak memory, and
+        fresh allocations instead of reused ones). A second captured backward through the same forward is an
+        error; a backward outside ``capture()`` uses nothing."""
+        box: list[tuple | None] = [saved]
+        axis = h.batch_dim if batch_dim is None else batch_dim
+
+        def hook(g: torch.Tensor) -> None:
+            if not self._capturing:
+                return
+            args, box[0] = box[0], None
+            if args is None:
+                raise ConfigError(f"layer {h.name!r}: a second captured backward through the same forward pass; "
+                                  "run the forward again before each `with tap.capture():` backward")
+            with torch.no_grad():
+                backward(*args, g.movedim(axis, 0) if axis else g)
+
+        out.register_hook(hook)
 
     def _batchnorm_check(self, name: str) -> Callable:
         def check(module: nn.Module, inp: Any, out: Any) -> None:
@@ -417,28 +434,22 @@ class GhostNormTap:
                     coef.add_(1.0)
             else:
                 coef = None  # bias only
-            self._on_grad(h, out, lambda g: self._backward_linear2d(h, coef, g))
+            self._on_grad(h, out, self._backward_linear2d, h, coef)
         elif x.dim() > 2:
-            self._on_grad(h, out, lambda g: self._backward_linear_seq(h, x, g))
+            self._on_grad(h, out, self._backward_linear_seq, h, x)
         else:
             raise ConfigError(f"layer {h.name!r}: per-example norms need a batch axis; got an input of shape "
                               f"{tuple(x.shape)}")
 
     def _backward_linear2d(self, h: _Handler, coef: torch.Tensor | None, g: torch.Tensor) -> None:
-        if not self._capturing:
-            return
-        with torch.no_grad():
-            part = torch.linalg.vector_norm(g, dim=1).square_()  # (B,) ||b_i||^2
-            if coef is not None:
-                part.mul_(coef)
-            self._add(h, part, "outer")
+        part = torch.linalg.vector_norm(g, dim=1).square_()  # (B,) ||b_i||^2
+        if coef is not None:
+            part.mul_(coef)
+        self._add(h, part, "outer")
 
     def _backward_linear_seq(self, h: _Handler, x: torch.Tensor, g: torch.Tensor) -> None:
-        if not self._capturing:
-            return
-        with torch.no_grad():
-            part, form = self._seq_linear_sq(x, g, h.weight_grad, h.bias_grad)
-            self._add(h, part, form)
+        part, form = self._seq_linear_sq(x, g, h.weight_grad, h.bias_grad)
+        self._add(h, part, form)
 
     def _seq_linear_sq(self, x: torch.Tensor, g: torch.Tensor, weight_grad: bool,
                        bias_grad: bool) -> tuple[torch.Tensor, str]:
@@ -460,16 +471,13 @@ class GhostNormTap:
         if x.dim() != len(h.module.kernel_size) + 2:
             raise ConfigError(f"layer {h.name!r}: per-example norms need a batched input (B, C, ...); got shape "
                               f"{tuple(x.shape)}")
-        self._on_grad(h, out, lambda g: self._backward_conv(h, x, g))
+        self._on_grad(h, out, self._backward_conv, h, x)
 
     def _backward_conv(self, h: _Handler, x: torch.Tensor, g: torch.Tensor) -> None:
-        if not self._capturing:
-            return
-        with torch.no_grad():
-            part, form = self._conv_weight_sq(h.module, x, g) if h.weight_grad else (x.new_zeros(x.shape[0]), "bias")
-            if h.bias_grad:
-                part = part + g.flatten(2).sum(2).square().sum(1)
-            self._add(h, part, form)
+        part, form = self._conv_weight_sq(h.module, x, g) if h.weight_grad else (x.new_zeros(x.shape[0]), "bias")
+        if h.bias_grad:
+            part = part + g.flatten(2).sum(2).square().sum(1)
+        self._add(h, part, form)
 
     def _conv_weight_sq(self, m: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, str]:
         """Per-example ``||grad_weight||^2`` of Conv1d/Conv2d ``m`` from its input x and output gradient g."""
@@ -527,25 +535,22 @@ class GhostNormTap:
                               "over the whole batch, so examples have no gradient of their own; turn it off")
         if idx.dim() < 1:
             raise ConfigError(f"layer {h.name!r}: per-example norms need a batch axis on the indices")
-        self._on_grad(h, out, lambda g: self._backward_embedding(h, idx, g))
+        self._on_grad(h, out, self._backward_embedding, h, idx)
 
     def _backward_embedding(self, h: _Handler, idx: torch.Tensor, g: torch.Tensor) -> None:
-        if not self._capturing:
-            return
-        with torch.no_grad():
-            batch, vocab = idx.shape[0], h.module.num_embeddings
-            flat_idx = idx.reshape(batch, -1)  # (B, T)
-            rows = g.reshape(batch, flat_idx.shape[1], -1)  # (B, T, D)
-            example = torch.arange(batch, device=idx.device).unsqueeze(1).expand_as(flat_idx)
-            keys = (example * vocab + flat_idx).reshape(-1)  # (B*T,) one key per (example, row)
-            rows = rows.reshape(keys.shape[0], -1)
-            if h.module.padding_idx is not None:
-                keep = flat_idx.reshape(-1) != h.module.padding_idx
-                keys, rows = keys[keep], rows[keep]
-            uniq, inverse = torch.unique(keys, return_inverse=True)
-            summed = rows.new_zeros(uniq.shape[0], rows.shape[1]).index_add_(0, inverse, rows)  # (U, D)
-            part = g.new_zeros(batch).index_add_(0, uniq // vocab, summed.square().sum(1))
-            self._add(h, part, "embedding")
+        batch, vocab = idx.shape[0], h.module.num_embeddings
+        flat_idx = idx.reshape(batch, -1)  # (B, T)
+        rows = g.reshape(batch, flat_idx.shape[1], -1)  # (B, T, D)
+        example = torch.arange(batch, device=idx.device).unsqueeze(1).expand_as(flat_idx)
+        keys = (example * vocab + flat_idx).reshape(-1)  # (B*T,) one key per (example, row)
+        rows = rows.reshape(keys.shape[0], -1)
+        if h.module.padding_idx is not None:
+            keep = flat_idx.reshape(-1) != h.module.padding_idx
+            keys, rows = keys[keep], rows[keep]
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        summed = rows.new_zeros(uniq.shape[0], rows.shape[1]).index_add_(0, inverse, rows)  # (U, D)
+        part = g.new_zeros(batch).index_add_(0, uniq // vocab, summed.square().sum(1))
+        self._add(h, part, "embedding")
 
     # ---- LayerNorm, GroupNorm, BatchNorm (eval)
 
@@ -557,30 +562,27 @@ class GhostNormTap:
 
     def _forward_norm(self, h: _Handler, x: torch.Tensor, out: torch.Tensor) -> None:
         x = x.detach()
-        self._on_grad(h, out, lambda g: self._backward_norm(h, x, g))
+        self._on_grad(h, out, self._backward_norm, h, x)
 
     def _backward_norm(self, h: _Handler, x: torch.Tensor, g: torch.Tensor) -> None:
-        if not self._capturing:
-            return
-        with torch.no_grad():
-            m, batch = h.module, x.shape[0]
-            if h.kind == "layernorm":
-                x_hat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-                sum_dims = tuple(range(1, x.dim() - len(m.normalized_shape)))
+        m, batch = h.module, x.shape[0]
+        if h.kind == "layernorm":
+            x_hat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+            sum_dims = tuple(range(1, x.dim() - len(m.normalized_shape)))
+        else:
+            if h.kind == "groupnorm":
+                x_hat = F.group_norm(x, m.num_groups, None, None, m.eps)
             else:
-                if h.kind == "groupnorm":
-                    x_hat = F.group_norm(x, m.num_groups, None, None, m.eps)
-                else:
-                    x_hat = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
-                sum_dims = tuple(range(2, x.dim()))
-            part = x.new_zeros(batch)
-            if h.weight_grad:
-                gw = (x_hat * g).sum(sum_dims) if sum_dims else x_hat * g
-                part = part + gw.reshape(batch, -1).square().sum(1)
-            if h.bias_grad:
-                gb = g.sum(sum_dims) if sum_dims else g
-                part = part + gb.reshape(batch, -1).square().sum(1)
-            self._add(h, part, "norm")
+                x_hat = F.batch_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
+            sum_dims = tuple(range(2, x.dim()))
+        part = x.new_zeros(batch)
+        if h.weight_grad:
+            gw = (x_hat * g).sum(sum_dims) if sum_dims else x_hat * g
+            part = part + gw.reshape(batch, -1).square().sum(1)
+        if h.bias_grad:
+            gb = g.sum(sum_dims) if sum_dims else g
+            part = part + gb.reshape(batch, -1).square().sum(1)
+        self._add(h, part, "norm")
 
     # ---- MultiheadAttention (and through it TransformerEncoderLayer / TransformerDecoderLayer)
 
@@ -735,30 +737,20 @@ class GhostNormTap:
         out = F.linear(x, weight, bias)
         weight_grad, bias_grad = weight.requires_grad, bias is not None and bias.requires_grad
         if out.requires_grad and (weight_grad or bias_grad):
-            a = x.detach()
+            def backward(a: torch.Tensor, g: torch.Tensor) -> None:  # (T, B, ...) -> (B, T, ...)
+                part, form = self._seq_linear_sq(a.reshape(seq_len, -1, a.shape[-1]).transpose(0, 1),
+                                                 g.reshape(seq_len, -1, g.shape[-1]).transpose(0, 1),
+                                                 weight_grad, bias_grad)
+                self._add(h, part, form, piece)
 
-            def backward(g: torch.Tensor) -> None:
-                if not self._capturing:
-                    return
-                with torch.no_grad():  # (T, B, ...) -> (B, T, ...)
-                    part, form = self._seq_linear_sq(a.reshape(seq_len, -1, a.shape[-1]).transpose(0, 1),
-                                                     g.reshape(seq_len, -1, g.shape[-1]).transpose(0, 1),
-                                                     weight_grad, bias_grad)
-                    self._add(h, part, form, piece)
-
-            out.register_hook(backward)
+            self._on_grad(h, out, backward, x.detach(), batch_dim=0)
         return out
 
     def _mha_bias_kv(self, h: _Handler, piece: str, bias: torch.Tensor, bsz: int) -> torch.Tensor:
         """bias_k or bias_v repeated over the batch as torch does, (1, B, E); example i's gradient is row i's."""
         rep = bias.repeat(1, bsz, 1)
         if rep.requires_grad and bias.requires_grad:
-            def backward(g: torch.Tensor) -> None:
-                if self._capturing:
-                    with torch.no_grad():
-                        self._add(h, g[0].square().sum(1), "bias", piece)
-
-            rep.register_hook(backward)
+            self._on_grad(h, rep, lambda g: self._add(h, g[0].square().sum(1), "bias", piece), batch_dim=0)
         return rep
 
     # ---- anything else: torch.func on the saved inputs
