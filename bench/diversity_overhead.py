@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     # Opacus and BackPACK use full backward hooks on a first layer whose input needs no gradient
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap of attention: no batch rule
     blocks = args.blocks or (2 if args.quick else 10)
     print(f"torch {torch.__version__}, {args.threads} threads, {blocks} interleaved blocks; "
           "shared machine: timings are noisy, compare the ratios")

@@ -371,3 +371,295 @@ def test_reduction_and_loss_rescaling_do_not_change_the_norms():
     d3 = gradient_diversity(model, lambda o, t: 3.0 * F.cross_entropy(o, t, reduction="none"), x, y)
     assert d3.delta == pytest.approx(d1.delta, rel=1e-5)
     assert d3.b_simple == pytest.approx(d1.b_simple, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# attention and PyTorch's transformer layers
+
+MSE = nn.MSELoss()
+LOSSES = {"ce-mean": nn.CrossEntropyLoss(reduction="mean"), "ce-sum": nn.CrossEntropyLoss(reduction="sum")}
+
+
+def seq_first(x: torch.Tensor, batch_first: bool) -> torch.Tensor:
+    """(B, T, ...) -> the layout a module built with ``batch_first`` expects."""
+    return x if batch_first else x.transpose(0, 1)
+
+
+class Attention(nn.Module):
+    """One MultiheadAttention (self- or cross-attention) between a linear embedding and a linear head."""
+
+    def __init__(self, batch_first, cross=False, kv_dim=None, mask=None, need_weights=False, **mha_kwargs):
+        super().__init__()
+        self.batch_first, self.cross, self.mask, self.need_weights = batch_first, cross, mask, need_weights
+        self.embed = nn.Linear(5, 8)
+        self.memory = nn.Linear(5, kv_dim or 8) if cross else None  # keys and values for cross-attention
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first, kdim=kv_dim, vdim=kv_dim, **mha_kwargs)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # x: (B, T, 5)
+        q = seq_first(self.embed(x), self.batch_first)
+        kv = seq_first(self.memory(x.flip(1)), self.batch_first) if self.cross else q
+        t = x.shape[1]
+        kwargs = {}
+        if self.mask in ("causal", "both"):
+            kwargs.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(t), is_causal=True)
+        if self.mask in ("padding", "both"):  # the last two tokens of every other example are padding
+            pad = torch.zeros(x.shape[0], t, dtype=torch.bool)
+            pad[::2, -2:] = True
+            kwargs.update(key_padding_mask=pad)
+        if self.mask == "bool-3d":  # a per-(example, head) boolean mask
+            kwargs.update(attn_mask=torch.rand(x.shape[0] * 2, t, t, generator=torch.Generator().manual_seed(0))
+                          > 0.7 * torch.eye(t).logical_not())
+        out, weights = self.mha(q, kv, kv, need_weights=self.need_weights, **kwargs)
+        assert (weights is None) != self.need_weights
+        return self.head(seq_first(out, self.batch_first).mean(1))
+
+
+MHA_CASES = {
+    "self": {},
+    "self-need-weights": dict(need_weights=True),
+    "causal": dict(mask="causal"),
+    "causal-need-weights": dict(mask="causal", need_weights=True),
+    "padding": dict(mask="padding"),
+    "causal-and-padding": dict(mask="both"),
+    "bool-3d-mask": dict(mask="bool-3d", need_weights=True),
+    "cross": dict(cross=True, mask="padding"),  # key is value, query differs: q and packed kv projections
+    "kdim-vdim": dict(cross=True, kv_dim=6),  # separate q/k/v weights
+    "bias-kv-zero-attn": dict(add_bias_kv=True, add_zero_attn=True, mask="both"),
+    "no-bias": dict(bias=False),
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+@pytest.mark.parametrize("case", MHA_CASES)
+def test_multihead_attention_agrees_with_loop(case, batch_first, loss):
+    torch.manual_seed(0)
+    model = Attention(batch_first, **MHA_CASES[case])
+    x, y = torch.randn(6, 7, 5), torch.randint(0, 3, (6,))
+    fast = check_against_references(model, x, y, loss_fn=LOSSES[loss], vmap=False)
+    forms = forms_of(model, x, y)
+    pieces = {k for k in forms if k.startswith("mha.")}
+    if case == "kdim-vdim":
+        assert pieces >= {"mha.q_proj", "mha.k_proj", "mha.v_proj", "mha.out_proj"}
+    elif MHA_CASES[case].get("cross"):
+        assert pieces == {"mha.q_proj", "mha.kv_proj", "mha.out_proj"}
+    elif case.startswith("bias-kv"):
+        assert pieces == {"mha.in_proj", "mha.out_proj", "mha.bias_k", "mha.bias_v"}
+    else:
+        assert pieces == {"mha.in_proj", "mha.out_proj"}
+    assert torch.isfinite(fast).all()
+
+
+def test_multihead_attention_frozen_pieces_are_left_out():
+    torch.manual_seed(0)
+    model = Attention(True, mask="causal")
+    model.mha.in_proj_weight.requires_grad_(False)
+    model.mha.out_proj.bias.requires_grad_(False)
+    x, y = torch.randn(5, 6, 5), torch.randint(0, 3, (5,))
+    check_against_references(model, x, y, vmap=False)
+    # only out_proj trainable in the attention: its Linear submodule is never called, the MHA handler covers it
+    for p in model.mha.parameters():
+        p.requires_grad_(False)
+    model.mha.out_proj.weight.requires_grad_(True)
+    check_against_references(model, x, y, vmap=False)
+    assert set(forms_of(model, x, y)) == {"embed", "mha.out_proj", "head"}
+
+
+def test_multihead_attention_dropout_norms_are_those_of_the_pass_that_ran():
+    """The tap's attention reproduces torch's forward draw for draw: same seed, same outputs, same masks, so the
+    per-example loop under the same seed is an exact reference even with dropout."""
+    torch.manual_seed(0)
+    model = Attention(False, mask="padding", dropout=0.3)
+    x, y = torch.randn(6, 7, 5), torch.randint(0, 3, (6,))
+    torch.manual_seed(1)
+    plain = model(x)
+    with GhostNormTap(model):
+        torch.manual_seed(1)
+        tapped = model(x)
+    assert torch.equal(plain, tapped)
+    torch.manual_seed(2)
+    fast = per_example_sq_norms(model, CE, x, y)
+    torch.manual_seed(2)
+    assert_rel(fast, loop_sq_norms(model, CE, x, y))
+    torch.manual_seed(3)  # other dropout masks: other norms, so the agreement above is not vacuous
+    other = loop_sq_norms(model, CE, x, y)
+    assert ((fast - other).abs() / other).max() > 1e-2
+
+
+class Encoder(nn.Module):
+    """Embedding, two encoder layers (optionally a final LayerNorm), first token or mean pool, linear head."""
+
+    def __init__(self, batch_first, norm_first, mask=None, pool="first", dropout=0.0, final_norm=True):
+        super().__init__()
+        self.batch_first, self.mask, self.pool = batch_first, mask, pool
+        self.embed = nn.Embedding(20, 16, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=24, dropout=dropout, batch_first=batch_first,
+                                           norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16) if final_norm else None,
+                                             enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):  # (B, T) token ids, 0 = padding
+        t = tokens.shape[1]
+        kwargs = {}
+        if self.mask in ("causal", "both"):
+            kwargs.update(mask=nn.Transformer.generate_square_subsequent_mask(t), is_causal=True)
+        if self.mask in ("padding", "both"):
+            kwargs.update(src_key_padding_mask=tokens == 0)
+        h = seq_first(self.encoder(seq_first(self.embed(tokens), self.batch_first), **kwargs), self.batch_first)
+        return self.head(h[:, 0] if self.pool == "first" else h.mean(1))
+
+
+def tokens(batch, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, 20, (batch, t), generator=g)
+    x[::2, -2:] = 0  # padding at the end of every other sequence
+    x[:, 1] = x[:, 2]  # a repeated token in every sequence (embedding rows that add up)
+    return x
+
+
+@pytest.mark.parametrize("mask", [None, "causal", "padding", "both"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_transformer_encoder_agrees_with_loop(batch_first, norm_first, mask):
+    torch.manual_seed(0)
+    model = Encoder(batch_first, norm_first, mask)
+    x, y = tokens(6, 9), torch.randint(0, 3, (6,))
+    for loss in LOSSES.values():
+        check_against_references(model, x, y, loss_fn=loss, vmap=False)
+    forms = forms_of(model, x, y)
+    for i in range(2):
+        assert {f"encoder.layers.{i}.{n}" for n in ("self_attn.in_proj", "self_attn.out_proj", "linear1",
+                                                     "linear2", "norm1", "norm2")} <= set(forms)
+    assert forms["embed"] == "embedding"
+
+
+class Seq2Seq(nn.Module):
+    """nn.Transformer (one encoder and one decoder layer, causal target mask, padded source)."""
+
+    def __init__(self, batch_first, norm_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.src_embed = nn.Embedding(20, 16, padding_idx=0)
+        self.tgt_embed = nn.Embedding(20, 16)
+        self.transformer = nn.Transformer(16, 4, 1, 1, 24, dropout=0.0, batch_first=batch_first,
+                                          norm_first=norm_first)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):  # first 6 tokens the source, the rest the target
+        src, tgt = tokens[:, :6], tokens[:, 6:]
+        out = self.transformer(seq_first(self.src_embed(src), self.batch_first),
+                               seq_first(self.tgt_embed(tgt), self.batch_first),
+                               tgt_mask=nn.Transformer.generate_square_subsequent_mask(tgt.shape[1]),
+                               tgt_is_causal=True, src_key_padding_mask=src == 0, memory_key_padding_mask=src == 0)
+        return self.head(seq_first(out, self.batch_first).mean(1))
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
+def test_transformer_decoder_layers_agree_with_loop(batch_first, norm_first):
+    torch.manual_seed(0)
+    model = Seq2Seq(batch_first, norm_first)
+    x, y = tokens(5, 11), torch.randint(0, 3, (5,))
+    for loss in LOSSES.values():
+        check_against_references(model, x, y, loss_fn=loss, vmap=False)
+    forms = forms_of(model, x, y)
+    dec = "transformer.decoder.layers.0"
+    assert {f"{dec}.self_attn.in_proj", f"{dec}.multihead_attn.q_proj", f"{dec}.multihead_attn.kv_proj",
+            f"{dec}.norm3", "transformer.encoder.norm", "transformer.decoder.norm"} <= set(forms)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of attention
+def test_small_transformer_with_dropout_and_vmap():
+    """Mean-pooled encoder: dropout draws shared by seed (tap vs loop), and vmap agrees without dropout."""
+    torch.manual_seed(0)
+    model = Encoder(True, False, mask="padding", pool="mean", dropout=0.2)
+    x, y = tokens(6, 8), torch.randint(0, 3, (6,))
+    torch.manual_seed(1)
+    fast = per_example_sq_norms(model, CE, x, y)
+    torch.manual_seed(1)
+    assert_rel(fast, loop_sq_norms(model, CE, x, y))
+    model.eval()  # no dropout, so vmap's per-example forwards compute the same function; with grad enabled
+    check_against_references(model, x, y)  # the layers take their unfused path in eval mode too
+
+
+def test_gradient_diversity_of_a_small_transformer_matches_materialised_gradients():
+    torch.manual_seed(0)
+    model = Encoder(True, True, mask="padding", pool="mean").double()
+    x, y = tokens(12, 8, seed=1), torch.randint(0, 3, (12,))
+    stats = gradient_diversity(model, CE, x, y, batch_size=5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    per = []
+    for i in range(12):  # independent route: each example's gradient by autograd, then Delta from them
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum"), params,
+                                    allow_unused=True)
+        per.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]))
+    g = torch.stack(per)  # (n, D)
+    assert stats.n == 12
+    assert stats.sum_sq_norms == pytest.approx(float(g.square().sum()), rel=1e-9)
+    assert stats.delta == pytest.approx(float(g.square().sum() / g.sum(0).square().sum()), rel=1e-9)
+
+
+def test_second_captured_backward_through_one_forward_is_refused():
+    torch.manual_seed(0)
+    model = Attention(True)
+    x, y = torch.randn(4, 5, 5), torch.randint(0, 3, (4,))
+    with GhostNormTap(model) as tap:
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        with tap.capture():
+            loss.backward(retain_graph=True)
+        assert_rel(tap.sq_norms(), loop_sq_norms(model, CE, x, y))
+        with pytest.raises(ConfigError, match="second captured backward"):
+            with tap.capture():
+                loss.backward()
+
+
+class AttentionWithOwnForward(nn.MultiheadAttention):
+    """A subclass that replaces forward: no closed form applies, the torch.func fallback gets (out, None)."""
+
+    def forward(self, query, key, value, **kwargs):
+        out, weights = super().forward(query, key, value, need_weights=False, **kwargs)
+        return out * 2.0, weights
+
+
+class DictOut(nn.Module):
+    """Own parameter, output a dict holding a tensor, a None and a tuple: the fallback flattens it."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x):
+        return {"y": x * self.scale, "aux": None, "pair": (x.sum(-1), None)}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of attention
+def test_fallback_accepts_outputs_with_nones():
+    torch.manual_seed(0)
+    attn = AttentionWithOwnForward(6, 2, batch_first=True)
+    dict_out = DictOut(6)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attn, self.dict_out, self.head = nn.Linear(4, 6), attn, dict_out, nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.embed(x)
+            out = self.dict_out(self.attn(h, h, h)[0])
+            return self.head(out["y"].mean(1) + out["pair"][0].mean(1, keepdim=True))
+
+    model = Model()
+    x, y = torch.randn(5, 4, 4), torch.randint(0, 3, (5,))
+    with pytest.warns(UserWarning, match="AttentionWithOwnForward"):
+        check_against_references(model, x, y, vmap=False)
+    with pytest.warns(UserWarning):
+        assert forms_of(model, x, y) == {"embed": "materialised", "attn": "func", "dict_out": "func", "head": "outer"}
+
+
+def test_fallback_inside_a_seq_first_transformer_is_refused():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    layer.self_attn = AttentionWithOwnForward(8, 2)
+    with pytest.raises(ConfigError, match="batch_first=True"):
+        GhostNormTap(nn.Sequential(layer))
