@@ -12,8 +12,9 @@ Convention (DESIGN rule 13): a *per-example gradient* is the gradient of that ex
   by one batched matmul on the unfolded input for small layers, and for large convolutions through the
   convolution's own weight-gradient kernel (``torch.nn.grad.conv2d_weight``, a memory-bounded chunk of
   examples per call as separate groups), which on CPU is faster than the matmul and needs no unfolded copy
-  of the input. Whole-model norm = sum over layers.
-  It never reads or writes ``.grad``.
+  of the input. MultiheadAttention (hence PyTorch's transformer layers) is handled by running torch's own
+  attention arithmetic with its q/k/v and output projections exposed to the same Linear rule.
+  Whole-model norm = sum over layers. It never reads or writes ``.grad``.
 * :func:`per_example_sq_norms` wraps the tap for a model, a loss and a batch.
   :func:`loop_sq_norms` and :func:`vmap_sq_norms` are the slow, obviously correct references.
 """
