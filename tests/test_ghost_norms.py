@@ -401,8 +401,10 @@ class Attention(nn.Module):
         kv = seq_first(self.memory(x.flip(1)), self.batch_first) if self.cross else q
         t = x.shape[1]
         kwargs = {}
-        if self.mask in ("causal", "both"):
+        if self.mask == "causal":  # a float mask
             kwargs.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(t), is_causal=True)
+        if self.mask == "both":  # boolean, the padding mask's type
+            kwargs.update(attn_mask=torch.ones(t, t, dtype=torch.bool).triu(1), is_causal=True)
         if self.mask in ("padding", "both"):  # the last two tokens of every other example are padding
             pad = torch.zeros(x.shape[0], t, dtype=torch.bool)
             pad[::2, -2:] = True
@@ -503,8 +505,10 @@ class Encoder(nn.Module):
     def forward(self, tokens):  # (B, T) token ids, 0 = padding
         t = tokens.shape[1]
         kwargs = {}
-        if self.mask in ("causal", "both"):
+        if self.mask == "causal":
             kwargs.update(mask=nn.Transformer.generate_square_subsequent_mask(t), is_causal=True)
+        if self.mask == "both":  # boolean, the padding mask's type
+            kwargs.update(mask=torch.ones(t, t, dtype=torch.bool).triu(1), is_causal=True)
         if self.mask in ("padding", "both"):
             kwargs.update(src_key_padding_mask=tokens == 0)
         h = seq_first(self.encoder(seq_first(self.embed(tokens), self.batch_first), **kwargs), self.batch_first)
@@ -556,6 +560,7 @@ class Seq2Seq(nn.Module):
         return self.head(seq_first(out, self.batch_first).mean(1))
 
 
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")  # nn.Transformer's own encoder stack
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post-norm", "pre-norm"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "seq-first"])
 def test_transformer_decoder_layers_agree_with_loop(batch_first, norm_first):
