@@ -10,9 +10,9 @@ Public API (imported lazily, so ``scalesgd --help`` does not pay for torch):
 __version__ = "0.1.0"
 
 _LAZY = {
-    "per_example_sq_norms": "scalesgd.diversity",
+    "per_example_sq_norms": "scalesgd.ghost_norms",
     "gradient_diversity": "scalesgd.diversity",
-    "GhostNormTap": "scalesgd.diversity",
+    "GhostNormTap": "scalesgd.ghost_norms",
     "train": "scalesgd.run",
     "RunConfig": "scalesgd.config",
 }
