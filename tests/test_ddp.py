@@ -127,7 +127,7 @@ def test_sampler_never_gives_a_rank_an_empty_shard_and_rewinds_unconsumed_batche
         s.pop()
     # leave a loop after two batches with only one of them consumed: the next iteration starts at the second
     it = iter(s)
-    b0, b1 = next(it), next(it)
+    _, b1 = next(it), next(it)
     s.pop()
     again = next(iter(s))
     assert again == b1 and s.served[0].step == 6

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from scalesgd.batch_policy import BatchPolicy, BatchPolicyState, StepObservation, make_batch_policy
+from scalesgd.batch_policy import BatchPolicy, StepObservation, make_batch_policy
 from scalesgd.data.sharding import BatchStream, Cursor
 from scalesgd.diversity import EMAState, NoiseScaleEMA, NoiseStats
 from scalesgd.errors import ConfigError
@@ -470,7 +470,8 @@ class AdaptiveBatch(torch.utils.data.Sampler):
     Attributes:
         hook: the :class:`NoiseHookState` (``ab.hook.estimate()``).
         sampler: the :class:`AdaptiveBatchSampler`.
-        lr: the lr factor's result η(t) of the last step (η₀-relative scaling applied to every group).
+        lr: η(t) of the last step for the first param group's base rate η₀ (every group gets its own initial
+            lr times η(t)/η₀).
         last: the :class:`BatchRecord` of the last step.
     """
 
