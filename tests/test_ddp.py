@@ -292,6 +292,49 @@ def _worker(rdv):
         shutdown_world()
 
 
+def _worker_three(rdv):
+    """P = 3, where dividing by P and multiplying by 1/P round differently: bitwise, and the trainer's numbers."""
+    torch.set_num_threads(1)
+    init_world(rdv, "gloo", timeout_s=120)
+    try:
+        rank, p = rdv.rank, rdv.size
+        x, y = _data()
+        plain = nn.parallel.DistributedDataParallel(_net().float())
+        hooked = nn.parallel.DistributedDataParallel(_net().float(), gradient_as_bucket_view=True)
+        local_b = {"b": 0}
+        state = register_noise_hook(hooked, local_batch_source=lambda: local_b["b"], n_train=N, decay=0.5)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.5) for m in (plain, hooked)]
+        tracker = DiversityTracker("cheap", _net(), world_size=p, n_train=N, decay=0.5)
+        stream, cursor, bitwise, pairs = BatchStream(N, seed=4), Cursor(), [], []
+        for want in [9, 12, 6, 15, 9]:
+            batch, cursor = stream.next(cursor, want)
+            shard_sizes = [t.numel() for t in torch.tensor_split(batch.indices, p)]
+            idx = shard(batch.indices, rank, p)
+            local_b["b"] = idx.numel()
+            ref_net = _net()
+            ref_net.load_state_dict({k: v.double() for k, v in hooked.module.state_dict().items()})
+            ref = _trainer_estimate(tracker, ref_net, x[idx], y[idx], shard_sizes, rank)
+            for model, opt in zip((plain, hooked), opts):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[idx].float()), y[idx]).backward()
+                opt.step()
+            bitwise.append(all(torch.equal(a, b) for a, b in zip(plain.parameters(), hooked.parameters())))
+            pairs.append((state.estimate(), ref))
+        return {"bitwise": bitwise, "pairs": pairs}
+    finally:
+        shutdown_world()
+
+
+@pytest.mark.spawn
+@pytest.mark.timeout(300)
+def test_three_ranks_bitwise_and_the_trainers_estimates():
+    for out in spawn(_worker_three, 3, (), timeout_s=240):
+        assert out["bitwise"] == [True] * 5
+        for got, ref in out["pairs"]:  # float32 gradients here: round-off level agreement
+            for key in ("grad_sq_norm_step", "trace_cov_step", "batch_bound_est"):
+                assert got[key] == pytest.approx(ref[key], rel=1e-4), key
+
+
 @pytest.fixture(scope="module")
 def two_ranks():
     return spawn(_worker, 2, (), timeout_s=240)

@@ -3,8 +3,7 @@
 Three pieces, each usable alone:
 
 * :func:`noise_hook` with :class:`NoiseHookState` — a ``DistributedDataParallel`` communication hook that
-  reduces every gradient bucket exactly as DDP's default :func:`allreduce_hook` does (so training is bitwise
-  unchanged) and estimates ‖G‖², tr Σ and B_S = B_simple + 1 from each rank's local gradient and the reduced
+  reduces every gradient bucket exactly as DDP does without a hook (so training is bitwise unchanged) and estimates ‖G‖², tr Σ and B_S = B_simple + 1 from each rank's local gradient and the reduced
   one (the two-batch-size estimator of McCandlish et al. 2018, appendix A.1, averaged over ranks as
   ``scalesgd train --diversity cheap`` does). Cost: one all-reduce of 2P scalars per step.
 * :class:`AdaptiveBatchSampler` — a batch sampler that gives each rank its shard of a global batch whose
@@ -37,7 +36,6 @@ from typing import Any, Callable, Iterator, Sequence, Sized
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from scalesgd.batch_policy import BatchPolicy, StepObservation, make_batch_policy
 from scalesgd.data.sharding import BatchStream, Cursor
@@ -264,8 +262,9 @@ class NoiseHookState:
 def noise_hook(state: NoiseHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: DDP's own averaging all-reduce, plus the gradient-noise estimate.
 
-    The bucket is reduced by :func:`torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook`
-    itself (divide by P, all-reduce sum), so the gradients are bitwise those of DDP's default hook. Before
+    The bucket is reduced as DDP reduces it without a hook (scale by 1/P, all-reduce sum; the same
+    all-reduce as :func:`torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook`, which
+    divides by P instead of multiplying by 1/P), so the parameters are bitwise those of plain DDP. Before
     that the hook takes the bucket's local squared norm (rank p's ‖G_p‖² over this bucket's parameters);
     after it, the reduced squared norm (‖Ḡ‖²). Both are summed over the buckets of one backward; once the
     last bucket is launched one more all-reduce of 2P scalars shares every rank's ‖G_p‖² and b_p, and
@@ -280,11 +279,16 @@ def noise_hook(state: NoiseHookState, bucket: dist.GradBucket) -> torch.futures.
     pend = state._bucket_pending()
     buf = bucket.buffer()
     index = bucket.index()
-    pend.local_sq[index] = _sq_norm(buf)  # before allreduce_hook divides the buffer in place
-    fut = allreduce_hook(state.process_group, bucket)
+    pend.local_sq[index] = _sq_norm(buf)  # before the buffer is scaled in place
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    # DDP's built-in reducer scales each gradient by the reciprocal 1/P (at::mul_out with a wrapped double
+    # scalar); default_hooks.allreduce_hook divides by P instead, which differs in the last bit when P is not
+    # a power of two (seen at P = 3). Multiplying keeps the parameters bitwise those of DDP without a hook.
+    buf.mul_(1.0 / dist.get_world_size(group))
+    fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
 
-    def record_reduced(f: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
-        reduced = f.value()
+    def record_reduced(f: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        reduced = f.value()[0]
         pend.reduced_sq[index] = _sq_norm(reduced)
         return reduced
 
