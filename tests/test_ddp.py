@@ -1,8 +1,8 @@
 """scalesgd.ddp: the DDP noise hook, the adaptive batch sampler and AdaptiveBatch in a plain DDP loop.
 
-References: PyTorch's own DDP without a hook (bitwise), the trainer's estimator (tracking.DiversityTracker,
-cheap path) fed with per-rank gradients computed directly, diversity.two_batch_noise_stats, the trainer's
-BatchStream/shard order, and a Monte Carlo mean for unbiasedness.
+References: PyTorch's own DDP without a hook (bitwise); the trainer's estimator (the project's per-rank
+two_batch_noise_stats averaged over ranks, NoiseScaleEMA) fed with per-rank gradients computed directly; the
+trainer's BatchStream/shard order, batch policy and lr rule; a Monte Carlo mean for unbiasedness.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -23,10 +23,9 @@ from scalesgd.data.sharding import BatchStream, Cursor, shard
 from scalesgd.ddp import (AdaptiveBatch, AdaptiveBatchSampler, ddp_effective_batch_size, ddp_noise_stats,
                           pooled_two_batch_noise_stats, register_noise_hook)
 from scalesgd.distributed import init_world, shutdown_world, spawn
-from scalesgd.diversity import two_batch_noise_stats
+from scalesgd.diversity import NoiseScaleEMA, two_batch_noise_stats
 from scalesgd.errors import ConfigError
 from scalesgd.lr_rules import LrConfig, lr_terms
-from scalesgd.tracking import DiversityTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +43,8 @@ def test_pooled_estimate_is_the_mean_of_the_per_rank_two_batch_estimates():
         big = float(torch.rand(1, generator=g))
         per_rank = [two_batch_noise_stats(s, b, big, big_b) for s, b in zip(local, sizes)]
         got = pooled_two_batch_noise_stats(local, sizes, big, big_b)
-        assert got.grad_sq_norm == pytest.approx(sum(r.grad_sq_norm for r in per_rank) / p, rel=1e-12)
-        assert got.trace_cov == pytest.approx(sum(r.trace_cov for r in per_rank) / p, rel=1e-12)
+        for k in range(2):  # (||G||^2, tr Sigma)
+            assert astuple(got)[k] == pytest.approx(sum(astuple(r)[k] for r in per_rank) / p, rel=1e-12)
     assert pooled_two_batch_noise_stats([1.0], [4], 0.5, 4) is None  # no rank with b_p < B
 
 
@@ -70,14 +69,14 @@ def test_unequal_shards_are_unbiased_under_ddp_averaging():
     local_sq = torch.stack([t.square().sum(1) for t in local], 1)  # (trials, P)
     reduced_sq = reduced.square().sum(1)
     est = [ddp_noise_stats(local_sq[i].tolist(), sizes, float(reduced_sq[i])) for i in range(trials)]
-    g2 = torch.tensor([e.grad_sq_norm for e in est])
-    tr = torch.tensor([e.trace_cov for e in est])
+    g2 = torch.tensor([astuple(e)[0] for e in est])
+    tr = torch.tensor([astuple(e)[1] for e in est])
     for value, truth in ((g2, true_g2), (tr, true_tr)):
         se = float(value.std()) / math.sqrt(trials)
         assert abs(float(value.mean()) - truth) < 4 * se, (float(value.mean()), truth, se)
     # The same numbers read with the big batch B = sum b_p (right only for equal shards) are visibly biased.
-    naive = torch.tensor([pooled_two_batch_noise_stats(local_sq[i].tolist(), sizes, float(reduced_sq[i]),
-                                                       sum(sizes)).trace_cov for i in range(trials)])
+    naive = torch.tensor([astuple(pooled_two_batch_noise_stats(local_sq[i].tolist(), sizes, float(reduced_sq[i]),
+                                                               sum(sizes)))[1] for i in range(trials)])
     assert abs(float(naive.mean()) - true_tr) > 10 * float(naive.std()) / math.sqrt(trials)
 
 
@@ -160,16 +159,32 @@ def _local_mean_grad(net, x, y):
     return torch.cat([p.grad.reshape(-1) for p in net.parameters()])
 
 
-def _trainer_estimate(tracker, net, x, y, shard_sizes, rank):
-    """The trainer's cheap-path estimate for one step, from this rank's mean gradient computed directly."""
-    big_b = sum(shard_sizes)
-    b = shard_sizes[rank]
-    g_local = _local_mean_grad(net, x, y)
-    flat = SimpleNamespace(grad=g_local * (b / big_b))  # the trainer's buffer: sum over the shard / B
-    tap = torch.tensor(tracker.local_stats(flat, b, big_b, 1.0 / big_b), dtype=torch.float64)
-    dist.all_reduce(tap)
-    dist.all_reduce(flat.grad)  # now the global batch's mean gradient G_B
-    return tracker.after_reduce(flat, tap.tolist(), shard_sizes, big_b)
+class _TrainerReference:
+    """The trainer's two-batch estimate (``--diversity cheap``) from gradients computed directly: each rank's
+    mean gradient over its shard against the global batch's mean gradient (the trainer's sum over the batch
+    / B), the project's per-rank :func:`two_batch_noise_stats` averaged over ranks, smoothed by NoiseScaleEMA."""
+
+    def __init__(self, decay):
+        self.ema = NoiseScaleEMA(decay)
+        self.state = self.ema.init()
+
+    def step(self, net, x, y, shard_sizes, rank):
+        p, big_b, b = len(shard_sizes), sum(shard_sizes), shard_sizes[rank]
+        g_local = _local_mean_grad(net, x, y)
+        g_big = g_local * (b / big_b)
+        dist.all_reduce(g_big)  # the global batch's mean gradient G_B
+        local_sq = torch.zeros(p, dtype=torch.float64)
+        local_sq[rank] = g_local.square().sum()
+        dist.all_reduce(local_sq)
+        big_sq = float(g_big.square().sum())
+        per_rank = [astuple(two_batch_noise_stats(float(local_sq[r]), shard_sizes[r], big_sq, big_b))
+                    for r in range(p)]
+        g2, tr = sum(e[0] for e in per_rank) / p, sum(e[1] for e in per_rank) / p
+        self.state = self.ema.update(self.state, g2, tr)
+        est = self.ema.estimate(self.state, N)
+        return {"grad_sq_norm_step": g2, "trace_cov_step": tr, "grad_sq_norm_est": est.grad_sq_norm_est,
+                "trace_cov_est": est.trace_cov_est, "batch_bound_est": est.batch_bound_est,
+                "diversity_est": est.diversity_est, "g_big": g_big}
 
 
 def _worker(rdv):
@@ -222,7 +237,7 @@ def _worker(rdv):
         state2 = register_noise_hook(hooked2, local_batch_source=lambda: local_b["b"], n_train=N, decay=0.9)
         opt2 = torch.optim.SGD(hooked2.parameters(), lr=0.3)
         ref_net = _net()
-        tracker = DiversityTracker("cheap", ref_net, world_size=p, n_train=N, decay=0.9)
+        reference = _TrainerReference(decay=0.9)
         stream, cursor = BatchStream(N, seed=2), Cursor()
         pairs = []
         for want in [8, 8, 12, 16, 10, 10, 20]:
@@ -231,7 +246,8 @@ def _worker(rdv):
             idx = shard(batch.indices, rank, p)
             local_b["b"] = idx.numel()
             ref_net.load_state_dict(hooked2.module.state_dict())
-            ref = _trainer_estimate(tracker, ref_net, x[idx], y[idx], shard_sizes, rank)
+            ref = reference.step(ref_net, x[idx], y[idx], shard_sizes, rank)
+            del ref["g_big"]
             opt2.zero_grad()
             nn.functional.cross_entropy(hooked2(x[idx]), y[idx]).backward()
             opt2.step()
@@ -258,7 +274,7 @@ def _worker(rdv):
 
         # the trainer's loop by hand, from the project's parts, on a plain module
         net = _net()
-        tracker = DiversityTracker("cheap", net, world_size=p, n_train=N, decay=0.8)
+        reference = _TrainerReference(decay=0.8)
         policy = make_batch_policy("diversity", min_batch=4, max_batch=N, **policy_options)
         pstate = policy.init_state()
         lr_cfg = LrConfig(base_lr=0.2, base_batch_size=4, rule="adascale")
@@ -276,9 +292,8 @@ def _worker(rdv):
             lr = lr_terms(lr_cfg, step=step, epoch=epoch, global_batch_size=current,
                           grad_sq_norm_est=estimates.get("grad_sq_norm_est"),
                           trace_cov_est=estimates.get("trace_cov_est")).lr
-            estimates = _trainer_estimate(tracker, net, x[idx], y[idx], shard_sizes, rank)
-            g_sum = _local_mean_grad(net, x[idx], y[idx]) * (idx.numel() / batch.indices.numel())
-            dist.all_reduce(g_sum)  # the global batch's mean gradient, as the trainer sums it
+            estimates = reference.step(net, x[idx], y[idx], shard_sizes, rank)
+            g_sum = estimates.pop("g_big")  # the global batch's mean gradient, as the trainer sums it
             with torch.no_grad():
                 start = 0
                 for prm in net.parameters():
@@ -304,7 +319,7 @@ def _worker_three(rdv):
         local_b = {"b": 0}
         state = register_noise_hook(hooked, local_batch_source=lambda: local_b["b"], n_train=N, decay=0.5)
         opts = [torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.5) for m in (plain, hooked)]
-        tracker = DiversityTracker("cheap", _net(), world_size=p, n_train=N, decay=0.5)
+        reference = _TrainerReference(decay=0.5)
         stream, cursor, bitwise, pairs = BatchStream(N, seed=4), Cursor(), [], []
         for want in [9, 12, 6, 15, 9]:
             batch, cursor = stream.next(cursor, want)
@@ -313,7 +328,8 @@ def _worker_three(rdv):
             local_b["b"] = idx.numel()
             ref_net = _net()
             ref_net.load_state_dict({k: v.double() for k, v in hooked.module.state_dict().items()})
-            ref = _trainer_estimate(tracker, ref_net, x[idx], y[idx], shard_sizes, rank)
+            ref = reference.step(ref_net, x[idx], y[idx], shard_sizes, rank)
+            del ref["g_big"]
             for model, opt in zip((plain, hooked), opts):
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(x[idx].float()), y[idx]).backward()

@@ -30,7 +30,7 @@ are equal), so B_eff takes the big batch's place in the two-batch formulas.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Iterator, Sequence, Sized
 
@@ -84,7 +84,7 @@ def pooled_two_batch_noise_stats(local_grad_sq_norms: Sequence[float], local_bat
     coef_t = sum(1.0 / (1.0 / bs - 1.0 / bb) for _, bs in ranks)
     u = sum(bs * s / (bb - bs) for s, bs in ranks)
     v = sum(s / (1.0 / bs - 1.0 / bb) for s, bs in ranks)
-    return NoiseStats(grad_sq_norm=(big_sq * coef_g - u) / p, trace_cov=(v - big_sq * coef_t) / p)
+    return NoiseStats((big_sq * coef_g - u) / p, (v - big_sq * coef_t) / p)  # (‖G‖², tr Σ)
 
 
 def ddp_effective_batch_size(local_batch_sizes: Sequence[int]) -> float:
@@ -232,11 +232,11 @@ class NoiseHookState:
         reduced_sq = sum(float(pend.reduced_sq[i]) for i in sorted(pend.reduced_sq))
         stats = ddp_noise_stats(local_sq, local_b, reduced_sq)
         self.steps += 1
-        if stats is not None and not (math.isfinite(stats.grad_sq_norm) and math.isfinite(stats.trace_cov)):
-            stats = None
+        if stats is not None and not all(math.isfinite(v) for v in astuple(stats)):
+            stats = None  # a diverging step's inf/NaN would poison the average for good
         self.last_step = stats
         if stats is not None:
-            self.ema_state = self.ema.update(self.ema_state, stats.grad_sq_norm, stats.trace_cov)
+            self.ema_state = self.ema.update(self.ema_state, *astuple(stats))
         return stats
 
     def estimate(self) -> dict[str, float]:
@@ -255,7 +255,8 @@ class NoiseHookState:
                "b_simple_est": est.b_simple_est, "batch_bound_est": est.batch_bound_est,
                "diversity_est": est.diversity_est if self.n_train else math.nan}
         if self.last_step is not None:
-            out.update(grad_sq_norm_step=self.last_step.grad_sq_norm, trace_cov_step=self.last_step.trace_cov)
+            g2, tr = astuple(self.last_step)
+            out.update(grad_sq_norm_step=g2, trace_cov_step=tr)
         return out
 
 
@@ -462,12 +463,12 @@ class AdaptiveBatch(torch.utils.data.Sampler):
         global_batch_size: the starting global batch B₀ (examples over all ranks), also the lr rule's base.
         policy: ``"fixed"``, ``"diversity"`` or ``"schedule"`` (:func:`scalesgd.batch_policy.make_batch_policy`).
         policy_options: its options; for ``diversity`` the defaults are the trainer's: min_batch = B₀,
-            max_batch = n (and the policy's own warm-up/hysteresis: ``min_steps``, ``patience_steps``, ...).
+            max_batch = n (lower it to what fits in memory), and the policy's own warm-up and hysteresis
+            (``min_steps``, ``patience_steps``, ...).
         lr_rule: ``constant``, ``linear``, ``sqrt`` or ``adascale`` (:class:`scalesgd.lr_rules.LrConfig`).
         lr_options: more LrConfig fields (``warmup_epochs``, ``schedule``, ``total_epochs``, ...).
         decay: the noise estimate's EMA decay.
         seed: seed of the example order.
-        max_batch_memory: the largest global batch that fits in memory (None: no cap).
     Raises:
         ConfigError: bad options, a model that is not DDP.
 
@@ -482,8 +483,7 @@ class AdaptiveBatch(torch.utils.data.Sampler):
     def __init__(self, model: torch.nn.parallel.DistributedDataParallel, dataset: Sized | int, *,
                  optimizer: torch.optim.Optimizer, global_batch_size: int, policy: str = "diversity",
                  policy_options: dict[str, Any] | None = None, lr_rule: str = "constant",
-                 lr_options: dict[str, Any] | None = None, decay: float = 0.99, seed: int = 0,
-                 max_batch_memory: int | None = None):
+                 lr_options: dict[str, Any] | None = None, decay: float = 0.99, seed: int = 0):
         n = dataset if isinstance(dataset, int) else len(dataset)
         group = model.process_group
         self.sampler = AdaptiveBatchSampler(n, global_batch_size, rank=dist.get_rank(group),
@@ -497,7 +497,6 @@ class AdaptiveBatch(torch.utils.data.Sampler):
         self.policy: BatchPolicy = make_batch_policy(policy, **options)
         self.sampler.policy_state = self.policy.init_state()
         self.sampler.decide = self._decide
-        self.max_batch_memory = max_batch_memory
         self.optimizer = optimizer
         self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self.lr_config = LrConfig(base_lr=self.base_lrs[0], base_batch_size=global_batch_size, rule=lr_rule,
@@ -530,7 +529,7 @@ class AdaptiveBatch(torch.utils.data.Sampler):
         est = self.hook.estimate()
         decision, self.sampler.policy_state = self.policy.next(self.sampler.policy_state, StepObservation(
             step=step, epoch=epoch, global_batch_size=current, batch_bound_est=est["batch_bound_est"],
-            world_size=self.sampler.world_size, max_batch_memory=self.max_batch_memory))
+            world_size=self.sampler.world_size))
         return decision.global_batch_size
 
     def _step_started(self) -> int:
