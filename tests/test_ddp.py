@@ -134,6 +134,15 @@ def test_sampler_never_gives_a_rank_an_empty_shard_and_rewinds_unconsumed_batche
         AdaptiveBatchSampler(10, 1, rank=0, world_size=2)
 
 
+def test_a_model_without_ddp_is_refused_with_the_fix():
+    net = nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="wrap it first"):
+        register_noise_hook(net, local_batch_size=4)
+    with pytest.raises(ConfigError, match="wrap it first"):
+        AdaptiveBatch(net, 100, optimizer=opt, global_batch_size=8)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Two gloo processes: bitwise DDP, the trainer's estimates, AdaptiveBatch end to end
 

@@ -470,7 +470,7 @@ class AdaptiveBatch(torch.utils.data.Sampler):
         decay: the noise estimate's EMA decay.
         seed: seed of the example order.
     Raises:
-        ConfigError: bad options, a model that is not DDP.
+        ConfigError: bad policy or lr options, a model that is not DDP, a starting batch outside [P, n].
 
     Attributes:
         hook: the :class:`NoiseHookState` (``ab.hook.estimate()``).
@@ -484,6 +484,13 @@ class AdaptiveBatch(torch.utils.data.Sampler):
                  optimizer: torch.optim.Optimizer, global_batch_size: int, policy: str = "diversity",
                  policy_options: dict[str, Any] | None = None, lr_rule: str = "constant",
                  lr_options: dict[str, Any] | None = None, decay: float = 0.99, seed: int = 0):
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise ConfigError(f"AdaptiveBatch needs a torch.nn.parallel.DistributedDataParallel model, got "
+                              f"{type(model).__name__}; wrap it first: model = DistributedDataParallel(model)")
+        taken = sorted({"base_lr", "base_batch_size", "rule"} & set(lr_options or {}))
+        if taken:
+            raise ConfigError(f"lr_options may not set {', '.join(taken)}: the base lr is the optimizer's, the base "
+                              f"batch is global_batch_size and the rule is lr_rule=")
         n = dataset if isinstance(dataset, int) else len(dataset)
         group = model.process_group
         self.sampler = AdaptiveBatchSampler(n, global_batch_size, rank=dist.get_rank(group),
