@@ -351,3 +351,55 @@ def test_the_sweep_report_flags_seeds_whose_times_disagree():
                                      final_test_accuracy=0.95)
     ((key, rows),) = rows_by_series(result).items()
     assert "‡" not in "\n".join(_table_lines(result, key, rows))
+
+
+# --- 1. randomness of the examples differs per rank (and equals P = 1's); randomness of the update does not ------
+
+def test_dropout_masks_belong_to_the_examples_not_the_ranks():
+    import torch
+
+    from scalesgd.models import ExampleDropout, example_randomness
+
+    layer = torch.nn.Sequential(ExampleDropout(0.5)).train()
+    x = torch.ones(32, 16)
+
+    def masks(first, rows, step=3, seed=0):
+        with example_randomness(layer, seed=seed, step=step, first_row=first, global_rows=32):
+            return layer(x[first:first + rows]) != 0
+
+    whole = masks(0, 32)  # one worker, the whole batch
+    rank0, rank1 = masks(0, 16), masks(16, 16)  # two workers, 16 rows each
+    assert not torch.equal(rank0, rank1)  # the two ranks draw different masks (they drew the same before)
+    assert torch.equal(torch.cat([rank0, rank1]), whole)  # and together exactly one worker's
+    assert torch.equal(masks(0, 32), whole)  # reproducible from (seed, step, row)
+    assert not torch.equal(masks(0, 32, step=4), whole) and not torch.equal(masks(0, 32, seed=1), whole)
+    assert 0.3 < whole.float().mean() < 0.7
+    # Outside the trainer's block it is nn.Dropout (global generator), and in eval mode nothing is dropped.
+    torch.manual_seed(0)
+    a = layer(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, torch.nn.functional.dropout(x, 0.5, True))
+    assert torch.equal(layer.eval()(x), x)
+
+
+def _dropout_job(tmp_path, workers):
+    cfg = RunConfig(dataset="digits", model="mlp", width=16, dropout=0.5, langevin_noise=0.01, workers=workers,
+                    global_batch_size=32, steps=4, lr=0.1, lr_schedule="constant", check_replicas_every=1,
+                    diversity="off", progress=False, threads_per_worker=1, timeout_s=120, seed=5,
+                    run_dir=str(tmp_path / f"P{workers}"))
+    train(cfg)
+    return [json.loads(line) for line in (tmp_path / f"P{workers}" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.spawn
+def test_two_workers_with_dropout_and_langevin_noise_stay_replicas_and_train_as_one(tmp_path):
+    import torch
+
+    two = _dropout_job(tmp_path, 2)  # --check-replicas-every 1: any rank whose parameters differ stops the run
+    one = _dropout_job(tmp_path, 1)
+    loss2 = [r["loss"] for r in two if r["kind"] == "step"]
+    loss1 = [r["loss"] for r in one if r["kind"] == "step"]
+    assert len(loss2) == 4 and loss2 == pytest.approx(loss1, rel=1e-5)  # P = 2 applies P = 1's masks
+    p2 = torch.load(tmp_path / "P2" / "checkpoint.pt", weights_only=True)["train_state"]["params"]
+    p1 = torch.load(tmp_path / "P1" / "checkpoint.pt", weights_only=True)["train_state"]["params"]
+    assert torch.allclose(p2, p1, rtol=1e-4, atol=1e-6)  # including the same Langevin noise

@@ -31,7 +31,7 @@ from scalesgd.diversity import DiversityEstimate, NoiseEstimate, NoiseScaleEMA, 
 from scalesgd.distributed import Rendezvous, World
 from scalesgd.errors import ConfigError, DistributedError, DivergedError
 from scalesgd.lr_rules import LrConfig, LrTerms, lr_terms
-from scalesgd.models import build_model, loss_function
+from scalesgd.models import build_model, example_randomness, loss_function
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
 from scalesgd.train_state import LossWatch, TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, sgd
@@ -44,8 +44,8 @@ class Prepared:
 
     Attributes:
         model: the initialised model (the same weights on every rank).
-        torch_rng_state: torch's global CPU RNG state right after the model's initialisation (dropout
-            continues from it, exactly as if each rank had built the model itself).
+        torch_rng_state: torch's global CPU RNG state right after the model's initialisation (restored in
+            every rank, exactly as if each rank had built the model itself).
         lr_config: the learning-rate rule and base schedule.
         policy: the batch-size policy.
     """
@@ -165,13 +165,18 @@ def shard_batch(state: TrainState, *, stream: BatchStream, world: World, example
 
 def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn: Callable, x_train: torch.Tensor,
          y_train: torch.Tensor, rank: int, comm: CommStrategy, tx: GradientTransformation, tap: NoiseTap | None,
-         classification: bool) -> tuple[TrainState, StepResult]:
+         classification: bool, seed: int) -> tuple[TrainState, StepResult]:
     """One synchronous step on ``part`` (:func:`scalesgd.step.train_step`); advances counters and cursor."""
     b = int(part.batch.indices.numel())
-    result, tx_state = train_step(
-        flat=flat, loss_fn=loss_fn, x=x_train[part.local], y=y_train[part.local], global_batch_size=b,
-        shard_sizes=part.shard_sizes, rank=rank, comm=comm, tx=tx, tx_state=state.tx_state,
-        hyper=Hyper(lr=lr, step=state.step), tap=tap, classification=classification)
+    # Dropout masks belong to the examples (seed, step, row of the global batch): each rank's rows get their
+    # own, and P workers draw what one worker would (models.ExampleDropout). The update's randomness
+    # (Langevin noise) comes from the transformation's generator, the same on every rank.
+    with example_randomness(flat.model, seed=seed, step=state.step, first_row=sum(part.shard_sizes[:rank]),
+                            global_rows=b):
+        result, tx_state = train_step(
+            flat=flat, loss_fn=loss_fn, x=x_train[part.local], y=y_train[part.local], global_batch_size=b,
+            shard_sizes=part.shard_sizes, rank=rank, comm=comm, tx=tx, tx_state=state.tx_state,
+            hyper=Hyper(lr=lr, step=state.step), tap=tap, classification=classification)
     step_s = result.compute_s + result.comm_s + result.update_s
     return state.replace(tx_state=tx_state, step=state.step + 1, examples=state.examples + b,
                          cursor=part.next_cursor, train_time_s=state.train_time_s + step_s,
@@ -396,7 +401,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
             # step: forward/backward, one all-reduce (gradient + statistics), the same update on every rank
             state, result = step(state, part, lr=terms.lr, flat=flat, loss_fn=loss_fn, x_train=x_train,
                                  y_train=y_train, rank=world.rank, comm=comm, tx=tx, tap=tap,
-                                 classification=classification)
+                                 classification=classification, seed=cfg.seed)
             # estimate: fold the step's unbiased ‖G‖², tr Σ into the smoothed estimates
             state, noise = estimate(state, result, ema=ema, n_train=ds.n_train)
             # log: the step's line; a non-finite or exploding loss stops the run here

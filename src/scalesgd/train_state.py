@@ -47,7 +47,8 @@ class TrainState:
         policy: the batch-size policy's state.
         global_batch_size: the global batch the policy last chose (examples, all ranks).
         cursor: where the data stream stands (epoch, offset into that epoch's permutation).
-        torch_rng_state: torch's global CPU generator state (dropout draws from it).
+        torch_rng_state: torch's global CPU generator state (the trainer's dropout masks come from
+            :func:`scalesgd.models.example_randomness` instead, a function of seed, step and example).
         comm_generator: this rank's generator for the communication strategy's randomness (QSGD's
             stochastic rounding); seeded from the run's seed and the rank.
         step: optimizer steps done.
