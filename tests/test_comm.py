@@ -294,6 +294,7 @@ def job(request):
     return P, spawn(_worker, P, (DRAWS[P],), timeout_s=200)
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(240)
 def test_exact_strategies_match_reference_and_agree_bitwise(job):
     P, results = job
@@ -329,6 +330,7 @@ def test_exact_strategies_match_reference_and_agree_bitwise(job):
     assert r0["split_groups_made_at_build"]  # a collective while every rank builds, not inside a first call
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(240)
 def test_qsgd_distributed_sum_is_bitwise_the_sum_of_quantizations(job):
     P, results = job
@@ -342,6 +344,7 @@ def test_qsgd_distributed_sum_is_bitwise_the_sum_of_quantizations(job):
         assert sent == (P - 1) * payload, key
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(240)
 def test_qsgd_distributed_sum_is_unbiased_within_the_variance_bound(job):
     P, results = job
@@ -394,6 +397,7 @@ def _tcp_failure_worker(rdv) -> str:
         shutdown_world()
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(120)
 def test_ring_tcp_names_a_silent_or_vanished_peer():
     report = spawn(_tcp_failure_worker, 2, (), timeout_s=90)[0].splitlines()
@@ -401,6 +405,7 @@ def test_ring_tcp_names_a_silent_or_vanished_peer():
     assert all("closed its TCP connection" in line for line in report[1:]), report
 
 
+@pytest.mark.spawn
 @pytest.mark.parametrize("module", ["scalesgd.tcp_comm", "scalesgd.comm"])
 def test_each_comm_module_imports_first(module):
     """`ring-tcp` builds on comm.RingAllReduce: importing either module first in a fresh interpreter works."""
