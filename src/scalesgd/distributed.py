@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from typing import Any, Callable
 
 import torch
@@ -260,8 +261,6 @@ def _collect(procs: list[Any], readers: list[Any], timeout_s: float | None
     """Wait for every worker's outcome; stop at the first failure. Returns (pickled results by rank, failure as
     (rank, "error" | "crash" | "timeout", message) or None). Wakes on a message or a worker's exit, never polls.
     """
-    from multiprocessing.connection import wait
-
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     outcomes: dict[int, bytes] = {}
     pending = set(range(len(procs)))

@@ -26,8 +26,10 @@ import os
 from collections.abc import Mapping
 from multiprocessing.context import BaseContext
 
-# What the server imports before it forks anyone: the training loop, and with it torch and the package.
-PRELOAD = ("scalesgd.run",)
+# What the server imports before it forks anyone: the training loop, and with it torch and the package; and
+# TensorBoard's writer, which rank 0 imports as it opens the run directory (imported once here, off the path
+# from launch to first step, instead of in every job's rank 0).
+PRELOAD = ("scalesgd.run", "torch.utils.tensorboard")
 
 
 def worker_context() -> BaseContext:
