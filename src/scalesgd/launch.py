@@ -21,8 +21,10 @@ module imports nothing heavy. Where the platform has no fork server (Windows), w
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Mapping
 from multiprocessing.context import BaseContext
 
@@ -39,7 +41,29 @@ def worker_context() -> BaseContext:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))
+    atexit.unregister(_end_server)  # registered once, however often this is called
+    atexit.register(_end_server)
     return ctx
+
+
+def _end_server() -> None:
+    """At exit, end the fork server this process started, at once.
+
+    Left alone, the server notices that its launcher is gone and exits through a full interpreter shutdown
+    (torch's included: seconds on a busy machine), holding the launcher's stdout and stderr all the while, so
+    that whoever reads them to the end (a shell pipe, ``subprocess.run``) waits for it. It holds nothing else
+    worth a clean exit: its workers have been joined, and its socket file is removed by this process.
+    """
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)  # multiprocessing keeps no public handle
+    if pid is None:  # none started by this process
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):  # already gone, or reaped elsewhere
+        pass
 
 
 def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
