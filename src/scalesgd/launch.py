@@ -28,10 +28,11 @@ import signal
 from collections.abc import Mapping
 from multiprocessing.context import BaseContext
 
-# What the server imports before it forks anyone: the training loop, and with it torch and the package; and
+# What the server imports before it forks anyone: the training loop, and with it torch and the package;
 # TensorBoard's writer, which rank 0 imports as it opens the run directory (imported once here, off the path
-# from launch to first step, instead of in every job's rank 0).
-PRELOAD = ("scalesgd.run", "torch.utils.tensorboard")
+# from launch to first step, instead of in every job's rank 0); and the command line, whose script every
+# worker re-runs as multiprocessing's __mp_main__ (a no-op import once it is here).
+PRELOAD = ("scalesgd.run", "torch.utils.tensorboard", "scalesgd.cli")
 
 
 def worker_context() -> BaseContext:
