@@ -9,7 +9,9 @@ many jobs pays the imports once.
 Why forking from the server is safe: the server only imports, and never computes. Importing torch starts
 no OpenMP pool, no CUDA context and no process group, so each worker begins as a fresh interpreter would
 and makes its own; the one thread an import starts, numpy's idle OpenBLAS pool, OpenBLAS itself stops and
-restarts across fork (``pthread_atfork``), as for any forked numpy program. Multiprocessing hands each worker the launcher's working directory, ``sys.path`` and ``sys.argv``;
+restarts across fork (``pthread_atfork``), as for any forked numpy program.
+
+Multiprocessing hands each worker the launcher's working directory, ``sys.path`` and ``sys.argv``;
 :func:`scalesgd.distributed.spawn` hands it the rest of what a fork from the server would otherwise take
 from the server instead of the launcher: the environment, stdout and stderr. Only what torch reads from the
 environment while it is imported comes from the environment the server started in.
