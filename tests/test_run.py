@@ -15,9 +15,9 @@ from scalesgd.data import load_data
 from scalesgd.diversity import gradient_diversity
 from scalesgd.models import build_model, loss_function
 from scalesgd.run import train
+from scalesgd.train_state import TrainState
 
 pytestmark = pytest.mark.spawn  # every test here reads one shared 2-worker training run
-from scalesgd.train_state import TrainState
 
 START_BATCH, STEPS, EVERY, LR = 16, 130, 13, 0.05
 
