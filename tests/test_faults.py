@@ -448,3 +448,33 @@ def test_qsgd_leaves_the_two_batch_estimate_close_to_the_exact_bound(tmp_path):
     # Two workers, --diversity cheap over qsgd at 1 level: the estimate was -7.5 (tr Sigma < 0) against 23.1.
     exact, est = _noise_run(tmp_path, "two", workers=2, comm="qsgd", diversity="cheap")
     assert est == pytest.approx(exact, rel=0.15)
+
+
+# --- 8. the rendezvous port cannot be taken between choosing it and binding it -------------------------------
+
+def _port_job(rdv):
+    import torch
+    import torch.distributed as dist
+
+    distributed.init_world(rdv, "gloo", timeout_s=60)
+    try:
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        return rdv.port, rdv.store_hosted, float(t)
+    finally:
+        distributed.shutdown_world()
+
+
+@pytest.mark.spawn
+def test_a_port_taken_after_the_probe_does_not_fail_the_job(monkeypatch):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        # The probe's answer is taken by another process before rank 0 binds it (here: at once, every time).
+        monkeypatch.setattr(distributed, "free_port", lambda addr="127.0.0.1": taken)
+        results = distributed.spawn(_port_job, 2, timeout_s=120)
+    ports = {port for port, _, _ in results}
+    assert [r[1:] for r in results] == [(True, 2.0), (True, 2.0)] and len(ports) == 1 and taken not in ports
