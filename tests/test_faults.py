@@ -147,6 +147,7 @@ def _advised(message):
     return [{"lr": float(lr.group(1))}, {"warmup_epochs": float(warmup.group(1))}]
 
 
+@pytest.mark.spawn  # trains: env.json runs git
 @pytest.mark.parametrize("lr", [5.0, 30.0])
 def test_an_exploding_loss_stops_the_run_with_one_line(tmp_path, capsys, lr):
     # Only NaN was caught: at --lr 5 and 30 the loss rose a hundred- to a billion-fold, the run ended at chance
@@ -156,11 +157,13 @@ def test_an_exploding_loss_stops_the_run_with_one_line(tmp_path, capsys, lr):
     assert "exploded" in line and "--lr" in line and "--warmup-epochs" in line
 
 
+@pytest.mark.spawn  # trains: env.json runs git
 def test_a_spike_that_recovers_is_not_divergence(tmp_path):
     message, steps = _digits_run(tmp_path, "spiky", lr=0.5, epochs=5)
     assert message is None and max(r["loss"] for r in steps) > 5 * steps[0]["loss"]  # it did spike
 
 
+@pytest.mark.spawn  # trains: env.json runs git
 @pytest.mark.parametrize("lr,options", [(1000.0, {"steps": 30}), (30.0, {})], ids=["nan", "explosion"])
 def test_the_divergence_advice_changes_the_learning_rates_and_the_outcome(tmp_path, lr, options):
     message, steps = _digits_run(tmp_path, "base", lr=lr, **options)
@@ -182,6 +185,7 @@ def test_the_divergence_advice_changes_the_learning_rates_and_the_outcome(tmp_pa
     assert message is None, message
 
 
+@pytest.mark.spawn  # trains: env.json runs git
 def test_warm_up_ramps_under_the_constant_rule(tmp_path):
     # --warmup-epochs 1 under the default --lr-rule constant ramped from 1 to 1: the same rates as without it.
     _, plain = _digits_run(tmp_path, "plain", lr=0.1, steps=20, lr_schedule="constant")
@@ -297,6 +301,7 @@ def test_workers_that_disagree_with_torchrun_are_refused(tmp_path, capsys, monke
 
 # --- 9. one-time warm-up stays out of every clock; seeds that disagree on time are flagged ---------------------
 
+@pytest.mark.spawn  # trains: env.json runs git
 def test_the_warm_up_is_untimed_and_leaves_the_run_as_it_was(tmp_path, monkeypatch):
     import time
 
@@ -437,6 +442,7 @@ def _noise_run(tmp_path, tag, *, workers, comm, diversity):
     return last["batch_bound"], last["batch_bound_est"]
 
 
+@pytest.mark.spawn  # trains: env.json runs git
 def test_qsgd_leaves_the_exact_mode_estimate_unbiased(tmp_path):
     # One worker: --diversity cheap is exact; the buffer is still quantized (levels 1). Was 13.9 against 23.1.
     exact, est = _noise_run(tmp_path, "one", workers=1, comm="qsgd", diversity="exact")
