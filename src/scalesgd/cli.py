@@ -61,7 +61,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("lr-milestones", _float_list, "epochs at which the step schedule multiplies the lr by --lr-gamma"),
     ("lr-gamma", float, "factor of the step schedule"),
     ("lr-rule", str, "lr as the batch changes: constant, linear, sqrt, adascale"),
-    ("warmup-epochs", float, "gradual warm-up of the lr rule (Goyal et al.)"),
+    ("warmup-epochs", float, "epochs of linear lr warm-up, from min(lr, a tenth of the rule's rate) to that rate "
+                             "(Goyal et al.)"),
     ("base-batch-size", int, "B0 of the lr rule (default: the starting global batch)"),
     ("langevin-noise", float, "Gaussian noise std per sqrt(lr) added to each update (SGLD-style)"),
     ("batch-policy", str, "fixed, diversity (batch = delta*B_S + 1), schedule"),
