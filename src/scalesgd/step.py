@@ -94,8 +94,8 @@ class NoiseTap:
       averaged over ranks (:func:`~scalesgd.diversity.two_batch_rank_terms`,
       :func:`~scalesgd.diversity.rank_averaged_two_batch_noise_stats`). With one worker there is no
       smaller batch; ``cheap`` then falls back to ``exact``.
-    * either way, under a lossy codec ‖G_B‖² is the reduced gradient's squared norm less the codec's rounding variance
-      summed over ranks (tail slot ``SLOT_CODEC_VAR``), so both paths stay unbiased.
+    * either way, under a lossy codec ‖G_B‖² is the reduced gradient's squared norm less the codec's
+      rounding variance summed over ranks (tail slot ``SLOT_CODEC_VAR``), so both paths stay unbiased.
     """
 
     def __init__(self, mode: str, model: nn.Module, *, world_size: int):
