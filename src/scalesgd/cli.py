@@ -42,13 +42,19 @@ def _positive_int_list(text: str) -> list[int]:
 # (option, type, help). Every RunConfig field the user may set; defaults come from RunConfig itself, and are
 # appended to the help unless the help states what an unset (None) value means.
 TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
-    ("dataset", str, "data set: mnist1d, digits, idx:PATH, cifar10:PATH, synthetic-linreg, synthetic-logreg"),
+    ("dataset", str, "data set: mnist1d, digits, idx:PATH, cifar10:PATH, synthetic-linreg, synthetic-logreg, or "
+                     "your own MODULE:FUNCTION returning (train, test) (MODULE: dotted name or path/to/file.py)"),
     ("n-train", int, "training examples to generate (mnist1d, synthetic-*) (default: the data set's own)"),
     ("dim", int, "input dimension of synthetic data sets (default: the data set's own)"),
     ("noise", float, "label noise of synthetic data sets (default: the data set's own)"),
     ("replicate", int, "keep n/r distinct training examples and refill to n (lowers gradient diversity)"),
     ("data-seed", int, "seed of generated data sets and splits (default: the data set's own)"),
-    ("model", str, "model: logreg, mlp, cnn1d, cnn"),
+    ("model", str, "model: logreg, mlp, cnn1d, cnn, or your own MODULE:FUNCTION returning an nn.Module (it gets "
+                   "the keywords it accepts of input_shape, num_outputs, width, depth, dropout, norm)"),
+    ("loss", str, "your own per-example loss MODULE:FUNCTION, (output, target) -> (B,) (default: cross-entropy "
+                  "for integer targets, half squared error otherwise)"),
+    ("loader-workers", int, "DataLoader worker processes that read a map-style data set's examples (0: in the "
+                            "training process)"),
     ("width", int, "channels / hidden units (default: the model's own)"),
     ("depth", int, "hidden layers of the mlp"),
     ("dropout", float, "dropout probability"),
@@ -89,7 +95,7 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("qsgd-levels", int, "quantisation levels of --comm qsgd"),
     ("master-addr", str, "rendezvous address for local workers"),
     ("master-port", int, "rendezvous port for local workers (default: a free one)"),
-    ("threads-per-worker", int, "torch threads per worker (default: cores / local workers)"),
+    ("threads-per-worker", int, "torch threads per worker (default: cores / local workers, at least 1)"),
     ("timeout-s", float, "collective timeout: a worker silent this long ends the job with an error"),
     ("check-replicas-every", int, "check every k steps that all ranks hold identical parameters (0: off)"),
     ("seed", int, "seed of model init and data order"),
