@@ -311,13 +311,14 @@ def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
                     "then predict time to accuracy = (n/B)*T_step(B,P) * passes(B) over a (B, P) grid, with "
                     "T_step = T_compute(ceil(B/P)) + 2(P-1)alpha + 2(P-1)/P*N*beta and "
                     "passes(B) = passes_min*(1 + B/(B_S-1)).")
-    p.add_argument("--model", default="cnn1d", choices=sorted(MODELS), help="model (default: cnn1d)")
-    p.add_argument("--dataset", default="mnist1d", help="data set spec, for input shape, n and outputs "
-                   "(default: mnist1d)")
+    p.add_argument("--model", default=None, help=f"model: {', '.join(sorted(MODELS))} or MODULE:FUNCTION "
+                   "(default: cnn1d, or with --from-run the run's own; a different one is an error)")
+    p.add_argument("--dataset", default=None, help="data set spec, for input shape, n and outputs "
+                   "(default: mnist1d, or with --from-run the run's own)")
     p.add_argument("--n-train", type=int, default=None, help="training examples (default: the data set's)")
     p.add_argument("--width", type=int, default=None, help="model width (default: the model's own)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--norm", default="none")
+    p.add_argument("--dropout", type=float, default=None, help="dropout (default: 0, or the run's own)")
+    p.add_argument("--norm", default=None, help="normalisation (default: none, or the run's own)")
     p.add_argument("--network", default=None, metavar="'BW, LATENCY'",
                    help="target network, e.g. '25 Gbit/s, 10 us' (default: measured here with gloo)")
     p.add_argument("--comm", default="allreduce", choices=COMM_NAMES,
