@@ -36,7 +36,7 @@ from scalesgd.models import loss_function
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
 from scalesgd.train_state import TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, sgd
-from scalesgd.user_code import build_run_model, is_import_string, loss_for, short_name
+from scalesgd.user_code import build_run_model, canonical, is_import_string, loss_for, short_name
 from scalesgd.writer import RunWriter, check_run_dir_is_new, default_run_dir, environment
 
 
@@ -494,6 +494,8 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
     rdv = distributed.torchrun_rendezvous()
     if rdv is None or rdv.rank == 0:  # only rank 0 writes the run directory
         check_run_dir_is_new(cfg.run_dir)
+    # .py paths made absolute: config.json then names files that any later command can find
+    cfg = cfg.replace(model=canonical(cfg.model), dataset=canonical(cfg.dataset), loss=canonical(cfg.loss))
     given_ds = ds is not None
     if ds is None:
         ds = load_data(cfg)

@@ -202,6 +202,17 @@ def loss_for(spec: str | None, task: str, reduction: str = "sum", *,
     return loss_function(task, reduction)
 
 
+def canonical(spec: str | None) -> str | None:
+    """``spec`` with a ``.py`` path made absolute (so the run can be rebuilt from any directory); anything
+    else unchanged."""
+    if not is_import_string(spec):
+        return spec
+    module, _, name = spec.rpartition(":")
+    if not module.endswith(".py"):
+        return spec
+    return f"{Path(module).expanduser().resolve()}:{name}"
+
+
 def short_name(spec: str) -> str:
     """A name fit for a directory: ``pkg.mod:make_net`` → ``mod.make_net``, ``path/own.py:f`` → ``own.f``;
     built-in names as they are (``idx:/data`` → ``idx``)."""
