@@ -5,7 +5,7 @@ Public API (imported lazily, so ``scalesgd --help`` does not pay for torch):
 * :func:`per_example_sq_norms` — ‖∇ℓᵢ‖² for every example of a batch, from one ordinary backward.
 * :func:`gradient_diversity` — Δ, M2, ‖Σᵢgᵢ‖², n and the batch bound n·Δ of a batch or a data loader.
 * :func:`train` — run a :class:`RunConfig`.
-* :func:`fit` — train your own model on your own data from a script (:mod:`scalesgd.fit`).
+* :func:`fit` — train your own model on your own data from a script (:mod:`scalesgd.fitting`).
 """
 
 __version__ = "0.1.0"
@@ -15,7 +15,7 @@ _LAZY = {
     "gradient_diversity": "scalesgd.diversity",
     "GhostNormTap": "scalesgd.diversity",
     "train": "scalesgd.run",
-    "fit": "scalesgd.fit",
+    "fit": "scalesgd.fitting",
     "RunConfig": "scalesgd.config",
 }
 

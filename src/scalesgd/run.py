@@ -107,12 +107,13 @@ def _try_on_two_examples(model: nn.Module, loss_fn: Callable, ds: Dataset) -> No
 
 
 def _threads(cfg: RunConfig, world: World) -> int:
+    """Torch threads of this worker: ``--threads-per-worker``, else the machine's cores shared equally by its
+    local workers, at least one."""
     if cfg.threads_per_worker is not None:
         return cfg.threads_per_worker
     # Every local worker gets an equal share of the cores; with as many workers as cores (or more) that is one
     # thread each: more would make the workers preempt each other at every all-reduce.
-    local = distributed.local_world_size(world.size)
-    return max(1, (os.cpu_count() or 1) // max(local, 1))
+    return max(1, world.cpu_count // max(world.local_size, 1))
 
 
 def _comm(cfg: RunConfig, world: World, generator: torch.Generator) -> CommStrategy:
