@@ -22,14 +22,17 @@ class TokenClassifier(nn.Module):
     def __init__(self, num_outputs: int, width: int, heads: int = 2, layers: int = 1):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, width)
-        self.position = nn.Parameter(0.02 * torch.randn(LENGTH, width))
+        # Positions through an Embedding fed (B, LENGTH) indices, so every parameter sits in a layer whose
+        # per-example gradient norms scalesgd computes directly (--diversity exact).
+        self.position = nn.Embedding(LENGTH, width)
         layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0,
                                            batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(width, num_outputs)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: (B, LENGTH) int64
-        h = self.encoder(self.embed(tokens) + self.position)  # (B, LENGTH, width)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # (B, LENGTH)
+        h = self.encoder(self.embed(tokens) + self.position(positions))  # (B, LENGTH, width)
         return self.head(h.mean(dim=1))  # (B, num_outputs)
 
 

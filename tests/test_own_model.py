@@ -175,7 +175,7 @@ def test_transformer_example_trains_from_import_strings(tmp_path):
     cli = str(Path(sys.executable).with_name("scalesgd"))
     done = subprocess.run([cli, "train", "--model", "examples/transformer_tokens.py:make_model",
                            "--dataset", "examples/transformer_tokens.py:make_data", "--workers", "2", "--steps", "3",
-                           "--global-batch-size", "16", "--diversity", "cheap", "--eval-train-examples", "64",
+                           "--global-batch-size", "16", "--diversity", "exact", "--eval-train-examples", "64",
                            "--no-progress", "--run-dir", str(tmp_path / "tok")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
