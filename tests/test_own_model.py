@@ -169,6 +169,13 @@ def test_fit_from_a_script_and_the_error_without_a_main_guard(tmp_path):
         last = failed.stderr.strip().splitlines()[-1]
         assert failed.returncode != 0
         assert last.startswith("scalesgd.errors.ConfigError: scalesgd.fit") and "__main__" in last, failed.stderr
+    # a guard that does not cover the call: the parent starts workers, each stops at the call with the same
+    # advice, and the parent notices the workers that died before reporting (no hang)
+    (tmp_path / "halfguard.py").write_text(script + '\nif __name__ == "__main__":\n    pass\n')
+    failed = _python([str(tmp_path / "halfguard.py")], cwd=tmp_path, timeout=120)
+    assert failed.returncode != 0
+    assert "scalesgd.fit was called while a worker process imported your script" in failed.stderr
+    assert "worker 0" in failed.stderr.strip().splitlines()[-1] or "worker 1" in failed.stderr.strip().splitlines()[-1]
 
 
 def test_transformer_example_trains_from_import_strings(tmp_path):

@@ -148,6 +148,17 @@ def test_config_accepts_import_strings_and_rejects_a_bad_loss():
         RunConfig(loader_workers=-1)
 
 
+def test_toml_configs_take_import_strings(tmp_path):
+    from scalesgd.config import config_from_mapping, load_toml
+
+    path = tmp_path / "run.toml"
+    path.write_text('model = "own.py:make_model"\ndataset = "pkg.data:make"\nloss = "own.py:loss"\n'
+                    'loader-workers = 2\n')
+    cfg = RunConfig(**config_from_mapping(load_toml(path, what="config file"), source=str(path)))
+    assert (cfg.model, cfg.dataset, cfg.loss, cfg.loader_workers) == ("own.py:make_model", "pkg.data:make",
+                                                                       "own.py:loss", 2)
+
+
 def test_canonical_and_short_names(tmp_path):
     assert canonical("pkg.mod:f") == "pkg.mod:f"
     assert canonical("mnist1d") == "mnist1d"

@@ -32,7 +32,6 @@ from scalesgd.distributed import Rendezvous, World
 from scalesgd.errors import ConfigError, DistributedError, DivergedError
 from scalesgd.lr_rules import LrConfig, LrTerms, lr_terms
 from scalesgd.data.user import ShardReader, to_device
-from scalesgd.models import loss_function
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
 from scalesgd.train_state import TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, sgd
