@@ -210,8 +210,5 @@ class ShardReader:
         return split_batch(concat_batches(list(self.loader)))
 
     def close(self) -> None:
-        if self.loader is not None:
-            it = getattr(self.loader, "_iterator", None)
-            if it is not None and hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()
-            self.loader = None
+        """Let go of the loader: its persistent workers are shut down as its iterator is collected."""
+        self.loader = None
