@@ -301,3 +301,18 @@ def test_fit_rejects_an_unknown_option_before_anything_starts():
         scalesgd.fit(nn.Linear(4, 3), (x, y), workers=1, global_batch=8)
     with pytest.raises(ConfigError, match="pass dataset as fit's own argument"):
         scalesgd.fit(nn.Linear(4, 3), (x, y), workers=1, dataset="digits")
+
+
+def test_fit_records_importable_factories_as_import_strings(user_file):
+    from scalesgd.fitting import import_string_of
+    from scalesgd.models import mlp
+
+    assert import_string_of(mlp) == "scalesgd.models:mlp"
+    from_file = resolve(f"{user_file}:make_model", option="--model")
+    assert import_string_of(from_file) == f"{user_file.resolve()}:make_model"
+    assert import_string_of(lambda **k: None) is None
+
+    def nested(**kwargs):
+        return None
+
+    assert import_string_of(nested) is None

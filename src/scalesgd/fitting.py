@@ -63,6 +63,23 @@ def check_main_module(*objects: Any) -> None:
         raise ConfigError(f"scalesgd.fit in {path}, which has no `if __name__ == \"__main__\":` block: {_GUARD_FIX}")
 
 
+def import_string_of(obj: Any) -> str | None:
+    """The ``MODULE:FUNCTION`` that names ``obj`` when it is a top-level function or class of an importable
+    module (or of a ``.py`` file loaded by path), so that the run records a string it can be rebuilt from and
+    the workers import it themselves; None for anything defined in ``__main__``, nested or anonymous."""
+    from scalesgd.user_code import resolve
+
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+    if not module or module in ("__main__", "__mp_main__") or not name.isidentifier():
+        return None
+    path = getattr(sys.modules.get(module), "__file__", None)
+    spec = f"{path}:{name}" if module.startswith("scalesgd_user_") and path else f"{module}:{name}"
+    try:
+        return spec if resolve(spec, option="fit") is obj else None
+    except ConfigError:
+        return None
+
+
 def _label(obj: Any) -> str:
     from scalesgd.user_code import OBJECT_PREFIX
 
@@ -77,7 +94,8 @@ def fit(model: Any, train_data: Any, *, eval_data: Any = None, loss: Any = None,
     Args:
         model: an import string ``MODULE:FUNCTION``, a factory (called with the keywords it accepts of
             ``input_shape``, ``num_outputs`` and the model options such as ``width``, after seeding torch with
-            ``seed``), or an ``nn.Module`` instance (its weights are the starting point on every worker).
+            ``seed``; a top-level function of an importable module is recorded as its import string, so the
+            run can be rebuilt), or an ``nn.Module`` instance (its weights are the start on every worker).
         train_data: an import string of a data function returning ``(train, test)`` (then ``eval_data`` must
             be None), a tuple of tensors ``(x, y)``, or a map-style ``torch.utils.data.Dataset``
             (:mod:`scalesgd.data.user` says what examples may be).
@@ -118,6 +136,8 @@ def fit(model: Any, train_data: Any, *, eval_data: Any = None, loss: Any = None,
         values["model"] = model
     elif isinstance(model, nn.Module):
         model_obj, values["model"] = model, _label(model)
+    elif callable(model) and import_string_of(model):  # rebuildable: recorded, and resolved by each worker
+        values["model"] = import_string_of(model)
     elif callable(model):
         factory, values["model"] = model, _label(model)
     else:
@@ -126,6 +146,8 @@ def fit(model: Any, train_data: Any, *, eval_data: Any = None, loss: Any = None,
     loss_obj: Callable | None = None
     if isinstance(loss, str):
         values["loss"] = loss
+    elif loss is not None and import_string_of(loss):
+        values["loss"] = import_string_of(loss)
     elif loss is not None:
         if not callable(loss):
             raise ConfigError(f"scalesgd.fit: loss is a {type(loss).__name__}; give a function (output, target) -> "

@@ -134,11 +134,12 @@ def verify_replicas(params: torch.Tensor, world: World, step: int) -> None:
 
 
 def worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset | None = None,
-           prepared: Prepared | None = None) -> dict[str, Any]:
-    """One rank's whole job; returns the run summary (rank 0's is the one written)."""
+           prepared: Prepared | None = None, loss: Callable | None = None) -> dict[str, Any]:
+    """One rank's whole job; returns the run summary (rank 0's is the one written). Without ``ds`` /
+    ``prepared`` the worker loads the data / builds the model itself (``loss``: a loss object for then)."""
     world = distributed.init_world(rdv, cfg.backend, timeout_s=cfg.timeout_s)
     try:
-        return _train(cfg, world, ds, prepared)
+        return _train(cfg, world, ds, prepared, loss)
     finally:
         distributed.shutdown_world()
 
@@ -329,12 +330,13 @@ def save_checkpoint(state: TrainState, *, model: nn.Module, config: dict[str, An
 # The run
 
 
-def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared | None) -> dict[str, Any]:
+def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared | None,
+           loss: Callable | None = None) -> dict[str, Any]:
     torch.set_num_threads(_threads(cfg, world))
     if ds is None:  # this worker calls the data (and below the model) functions itself
         ds = load_data(cfg)
     if prepared is None:
-        prepared = preflight(cfg, ds)
+        prepared = preflight(cfg, ds, loss=loss)
     model = prepared.model.to(world.device)
     model.train()
     flat = FlatModel(model, world.size, world.device)
@@ -512,11 +514,11 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
               f"(--threads-per-worker {threads}); each worker waits for a time slice at every all-reduce, so steps "
               f"slow down many-fold. Use --workers {cores} or fewer here, or run the extra workers on other "
               "machines with torchrun.", file=sys.stderr, flush=True)
-    user = is_import_string(cfg.model) or is_import_string(cfg.dataset) or bool(cfg.loss)
-    if user and not given_ds and model is None and model_factory is None and loss is None:
-        args = (cfg, None, None)  # every worker calls the user's functions itself
-    else:
-        args = (cfg, ds, prepared)
+    # What the user named by import strings, every worker calls itself (nothing large is pickled, and a class
+    # from a .py file loaded by path could not be unpickled by name); objects travel pickled.
+    own_model = is_import_string(cfg.model) and model is None and model_factory is None
+    args = (cfg, None if is_import_string(cfg.dataset) and not given_ds else ds, None if own_model else prepared,
+            loss)
     results = distributed.spawn(worker, cfg.workers, args, port=cfg.master_port,
                                 addr=cfg.master_addr, timeout_s=None)
     return results[0]
