@@ -147,6 +147,24 @@ def test_fit_from_a_script_and_the_error_without_a_main_guard(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "test accuracy" in done.stdout and (tmp_path / "fit" / "summary.json").is_file()
 
+    # an import-string model from a .py file and tensors from the script: each worker builds the model itself
+    (tmp_path / "own.py").write_text(USER_FILE)
+    (tmp_path / "by_string.py").write_text(textwrap.dedent(f"""
+        import torch
+        import scalesgd
+
+        if __name__ == "__main__":
+            x = torch.randn(48, 6)
+            scalesgd.fit("{tmp_path}/own.py:make_model", (x, (x[:, 0] > 0).long()), loss="{tmp_path}/own.py:smooth_ce",
+                         workers=2, steps=2, global_batch_size=8, progress=False, run_dir="{tmp_path}/by_string")
+    """))
+    done = _python([str(tmp_path / "by_string.py")], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    recorded = json.loads((tmp_path / "by_string" / "config.json").read_text())
+    assert recorded["model"] == f"{tmp_path}/own.py:make_model" and recorded["loss"] == f"{tmp_path}/own.py:smooth_ce"
+
     script = textwrap.dedent("""
         import torch
         from torch import nn
