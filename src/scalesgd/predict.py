@@ -27,7 +27,7 @@ from scalesgd.comm import strategy_info
 from scalesgd.diversity import batch_bound_over_run
 from scalesgd.errors import ConfigError
 from scalesgd.rundata import RunData, finite, passes_to_target
-from scalesgd.writer import atomic_path, write_json_atomic
+from scalesgd.writer import atomic_path, check_output_dir, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------------------
 # Compute profile
@@ -398,6 +398,7 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
 
     if max_workers < 1:
         raise ConfigError(f"--max-workers must be >= 1, got {max_workers}")
+    check_output_dir(out, "--out")  # before the minutes of profiling, not after
     network = pm.parse_network(network) if network else None  # fail fast on a bad string
     if network is not None:
         # our rings switch to recursive doubling for small messages on any network; the built-in is a ring

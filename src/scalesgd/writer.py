@@ -33,12 +33,38 @@ from scalesgd.errors import ConfigError
 RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "config.json")  # what a run writes here
 
 
+def check_output_dir(path: Path | str | None, option: str) -> None:
+    """Refuse an output directory that cannot be one: ``path`` must be a directory or not exist, and the
+    nearest existing folder above it must be a writable directory (so ``mkdir(parents=True)`` and the writes
+    after it will work). Call before anything is spawned or written, so a bad ``--out`` fails in one line
+    instead of a traceback from a worker.
+
+    Raises:
+        ConfigError: naming ``option`` and ``path``, what is wrong and the fix.
+    """
+    if path is None or str(path) == "":
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file, not a directory; pick a directory (new or existing)")
+    above = path if path.exists() else path.parent
+    while not above.exists():  # the nearest existing ancestor is where mkdir will start
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(f"{option} {path} cannot be created: {above} is a file, not a directory; pick another path")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path} cannot be written: no write permission in {above}; pick a directory "
+                          "you can write to")
+
+
 def check_run_dir_is_new(run_dir: str | None) -> None:
     """Refuse a ``--run-dir`` that already holds a run: the new run would append its steps to the old
     ``metrics.jsonl`` (two runs' records in one file, silently wrong curves and times) and replace the old
-    summary and checkpoint. Call before anything is spawned or written."""
+    summary and checkpoint. A file, or a place that cannot be created or written, is refused too
+    (:func:`check_output_dir`). Call before anything is spawned or written."""
     if not run_dir:
         return
+    check_output_dir(run_dir, "--run-dir")
     found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
     if found:
         raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(found)}); a new run there would "

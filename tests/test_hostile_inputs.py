@@ -1,0 +1,105 @@
+"""Bad input a new user meets: a file where a directory goes, damaged run files, a damaged or foreign checkpoint,
+a wrong TOML key or value, a run without passes to a target. Each is one line on stderr naming the problem and
+the fix, exit 2 through ``scalesgd.cli.main``, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from scalesgd.cli import main
+from scalesgd.config import RunConfig
+from scalesgd.errors import ConfigError, DataError
+from scalesgd.rundata import RunData
+from scalesgd.writer import check_output_dir
+
+
+def one_error_line(capsys, *words):
+    """The command's stderr is one ``scalesgd: error:`` line, no traceback, holding every word."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("scalesgd: error:"), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1, 2: a file (or a place under a file) where an output directory goes
+
+
+@pytest.fixture
+def afile(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("not a directory\n")
+    return f
+
+
+TRAIN = ["train", "--dataset", "digits", "--model", "mlp", "--steps", "2", "--workers", "1"]
+
+
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_train_run_dir_that_is_a_file_is_refused_before_anything_starts(tmp_path, afile, capsys, sub):
+    run_dir = afile / sub if sub else afile
+    assert main([*TRAIN, "--run-dir", str(run_dir)]) == 2
+    one_error_line(capsys, "--run-dir", str(afile), "not a directory")
+    assert afile.read_text() == "not a directory\n" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_run_dir_under_a_read_only_directory_is_refused(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(ConfigError, match="no write permission"):
+            check_output_dir(ro / "a" / "b", "--run-dir")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_directories_that_exist_or_can_be_made_pass(tmp_path):
+    check_output_dir(tmp_path / "new" / "deeper", "--out")  # creatable: fine
+    check_output_dir(tmp_path, "--out")  # an existing directory: fine
+    check_output_dir(None, "--out")  # not given: the command's default
+    assert sorted(tmp_path.iterdir()) == []  # a check, nothing made
+
+
+def test_sweep_out_and_report_dir_that_are_files_are_refused(tmp_path, afile, capsys):
+    sweep = ["sweep", "--batch-sizes", "8", "--seeds", "0", "--target", "0.5", "--dataset", "digits"]
+    assert main([*sweep, "--out", str(afile)]) == 2
+    one_error_line(capsys, "--out", str(afile), "not a directory")
+    assert main([*sweep, "--out", str(tmp_path / "sw"), "--report-dir", str(afile / "rep")]) == 2
+    one_error_line(capsys, "--report-dir", str(afile), "not a directory")
+    assert not (tmp_path / "sw").exists()  # nothing trained or written
+
+
+def fake_run(run_dir, *, target=None, extra_lines=()):
+    """A run directory as `scalesgd train` writes it (config, metrics, summary), without training."""
+    run_dir.mkdir()
+    lines = [{"kind": "step", "step": s, "epoch": s / 10, "global_batch_size": 32, "loss": 1.0 / s, "time_s": 0.1 * s,
+              "grad_sq_norm_step": 2.0, "trace_cov_step": 100.0, "batch_bound_est": 51.0} for s in range(1, 11)]
+    lines += [{"kind": "eval", "step": 5, "epoch": 0.5, "test_accuracy": 0.6, "test_loss": 1.0, "time_s": 0.5,
+               "train_time_s": 0.5},
+              {"kind": "eval", "step": 10, "epoch": 1.0, "test_accuracy": 0.8, "test_loss": 0.5, "time_s": 1.0,
+               "train_time_s": 1.0}]
+    text = "".join(json.dumps(r) + "\n" for r in [*lines, *extra_lines])
+    (run_dir / "metrics.jsonl").write_text(text)
+    (run_dir / "config.json").write_text(json.dumps({"model": "mlp", "dataset": "digits", "global_batch_size": 32,
+                                                     "workers": 1, "target_accuracy": target}))
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 10, "epochs": 1.0, "target_accuracy": target}))
+    return run_dir
+
+
+def test_report_and_predict_out_that_are_files_are_refused(tmp_path, afile, capsys):
+    run = fake_run(tmp_path / "run")
+    assert main(["report", str(run), "--out", str(afile)]) == 2
+    one_error_line(capsys, "--out", str(afile))
+    assert main(["predict", "--batch-bound", "50", "--passes-at-small-batch", "2", "--out", str(afile / "p")]) == 2
+    one_error_line(capsys, "--out", str(afile), "not a directory")
+
+
