@@ -103,3 +103,48 @@ def test_report_and_predict_out_that_are_files_are_refused(tmp_path, afile, caps
     one_error_line(capsys, "--out", str(afile), "not a directory")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 3: damaged metrics.jsonl
+
+
+def test_non_utf8_bytes_in_metrics_name_the_line(tmp_path, capsys):
+    run = fake_run(tmp_path / "run")
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"\x00\xff\xfe\n")
+    with pytest.raises(DataError, match=r"metrics.jsonl:13 is not UTF-8"):
+        RunData.open(run).records
+    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 2
+    one_error_line(capsys, "metrics.jsonl:13", "UTF-8")
+    assert main(["predict", "--from-run", str(run)]) == 2
+    one_error_line(capsys, "metrics.jsonl:13", "UTF-8")
+
+
+def test_only_the_last_line_is_cut_off_an_earlier_bad_line_is_damage(tmp_path):
+    run = fake_run(tmp_path / "run")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([*lines, '{"kind": "st']) + "\n")
+    with pytest.raises(DataError, match=r"metrics.jsonl:13 is not valid JSON .*cut off mid-write"):
+        RunData.open(run).records
+    lines[3] = lines[3][:20]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"metrics.jsonl:4 is not valid JSON .*damaged") as e:
+        RunData.open(run).records
+    assert "cut off" not in str(e.value).split("(only")[0]
+
+
+@pytest.mark.parametrize("key,value", [("grad_sq_norm_step", "x"), ("epoch", None), ("loss", [1.0]),
+                                       ("test_accuracy", "0.9")])
+def test_a_string_where_a_number_goes_names_the_key(tmp_path, key, value):
+    kind = "eval" if key == "test_accuracy" else "step"
+    rec = {"kind": kind, "step": 11, "epoch": 1.1, key: value}
+    run = fake_run(tmp_path / "run", extra_lines=[rec])
+    with pytest.raises(DataError, match=rf"metrics.jsonl:13: '{key}' is .* not a number"):
+        RunData.open(run).records
+
+
+def test_numbers_and_nulls_pass_and_other_kinds_are_not_checked(tmp_path):
+    run = fake_run(tmp_path / "run", extra_lines=[{"kind": "step", "step": 11, "epoch": 1.1, "loss": None},
+                                                  {"kind": "note", "text": "free"}])
+    assert len(RunData.open(run).records) == 14
+
+
