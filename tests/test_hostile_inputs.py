@@ -14,7 +14,7 @@ from scalesgd.cli import main
 from scalesgd.config import RunConfig
 from scalesgd.errors import ConfigError, DataError
 from scalesgd.rundata import RunData
-from scalesgd.writer import check_output_dir
+from scalesgd.writer import check_output_dir, load_checkpoint
 
 
 def one_error_line(capsys, *words):
@@ -146,5 +146,65 @@ def test_numbers_and_nulls_pass_and_other_kinds_are_not_checked(tmp_path):
     run = fake_run(tmp_path / "run", extra_lines=[{"kind": "step", "step": 11, "epoch": 1.1, "loss": None},
                                                   {"kind": "note", "text": "free"}])
     assert len(RunData.open(run).records) == 14
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4: damaged or foreign checkpoints
+
+
+def small_config():
+    return RunConfig(dataset="synthetic-logreg", n_train=64, dim=4, model="logreg", global_batch_size=8).to_dict()
+
+
+def write_checkpoint(path, model_name):
+    from scalesgd.data import load_data
+    from scalesgd.user_code import build_run_model
+
+    cfg = RunConfig(**{**small_config(), "model": model_name, "lr_milestones": ()})
+    ds = load_data(cfg)
+    model = build_run_model(cfg, input_shape=ds.input_shape, num_outputs=ds.num_outputs)
+    torch.save({"model": model.state_dict(), "step": 3, "config": small_config()}, path)
+
+
+class _Evil:
+    def __reduce__(self):
+        # code a weights_only load must refuse: it would create the file named by HARDEN_EVIL
+        return (exec, (f"open({os.environ['HARDEN_EVIL']!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "pickled-code", "not-a-dict", "missing-keys", "other-model"])
+def test_a_bad_checkpoint_is_one_line_naming_it(tmp_path, capsys, monkeypatch, how):
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = run / "checkpoint.pt"
+    if how == "garbage":
+        ckpt.write_text("garbage\n")
+    elif how == "truncated":
+        write_checkpoint(ckpt, "logreg")
+        ckpt.write_bytes(ckpt.read_bytes()[:200])
+    elif how == "pickled-code":
+        evil = tmp_path / "evil-ran"
+        monkeypatch.setenv("HARDEN_EVIL", str(evil))
+        torch.save({"model": _Evil(), "step": 1, "config": {}}, ckpt)
+    elif how == "not-a-dict":
+        torch.save([1, 2, 3], ckpt)
+    elif how == "missing-keys":
+        torch.save({"model": {}, "step": 1}, ckpt)
+    else:
+        write_checkpoint(ckpt, "mlp")  # an mlp's weights, but the config says logreg
+    assert main(["diversity", "--checkpoint", str(run)]) == 2
+    line = one_error_line(capsys, str(ckpt))
+    assert "weights_only" not in line and ("damaged" in line or "not a scalesgd checkpoint" in line)
+    if how == "pickled-code":
+        assert not (tmp_path / "evil-ran").exists()  # refused, never run
+    assert not (run / "diversity_checkpoint.json").exists()
+
+
+def test_a_good_checkpoint_still_loads(tmp_path):
+    write_checkpoint(tmp_path / "checkpoint.pt", "logreg")
+    blob = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert blob["step"] == 3 and set(blob["model"]) and blob["config"]["model"] == "logreg"
+    with pytest.raises(DataError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nope.pt")
 
 
