@@ -208,3 +208,30 @@ def test_a_good_checkpoint_still_loads(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 5, 6: TOML keys and values
+
+
+def test_a_wrong_type_toml_value_names_the_key_and_the_file(tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text('lr = "fast"\n')
+    assert main([*TRAIN, "--config", str(toml)]) == 2
+    one_error_line(capsys, str(toml), "'lr'", "--lr must be a finite number", "'fast'")
+    toml.write_text('progress = "false"\n')
+    assert main([*TRAIN, "--config", str(toml)]) == 2
+    one_error_line(capsys, str(toml), "'progress'", "true or false")
+
+
+def test_a_negated_flag_as_a_toml_key_gets_the_hint(tmp_path, capsys):
+    toml = tmp_path / "c.toml"
+    toml.write_text("no_progress = true\n")
+    assert main([*TRAIN, "--config", str(toml)]) == 2
+    one_error_line(capsys, "unknown key 'no_progress'", "use progress = false")
+    toml.write_text("no-nesterov = true\n")
+    assert main([*TRAIN, "--config", str(toml)]) == 2
+    one_error_line(capsys, "unknown key 'no-nesterov'", "use nesterov = false")
+    toml.write_text("no_lr = 1\n")  # not a flag: no negation hint
+    assert main([*TRAIN, "--config", str(toml)]) == 2
+    assert "= false" not in one_error_line(capsys, "unknown key 'no_lr'")
+
+
