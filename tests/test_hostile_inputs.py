@@ -235,3 +235,13 @@ def test_a_negated_flag_as_a_toml_key_gets_the_hint(tmp_path, capsys):
     assert "= false" not in one_error_line(capsys, "unknown key 'no_lr'")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 7: predict from a run without passes to a target
+
+
+@pytest.mark.parametrize("target,why", [(None, "trained without --target-accuracy"),
+                                        (0.99, "never reached its target 0.99")])
+def test_predict_from_a_run_without_passes_says_how_to_get_them(tmp_path, capsys, target, why):
+    run = fake_run(tmp_path / "run", target=target)
+    assert main(["predict", "--from-run", str(run)]) == 2
+    one_error_line(capsys, why, "--target-accuracy", "--passes-at-small-batch", "--small-batch-size 32")

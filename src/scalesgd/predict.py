@@ -322,6 +322,13 @@ def statistical_inputs(*, batch_bound: float | None, passes_at_small_batch: floa
         passes, batch, where = passes_at_small_batch, small_batch_size, "command line"
     elif facts is not None and facts.passes_to_target is not None and facts.global_batch_size:
         passes, batch, where = facts.passes_to_target, facts.global_batch_size, str(from_run)
+    elif facts is not None:  # the run cannot say: say why, and how to get the passes from it
+        why = ("was trained without --target-accuracy" if facts.target_accuracy is None else
+               f"never reached its target {facts.target_accuracy:g}")
+        raise ConfigError(f"--from-run {from_run} {why}, so it has no passes to a target: re-run it with "
+                          "--target-accuracy ACC (an accuracy it reaches), or give --passes-at-small-batch P "
+                          f"--small-batch-size {facts.global_batch_size or 'B'} (the epochs its metrics.jsonl "
+                          "shows it took to reach your target)")
     else:
         raise ConfigError("predict needs the passes to the target at a small batch: pass "
                           "--passes-at-small-batch P --small-batch-size B, or --from-run RUN_DIR of a run "
