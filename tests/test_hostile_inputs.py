@@ -245,3 +245,22 @@ def test_predict_from_a_run_without_passes_says_how_to_get_them(tmp_path, capsys
     run = fake_run(tmp_path / "run", target=target)
     assert main(["predict", "--from-run", str(run)]) == 2
     one_error_line(capsys, why, "--target-accuracy", "--passes-at-small-batch", "--small-batch-size 32")
+
+
+def test_predict_target_reads_the_passes_from_the_runs_own_evaluations(tmp_path, capsys):
+    from scalesgd import perf_model as pm
+    from scalesgd.predict import statistical_inputs
+
+    run = fake_run(tmp_path / "run")  # no --target-accuracy; evaluations 0.6 at epoch 0.5, 0.8 at epoch 1.0
+    bound, passes_min, how = statistical_inputs(batch_bound=None, passes_at_small_batch=None, small_batch_size=32,
+                                                from_run=run, target=0.7)
+    assert bound == pytest.approx(1 + 10 * 100.0 / (10 * 2.0))  # 1 + Σ tr / Σ |G|^2 of the fake steps
+    # 0.7 lies half-way between the evaluations: 0.75 passes at the run's B = 32
+    assert passes_min == pytest.approx(pm.passes_min_from_measurement(0.75, 32, pm.batch_crit_from_bound(bound)))
+    assert "0.75 passes at B=32" in how
+    assert main(["predict", "--from-run", str(run), "--target", "0.9"]) == 2
+    one_error_line(capsys, "never reached its target 0.9")
+    assert main(["predict", "--batch-bound", "50", "--target", "0.7"]) == 2
+    one_error_line(capsys, "--target 0.7 needs --from-run")
+    assert main(["predict", "--from-run", str(run), "--target", "70"]) == 2
+    one_error_line(capsys, "(0, 1]")

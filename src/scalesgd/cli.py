@@ -313,7 +313,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 # predict
 
 _PREDICT_ARGS = ("model", "dataset", "n_train", "width", "dropout", "norm", "network", "comm", "batch_sizes",
-                 "max_workers", "batch_bound", "passes_at_small_batch", "small_batch_size", "from_run",
+                 "max_workers", "batch_bound", "passes_at_small_batch", "small_batch_size", "from_run", "target",
                  "profile_batch_sizes", "profile_steps", "compute_curve", "overhead_s", "tolerance", "seed", "out")
 
 
@@ -354,6 +354,9 @@ def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--from-run", default=None, metavar="RUN_DIR",
                    help="take B_S (the run's diversity estimates, averaged over the run) and the passes to its target "
                         "from a run directory")
+    p.add_argument("--target", type=float, default=None, metavar="ACC",
+                   help="with --from-run: the passes to this accuracy, read from the run's evaluations on its "
+                        "target metric (default: the run's own --target-accuracy)")
     p.add_argument("--profile-batch-sizes", type=_positive_int_list, default=[8, 32, 128, 512, 2048],
                    help="local batch sizes to profile (default 8,32,128,512,2048)")
     p.add_argument("--profile-steps", type=int, default=20, help="timed steps per profiled size (default 20)")
