@@ -264,3 +264,24 @@ def test_predict_target_reads_the_passes_from_the_runs_own_evaluations(tmp_path,
     one_error_line(capsys, "--target 0.7 needs --from-run")
     assert main(["predict", "--from-run", str(run), "--target", "70"]) == 2
     one_error_line(capsys, "(0, 1]")
+
+
+def test_a_sweeps_damaged_status_or_cached_bound_is_not_a_traceback(tmp_path):
+    from scalesgd.sweep.runner import _read_status, _Runner
+    from scalesgd.sweep.spec import STATUS_FILE, spec_from_mappings
+
+    for content in (b"\x00\xff\xfe", b"[1, 2]", b"{not json"):
+        (tmp_path / STATUS_FILE).write_bytes(content)
+        assert _read_status(tmp_path) == ""  # the status only says why a point stopped: unreadable is ""
+    (tmp_path / STATUS_FILE).write_text(json.dumps({"status": "diverged", "message": "loss nan"}))
+    assert _read_status(tmp_path) == "loss nan"
+    spec = spec_from_mappings({"batch_sizes": [8], "target": 0.5}, {"dataset": "digits"}, source="test")
+    runner = _Runner(spec=spec, out=tmp_path, log=print, train_missing=False)
+    (tmp_path / "bounds").mkdir()
+    cached = tmp_path / "bounds" / "init-r1-s0.json"
+    cached.write_text(json.dumps({"batch_bound": 12.5}))
+    assert runner.init_bound(1, 0) == 12.5
+    for content in (b"\xff\xfe", b"{}", b"[]", b'{"batch_bound": "x"}'):
+        cached.write_bytes(content)
+        with pytest.raises(DataError, match="init-r1-s0.json is damaged.*delete it"):
+            runner.init_bound(1, 0)
