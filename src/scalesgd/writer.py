@@ -130,6 +130,38 @@ def _clean(value: Any) -> Any:
     return value
 
 
+CHECKPOINT_KEYS = ("model", "step", "config")  # what every reader of checkpoint.pt needs (RunWriter writes more)
+
+
+def load_checkpoint(path: Path | str, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict[str, Any]:
+    """Read a ``checkpoint.pt`` that :meth:`RunWriter.save_checkpoint` wrote, tensors and plain Python only.
+
+    ``torch.load(weights_only=True)``: a file holding pickled code is refused by the loader, never run. Every
+    failure (missing, truncated, not a zip, refused globals, not a dict, a key of ``keys`` missing) is one
+    line naming the file, never torch's advice to load it with ``weights_only=False``.
+
+    Raises:
+        DataError: naming ``path``: not there, damaged, or not a scalesgd checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no checkpoint at {path}; pass a run directory written by `scalesgd train` (or its "
+                        "checkpoint.pt)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError,
+            AttributeError, ImportError, IndexError) as e:
+        # torch's own message advises weights_only=False (running the file's code): say what happened instead
+        raise DataError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): it is damaged (truncated, "
+                        "overwritten) or not a scalesgd checkpoint; files holding pickled code are refused, never "
+                        "run. Re-run the training, or pass the checkpoint.pt of another run") from None
+    missing = [k for k in keys if k not in blob] if isinstance(blob, dict) else list(keys)
+    if missing:
+        raise DataError(f"{path} is not a scalesgd checkpoint (it lacks {missing[0]!r}); pass the checkpoint.pt "
+                        "that `scalesgd train` wrote")
+    return blob
+
+
 def git_sha(start: Path | None = None) -> str | None:
     """The commit of the source tree scalesgd runs from (or the working directory), if it is a git checkout."""
     for where in (Path(__file__).resolve().parent, start or Path.cwd()):
@@ -180,38 +212,6 @@ def default_run_dir(model: str, dataset: str, global_batch_size: int, workers: i
         k += 1
         path = base.with_name(f"{base.name}-{k}")
     return path
-
-
-CHECKPOINT_KEYS = ("model", "step", "config")  # what every reader of checkpoint.pt needs (RunWriter writes more)
-
-
-def load_checkpoint(path: Path | str, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict[str, Any]:
-    """Read a ``checkpoint.pt`` that :meth:`RunWriter.save_checkpoint` wrote, tensors and plain Python only.
-
-    ``torch.load(weights_only=True)``: a file holding pickled code is refused by the loader, never run. Every
-    failure (missing, truncated, not a zip, refused globals, not a dict, a key of ``keys`` missing) is one
-    line naming the file, never torch's advice to load it with ``weights_only=False``.
-
-    Raises:
-        DataError: naming ``path``: not there, damaged, or not a scalesgd checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no checkpoint at {path}; pass a run directory written by `scalesgd train` (or its "
-                        "checkpoint.pt)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError,
-            AttributeError, ImportError, IndexError) as e:
-        # torch's own message advises weights_only=False (running the file's code): say what happened instead
-        raise DataError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): it is damaged (truncated, "
-                        "overwritten) or not a scalesgd checkpoint; files holding pickled code are refused, never "
-                        "run. Re-run the training, or pass the checkpoint.pt of another run") from None
-    missing = [k for k in keys if k not in blob] if isinstance(blob, dict) else list(keys)
-    if missing:
-        raise DataError(f"{path} is not a scalesgd checkpoint (it lacks {missing[0]!r}); pass the checkpoint.pt "
-                        "that `scalesgd train` wrote")
-    return blob
 
 
 class RunWriter:
