@@ -738,12 +738,12 @@ def test_shared_inputs_and_uncovered_parameters_agree_with_loop(pos):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
-def test_shared_position_embedding_when_the_sequence_is_as_long_as_the_batch_is_not_expanded_twice():
-    """Seq length 6 and batch 6: the shared call's leading axis has the batch's size; the norms must still agree."""
+def test_shared_position_embedding_with_a_sequence_as_long_as_the_batch():
+    """Seq length 6 and batch 6: the shared call's leading axis has the batch's size, yet it is not the batch."""
     torch.manual_seed(0)
     model = PosTransformer("shared").double()
     x, y = torch.randint(0, 11, (6, 6)), torch.randint(0, 3, (6,))
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="'pos' \\(Embedding, input of shape \\(6,\\)\\)"):
         assert_rel(per_example_sq_norms(model, CE, x, y), loop_sq_norms(model, CE, x, y))
 
 
@@ -779,6 +779,7 @@ def test_every_layer_batched_takes_no_fallback(recwarn):
     assert not [w for w in recwarn if "ghost norms" in str(w.message)]
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
 def test_shared_fallback_with_dropout_is_refused_with_the_fix():
     torch.manual_seed(0)
     model = PosTransformer("shared")

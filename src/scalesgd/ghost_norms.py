@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from scalesgd.errors import ConfigError
 
@@ -235,6 +235,17 @@ class GhostNormTap:
     tensors and Nones. A module called more than once per forward (weight sharing) or
     a parameter shared by two modules is an error: per-layer norms do not add up for shared weights.
 
+    Layers called on an input without the batch axis (a position embedding on ``arange(T)``, a Linear on a shared
+    (T, d) tensor), the model's own raw parameters (an ``nn.Parameter`` position table, a class token), parameters
+    used without calling their layer, and a closed-form layer's parameters other than its weight and bias get
+    their exact per-example part from ``vmap(grad(functional_call))`` of the whole model with only those
+    parameters free, from the model's saved inputs and its outputs' gradients (the squared norm is additive over
+    disjoint parameter sets), with one warning per tap naming them; calling such a layer on its input expanded
+    to the batch (``self.pos(pos.expand(B, T))``) keeps the fast path. B is the size of the batch axis of the
+    model's first tensor input. Which layers see the batch is traced once per input signature by one extra
+    forward (no grad, random state restored) of B' != B copies of the first example: an input is batched when
+    its batch axis follows the batch size, so a shared (T, ...) input is recognised even when T == B.
+
     The batch axis is axis 0 of every parametrised layer's input, except inside PyTorch's transformer
     modules (Transformer, TransformerEncoder/Decoder and their layers) built with ``batch_first=False``,
     whose sublayers see (T, B, ...) tensors and are read with the batch on axis 1 (MultiheadAttention follows
@@ -266,6 +277,12 @@ class GhostNormTap:
         self._covered: set[int] = set()  # ids of the handlers that added a part in the captured backward
         self._got_grad: set[int] = set()  # ids of the parameters that received a gradient in the captured backward
         self._warned: set[str] = set()
+        # Which layers see the batch: per input signature, layer name -> whether its input depended on the example,
+        # traced once by a vmapped forward of one example (:meth:`_probe`); None while a forward is not traced
+        self._probed: dict[tuple, dict[str, bool]] = {}
+        self._batched: dict[str, bool] | None = None
+        self._probe_record: dict[str, bool] | None = None
+        self._probe_batch = 0
         self._model = model
         self._param_names = {id(p): n for n, p in model.named_parameters()}
         # layer name -> the rule its norms came from ("outer", "gram", "materialised", "conv-loop",
@@ -280,7 +297,8 @@ class GhostNormTap:
         self._root_handler = _Handler("<shared>", model, "shared", batch_dims.get(id(model), 0))
         for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                self._handles.append(module.register_forward_hook(self._batchnorm_check(name)))
+                # a pre-hook: refused before it runs, so neither the trace nor the forward updates its statistics
+                self._handles.append(module.register_forward_pre_hook(self._batchnorm_check(name)))
             if any(name.startswith(prefix) for prefix in skip_prefixes):
                 continue
             kind = _kind(module)
@@ -316,7 +334,8 @@ class GhostNormTap:
                     lambda m, args, kwargs, out, h=handler: self._forward_fallback(h, args, kwargs, out),
                     with_kwargs=True))
             elif kind == "mha":
-                self._handles.append(module.register_forward_pre_hook(lambda m, args, h=handler: self._mha_pre(h)))
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda m, args, kwargs, h=handler: self._mha_pre(h, args, kwargs), with_kwargs=True))
                 self._handles.append(module.register_forward_hook(
                     lambda m, args, out, h=handler: self._mha_post(h, out), always_call=True))
             else:
@@ -411,12 +430,56 @@ class GhostNormTap:
         """Forward pre-hook of the model: a new forward starts; B is the leading size of its first tensor input."""
         if self._in_fallback:
             return
-        self._root, self._shared, self._batch = None, {}, None
+        self._root, self._shared, self._batch, self._batched = None, {}, None, None
         if not (self.enabled and torch.is_grad_enabled()):
             return
         axis = self._root_handler.batch_dim  # 1 when the model is a transformer built with batch_first=False
         first = next((t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > axis), None)
-        self._batch = None if first is None else int(first.shape[axis])
+        if first is None:
+            return
+        self._batch = batch = int(first.shape[axis])
+        key = tuple((tuple(t.shape[:axis] + t.shape[axis + 1:]) if t.dim() > axis and t.shape[axis] == batch
+                     else tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t).__name__
+                    for t in tree_leaves((args, kwargs)))
+        if key not in self._probed:
+            self._probed[key] = self._probe(model, args, kwargs, axis)
+        self._batched = self._probed[key]
+
+    def _probe(self, model: nn.Module, args: tuple, kwargs: dict, axis: int) -> dict[str, bool]:
+        """Which layers see the batch axis: one extra forward, without grad, of a batch of another size B' (1, or
+        2 when B is 1; copies of the first example). A layer input is batched when its batch axis has size B'
+        here and B in the real forward; a shared (T, ...) input keeps its size T in both, so it cannot pass
+        for a batched one even when T == B, as it would under a shape rule alone. Random draws are undone."""
+        batch = self._batch
+        probe_batch = 1 if batch != 1 else 2
+        leaves, spec = tree_flatten((args, kwargs))
+        index = None
+        one = []
+        for v in leaves:
+            if isinstance(v, torch.Tensor) and v.dim() > axis and v.shape[axis] == batch:
+                index = torch.zeros(probe_batch, dtype=torch.long, device=v.device)
+                v = v.index_select(axis, index)
+            one.append(v)
+        call_args, call_kwargs = tree_unflatten(one, spec)
+        record: dict[str, bool] = {}
+        devices = sorted({v.device.index or 0 for v in leaves if isinstance(v, torch.Tensor) and v.is_cuda})
+        self._probe_record, self._probe_batch, self._in_fallback = record, probe_batch, True
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                model(*call_args, **call_kwargs)
+        finally:
+            self._probe_record, self._in_fallback = None, False
+        return record
+
+    def _probe_seen(self, h: _Handler, x: Any, axis: int | None = None) -> bool:
+        """While tracing (:meth:`_probe`): record whether ``x`` has the probe's batch size on the layer's batch
+        axis (every call of the layer must); True means "tracing"."""
+        if self._probe_record is None:
+            return False
+        axis = h.batch_dim if axis is None else axis
+        batched = isinstance(x, torch.Tensor) and x.dim() > axis and x.shape[axis] == self._probe_batch
+        self._probe_record[h.name] = self._probe_record.get(h.name, True) and batched
+        return True
 
     def _root_post(self, model: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         """Forward hook of the model: keep its inputs and, in a captured backward, its outputs' gradients, from
@@ -448,7 +511,8 @@ class GhostNormTap:
         axis = h.batch_dim if axis is None else axis
         if self._batch is None or not isinstance(x, torch.Tensor):
             return False
-        if x.dim() > axis and x.shape[axis] == self._batch:
+        traced = None if self._batched is None else self._batched.get(h.name)  # None: not called in the trace
+        if traced is not False and x.dim() > axis and x.shape[axis] == self._batch:
             return False
         self._shared[h.name] = h
         h.shared_shape = tuple(x.shape)
@@ -500,7 +564,7 @@ class GhostNormTap:
 
     def _closed_form_forward(self, h: _Handler, forward: Callable, x: torch.Tensor, out: Any) -> None:
         """Forward hook of a closed-form layer: puts the batch axis first, then calls the layer's rule."""
-        if not self._active_forward(out):
+        if self._probe_seen(h, x) or not self._active_forward(out):
             return
         if self._unbatched(h, x):
             return
@@ -537,8 +601,8 @@ class GhostNormTap:
         out.register_hook(hook)
 
     def _batchnorm_check(self, name: str) -> Callable:
-        def check(module: nn.Module, inp: Any, out: Any) -> None:
-            if not (self.enabled and torch.is_grad_enabled() and not self._in_fallback):
+        def check(module: nn.Module, inp: Any) -> None:
+            if self._probe_record is None and not (self.enabled and torch.is_grad_enabled() and not self._in_fallback):
                 return
             if module.training or module.running_mean is None:
                 raise ConfigError(
@@ -712,7 +776,10 @@ class GhostNormTap:
 
     # ---- MultiheadAttention (and through it TransformerEncoderLayer / TransformerDecoderLayer)
 
-    def _mha_pre(self, h: _Handler) -> None:
+    def _mha_pre(self, h: _Handler, args: tuple, kwargs: dict) -> None:
+        query = args[0] if args else kwargs.get("query")
+        if self._probe_seen(h, query, axis=int(not h.module.batch_first) if getattr(query, "dim", int)() == 3 else 0):
+            return
         if self.enabled and not self._in_fallback and torch.is_grad_enabled():
             mode = _AttentionMode(self, h)
             mode.__enter__()
@@ -889,6 +956,11 @@ class GhostNormTap:
     # ---- anything else: torch.func on the saved inputs
 
     def _forward_fallback(self, h: _Handler, args: tuple, kwargs: dict, out: Any) -> None:
+        if self._probe_record is not None:
+            for o in tree_leaves(out):
+                if isinstance(o, torch.Tensor):
+                    self._probe_seen(h, o, axis=0)
+            return
         if not (self.enabled and not self._in_fallback and torch.is_grad_enabled()):
             return
         outs = tree_leaves(out)  # tuples, lists and dicts, flattened; Nones are leaves too
