@@ -12,7 +12,7 @@ from scalesgd.diversity import gradient_diversity
 from scalesgd.errors import ConfigError
 from scalesgd.ghost_norms import GhostNormTap, loop_sq_norms, per_example_losses, per_example_sq_norms, vmap_sq_norms
 from scalesgd.models import cnn, cnn1d, mlp
-from scalesgd.step import FlatModel
+from scalesgd.step import FlatModel, NoiseTap
 
 
 CE = nn.CrossEntropyLoss()
@@ -767,6 +767,15 @@ def test_trainer_tap_agrees_with_per_example_sq_norms(pos):
     assert sum("whole model" in str(r.message) for r in record) == 1
     assert_rel(expected, loop_sq_norms(model, CE, x, y))
     tap.close()
+    with pytest.warns(UserWarning, match="whole model"):
+        noise_tap = NoiseTap("exact", model, world_size=1)  # the trainer's own wrapper of the tap
+        flat = FlatModel(model, 1, torch.device("cpu"))
+        flat.buffer.zero_()
+        with noise_tap.backward_context():
+            (F.cross_entropy(flat.model(x), y, reduction="sum") * loss_scale).backward()
+    (s1,) = noise_tap.local_stats(flat.grad, x.shape[0], x.shape[0], loss_scale)
+    assert s1 == pytest.approx(float(expected.sum()), rel=1e-9)
+    noise_tap.close()
 
 
 def test_every_layer_batched_takes_no_fallback(recwarn):
