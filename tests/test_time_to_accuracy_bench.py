@@ -135,6 +135,7 @@ def test_accuracy_at_budget_is_met_within_half_a_point(tta):
     assert tta.accuracy_at_budget(runs([None]), runs([0.5]))["accuracy_verdict"] == "MISSED"  # none counts as 0
 
 
+@pytest.mark.spawn
 def test_hopeless_baseline_runs_stop_on_every_rank(tta):
     """A run past its time limit, or one whose loss blew up, stops at the next evaluation (no hang)."""
     from scalesgd.config import RunConfig
