@@ -106,6 +106,8 @@ def test_goodput_state_and_found_lr_are_checkpointed(run):
     assert state.to_checkpoint()["policy"] == ckpt["train_state"]["policy"]
 
 
+@pytest.mark.spawn  # the run directory's env.json asks git for the commit
+@pytest.mark.timeout(600)
 def test_a_too_large_lr_fails_where_lr_auto_trains(tmp_path):
     """The fixed rate the search must avoid: at lr 20 digits/mlp diverges or dies at chance accuracy; --lr auto
     on the same run trains (one worker, in process)."""
