@@ -147,9 +147,10 @@ class StepTiming:
 def measured_timing(state: TrainState, result: StepResult, part: Shard, *, world: World, usable: bool
                     ) -> StepTiming | None:
     """The step's :class:`StepTiming` for the goodput policy's step-time fit, or None when it must not be fitted:
-    ``usable`` False (a warm-up step, or a step that ran an evaluation: the caller decides, the same on every
-    rank) or a batch cut short by the end of an epoch (not the size the policy chose). All ranks call this on
-    the same steps: the all-reduce of the local comm/update times is a collective."""
+    ``usable`` False (a warm-up step, a step that ran an evaluation, or one between the sampled steps: the
+    caller decides, the same on every rank) or a batch cut short by the end of an epoch (not the size the
+    policy chose). All ranks call this on the same steps: the all-reduce of the local comm/update times is a
+    collective (only on usable steps)."""
     if not usable or int(part.batch.indices.numel()) != state.global_batch_size:
         return None
     comm_s, update_s = distributed.all_reduce_scalars([result.comm_s, result.update_s], world)
@@ -200,6 +201,8 @@ LR_PROBE_BUDGET = 0.05
 # policy grows the batch (goodput amortises the per-step all-reduce) ends up to about twice as fast.
 LR_PROBE_PLAN = 0.5
 TIMING_WARMUP_STEPS = 2  # goodput's step-time fit skips the first steps (allocator and thread-pool warm-up)
+# ... and times every TIMING_EVERY-th step only: agreeing on a step's times costs a collective of its own
+TIMING_EVERY = 4
 
 
 def _probe_loss(flat: FlatModel, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, world: World,
@@ -547,7 +550,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
             if bar is not None:
                 _advance_bar(bar, part, result, last_eval)
             # evaluate: exact diversity, replica check and test accuracy when due
-            measured = state.step > TIMING_WARMUP_STEPS
+            measured = state.step > TIMING_WARMUP_STEPS and state.step % TIMING_EVERY == 0
             if cfg.exact_diversity_every and state.step % cfg.exact_diversity_every == 0:
                 measured = False
                 log_exact_diversity(state, model=flat.model, ds=ds, world=world,
