@@ -256,7 +256,7 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
     loss_before = _probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification)
     budget_s, run_est_s, trial_s, stop = None, None, [], "the range test finished"
     while (lr := test.propose(search)) is not None:
-        spent = time.perf_counter() - t_start
+        spent = sum(trial_s)  # rank means of all-reduced times: every rank takes the same decision
         if budget_s is not None and spent + max(trial_s) > budget_s:
             stop = (f"the time budget {budget_s:.3g} s ({LR_PROBE_PLAN:g} x {LR_PROBE_BUDGET:.0%} of the run's "
                     f"estimated {run_est_s:.3g} s) would be passed by the next trial")
