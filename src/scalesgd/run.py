@@ -305,8 +305,8 @@ def _choose_probe_lr(test: LrRangeTest, search) -> tuple[float, str]:
 
     When the budget stopped the ramp before any rate was unstable, the pick is only the largest rate tried,
     not the loss minimum, so the rate is never below the ramp's start (the trainer's default ``--lr``). Before
-    any stable rate: the largest rate that did not rise (too small to show in a few steps, but safe), else a
-    factor below the smallest unstable rate.
+    any stable rate: the largest rate that did not rise (too small to show in a few steps, but safe), else the
+    next rate below the smallest unstable one, divided by the margin as well.
     """
     stable = [t for t in search.trials if t.verdict == "stable"]
     if stable:
@@ -321,8 +321,9 @@ def _choose_probe_lr(test: LrRangeTest, search) -> tuple[float, str]:
         best = max(flat_trials, key=lambda t: t.lr)
         return best.lr, f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one ({best.describe()})"
     smallest = min(search.trials, key=lambda t: t.lr)
-    return (smallest.lr / test.factor,
-            f"every trial was unstable; a factor {test.factor:g} below {smallest.describe()}")
+    lr = smallest.lr / test.factor / LR_PROBE_MARGIN
+    return lr, (f"every trial was unstable; the next rate down ({smallest.lr / test.factor:.4g}, untried) / margin "
+                f"{LR_PROBE_MARGIN:g} -> {lr:.4g}; lowest: {smallest.describe()}")
 
 
 @dataclass(frozen=True)
