@@ -216,7 +216,12 @@ def test_a_wrong_type_toml_value_names_the_key_and_the_file(tmp_path, capsys):
     toml = tmp_path / "c.toml"
     toml.write_text('lr = "fast"\n')
     assert main([*TRAIN, "--config", str(toml)]) == 2
-    one_error_line(capsys, str(toml), "'lr'", "--lr must be a finite number", "'fast'")
+    one_error_line(capsys, str(toml), "key 'lr'", "--lr must be", "'fast'")
+    toml.write_text("momentum = 2.0\n")  # the right kind, out of range: RunConfig's own check, still named
+    assert main([*TRAIN, "--config", str(toml)]) == 2
+    one_error_line(capsys, str(toml), "key 'momentum'", "--momentum must be in [0, 1)")
+    assert main([*TRAIN, "--config", str(toml), "--momentum", "3"]) == 2  # the command line's value: no file
+    assert str(toml) not in one_error_line(capsys, "--momentum must be in [0, 1), got 3")
     toml.write_text('progress = "false"\n')
     assert main([*TRAIN, "--config", str(toml)]) == 2
     one_error_line(capsys, str(toml), "'progress'", "true or false")
