@@ -146,24 +146,31 @@ def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | Non
     from scalesgd.config import FIELDS, RunConfig, config_from_mapping, load_toml
 
     values: dict[str, Any] = {}
-    from_file: set[str] = set()
     if getattr(args, "config", None):
         path = Path(args.config)
         values.update(config_from_mapping(load_toml(path, what="config file (--config)"), source=str(path)))
-        from_file = set(values)
     for name in FIELDS:
         if name in vars(args):
             values[name] = getattr(args, name)
-            from_file.discard(name)
     try:
         return RunConfig(**values)
     except TypeError as e:  # a TOML value of the wrong type reaches a comparison
         raise ConfigError(f"invalid value in the configuration: {e}") from None
-    except ConfigError as e:  # a value the file gave ("--lr must be ..."): name the file and its key
-        key = str(e).split()[0].rstrip(":").lstrip("-").replace("-", "_") if str(e).startswith("--") else None
-        if key in from_file:
-            raise ConfigError(f"{args.config}: key {key!r}: {e}") from None
-        raise
+    except ConfigError as e:  # a value the --config file gave ("--lr must be ..."): name the file and its key
+        raise _in_config_file(e, args) from None
+
+
+def _in_config_file(error: ConfigError, args: argparse.Namespace) -> ConfigError:
+    """``error`` prefixed with the --config file and its key when the option it names (``--lr must be …``) took
+    its value from that file; else ``error`` as it is."""
+    from scalesgd.config import load_toml
+
+    text = str(error)
+    key = text.split()[0].rstrip(":").lstrip("-").replace("-", "_") if text.startswith("--") else None
+    if key is None or not getattr(args, "config", None) or key in vars(args):  # the command line's value
+        return error
+    in_file = {k.replace("-", "_") for k in load_toml(Path(args.config), what="config file (--config)")}
+    return ConfigError(f"{args.config}: key {key!r}: {text}") if key in in_file else error
 
 
 def check_launch(args: argparse.Namespace, cfg) -> None:
