@@ -93,6 +93,11 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("timeout-s", float, "collective timeout: a worker silent this long ends the job with an error"),
     ("check-replicas-every", int, "check every k steps that all ranks hold identical parameters (0: off)"),
     ("seed", int, "seed of model init and data order"),
+    ("straggler", str, "inject delays, reproducible from (seed, rank, step): rank1x1.5 (rank 1's compute takes "
+                      "1.5x), exp:mean=5ms, lognormal:mean=5ms,sigma=1, pause:p=0.01,s=0.5 (default: none)"),
+    ("sync-every", int, "local SGD: each worker steps on its own shard, parameters averaged every H steps "
+                       "(default: synchronous SGD, gradients all-reduced every step)"),
+    ("sync-every-after", float, "post-local SGD: synchronous for this many epochs, then --sync-every H"),
     ("run-dir", str, "where to write the run (default: runs/<time>-<model>-<data>-B<b>-P<p>-s<seed>)"),
 ]
 

@@ -19,6 +19,7 @@ from scalesgd.comm_registry import COMM_NAMES
 from scalesgd.models import MODELS, NORMS
 from scalesgd.lr_rules import BASE_SCHEDULES as LR_SCHEDULES
 from scalesgd.lr_rules import LR_RULES
+from scalesgd.stragglers import parse_straggler
 
 DIVERSITY_MODES = ("off", "cheap", "exact")
 
@@ -82,6 +83,10 @@ class RunConfig:
     timeout_s: float = 600.0
     check_replicas_every: int = 0  # all-gather the parameters every k steps and check they are identical
     seed: int = 0
+    # delayed nodes and local SGD
+    straggler: str = ""  # injected delays, e.g. "rank1x1.5", "exp:mean=5ms" (scalesgd.stragglers); "": none
+    sync_every: int | None = None  # local SGD: average the parameters every H steps; None: synchronous SGD
+    sync_every_after: float = 0.0  # post-local SGD: synchronous for this many epochs, then every H steps
     # output
     run_dir: str | None = None
     progress: bool = True
@@ -174,6 +179,23 @@ class RunConfig:
             raise ConfigError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
         if self.warmup_epochs < 0:
             raise ConfigError("--warmup-epochs must be >= 0")
+        self._check_local_sgd()
+
+    def _check_local_sgd(self) -> None:
+        parse_straggler(self.straggler)
+        if self.sync_every is None:
+            if self.sync_every_after:
+                raise ConfigError("--sync-every-after needs --sync-every H (average every H steps after it)")
+            return
+        _positive_int("sync-every", self.sync_every)
+        if not (math.isfinite(self.sync_every_after) and self.sync_every_after >= 0):
+            raise ConfigError(f"--sync-every-after must be >= 0 epochs, got {self.sync_every_after}")
+        if "qsgd" in self.comm:
+            raise ConfigError(f"--sync-every averages parameters, which a lossy codec would corrupt; use an exact "
+                              f"--comm (allreduce, ring, ring-tcp, ps) instead of {self.comm}")
+        if self.lr_rule == "adascale" or self.batch_policy == "diversity":
+            raise ConfigError("--sync-every: local steps all-reduce no gradient, so there is no noise estimate "
+                              "for --lr-rule adascale or --batch-policy diversity; use them without local SGD")
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)

@@ -40,6 +40,8 @@ class TrainState:
         train_time_s: wall time spent in training steps (evaluation excluded), seconds.
         time_to_target_s, train_time_to_target_s: wall and training time when the target was first met
             (None until then).
+        local_sgd_start: the index of the first local-SGD step (``--sync-every``), None while synchronous;
+            the averaging schedule counts from it (:func:`scalesgd.local_sgd.averaging_due`).
     """
 
     params: torch.Tensor
@@ -55,6 +57,7 @@ class TrainState:
     train_time_s: float = 0.0
     time_to_target_s: float | None = None
     train_time_to_target_s: float | None = None
+    local_sgd_start: int | None = None
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy with ``changes`` applied (the state is frozen)."""
@@ -81,6 +84,7 @@ class TrainState:
             "train_time_s": self.train_time_s,
             "time_to_target_s": self.time_to_target_s,
             "train_time_to_target_s": self.train_time_to_target_s,
+            "local_sgd_start": self.local_sgd_start,
         }
 
     @classmethod
@@ -102,4 +106,5 @@ class TrainState:
             train_time_s=float(blob["train_time_s"]),
             time_to_target_s=blob["time_to_target_s"],
             train_time_to_target_s=blob["train_time_to_target_s"],
+            local_sgd_start=blob.get("local_sgd_start"),
         )
