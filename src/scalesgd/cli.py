@@ -296,7 +296,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 _PREDICT_ARGS = ("model", "dataset", "n_train", "width", "dropout", "norm", "network", "comm", "batch_sizes",
                  "max_workers", "batch_bound", "passes_at_small_batch", "small_batch_size", "from_run",
-                 "profile_batch_sizes", "profile_steps", "compute_curve", "overhead_s", "tolerance", "seed", "out")
+                 "profile_batch_sizes", "profile_steps", "compute_curve", "overhead_s", "tolerance", "seed", "out",
+                 "straggler", "sync_every")
 
 
 def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
@@ -347,6 +348,11 @@ def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, metavar="DIR", help="write predictions.csv, prediction.json and "
                    "PNG plots here")
+    p.add_argument("--straggler", default=None, metavar="SPEC",
+                   help="price injected delays: rank1x1.5, exp:mean=5ms, lognormal:mean=5ms,sigma=1, "
+                        "pause:p=0.01,s=0.5 (E[max of P step times]; default: none)")
+    p.add_argument("--sync-every", type=int, default=1, metavar="H",
+                   help="local SGD: parameters averaged every H steps (communication / H; default 1)")
     p.set_defaults(func=cmd_predict)
     return p
 

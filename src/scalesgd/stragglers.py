@@ -18,6 +18,7 @@ Specs (times take ``us``, ``ms`` or ``s``; a bare number is seconds):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -225,25 +226,41 @@ def expected_step_compute(spec: StragglerSpec | None, world_size: int, compute_s
 
 def expected_local_sgd_compute(spec: StragglerSpec | None, world_size: int, compute_s: float,
                                sync_every: int) -> float:
-    """E[time per step] of compute under local SGD with averaging every H steps: the workers meet only at the
-    average, so a period costs E[max_p Σ_{h=1..H} (compute + delay_{p,h})]; per step that is this divided by H.
+    """E[compute time per step] under local SGD with an average every H steps, seconds.
 
-    The sum of H i.i.d. delays concentrates, so its maximum over P grows slower than H times the per-step
-    maximum (local SGD absorbs random delays). ``slow`` is exact (factor·compute per step, the slow rank sets
-    every period); the random forms have no closed form for the maximum of sums, so it is a Monte Carlo
-    mean over 20 000 periods drawn from a fixed seed (deterministic).
+    The workers meet only at the average, so a period of H steps costs E[max_p Σ_{h=1..H} (compute +
+    delay_{p,h})] = H·compute + E[max over P of S], S the sum of one worker's H delays; per step, that over H.
+    The sum concentrates, so its maximum over P grows more slowly than H times the per-step maximum (local
+    SGD absorbs random delays). With H = 1 this is :func:`expected_step_compute`; ``slow`` is exact at any H
+    (the slow rank sets every period: factor·compute per step).
+
+    For H > 1 the distribution of S is sampled once from a fixed seed (Gamma(H, μ) for ``exp``,
+    s·Binomial(H, p) for ``pause``, H summed log-normals), and E[max of P] is the order-statistic sum
+    Σᵢ S₍ᵢ₎·((i/n)^P − ((i−1)/n)^P) over the n sorted samples — deterministic, any P at the cost of one sort.
     """
     h = int(sync_every)
     if h < 1:
         raise ValueError(f"sync_every must be >= 1, got {sync_every}")
     if spec is None or spec.kind == "slow" or h == 1:
         return expected_step_compute(spec, world_size, compute_s)
-    rng = np.random.default_rng([_STREAM_TAG, 20, world_size, h])
-    shape = (20_000, world_size, h)
+    sums = _sorted_period_delays(spec, h)
+    n = sums.size
+    u = np.arange(n + 1, dtype=np.float64) / n
+    weights = np.diff(u ** int(world_size))
+    return compute_s + float(np.dot(sums, weights)) / h
+
+
+@functools.lru_cache(maxsize=16)
+def _sorted_period_delays(spec: StragglerSpec, sync_every: int) -> np.ndarray:
+    """(n,) sorted samples of one worker's summed delay over ``sync_every`` steps, from a fixed seed (a pure
+    function of its arguments; cached because a prediction grid asks for the same one at every P)."""
+    rng = np.random.default_rng([_STREAM_TAG, 20, sync_every])
     if spec.kind == "exp":
-        d = rng.exponential(spec.mean_s, shape)
-    elif spec.kind == "lognormal":
-        d = rng.lognormal(math.log(spec.mean_s) - spec.sigma ** 2 / 2, spec.sigma, shape)
+        sums = rng.gamma(sync_every, spec.mean_s, 400_000)
+    elif spec.kind == "pause":
+        sums = spec.pause_s * rng.binomial(sync_every, spec.p, 400_000).astype(np.float64)
     else:
-        d = np.where(rng.random(shape) < spec.p, spec.pause_s, 0.0)
-    return compute_s + float(d.sum(axis=2).max(axis=1).mean()) / h
+        n = max(20_000, 4_000_000 // sync_every)
+        mu = math.log(spec.mean_s) - spec.sigma ** 2 / 2
+        sums = rng.lognormal(mu, spec.sigma, (n, sync_every)).sum(axis=1)
+    return np.sort(sums)
