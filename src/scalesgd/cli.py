@@ -98,6 +98,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("sync-every", int, "local SGD: each worker steps on its own shard, parameters averaged every H steps "
                        "(default: synchronous SGD, gradients all-reduced every step)"),
     ("sync-every-after", float, "post-local SGD: synchronous for this many epochs, then --sync-every H"),
+    ("backup-workers", int, "b backup workers: each step uses the first P-b gradients to reach rank 0, rescaled "
+                           "(Chen et al. 2016); needs --comm ps and --diversity off"),
     ("run-dir", str, "where to write the run (default: runs/<time>-<model>-<data>-B<b>-P<p>-s<seed>)"),
 ]
 

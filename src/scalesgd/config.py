@@ -87,6 +87,7 @@ class RunConfig:
     straggler: str = ""  # injected delays, e.g. "rank1x1.5", "exp:mean=5ms" (scalesgd.stragglers); "": none
     sync_every: int | None = None  # local SGD: average the parameters every H steps; None: synchronous SGD
     sync_every_after: float = 0.0  # post-local SGD: synchronous for this many epochs, then every H steps
+    backup_workers: int = 0  # b: each step uses the first P − b gradients to reach rank 0 (--comm ps)
     # output
     run_dir: str | None = None
     progress: bool = True
@@ -183,6 +184,17 @@ class RunConfig:
 
     def _check_local_sgd(self) -> None:
         parse_straggler(self.straggler)
+        if not isinstance(self.backup_workers, int) or not 0 <= self.backup_workers < self.workers:
+            raise ConfigError(f"--backup-workers must be an integer in [0, {self.workers}) for --workers "
+                              f"{self.workers}, got {self.backup_workers!r}")
+        if self.backup_workers:
+            if self.comm != "ps":
+                raise ConfigError("--backup-workers collects the gradients at rank 0 in arrival order; add --comm ps")
+            if self.diversity != "off":
+                raise ConfigError("--backup-workers drops gradients, which biases the diversity estimators; add "
+                                  "--diversity off")
+            if self.sync_every is not None:
+                raise ConfigError("--backup-workers and --sync-every are two different remedies; choose one")
         if self.sync_every is None:
             if self.sync_every_after:
                 raise ConfigError("--sync-every-after needs --sync-every H (average every H steps after it)")

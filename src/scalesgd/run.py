@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from scalesgd import distributed
+from scalesgd.backup_comm import BackupWorkers
 from scalesgd.batch_policy import BatchPolicy, StepObservation, run_batch_policy
 from scalesgd.comm import CommStrategy, comm_settings, make_comm
 from scalesgd.config import RunConfig
@@ -86,7 +87,10 @@ def _threads(cfg: RunConfig, world: World) -> int:
 
 
 def _comm(cfg: RunConfig, world: World, generator: torch.Generator) -> CommStrategy:
-    """The run's communication strategy (the one place the trainer calls :func:`make_comm`)."""
+    """The run's communication strategy (the one place the trainer calls :func:`make_comm`); with
+    ``--backup-workers`` the parameter-server path that drops the slowest b (:mod:`scalesgd.backup_comm`)."""
+    if cfg.backup_workers:
+        return BackupWorkers(world, backups=cfg.backup_workers, timeout_s=cfg.timeout_s)
     return make_comm(cfg.comm, world, generator=generator,
                      **comm_settings(cfg.comm, levels=cfg.qsgd_levels, timeout_s=cfg.timeout_s))
 
@@ -167,22 +171,25 @@ def shard_batch(state: TrainState, *, stream: BatchStream, world: World, example
 
 def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn: Callable, x_train: torch.Tensor,
          y_train: torch.Tensor, rank: int, comm: CommStrategy, tx: GradientTransformation, tap: NoiseTap | None,
-         classification: bool, local: bool = False,
-         delay: Callable[[float], float] | None = None) -> tuple[TrainState, StepResult]:
+         classification: bool, local: bool = False, delay: Callable[[float], float] | None = None,
+         skip_compute: bool = False) -> tuple[TrainState, StepResult]:
     """One step on ``part`` (:func:`scalesgd.step.train_step`); advances counters and cursor.
 
     Synchronous by default. ``local``: a local-SGD step — this rank's shard alone, its local *mean* gradient
     (as if the shard were the whole batch), no communication and no noise tap (the estimators need an
     all-reduced gradient); its loss and accuracy are this rank's. ``delay``: the injected straggler delay.
+    ``skip_compute``: this rank is late (backup workers: the step's result is already there), so it
+    contributes nothing and takes no delay.
     """
     b = int(part.batch.indices.numel())
-    local_b = int(part.local.numel())
+    idx = part.local[:0] if skip_compute else part.local
+    local_b = int(idx.numel())
     result, tx_state = train_step(
-        flat=flat, loss_fn=loss_fn, x=x_train[part.local], y=y_train[part.local],
+        flat=flat, loss_fn=loss_fn, x=x_train[idx], y=y_train[idx],
         global_batch_size=max(local_b, 1) if local else b, shard_sizes=[local_b] if local else part.shard_sizes,
         rank=rank, comm=NO_COMM if local else comm, tx=tx, tx_state=state.tx_state,
         hyper=Hyper(lr=lr, step=state.step), tap=None if local else tap, classification=classification,
-        delay=delay)
+        delay=None if skip_compute else delay)
     step_s = result.compute_s + result.comm_s + result.update_s
     return state.replace(tx_state=tx_state, step=state.step + 1, examples=state.examples + b,
                          cursor=part.next_cursor, train_time_s=state.train_time_s + step_s,
@@ -403,9 +410,12 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                                  y_train=y_train, rank=world.rank, comm=comm, tx=tx, tap=tap,
                                  classification=classification, local=state.local_sgd_start is not None,
                                  delay=straggler_delay(stragglers, seed=cfg.seed, rank=world.rank,
-                                                       step_index=state.step))
+                                                       step_index=state.step),
+                                 skip_compute=isinstance(comm, BackupWorkers) and comm.result_ready())
             state, local_record = average(state, flat=flat, comm=comm, world=world, sync_every=cfg.sync_every)
             in_sync = local_record.get("averaged", True)
+            if isinstance(comm, BackupWorkers):
+                local_record = {"backup_used_ranks": list(comm.used_ranks)}
             # estimate: fold the step's unbiased ‖G‖², tr Σ into the smoothed estimates
             state, noise = estimate(state, result, ema=ema, n_train=ds.n_train)
             # log: the step's line; a non-finite loss stops the run here
