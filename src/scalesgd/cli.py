@@ -61,7 +61,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("lr-milestones", _float_list, "epochs at which the step schedule multiplies the lr by --lr-gamma"),
     ("lr-gamma", float, "factor of the step schedule"),
     ("lr-rule", str, "lr as the batch changes: constant, linear, sqrt, adascale"),
-    ("warmup-epochs", float, "gradual warm-up of the lr rule (Goyal et al.)"),
+    ("warmup-epochs", float, "epochs of linear lr warm-up, from min(lr, a tenth of the rule's rate) to that rate "
+                             "(Goyal et al.)"),
     ("base-batch-size", int, "B0 of the lr rule (default: the starting global batch)"),
     ("langevin-noise", float, "Gaussian noise std per sqrt(lr) added to each update (SGLD-style)"),
     ("batch-policy", str, "fixed, diversity (batch = delta*B_S + 1), schedule"),
@@ -81,7 +82,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
                        "exact), exact (per-example ghost norms)"),
     ("diversity-decay", float, "EMA decay of the diversity estimators"),
     ("exact-diversity-every", int, "measure the exact whole-data diversity every k steps (0: never)"),
-    ("workers", int, "local worker processes (ignored under torchrun)"),
+    ("workers", int, "local worker processes (under torchrun the launch sets them: a different --workers is an "
+                     "error)"),
     ("backend", str, "auto (nccl with CUDA, else gloo), gloo, nccl"),
     ("comm", str, "gradient communication: allreduce (built-in), ring (ours, over torch.distributed), "
                  "ring-tcp (ours, over our own sockets; CPU), ps, qsgd (over the built-in), "
@@ -142,11 +144,25 @@ def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | Non
         raise ConfigError(f"invalid value in the configuration: {e}") from None
 
 
+def check_launch(args: argparse.Namespace, cfg) -> None:
+    """Under torchrun, a ``--workers`` the user gave (option or config file) must match the launch's world
+    size; a partial torchrun environment is refused (:func:`scalesgd.distributed.torchrun_rendezvous`)."""
+    from scalesgd.config import load_toml
+    from scalesgd.distributed import check_workers_match, torchrun_rendezvous
+
+    rdv = torchrun_rendezvous()
+    given = "workers" in vars(args) or (getattr(args, "config", None) is not None and "workers" in load_toml(
+        Path(args.config), what="config file (--config)"))
+    if given:
+        check_workers_match(rdv, cfg.workers)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from scalesgd.distributed import torchrun_rendezvous
     from scalesgd.run import train
 
     cfg = config_from_args(args)
+    check_launch(args, cfg)
     summary = train(cfg)
     rdv = torchrun_rendezvous()
     if rdv is None or rdv.rank == 0:
@@ -184,6 +200,7 @@ def cmd_diversity(args: argparse.Namespace) -> int:
     from scalesgd.run import train
 
     cfg = config_from_args(args)
+    check_launch(args, cfg)
     if not cfg.exact_diversity_every:
         cfg = cfg.replace(exact_diversity_every=args.every)
     summary = train(cfg)
@@ -485,9 +502,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _starts_workers(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for training on local workers: ``train`` or ``diversity`` (not at a checkpoint)
+    without ``--workers 1``. A guess from the words alone (a --config file may still say workers = 1): it only
+    decides whether the fork server starts early."""
+    if not argv or argv[0] not in ("train", "diversity"):
+        return False
+    words = list(argv)
+    if any(w in ("-h", "--help", "--checkpoint") or w.startswith("--checkpoint=") for w in words):
+        return False
+    for i, w in enumerate(words):
+        if (w == "--workers" and words[i + 1:i + 2] == ["1"]) or w == "--workers=1":
+            return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _starts_workers(argv):
+        # Before the imports below bring in torch: the fork server imports torch and the training code on
+        # another core meanwhile, and forks the workers when they are due (scalesgd.launch).
+        from scalesgd.launch import prestart
+
+        prestart()
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0

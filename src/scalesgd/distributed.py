@@ -1,7 +1,7 @@
 """Who this process is in the job, and how the job's processes are started.
 
 The environment is read here and nowhere else: under ``torchrun`` the rendezvous comes from its
-variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); otherwise :func:`spawn` starts P local
+variables (:data:`TORCHRUN_VARS`, all of them); otherwise :func:`spawn` starts P local
 processes on a loopback port. Every process group gets a timeout, so a dead peer ends the job with an
 error that names it instead of a hang.
 """
@@ -9,7 +9,6 @@ error that names it instead of a hang.
 from __future__ import annotations
 
 import datetime as _dt
-import multiprocessing as mp
 import os
 import pickle
 import socket
@@ -17,12 +16,14 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from scalesgd.errors import ConfigError, DistributedError, ScalesgdError
+from scalesgd.launch import worker_context
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -67,19 +68,51 @@ class Rendezvous:
     size: int
     local_rank: int
     from_env: bool = False  # made by torchrun: join through env:// (reuses torchrun's own store)
+    store_hosted: bool = False  # the launcher holds the rendezvous store at addr:port: join it as a client
+
+
+# What torchrun (torch.distributed.run's elastic agent) sets for every worker it starts. A process with any of
+# the per-rank ones is one rank of a launched job; it is a torchrun launch only with all of them.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID")
+_PER_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
 
 
 def torchrun_rendezvous(environ: dict[str, str] | None = None) -> Rendezvous | None:
-    """The rendezvous torchrun (or any launcher that sets the same variables) put in the environment."""
+    """The rendezvous torchrun put in the environment; None when this process was not launched as a rank.
+
+    Raises:
+        ConfigError: some of torchrun's variables are set but not all (e.g. RANK and WORLD_SIZE left in the
+            shell): that is not a torchrun launch, and running as rank RANK of WORLD_SIZE would silently
+            override ``--workers``. DistributedError: a malformed value.
+    """
     env = os.environ if environ is None else environ
-    if "RANK" not in env or "WORLD_SIZE" not in env:
+    present = [v for v in TORCHRUN_VARS if v in env]
+    if not any(v in env for v in _PER_RANK_VARS):
         return None
+    missing = [v for v in TORCHRUN_VARS if v not in env]
+    if missing:
+        raise ConfigError(f"the environment sets {', '.join(f'{v}={env[v]}' for v in present)} but not "
+                          f"{', '.join(missing)}: this is not a torchrun launch; unset "
+                          f"{' '.join(v for v in present if v in _PER_RANK_VARS)} to run on --workers local "
+                          "processes, or launch with torchrun --nproc-per-node P")
     try:
-        return Rendezvous(addr=env.get("MASTER_ADDR", "127.0.0.1"), port=int(env.get("MASTER_PORT", "29500")),
-                          rank=int(env["RANK"]), size=int(env["WORLD_SIZE"]),
-                          local_rank=int(env.get("LOCAL_RANK", env["RANK"])), from_env=True)
+        return Rendezvous(addr=env["MASTER_ADDR"], port=int(env["MASTER_PORT"]), rank=int(env["RANK"]),
+                          size=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]), from_env=True)
     except ValueError as e:
         raise DistributedError(f"malformed torchrun environment ({e}); launch with torchrun or unset RANK/WORLD_SIZE")
+
+
+def check_workers_match(rdv: Rendezvous | None, workers: int) -> None:
+    """Refuse an explicit ``--workers`` that disagrees with torchrun's world size (the launch decides it).
+
+    Raises:
+        ConfigError: one line naming both numbers and the fix.
+    """
+    if rdv is not None and workers != rdv.size:
+        raise ConfigError(f"--workers {workers} disagrees with torchrun's WORLD_SIZE={rdv.size}: under torchrun the "
+                          f"launch sets the number of workers; drop --workers, or launch {workers} processes "
+                          f"(torchrun --nproc-per-node {workers})")
 
 
 def local_world_size(default: int) -> int:
@@ -122,10 +155,15 @@ def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World
         device = torch.device("cpu")
     if rdv.size > 1 and not dist.is_initialized():
         try:
-            init_method = "env://" if rdv.from_env else f"tcp://{rdv.addr}:{rdv.port}"
-            dist.init_process_group(backend=backend, init_method=init_method,
-                                    rank=rdv.rank, world_size=rdv.size,
-                                    timeout=_dt.timedelta(seconds=timeout_s))
+            timeout = _dt.timedelta(seconds=timeout_s)
+            if rdv.store_hosted:
+                store = dist.TCPStore(rdv.addr, rdv.port, rdv.size, False, timeout=timeout)
+                dist.init_process_group(backend=backend, store=store, rank=rdv.rank, world_size=rdv.size,
+                                        timeout=timeout)
+            else:
+                init_method = "env://" if rdv.from_env else f"tcp://{rdv.addr}:{rdv.port}"
+                dist.init_process_group(backend=backend, init_method=init_method, rank=rdv.rank, world_size=rdv.size,
+                                        timeout=timeout)
         except (RuntimeError, ValueError) as e:  # noqa: PERF203 - converted to a clear message
             raise DistributedError(
                 f"rank {rdv.rank} could not join the process group at {rdv.addr}:{rdv.port} ({e}); "
@@ -137,6 +175,34 @@ def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World
 def shutdown_world() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_local_address(addr: str) -> None:
+    """Refuse a rendezvous address local workers cannot listen on (rank 0's store binds it on this machine).
+
+    Raises:
+        ConfigError: one line, when ``addr`` does not resolve or is not an address of this machine.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((addr, 0))
+    except socket.gaierror as e:
+        raise ConfigError(f"--master-addr {addr!r} does not resolve ({e.strerror}); local workers meet on this "
+                          "machine: leave it out (127.0.0.1) or give one of this machine's addresses") from None
+    except OSError as e:
+        raise ConfigError(f"--master-addr {addr} is not an address of this machine ({e.strerror}); local workers "
+                          "meet on this machine: leave it out (127.0.0.1) or give one of its own addresses") from None
+
+
+def host_store(addr: str, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
+    """A rendezvous store served by this process on a port the system picks (``.port``); the workers join it
+    with ``Rendezvous(store_hosted=True)``. Keep it referenced until the job ends.
+
+    Raises:
+        ConfigError: ``addr`` cannot be bound here (:func:`check_local_address`).
+    """
+    check_local_address(addr)
+    return dist.TCPStore(addr, 0, world_size, True, timeout=_dt.timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -156,91 +222,160 @@ def check_port_free(port: int, addr: str = "127.0.0.1") -> None:
                                    "--master-port or leave it out to pick a free one") from e
 
 
-def _child(payload: bytes, rdv: Rendezvous, results: Any) -> None:
-    """Entry point of a spawned worker: run ``fn(rdv, *args)`` and report its outcome on ``results``."""
+class _Stdio:
+    """The launcher's stdout and stderr, handed to a worker as it starts.
+
+    A worker forked from the fork server (:mod:`scalesgd.launch`) would otherwise write wherever the server's
+    stdout and stderr pointed when it started, not where the launcher's point now (a redirected sweep log,
+    pytest's capture). Pickled while multiprocessing starts the worker, the descriptors travel with it.
+    """
+
+    def __init__(self, fds: dict[int, Any] | None = None):
+        self.fds = fds or {}  # worker side: target descriptor -> multiprocessing's handle on the sent copy
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        sent = {}
+        for fd in (1, 2):
+            try:
+                os.fstat(fd)
+            except OSError:  # a launcher without this stream: the worker keeps the server's
+                continue
+            sent[fd] = reduction.DupFd(fd)
+        return (_Stdio, (sent,))
+
+    def attach(self) -> None:
+        """Make the sent descriptors this process's stdout and stderr."""
+        for target, handle in self.fds.items():
+            fd = handle.detach()
+            if fd != target:
+                os.dup2(fd, target)
+                os.close(fd)
+
+
+def _child(payload: bytes, rdv: Rendezvous, results: Any, environ: dict[str, str], stdio: _Stdio | None) -> None:
+    """Entry point of a local worker: take on the launcher's environment and output streams, run
+    ``fn(rdv, *args)`` and send its outcome on ``results`` (this worker's own pipe)."""
     try:
+        if stdio is not None:
+            stdio.attach()
+        os.environ.clear()
+        os.environ.update(environ)
         fn, args = pickle.loads(payload)
         out = fn(rdv, *args)
-        results.put(("ok", rdv.rank, pickle.dumps(out)))  # by value: this process may exit before it is read
+        results.send(("ok", pickle.dumps(out)))  # by value: this process may exit before it is read
     except ScalesgdError as e:
-        results.put(("error", rdv.rank, f"{type(e).__name__}:{e}"))
+        results.send(("error", f"{type(e).__name__}:{e}"))
         sys.exit(3)
     except BaseException as e:  # noqa: BLE001 - a bug: reported once, with its traceback, by the parent
-        results.put(("crash", rdv.rank, "".join(traceback.format_exception(e))))
+        results.send(("crash", "".join(traceback.format_exception(e))))
         sys.exit(1)
 
 
 def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | None = None,
           addr: str = "127.0.0.1", timeout_s: float | None = None) -> list[Any]:
-    """Run ``fn(rendezvous, *args)`` in ``nprocs`` fresh local processes and return their results by rank.
+    """Run ``fn(rendezvous, *args)`` in ``nprocs`` new local processes and return their results by rank.
 
-    If one worker fails, the others are terminated and its error is raised here (the first failing rank is
-    named), so no worker is left hanging. ``timeout_s`` bounds the whole job.
+    The processes are forked from the preloaded fork server of :mod:`scalesgd.launch` (spawned where there is
+    none); each gets this process's environment, working directory, ``sys.path``, stdout and stderr as they
+    are now. ``fn`` and ``args`` must be picklable (``fn`` by name).
+
+    If one worker fails, the others are terminated and its error is raised here, naming the rank: a
+    :class:`ScalesgdError` it raised comes back as the same class and message; a crash comes back as a
+    :class:`DistributedError` with its traceback, and a worker that died without a word (killed, or
+    ``os._exit``) as a :class:`DistributedError` with its exit code. No worker is left running, and
+    ``timeout_s`` bounds the whole job.
     """
-    if port is None:
-        port = free_port(addr)
+    store = None
+    if port is None and nprocs > 1:
+        # The launcher binds the rendezvous store itself, on a port the system picks, and holds it for the whole
+        # job: a port probed free and handed on could be taken by another process before rank 0 bound it.
+        store = host_store(addr, nprocs)
+        port = store.port
+    elif port is None:
+        port = free_port(addr)  # no process group of its own; a caller that makes one uses this port
     else:
         check_port_free(port, addr)
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
+    ctx = worker_context()
+    stdio = _Stdio() if ctx.get_start_method() == "forkserver" else None  # spawned workers inherit them
+    environ = dict(os.environ)
     # Plain pickle copies tensors by value; multiprocessing's own pickler would share them through file
     # descriptors served by this process, which breaks when several jobs are spawned in a row.
     payload = pickle.dumps((fn, args))
-    procs = []
-    for rank in range(nprocs):
-        rdv = Rendezvous(addr=addr, port=port, rank=rank, size=nprocs, local_rank=rank)
-        p = ctx.Process(target=_child, args=(payload, rdv, results), daemon=False)
-        p.start()
-        procs.append(p)
-    outcomes: dict[int, tuple[str, Any]] = {}
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    failure: tuple[int, str, Any] | None = None
+    procs, readers = [], []
     try:
-        while len(outcomes) < nprocs:
-            while not results.empty():
-                status, rank, payload = results.get()
-                outcomes[rank] = (status, payload)
-                if status != "ok" and failure is None:
-                    failure = (rank, status, payload)
-            if failure is not None:
-                break
-            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcomes]
-            if dead:
-                time.sleep(0.2)  # let a dying worker's report arrive before blaming it
-                if results.empty():
-                    r = dead[0]
-                    failure = (r, "crash", f"worker {r} exited with code {procs[r].exitcode}")
-                    break
-                continue
-            if all(p.exitcode == 0 for p in procs) and results.empty() and len(outcomes) < nprocs:
-                time.sleep(0.1)
-                if results.empty():
-                    missing = sorted(set(range(nprocs)) - set(outcomes))
-                    failure = (missing[0], "crash", f"worker {missing[0]} exited without a result")
-                    break
-            if deadline is not None and time.monotonic() > deadline:
-                failure = (-1, "timeout", f"the job did not finish within {timeout_s:.0f} s")
-                break
-            time.sleep(0.02)
+        for rank in range(nprocs):
+            rdv = Rendezvous(addr=addr, port=port, rank=rank, size=nprocs, local_rank=rank,
+                             store_hosted=store is not None)
+            reader, writer = ctx.Pipe(duplex=False)  # one per worker: a message always names its sender
+            p = ctx.Process(target=_child, args=(payload, rdv, writer, environ, stdio), daemon=False)
+            p.start()
+            writer.close()  # the worker holds its own copy
+            procs.append(p)
+            readers.append(reader)
+        outcomes, failure = _collect(procs, readers, timeout_s)
     finally:
-        if failure is not None:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
+        # Reached with a failure, a timeout, or an exception here (KeyboardInterrupt): stop whoever still runs.
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
                 p.join()
+        for reader in readers:
+            reader.close()
     if failure is not None:
-        rank, status, payload = failure
+        rank, status, message = failure
         if status == "error":
-            kind, _, message = str(payload).partition(":")
+            kind, _, message = str(message).partition(":")
             raise _rebuild_error(kind, message)
         if status == "timeout":
-            raise DistributedError(f"{payload}; the workers were stopped")
-        raise DistributedError(f"worker {rank} failed:\n{payload}")
-    return [pickle.loads(outcomes[r][1]) for r in range(nprocs)]
+            raise DistributedError(f"{message}; the workers were stopped")
+        raise DistributedError(f"worker {rank} failed:\n{message}")
+    return [pickle.loads(outcomes[r]) for r in range(nprocs)]
+
+
+def _collect(procs: list[Any], readers: list[Any], timeout_s: float | None
+             ) -> tuple[dict[int, bytes], tuple[int, str, str] | None]:
+    """Wait for every worker's outcome; stop at the first failure. Returns (pickled results by rank, failure as
+    (rank, "error" | "crash" | "timeout", message) or None). Wakes on a message or a worker's exit, never polls.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    outcomes: dict[int, bytes] = {}
+    pending = set(range(len(procs)))
+    while pending:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return outcomes, (-1, "timeout", f"the job did not finish within {timeout_s:.0f} s")
+        ready = set(wait([readers[r] for r in pending] + [procs[r].sentinel for r in pending], remaining))
+        for r in sorted(pending):
+            if readers[r] not in ready and procs[r].sentinel not in ready:
+                continue
+            # A worker sends before it exits, so once it has exited its message (if any) is in its pipe.
+            if readers[r].poll():
+                try:
+                    status, message = readers[r].recv()
+                except EOFError:  # closed without a message: died
+                    status, message = "dead", None
+            elif procs[r].sentinel in ready:
+                status, message = "dead", None
+            else:
+                continue
+            if status == "ok":
+                outcomes[r] = message
+                pending.discard(r)
+                continue
+            if status == "dead":
+                procs[r].join(timeout=10)
+                code = procs[r].exitcode
+                message = (f"worker {r} exited without a result" if code == 0 else
+                           f"worker {r} exited with code {code}")
+                status = "crash"
+            return outcomes, (r, status, message)
+    return outcomes, None
 
 
 def _rebuild_error(kind: str, message: str) -> ScalesgdError:

@@ -33,10 +33,10 @@ from scalesgd.distributed import Rendezvous, World
 from scalesgd.errors import ConfigError, DistributedError, DivergedError
 from scalesgd.local_sgd import NO_COMM, average_parameters_, averaged_parameters, averaging_due
 from scalesgd.lr_rules import LrConfig, LrTerms, lr_terms
-from scalesgd.models import build_model, loss_function
+from scalesgd.models import build_model, example_randomness, loss_function
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
 from scalesgd.stragglers import StragglerSpec, parse_straggler, sample_delay
-from scalesgd.train_state import TrainState
+from scalesgd.train_state import LossWatch, TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, sgd
 from scalesgd.writer import RunWriter, check_run_dir_is_new, default_run_dir, environment
 
@@ -47,8 +47,8 @@ class Prepared:
 
     Attributes:
         model: the initialised model (the same weights on every rank).
-        torch_rng_state: torch's global CPU RNG state right after the model's initialisation (dropout
-            continues from it, exactly as if each rank had built the model itself).
+        torch_rng_state: torch's global CPU RNG state right after the model's initialisation (restored in
+            every rank, exactly as if each rank had built the model itself).
         lr_config: the learning-rate rule and base schedule.
         policy: the batch-size policy.
     """
@@ -171,7 +171,7 @@ def shard_batch(state: TrainState, *, stream: BatchStream, world: World, example
 
 def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn: Callable, x_train: torch.Tensor,
          y_train: torch.Tensor, rank: int, comm: CommStrategy, tx: GradientTransformation, tap: NoiseTap | None,
-         classification: bool, local: bool = False, delay: Callable[[float], float] | None = None,
+         classification: bool, seed: int, local: bool = False, delay: Callable[[float], float] | None = None,
          skip_compute: bool = False) -> tuple[TrainState, StepResult]:
     """One step on ``part`` (:func:`scalesgd.step.train_step`); advances counters and cursor.
 
@@ -184,12 +184,17 @@ def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn:
     b = int(part.batch.indices.numel())
     idx = part.local[:0] if skip_compute else part.local
     local_b = int(idx.numel())
-    result, tx_state = train_step(
-        flat=flat, loss_fn=loss_fn, x=x_train[idx], y=y_train[idx],
-        global_batch_size=max(local_b, 1) if local else b, shard_sizes=[local_b] if local else part.shard_sizes,
-        rank=rank, comm=NO_COMM if local else comm, tx=tx, tx_state=state.tx_state,
-        hyper=Hyper(lr=lr, step=state.step), tap=None if local else tap, classification=classification,
-        delay=None if skip_compute else delay)
+    # Dropout masks belong to the examples (seed, step, row of the global batch): each rank's rows get their
+    # own, and P workers draw what one worker would (models.ExampleDropout). The update's randomness
+    # (Langevin noise) comes from the transformation's generator, the same on every rank.
+    with example_randomness(flat.model, seed=seed, step=state.step, first_row=sum(part.shard_sizes[:rank]),
+                            global_rows=b):
+        result, tx_state = train_step(
+            flat=flat, loss_fn=loss_fn, x=x_train[idx], y=y_train[idx],
+            global_batch_size=max(local_b, 1) if local else b, shard_sizes=[local_b] if local else part.shard_sizes,
+            rank=rank, comm=NO_COMM if local else comm, tx=tx, tx_state=state.tx_state,
+            hyper=Hyper(lr=lr, step=state.step), tap=None if local else tap, classification=classification,
+            delay=None if skip_compute else delay)
     step_s = result.compute_s + result.comm_s + result.update_s
     return state.replace(tx_state=tx_state, step=state.step + 1, examples=state.examples + b,
                          cursor=part.next_cursor, train_time_s=state.train_time_s + step_s,
@@ -229,6 +234,24 @@ def average(state: TrainState, *, flat: FlatModel, comm: CommStrategy, world: Wo
         "local_sgd": True, "averaged": True, "average_s": average_s, "average_bytes_sent": stats.bytes_sent}
 
 
+def warm_up(state: TrainState, part: Shard, *, flat: FlatModel, loss_fn: Callable, x_train: torch.Tensor,
+            y_train: torch.Tensor, comm: CommStrategy) -> None:
+    """One untimed forward/backward and all-reduce on ``part``, then undone: no clock of the run (training
+    time, time to target) pays for one-time costs such as first-use allocations and kernel choices or a
+    transport's first exchange, which made the first point of a sweep look many times slower than the same
+    point with another seed. Parameters, optimizer state and every generator are as they were before; the
+    gradient buffer is zeroed (the step zeroes it anyway)."""
+    torch_rng, comm_rng = torch.get_rng_state(), state.comm_generator.get_state()
+    flat.buffer.zero_()
+    if part.local.numel() > 0:
+        loss = loss_fn(flat.model(x_train[part.local]), y_train[part.local])
+        (loss / int(part.batch.indices.numel())).backward()
+    comm.allreduce_(flat.buffer, exact_tail=flat.tail)
+    flat.buffer.zero_()
+    torch.set_rng_state(torch_rng)
+    state.comm_generator.set_state(comm_rng)
+
+
 def estimate(state: TrainState, result: StepResult, *, ema: NoiseScaleEMA | None,
              n_train: int) -> tuple[TrainState, NoiseEstimate | None]:
     """Fold the step's unbiased ‖G‖², tr Σ into the EMA carried in the state (:meth:`NoiseScaleEMA.fold`)."""
@@ -239,13 +262,9 @@ def estimate(state: TrainState, result: StepResult, *, ema: NoiseScaleEMA | None
 
 
 def log_step(state: TrainState, result: StepResult, part: Shard, terms: LrTerms, noise: NoiseEstimate | None, *,
-             n_train: int, classification: bool, adascale: bool, start_s: float, base_lr: float,
-             writer: RunWriter, extra: dict[str, Any] | None = None) -> None:
-    """Write the step's line to ``metrics.jsonl``; stop the run if its loss is no longer finite.
-
-    Raises:
-        DivergedError: the loss is inf or NaN.
-    """
+             n_train: int, classification: bool, adascale: bool, start_s: float, writer: RunWriter,
+             extra: dict[str, Any] | None = None) -> None:
+    """Write the step's line to ``metrics.jsonl`` (``extra``: fields a stage adds, e.g. local SGD's)."""
     b = int(part.batch.indices.numel())
     step_s = result.compute_s + result.comm_s + result.update_s
     record = {
@@ -264,11 +283,41 @@ def log_step(state: TrainState, result: StepResult, part: Shard, terms: LrTerms,
     if adascale:
         record["adascale_gain"] = terms.gain
     writer.log(record)
-    if not math.isfinite(result.loss):
-        raise DivergedError(
-            f"the loss became {result.loss} at step {state.step} (lr {terms.lr:.4g}); training stopped. "
-            f"Lower the learning rate (e.g. --lr {base_lr / 4:.3g}) or add warm-up "
-            f"(--warmup-epochs 1); the metrics so far are in {writer.run_dir or 'the run directory'}")
+
+
+# Divergence: the smoothed training loss (EMA with this decay) above EXPLOSION_FACTOR times the first step's
+# loss for EXPLOSION_STEPS steps in a row. A run that recovers from a spike (digits/mlp at --lr 0.5 peaks at
+# ~10x its first loss for a step) stays under it; one that blows up (--lr 5: ~50x and more) does not.
+LOSS_EMA_DECAY, EXPLOSION_FACTOR, EXPLOSION_STEPS = 0.9, 10.0, 5
+
+
+def divergence_advice(cfg: RunConfig) -> str:
+    """What to change after a divergence, as options that change the learning rates the run uses (each is
+    tested to do so): a tenth of the rate, and warm-up (longer, if it was already on)."""
+    warmup = max(1.0, 2 * cfg.warmup_epochs)
+    return (f"lower the learning rate (e.g. --lr {cfg.lr / 10:.3g}) or ramp it up over more of the start "
+            f"(--warmup-epochs {warmup:g})")
+
+
+def watch_loss(state: TrainState, loss: float, *, lr: float, cfg: RunConfig, writer: RunWriter) -> TrainState:
+    """Stop the run when its training loss is no longer finite or has exploded (see EXPLOSION_FACTOR).
+
+    Raises:
+        DivergedError: one line with the step, the loss and the advice (:func:`divergence_advice`).
+    """
+    where = f"the metrics so far are in {writer.run_dir or 'the run directory'}"
+    if not math.isfinite(loss):
+        raise DivergedError(f"the loss became {loss} at step {state.step} (lr {lr:.4g}); training stopped. "
+                            f"{divergence_advice(cfg).capitalize()}; {where}")
+    w = state.loss_watch
+    first = loss if w.first_loss is None else w.first_loss
+    smoothed = loss if w.smoothed_loss is None else LOSS_EMA_DECAY * w.smoothed_loss + (1 - LOSS_EMA_DECAY) * loss
+    above = w.steps_above + 1 if smoothed > EXPLOSION_FACTOR * abs(first) else 0
+    if above >= EXPLOSION_STEPS:
+        raise DivergedError(f"the training loss exploded: smoothed {smoothed:.4g} at step {state.step} (lr {lr:.4g}), "
+                            f"over {EXPLOSION_FACTOR:g}x the first step's {first:.4g} for {above} steps; training "
+                            f"stopped. {divergence_advice(cfg).capitalize()}; {where}")
+    return state.replace(loss_watch=LossWatch(first_loss=first, smoothed_loss=smoothed, steps_above=above))
 
 
 def log_exact_diversity(state: TrainState, *, model: nn.Module, ds: Dataset, world: World,
@@ -385,6 +434,9 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     eval_train_idx = torch.randperm(ds.n_train, generator=torch.Generator().manual_seed(cfg.seed + 17))[
         : cfg.eval_train_examples]
     bar = _progress_bar(cfg, world, total_examples)
+    warm_up(state, shard_batch(state, stream=stream, world=world,
+                               examples_left=None if cfg.steps else total_examples - state.examples),
+            flat=flat, loss_fn=loss_fn, x_train=x_train, y_train=y_train, comm=comm)
     start_s = time.perf_counter()
     last_eval: dict[str, Any] = {}
     stragglers = parse_straggler(cfg.straggler)
@@ -408,7 +460,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                                 n_train=ds.n_train)
             state, result = step(state, part, lr=terms.lr, flat=flat, loss_fn=loss_fn, x_train=x_train,
                                  y_train=y_train, rank=world.rank, comm=comm, tx=tx, tap=tap,
-                                 classification=classification, local=state.local_sgd_start is not None,
+                                 classification=classification, seed=cfg.seed,
+                                 local=state.local_sgd_start is not None,
                                  delay=straggler_delay(stragglers, seed=cfg.seed, rank=world.rank,
                                                        step_index=state.step),
                                  skip_compute=isinstance(comm, BackupWorkers) and comm.result_ready())
@@ -418,10 +471,10 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 local_record = {"backup_used_ranks": list(comm.used_ranks)}
             # estimate: fold the step's unbiased ‖G‖², tr Σ into the smoothed estimates
             state, noise = estimate(state, result, ema=ema, n_train=ds.n_train)
-            # log: the step's line; a non-finite loss stops the run here
+            # log: the step's line; a non-finite or exploding loss stops the run here
             log_step(state, result, part, terms, noise, n_train=ds.n_train, classification=classification,
-                     adascale=cfg.lr_rule == "adascale", start_s=start_s, base_lr=cfg.lr, writer=writer,
-                     extra=local_record)
+                     adascale=cfg.lr_rule == "adascale", start_s=start_s, writer=writer, extra=local_record)
+            state = watch_loss(state, result.loss, lr=terms.lr, cfg=cfg, writer=writer)
             if bar is not None:
                 _advance_bar(bar, part, result, last_eval)
             # evaluate: exact diversity, replica check and test accuracy when due
@@ -504,6 +557,7 @@ def train(cfg: RunConfig, ds: Dataset | None = None) -> dict[str, Any]:
         return worker(rdv, cfg, ds, prepared)
     if cfg.workers == 1:
         return worker(Rendezvous("127.0.0.1", 0, 0, 1, 0), cfg, ds, prepared)
+    distributed.check_local_address(cfg.master_addr)
     cores = os.cpu_count() or 1
     if cfg.workers > cores and distributed.resolve_backend(cfg.backend) == "gloo":
         # Many more blocking workers than cores: every all-reduce waits for each peer's time slice.

@@ -22,13 +22,15 @@ import torch
 from torch import nn
 
 from scalesgd.comm import CommStrategy
-from scalesgd.diversity import (GhostNormTap, NoiseStats, per_example_noise_stats, rank_averaged_two_batch_noise_stats,
+from scalesgd.diversity import (NoiseStats, per_example_noise_stats, rank_averaged_two_batch_noise_stats,
                                 two_batch_rank_terms)
+from scalesgd.ghost_norms import GhostNormTap
 from scalesgd.transforms import GradientTransformation, Hyper, apply_updates_
 
 # Fixed slots at the head of the statistics tail; per-rank compute times follow them.
 SLOT_LOSS, SLOT_CORRECT, SLOT_COUNT = 0, 1, 2
-SLOT_TAP = 3  # first of the slots a statistics tap may use
+SLOT_CODEC_VAR = 3  # E‖Q(g) − g‖² a lossy codec adds to this rank's gradient part (0 for exact strategies)
+SLOT_TAP = 4  # first of the slots a statistics tap may use
 N_TAP_SLOTS = 5
 N_FIXED_SLOTS = SLOT_TAP + N_TAP_SLOTS
 
@@ -66,7 +68,8 @@ class StatsTap(Protocol):
 
     ``backward_context`` may return a context manager around backward; ``local_stats`` writes up to
     :data:`N_TAP_SLOTS` values into the tail before the all-reduce; ``after_reduce`` reads the summed
-    tail and the reduced gradient and returns the step's :class:`~scalesgd.diversity.NoiseStats` (or None).
+    tail and the reduced gradient (with ``codec_error_sq``, the squared error a lossy codec added to it in
+    expectation, summed over ranks) and returns the step's :class:`~scalesgd.diversity.NoiseStats` (or None).
     A tap keeps no state between steps: smoothing is the caller's, on state it holds.
     """
 
@@ -76,7 +79,7 @@ class StatsTap(Protocol):
                     loss_scale: float) -> list[float]: ...
 
     def after_reduce(self, grad: torch.Tensor, tap_sums: list[float], shard_sizes: list[int],
-                     global_batch_size: int) -> NoiseStats | None: ...
+                     global_batch_size: int, codec_error_sq: float = 0.0) -> NoiseStats | None: ...
 
 
 class NoiseTap:
@@ -91,6 +94,8 @@ class NoiseTap:
       averaged over ranks (:func:`~scalesgd.diversity.two_batch_rank_terms`,
       :func:`~scalesgd.diversity.rank_averaged_two_batch_noise_stats`). With one worker there is no
       smaller batch; ``cheap`` then falls back to ``exact``.
+    * either way, under a lossy codec ‖G_B‖² is the reduced gradient's squared norm less the codec's
+      rounding variance summed over ranks (tail slot ``SLOT_CODEC_VAR``), so both paths stay unbiased.
     """
 
     def __init__(self, mode: str, model: nn.Module, *, world_size: int):
@@ -113,9 +118,12 @@ class NoiseTap:
         return list(two_batch_rank_terms(local_sq, local_batch_size, global_batch_size))
 
     def after_reduce(self, grad: torch.Tensor, tap_sums: list[float], shard_sizes: list[int],
-                     global_batch_size: int) -> NoiseStats | None:
+                     global_batch_size: int, codec_error_sq: float = 0.0) -> NoiseStats | None:
         bb = global_batch_size
-        big_sq = float(torch.dot(grad, grad))  # ‖G_B‖² of the reduced mean gradient
+        # ‖G_B‖² of the reduced mean gradient. A lossy codec's result is Σᵣ Q(gᵣ), whose squared norm exceeds
+        # the exact one by Σᵣ E‖Q(gᵣ) − gᵣ‖² on average (``codec_error_sq``, summed exactly in the tail):
+        # subtracted, the estimate is unbiased whatever the codec.
+        big_sq = float(torch.dot(grad, grad)) - codec_error_sq
         if self.mode == "exact":
             return per_example_noise_stats(tap_sums[0], big_sq * bb * bb, bb) if bb >= 2 else None
         return rank_averaged_two_batch_noise_stats(tap_sums[0], tap_sums[1], big_sq, shard_sizes, bb)
@@ -195,6 +203,9 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         if values:
             # Through a float64 tensor: a diverging run's statistics saturate to inf instead of raising.
             stats[SLOT_TAP:SLOT_TAP + len(values)] = torch.tensor(values, dtype=torch.float64).to(stats.dtype)
+    error_variance = getattr(comm, "error_variance", None)
+    if tap is not None and error_variance is not None and local_b > 0:
+        stats[SLOT_CODEC_VAR] = error_variance(flat.grad)
     _sync(device)
     t1 = time.perf_counter()
     injected = delay(t1 - t0) if delay is not None else 0.0
@@ -211,7 +222,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     summed = stats.tolist()
     noise = None
     if tap is not None:
-        noise = tap.after_reduce(flat.grad, summed[SLOT_TAP:SLOT_TAP + N_TAP_SLOTS], shard_sizes, global_batch_size)
+        noise = tap.after_reduce(flat.grad, summed[SLOT_TAP:SLOT_TAP + N_TAP_SLOTS], shard_sizes, global_batch_size,
+                                 codec_error_sq=summed[SLOT_CODEC_VAR])
     with torch.no_grad():
         direction, tx_state = tx.update(flat.grad, tx_state, flat.params, hyper)
         apply_updates_(flat.params, direction, hyper.lr)

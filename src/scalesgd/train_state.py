@@ -21,6 +21,21 @@ from scalesgd.transforms import state_from_tree, state_to_tree
 
 
 @dataclass(frozen=True)
+class LossWatch:
+    """What divergence detection carries between steps (:func:`scalesgd.run.watch_loss`).
+
+    Attributes:
+        first_loss: the first step's training loss (the reference; None before the first step).
+        smoothed_loss: EMA of the training loss.
+        steps_above: consecutive steps the smoothed loss has stayed above the explosion threshold.
+    """
+
+    first_loss: float | None = None
+    smoothed_loss: float | None = None
+    steps_above: int = 0
+
+
+@dataclass(frozen=True)
 class TrainState:
     """One rank's whole training state between two steps.
 
@@ -32,7 +47,8 @@ class TrainState:
         policy: the batch-size policy's state.
         global_batch_size: the global batch the policy last chose (examples, all ranks).
         cursor: where the data stream stands (epoch, offset into that epoch's permutation).
-        torch_rng_state: torch's global CPU generator state (dropout draws from it).
+        torch_rng_state: torch's global CPU generator state (the trainer's dropout masks come from
+            :func:`scalesgd.models.example_randomness` instead, a function of seed, step and example).
         comm_generator: this rank's generator for the communication strategy's randomness (QSGD's
             stochastic rounding); seeded from the run's seed and the rank.
         step: optimizer steps done.
@@ -42,6 +58,7 @@ class TrainState:
             (None until then).
         local_sgd_start: the index of the first local-SGD step (``--sync-every``), None while synchronous;
             the averaging schedule counts from it (:func:`scalesgd.local_sgd.averaging_due`).
+        loss_watch: the smoothed training loss that divergence detection compares with the first one.
     """
 
     params: torch.Tensor
@@ -58,6 +75,7 @@ class TrainState:
     time_to_target_s: float | None = None
     train_time_to_target_s: float | None = None
     local_sgd_start: int | None = None
+    loss_watch: LossWatch = LossWatch()
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy with ``changes`` applied (the state is frozen)."""
@@ -85,6 +103,7 @@ class TrainState:
             "time_to_target_s": self.time_to_target_s,
             "train_time_to_target_s": self.train_time_to_target_s,
             "local_sgd_start": self.local_sgd_start,
+            "loss_watch": dataclasses.asdict(self.loss_watch),
         }
 
     @classmethod
@@ -107,4 +126,5 @@ class TrainState:
             time_to_target_s=blob["time_to_target_s"],
             train_time_to_target_s=blob["train_time_to_target_s"],
             local_sgd_start=blob.get("local_sgd_start"),
+            loss_watch=LossWatch(**blob.get("loss_watch", {})),
         )
