@@ -29,7 +29,7 @@ pytestmark = pytest.mark.spawn
 BASE = dict(dataset="digits", model="mlp", width=256, global_batch_size=256, lr=0.05, momentum=0.9,
             weight_decay=5e-4, lr_schedule="constant", diversity="off", workers=2, eval_every=1000,
             eval_train_examples=64, progress=False, threads_per_worker=1, timeout_s=120, seed=0)
-STEPS = 14
+STEPS = 20
 
 
 def _run(tmp_path_factory, name, **overrides):
@@ -89,8 +89,7 @@ def _reference(rdv, cfg, ds, period):
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://{rdv.addr}:{rdv.port}", rank=rdv.rank,
-                                         world_size=rdv.size)
+    distributed.init_world(rdv, "gloo", timeout_s=120)  # the default group PeriodicModelAverager uses
     try:
         torch.set_num_threads(1)
         model = build_model(cfg.model, input_shape=ds.input_shape, num_outputs=ds.num_outputs, seed=cfg.seed,
@@ -121,7 +120,7 @@ def _reference(rdv, cfg, ds, period):
             average_parameters(iter(model.parameters()), None)
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), warmup
     finally:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown_world()
 
 
 @pytest.mark.timeout(600)
