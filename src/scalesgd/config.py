@@ -247,9 +247,10 @@ class RunConfig:
         if "qsgd" in self.comm:
             raise ConfigError(f"--sync-every averages parameters, which a lossy codec would corrupt; use an exact "
                               f"--comm (allreduce, ring, ring-tcp, ps) instead of {self.comm}")
-        if self.effective_lr_rule() == "adascale" or self.batch_policy in ("diversity", "goodput"):
+        if self.effective_lr_rule == "adascale" or self.batch_policy in ("diversity", "goodput"):
             raise ConfigError("--sync-every: local steps all-reduce no gradient, so there is no noise estimate "
-                              "for --lr-rule adascale or --batch-policy diversity/goodput; use them without local SGD")
+                              "for --lr-rule adascale or --batch-policy diversity/goodput; use them without local "
+                              "SGD")
 
     @property
     def effective_lr_rule(self) -> str:
