@@ -295,6 +295,8 @@ def _check_types(cfg: "RunConfig") -> None:
         kind, optional = _field_kind(f.type)
         if value is None and optional:
             continue
+        if f.type == "float | str" and isinstance(value, str):
+            continue  # a named value (``--lr auto``): the field's own check in __post_init__ takes it or refuses it
         option = f"--{f.name.replace('_', '-')}"
         wanted = {bool: "true or false (an unquoted TOML boolean; on the command line, the bare flag)",
                   int: "an integer", float: "a finite number", str: "a text (a quoted TOML string)",

@@ -255,7 +255,8 @@ def _probe_loss(flat: FlatModel, loss_fn: Callable, x: torch.Tensor, y: torch.Te
 
 
 def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat: FlatModel, loss_fn: Callable,
-                 x_train: torch.Tensor, y_train: torch.Tensor, world: World, comm: CommStrategy,
+                 read: Callable[[torch.Tensor], tuple[Any, torch.Tensor]], n_train: int, world: World,
+                 comm: CommStrategy,
                  tx: GradientTransformation, classification: bool, total_steps: int, start_s: float,
                  writer: RunWriter) -> tuple[TrainState, LrConfig]:
     """``--lr auto``: find the base learning rate with :class:`scalesgd.goodput.LrRangeTest` before training.
@@ -282,10 +283,9 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
     t_start = time.perf_counter()
     test = LrRangeTest(**LR_PROBE)
     search = test.init_state()
-    n_train = int(x_train.shape[0])
     seed = cfg.seed + 104_729  # the probe's data: fixed, and apart from the run's own order
     probe_idx = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:LR_PROBE_LOSS_EXAMPLES]
-    x_probe, y_probe = x_train[probe_idx], y_train[probe_idx]
+    x_probe, y_probe = read(probe_idx)
     stream, cursor, batches = BatchStream(n_train, seed), Cursor(), []
     for _ in range(LR_PROBE_STEPS):
         batch, cursor = stream.next(cursor, state.global_batch_size)
@@ -305,9 +305,9 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
         tx_state, step_times = state_from_tree(saved_tx, world.device), []
         for i, batch in enumerate(batches):
             sizes = [int(t.numel()) for t in torch.tensor_split(batch.indices, world.size)]
-            local = shard(batch.indices, world.rank, world.size)
+            x, y = read(shard(batch.indices, world.rank, world.size))
             result, tx_state = train_step(
-                flat=flat, loss_fn=loss_fn, x=x_train[local], y=y_train[local], global_batch_size=int(batch.indices.numel()),
+                flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=int(batch.indices.numel()),
                 shard_sizes=sizes, rank=world.rank, comm=comm, tx=tx, tx_state=tx_state,
                 hyper=Hyper(lr=lr, step=i), tap=None, classification=classification)
             step_times.append(result.compute_s + result.comm_s + result.update_s)
@@ -700,7 +700,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
         if cfg.lr == "auto":
             # find the base lr: a range test from a saved copy of the state, inside the run's clock
             state, lr_config = find_base_lr(
-                state, cfg=cfg, lr_config=lr_config, flat=flat, loss_fn=loss_fn, x_train=x_train, y_train=y_train,
+                state, cfg=cfg, lr_config=lr_config, flat=flat, loss_fn=loss_fn, read=read, n_train=ds.n_train,
                 world=world, comm=comm, tx=tx, classification=classification, start_s=start_s, writer=writer,
                 total_steps=cfg.steps or math.ceil(total_examples / state.global_batch_size))
         if cfg.exact_diversity_every:
