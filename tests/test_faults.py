@@ -51,6 +51,8 @@ _OUT_OF_RANGE = {
     "comm": ['"pigeon"'], "qsgd_levels": ["0", "128"], "master_port": ["0", "70000"],
     "threads_per_worker": ["0"], "timeout_s": ["0", "0.001", "-5"], "check_replicas_every": ["-1"],
     "seed": ["-1"], "batch_schedule": ['"5:x"'], "loader_workers": ["-1"], "loss": ['"not-an-import-string"'],
+    "straggler": ['"rank1x0.5"', '"exp"', '"exp:mean=-1"'], "sync_every": ["0"], "sync_every_after": ["-1"],
+    "backup_workers": ["-1", "5"],
 }
 _NO_RANGE = {"dataset", "master_addr", "run_dir", "progress", "nesterov", "extra"}  # checked elsewhere / any value
 _CASES = []

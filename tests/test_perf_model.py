@@ -481,3 +481,37 @@ def test_best_max_rel_error_of_a_cache_cliff():
     sizes = np.array([1 << 20, 2 << 20, 16 << 20, 64 << 20], dtype=float)
     times = sizes * BETA * np.array([1.0, 1.0, 1.75, 1.75])
     assert pm.best_max_rel_error(sizes, 2, times) == pytest.approx(0.75 / 2.75, rel=1e-6)
+
+
+def test_step_time_prices_injected_delays_and_local_sgd():
+    from scalesgd.stragglers import harmonic, parse_straggler
+
+    compute, network, grad_bytes = ComputeFit(t0_s=0.01, t1_s=0.0), Network(alpha_s=1e-4, beta_s_per_byte=1e-9), 4e6
+    base = step_time(64, 4, compute=compute, network=network, grad_bytes=grad_bytes)
+    comm = float(allreduce_time(grad_bytes, 4, network))
+    exp = parse_straggler("exp:mean=5ms")
+    # i.i.d. exponential delays: a synchronous step waits for the largest of P, mu*H_P on top of compute
+    assert step_time(64, 4, compute=compute, network=network, grad_bytes=grad_bytes, straggler=exp) == (
+        pytest.approx(base + 0.005 * harmonic(4)))
+    # a slow rank multiplies the compute it sets; communication is untouched
+    slow = parse_straggler("rank1x3")
+    assert step_time(64, 4, compute=compute, network=network, grad_bytes=grad_bytes, straggler=slow) == (
+        pytest.approx(0.03 + comm))
+    assert step_time(64, 1, compute=compute, network=network, grad_bytes=grad_bytes, straggler=slow) == (
+        pytest.approx(0.01))
+    # local SGD: communication over H, delays absorbed over the period (between mu and mu*H_P per step)
+    local = step_time(64, 4, compute=compute, network=network, grad_bytes=grad_bytes, straggler=exp, sync_every=8)
+    assert 0.01 + 0.005 + comm / 8 < local < 0.01 + 0.005 * harmonic(4) + comm / 8
+    assert step_time(64, 4, compute=compute, network=network, grad_bytes=grad_bytes, sync_every=8) == (
+        pytest.approx(0.01 + comm / 8))
+    # arrays broadcast as before
+    arr = step_time(np.array([64, 128]), np.array([2, 4]), compute=compute, network=network, grad_bytes=grad_bytes,
+                    straggler=exp)
+    assert arr.shape == (2,) and arr[0] == pytest.approx(0.01 + 0.005 * 1.5 + float(allreduce_time(grad_bytes, 2,
+                                                                                                    network)))
+    rows = predict_grid([64], [1, 4], n_train=1000, compute=compute, network=network, grad_bytes=grad_bytes,
+                        passes_min=1.0, batch_crit=100.0, straggler=exp, sync_every=2)
+    assert rows[1].comm_s == pytest.approx(comm / 2)
+    assert rows[1].step_time_s == pytest.approx(rows[1].compute_s + rows[1].comm_s)
+    with pytest.raises(ConfigError):
+        step_time(64, 4, compute=compute, network=network, grad_bytes=grad_bytes, sync_every=0)

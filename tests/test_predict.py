@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -206,3 +207,30 @@ def test_predict_cli_errors_say_how_to_fix(tmp_path):
 
 def test_predicted_local_batch_matches_ceil():
     assert int(pm.local_batch_size(100, 8)) == 13
+
+
+def test_predict_prices_stragglers_and_local_sgd(tmp_path, capsys):
+    common = [*FAST, "--batch-bound", "200", "--passes-at-small-batch", "10", "--batch-sizes", "64",
+              "--max-workers", "8"]
+    tables = {}
+    for name, extra in (("plain", []), ("delayed", ["--straggler", "exp:mean=5ms", "--sync-every", "4"])):
+        args = parse([*common, *extra, "--out", str(tmp_path / name)])
+        assert args.func(args) == 0
+        rows = list(csv.DictReader((tmp_path / name / "predictions.csv").open()))
+        tables[name] = {int(r["workers"]): r for r in rows}
+    assert "exp:mean=0.005s, parameters averaged every 4 step(s)" in capsys.readouterr().out
+    info = json.loads((tmp_path / "delayed" / "prediction.json").read_text())
+    assert info["straggler"] == "exp:mean=0.005s" and info["sync_every"] == 4
+    prof = info["compute_profile"]
+    fit = pm.ComputeFit(t0_s=prof["t0_s"], t1_s=prof["t1_s"], knots_b=tuple(prof["knots_b"]),
+                        knots_s=tuple(prof["knots_s"]))
+    for p in (2, 4, 8):
+        plain, delayed = tables["plain"][p], tables["delayed"][p]
+        # the communication is the given network's, over H; the compute (profiled afresh in each call) carries
+        # E[max over P of a period's summed delay]/H, which lies between the mean 5 ms and 5 ms * H_P
+        assert float(delayed["comm_s"]) == pytest.approx(float(plain["comm_s"]) / 4, rel=1e-6)
+        own = float(fit(-(-64 // p)))
+        assert own + 0.005 < float(delayed["compute_s"]) < own + 0.005 * sum(1 / k for k in range(1, p + 1))
+    with pytest.raises(ConfigError, match="--straggler"):
+        args = parse([*common, "--straggler", "exp"])
+        args.func(args)

@@ -116,6 +116,13 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("timeout-s", float, "collective timeout: a worker silent this long ends the job with an error"),
     ("check-replicas-every", int, "check every k steps that all ranks hold identical parameters (0: off)"),
     ("seed", int, "seed of model init and data order"),
+    ("straggler", str, "inject delays, reproducible from (seed, rank, step): rank1x1.5 (rank 1's compute takes "
+                      "1.5x), exp:mean=5ms, lognormal:mean=5ms,sigma=1, pause:p=0.01,s=0.5 (default: none)"),
+    ("sync-every", int, "local SGD: each worker steps on its own shard, parameters averaged every H steps "
+                       "(default: synchronous SGD, gradients all-reduced every step)"),
+    ("sync-every-after", float, "post-local SGD: synchronous for this many epochs, then --sync-every H"),
+    ("backup-workers", int, "b backup workers: each step uses the first P-b gradients to reach rank 0, rescaled "
+                           "(Chen et al. 2016); needs --comm ps and --diversity off"),
     ("run-dir", str, "where to write the run (default: runs/<time>-<model>-<data>-B<b>-P<p>-s<seed>)"),
 ]
 
@@ -344,7 +351,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 _PREDICT_ARGS = ("model", "dataset", "n_train", "width", "dropout", "norm", "network", "comm", "batch_sizes",
                  "max_workers", "batch_bound", "passes_at_small_batch", "small_batch_size", "from_run", "target",
-                 "profile_batch_sizes", "profile_steps", "compute_curve", "overhead_s", "tolerance", "seed", "out")
+                 "profile_batch_sizes", "profile_steps", "compute_curve", "overhead_s", "tolerance", "seed", "out",
+                 "straggler", "sync_every")
 
 
 def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
@@ -399,6 +407,11 @@ def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, metavar="DIR", help="write predictions.csv, prediction.json and "
                    "PNG plots here")
+    p.add_argument("--straggler", default=None, metavar="SPEC",
+                   help="price injected delays: rank1x1.5, exp:mean=5ms, lognormal:mean=5ms,sigma=1, "
+                        "pause:p=0.01,s=0.5 (E[max of P step times]; default: none)")
+    p.add_argument("--sync-every", type=int, default=1, metavar="H",
+                   help="local SGD: parameters averaged every H steps (communication / H; default 1)")
     p.set_defaults(func=cmd_predict)
     return p
 

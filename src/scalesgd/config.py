@@ -20,6 +20,7 @@ from scalesgd.distributed import BACKENDS
 from scalesgd.models import MODELS, NORMS
 from scalesgd.lr_rules import BASE_SCHEDULES as LR_SCHEDULES
 from scalesgd.lr_rules import LR_RULES
+from scalesgd.stragglers import parse_straggler
 from scalesgd.user_code import OBJECT_PREFIX, is_import_string
 
 DIVERSITY_MODES = ("off", "cheap", "exact")
@@ -86,6 +87,11 @@ class RunConfig:
     timeout_s: float = 600.0
     check_replicas_every: int = 0  # all-gather the parameters every k steps and check they are identical
     seed: int = 0
+    # delayed nodes and local SGD
+    straggler: str = ""  # injected delays, e.g. "rank1x1.5", "exp:mean=5ms" (scalesgd.stragglers); "": none
+    sync_every: int | None = None  # local SGD: average the parameters every H steps; None: synchronous SGD
+    sync_every_after: float = 0.0  # post-local SGD: synchronous for this many epochs, then every H steps
+    backup_workers: int = 0  # b: each step uses the first P − b gradients to reach rank 0 (--comm ps)
     # output
     run_dir: str | None = None
     progress: bool = True
@@ -216,6 +222,35 @@ class RunConfig:
             raise ConfigError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
         if self.warmup_epochs < 0:
             raise ConfigError("--warmup-epochs must be >= 0")
+        self._check_local_sgd()
+
+    def _check_local_sgd(self) -> None:
+        parse_straggler(self.straggler)
+        if not isinstance(self.backup_workers, int) or not 0 <= self.backup_workers < self.workers:
+            raise ConfigError(f"--backup-workers must be an integer in [0, {self.workers}) for --workers "
+                              f"{self.workers}, got {self.backup_workers!r}")
+        if self.backup_workers:
+            if self.comm != "ps":
+                raise ConfigError("--backup-workers collects the gradients at rank 0 in arrival order; add --comm ps")
+            if self.diversity != "off":
+                raise ConfigError("--backup-workers drops gradients, which biases the diversity estimators; add "
+                                  "--diversity off")
+            if self.sync_every is not None:
+                raise ConfigError("--backup-workers and --sync-every are two different remedies; choose one")
+        if self.sync_every is None:
+            if self.sync_every_after:
+                raise ConfigError("--sync-every-after needs --sync-every H (average every H steps after it)")
+            return
+        _positive_int("sync-every", self.sync_every)
+        if not (math.isfinite(self.sync_every_after) and self.sync_every_after >= 0):
+            raise ConfigError(f"--sync-every-after must be >= 0 epochs, got {self.sync_every_after}")
+        if "qsgd" in self.comm:
+            raise ConfigError(f"--sync-every averages parameters, which a lossy codec would corrupt; use an exact "
+                              f"--comm (allreduce, ring, ring-tcp, ps) instead of {self.comm}")
+        if self.effective_lr_rule == "adascale" or self.batch_policy in ("diversity", "goodput"):
+            raise ConfigError("--sync-every: local steps all-reduce no gradient, so there is no noise estimate "
+                              "for --lr-rule adascale or --batch-policy diversity/goodput; use them without local "
+                              "SGD")
 
     @property
     def effective_lr_rule(self) -> str:

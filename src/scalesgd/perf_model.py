@@ -16,6 +16,12 @@ time to accuracy = time per pass × passes to accuracy                       (RE
   P = 2 up to a measured size (the two cost the same bandwidth there, and the ring's pipelining wins
   above it), at P ≥ 4 up to the size where the two costs cross (:func:`doubling_crossover_bytes`), so
   the cheaper algorithm runs; a :class:`Network` that knows the strategy does this models it too.
+- Delayed nodes and local SGD (:mod:`scalesgd.stragglers`): with injected delays a synchronous step waits
+  for the slowest worker, so ``T_compute`` becomes E[max over P of compute + delay] (μ·H_P more for i.i.d.
+  exponential delays of mean μ); with parameters averaged every H steps (local SGD) the workers meet once
+  per period, so compute is E[max over P of a period's sum]/H and the all-reduce costs ``T_allreduce/H``
+  per step (the parameters are as large as the gradient). Passes to accuracy are the synchronous ones:
+  local SGD's own sample efficiency is measured, not modelled.
 - time per pass = (n/B)·T_step(B, P).
 - passes to accuracy: ``passes(B) = passes_min·(1 + B/B_crit)`` (McCandlish et al. 2018, epochs form),
   with ``B_crit = B_S − 1`` from the measured diversity batch bound ``B_S = n·Δ``. The two views agree:
@@ -37,6 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from scalesgd.errors import ConfigError
+from scalesgd.stragglers import StragglerSpec, expected_local_sgd_compute
 
 # ---------------------------------------------------------------------------------------------------------
 # Compute curve
@@ -441,23 +448,40 @@ def local_batch_size(global_batch_size, workers):
     return np.ceil(b / p)
 
 
-def step_time(global_batch_size, workers, *, compute: ComputeFit, network: Network, grad_bytes: float,
-              overhead_s: float = 0.0):
-    """Seconds per synchronous step: ``T_compute(ceil(B/P)) + T_allreduce(grad_bytes, P) + overhead_s``.
+def delayed_compute(compute_s, workers, *, straggler: StragglerSpec | None = None, sync_every: int = 1):
+    """Expected compute seconds per step that a step (or a local-SGD period, per step) waits for: E[max over
+    P workers of compute + injected delay], or of a period's sum over H (:mod:`scalesgd.stragglers`); just
+    ``compute_s`` without delays. Scalars or broadcastable arrays."""
+    if straggler is None:
+        return compute_s
+    c, p = np.broadcast_arrays(np.asarray(compute_s, dtype=np.float64), np.asarray(workers))
+    out = np.array([expected_local_sgd_compute(straggler, int(pi), float(ci), sync_every)
+                    for ci, pi in zip(c.ravel(), p.ravel())]).reshape(c.shape)
+    return float(out) if out.ndim == 0 else out
 
-    Compute and communication add (no overlap): the trainer all-reduces the gradient once, after backward.
-    Scalars or broadcastable arrays.
+
+def step_time(global_batch_size, workers, *, compute: ComputeFit, network: Network, grad_bytes: float,
+              overhead_s: float = 0.0, straggler: StragglerSpec | None = None, sync_every: int = 1):
+    """Seconds per step: ``E[T_compute(ceil(B/P)) with delays] + T_allreduce(grad_bytes, P)/H + overhead_s``.
+
+    Compute and communication add (no overlap): the trainer all-reduces the gradient once, after backward
+    (under local SGD the parameters once every ``sync_every`` = H steps). ``straggler``: injected delays
+    (:func:`delayed_compute`). Scalars or broadcastable arrays.
     """
-    return (compute(local_batch_size(global_batch_size, workers))
-            + allreduce_time(grad_bytes, workers, network) + overhead_s)
+    if sync_every < 1:
+        raise ConfigError(f"sync_every must be >= 1, got {sync_every}")
+    comp = delayed_compute(compute(local_batch_size(global_batch_size, workers)), workers, straggler=straggler,
+                           sync_every=sync_every)
+    return comp + allreduce_time(grad_bytes, workers, network) / sync_every + overhead_s
 
 
 def time_per_pass(n_train: int, global_batch_size, workers, *, compute: ComputeFit, network: Network,
-                  grad_bytes: float, overhead_s: float = 0.0):
+                  grad_bytes: float, overhead_s: float = 0.0, straggler: StragglerSpec | None = None,
+                  sync_every: int = 1):
     """Seconds per pass over ``n_train`` examples: ``(n/B)·T_step(B, P)``."""
     b = np.asarray(global_batch_size, dtype=np.float64)
     return n_train / b * step_time(b, workers, compute=compute, network=network, grad_bytes=grad_bytes,
-                                   overhead_s=overhead_s)
+                                   overhead_s=overhead_s, straggler=straggler, sync_every=sync_every)
 
 
 def batch_crit_from_bound(batch_bound: float) -> float:
@@ -509,17 +533,18 @@ def time_to_accuracy(n_train: int, global_batch_size, workers, *, compute: Compu
 
 
 def efficiency(global_batch_size, workers, *, compute: ComputeFit, network: Network, grad_bytes: float,
-               overhead_s: float = 0.0):
+               overhead_s: float = 0.0, straggler: StragglerSpec | None = None, sync_every: int = 1):
     """Parallel efficiency at fixed B: ``T_step(B, 1) / (P·T_step(B, P))``, in [0, 1].
 
     It cannot exceed 1 when per-example compute cost never rises with b (true of the affine curve:
     P·(t0 + t1·ceil(B/P)) ≥ t0 + t1·B; communication only adds). A piecewise profile whose throughput
-    drops at large b (a cache spill) can predict a superlinear speedup, and then it exceeds 1.
+    drops at large b (a cache spill) can predict a superlinear speedup, and then it exceeds 1. With
+    ``straggler`` both sides carry the delays (one worker waits for its own only).
     """
     one = step_time(global_batch_size, 1, compute=compute, network=network, grad_bytes=grad_bytes,
-                    overhead_s=overhead_s)
+                    overhead_s=overhead_s, straggler=straggler, sync_every=sync_every)
     many = step_time(global_batch_size, workers, compute=compute, network=network, grad_bytes=grad_bytes,
-                     overhead_s=overhead_s)
+                     overhead_s=overhead_s, straggler=straggler, sync_every=sync_every)
     return one / (np.asarray(workers, dtype=np.float64) * many)
 
 
@@ -550,8 +575,13 @@ class Prediction:
 
 def predict_grid(batch_sizes: Iterable[int], workers: Iterable[int], *, n_train: int, compute: ComputeFit,
                  network: Network, grad_bytes: float, passes_min: float, batch_crit: float,
-                 overhead_s: float = 0.0) -> list[Prediction]:
-    """Predict every (B, P) with P ≤ B (a worker needs at least one example), ordered by B then P."""
+                 overhead_s: float = 0.0, straggler: StragglerSpec | None = None,
+                 sync_every: int = 1) -> list[Prediction]:
+    """Predict every (B, P) with P ≤ B (a worker needs at least one example), ordered by B then P.
+
+    ``straggler``, ``sync_every``: injected delays and local SGD's period (:func:`step_time`); the row's
+    ``compute_s`` is then the expected compute a step waits for and ``comm_s`` the all-reduce over H.
+    """
     if n_train < 1 or grad_bytes < 0 or overhead_s < 0:
         raise ConfigError(f"predict_grid needs n_train >= 1, grad_bytes >= 0 and overhead_s >= 0, got "
                           f"{n_train}, {grad_bytes}, {overhead_s}")
@@ -562,13 +592,14 @@ def predict_grid(batch_sizes: Iterable[int], workers: Iterable[int], *, n_train:
                 raise ConfigError(f"batch sizes and worker counts must be >= 1, got B={b}, P={p}")
             if p > b:
                 continue
-            comp = float(compute(local_batch_size(b, p)))
-            comm = float(allreduce_time(grad_bytes, p, network))
+            comp = float(delayed_compute(compute(local_batch_size(b, p)), p, straggler=straggler,
+                                         sync_every=sync_every))
+            comm = float(allreduce_time(grad_bytes, p, network)) / sync_every
             step = comp + comm + overhead_s
             tpp = n_train / b * step
             passes = float(passes_to_accuracy(b, passes_min=passes_min, batch_crit=batch_crit))
             eff = float(efficiency(b, p, compute=compute, network=network, grad_bytes=grad_bytes,
-                                   overhead_s=overhead_s))
+                                   overhead_s=overhead_s, straggler=straggler, sync_every=sync_every))
             rows.append(Prediction(global_batch_size=b, workers=p, local_batch_size=int(local_batch_size(b, p)),
                                    compute_s=comp, comm_s=comm, step_time_s=step, time_per_pass_s=tpp,
                                    passes=passes, time_to_accuracy_s=tpp * passes, efficiency=eff))

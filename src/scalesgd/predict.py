@@ -30,6 +30,7 @@ from scalesgd.comm import strategy_info
 from scalesgd.diversity import batch_bound_over_run
 from scalesgd.errors import ConfigError
 from scalesgd.rundata import RunData, finite, passes_to_target
+from scalesgd.stragglers import parse_straggler
 from scalesgd.writer import atomic_path, check_output_dir, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------------------
@@ -406,7 +407,7 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
             small_batch_size: int = 32, from_run: str | Path | None = None, target: float | None = None,
             profile_batch_sizes: Sequence[int] = (8, 32, 128, 512, 2048), profile_steps: int = 20,
             compute_curve: str = "auto", overhead_s: float = 0.0, tolerance: float = 0.10, seed: int = 0,
-            out: str | Path | None = None) -> int:
+            out: str | Path | None = None, straggler: str | None = None, sync_every: int = 1) -> int:
     """Measure this machine, predict time to accuracy over a (B, P) grid, print it, and write it to ``out``.
 
     time to accuracy = (n/B)·T_step(B, P)·passes(B), T_step = T_compute(⌈B/P⌉) + T_allreduce(N, P) + overhead,
@@ -426,6 +427,9 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
         overhead_s: fixed seconds added per step; tolerance: how much slower the cheapest recommendation
             may be than the fastest; seed: model init and profile data.
         out: directory for predictions.csv, prediction.json and the plots (None: print only).
+        straggler: injected delays priced into every step (``--straggler`` spec, :mod:`scalesgd.stragglers`).
+        sync_every: local SGD's averaging period H (1: synchronous): compute waits per period, the
+            all-reduce costs 1/H per step.
     Returns:
         0 (the exit code).
     Raises:
@@ -438,6 +442,9 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
     if max_workers < 1:
         raise ConfigError(f"--max-workers must be >= 1, got {max_workers}")
     check_output_dir(out, "--out")  # before the minutes of profiling, not after
+    if not isinstance(sync_every, int) or sync_every < 1:
+        raise ConfigError(f"--sync-every must be a positive integer, got {sync_every!r}")
+    straggler_spec = parse_straggler(straggler)
     network = pm.parse_network(network) if network else None  # fail fast on a bad string
     if network is not None:
         # our rings switch to recursive doubling for small messages on any network; the built-in is a ring
@@ -473,12 +480,16 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
         network = sweep.network
     print(f"network: {network.describe()}; gradient {grad_bytes:,} bytes")
     print(f"statistics: {stat_source} -> passes_min {passes_min:.3g}")
+    if straggler_spec is not None or sync_every > 1:
+        print(f"delays: {straggler_spec.describe() if straggler_spec else 'none'}, parameters averaged every "
+              f"{sync_every} step(s); passes to accuracy are the synchronous ones")
     workers = [2 ** k for k in range(int(math.log2(max_workers)) + 1)]
     if workers[-1] != max_workers:
         workers.append(max_workers)
     table = pm.predict_grid(batch_sizes, workers, n_train=ds.n_train, compute=prof.fit, network=network,
                             grad_bytes=grad_bytes, passes_min=passes_min,
-                            batch_crit=pm.batch_crit_from_bound(batch_bound), overhead_s=overhead_s)
+                            batch_crit=pm.batch_crit_from_bound(batch_bound), overhead_s=overhead_s,
+                            straggler=straggler_spec, sync_every=sync_every)
     print(pm.format_table(table))
     rec = pm.recommend(table, tolerance=tolerance)
     print(pm.format_recommendation(rec))
@@ -507,6 +518,7 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
                                                            "world_size": sweep.world_size,
                                                            "median_s": sweep.median_s},
             "batch_bound": batch_bound, "passes_min": passes_min, "overhead_s": overhead_s,
+            "straggler": straggler_spec.describe() if straggler_spec else None, "sync_every": sync_every,
             "recommendation": {"tolerance": rec.tolerance, "fastest": asdict(rec.fastest),
                                "cheapest": asdict(rec.cheapest)},
             "goodput": {str(p): asdict(c) for p, c in goodput.items()},

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from scalesgd import distributed
+from scalesgd.backup_comm import BackupWorkers
 from scalesgd.batch_policy import BatchPolicy, StepObservation, run_batch_policy
 from scalesgd.comm import CommStrategy, comm_settings, make_comm
 from scalesgd.config import RunConfig
@@ -33,10 +34,12 @@ from scalesgd.diversity import DiversityEstimate, NoiseEstimate, NoiseScaleEMA, 
 from scalesgd.distributed import Rendezvous, World
 from scalesgd.errors import ConfigError, DistributedError, DivergedError
 from scalesgd.goodput import GoodputObservation, LrRangeTest
+from scalesgd.local_sgd import NO_COMM, average_parameters_, averaged_parameters, averaging_due
 from scalesgd.lr_rules import LrConfig, LrTerms, lr_terms
 from scalesgd.models import build_model, example_randomness, loss_function
 from scalesgd.data.user import ShardReader, to_device
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
+from scalesgd.stragglers import StragglerSpec, parse_straggler, sample_delay
 from scalesgd.train_state import LossWatch, TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, sgd, state_from_tree, state_to_tree
 from scalesgd.user_code import build_run_model, canonical, is_import_string, loss_for, short_name
@@ -123,7 +126,10 @@ def _threads(cfg: RunConfig, world: World) -> int:
 
 
 def _comm(cfg: RunConfig, world: World, generator: torch.Generator) -> CommStrategy:
-    """The run's communication strategy (the one place the trainer calls :func:`make_comm`)."""
+    """The run's communication strategy (the one place the trainer calls :func:`make_comm`); with
+    ``--backup-workers`` the parameter-server path that drops the slowest b (:mod:`scalesgd.backup_comm`)."""
+    if cfg.backup_workers:
+        return BackupWorkers(world, backups=cfg.backup_workers, timeout_s=cfg.timeout_s)
     return make_comm(cfg.comm, world, generator=generator,
                      **comm_settings(cfg.comm, levels=cfg.qsgd_levels, timeout_s=cfg.timeout_s))
 
@@ -382,25 +388,69 @@ def shard_batch(state: TrainState, *, stream: BatchStream, world: World, example
 
 def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn: Callable,
          read: Callable[[torch.Tensor], tuple[Any, torch.Tensor]], rank: int, comm: CommStrategy,
-         tx: GradientTransformation, tap: NoiseTap | None, classification: bool,
-         seed: int) -> tuple[TrainState, StepResult]:
-    """One synchronous step on ``part`` (:func:`scalesgd.step.train_step`); advances counters and cursor.
-    ``read(indices)`` gives the (inputs, targets) of this rank's examples (:func:`_batch_reader`)."""
+         tx: GradientTransformation, tap: NoiseTap | None, classification: bool, seed: int, local: bool = False,
+         delay: Callable[[float], float] | None = None, skip_compute: bool = False) -> tuple[TrainState, StepResult]:
+    """One step on ``part`` (:func:`scalesgd.step.train_step`); advances counters and cursor.
+    ``read(indices)`` gives the (inputs, targets) of this rank's examples (:func:`_batch_reader`).
+
+    Synchronous by default. ``local``: a local-SGD step — this rank's shard alone, its local *mean* gradient
+    (as if the shard were the whole batch), no communication and no noise tap (the estimators need an
+    all-reduced gradient); its loss and accuracy are this rank's. ``delay``: the injected straggler delay.
+    ``skip_compute``: this rank is late (backup workers: the step's result is already there), so it
+    contributes nothing and takes no delay.
+    """
     b = int(part.batch.indices.numel())
-    x, y = read(part.local)
+    idx = part.local[:0] if skip_compute else part.local
+    local_b = int(idx.numel())
+    x, y = read(idx)
     # Dropout masks belong to the examples (seed, step, row of the global batch): each rank's rows get their
     # own, and P workers draw what one worker would (models.ExampleDropout). The update's randomness
     # (Langevin noise) comes from the transformation's generator, the same on every rank.
     with example_randomness(flat.model, seed=seed, step=state.step, first_row=sum(part.shard_sizes[:rank]),
                             global_rows=b):
         result, tx_state = train_step(
-            flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=b,
-            shard_sizes=part.shard_sizes, rank=rank, comm=comm, tx=tx, tx_state=state.tx_state,
-            hyper=Hyper(lr=lr, step=state.step), tap=tap, classification=classification)
+            flat=flat, loss_fn=loss_fn, x=x, y=y,
+            global_batch_size=max(local_b, 1) if local else b, shard_sizes=[local_b] if local else part.shard_sizes,
+            rank=rank, comm=NO_COMM if local else comm, tx=tx, tx_state=state.tx_state,
+            hyper=Hyper(lr=lr, step=state.step), tap=None if local else tap, classification=classification,
+            delay=None if skip_compute else delay)
     step_s = result.compute_s + result.comm_s + result.update_s
     return state.replace(tx_state=tx_state, step=state.step + 1, examples=state.examples + b,
                          cursor=part.next_cursor, train_time_s=state.train_time_s + step_s,
                          torch_rng_state=torch.get_rng_state()), result
+
+
+def straggler_delay(spec: StragglerSpec | None, *, seed: int, rank: int,
+                    step_index: int) -> Callable[[float], float] | None:
+    """This rank's injected delay at this step as a function of its measured compute time (None: none);
+    reproducible from (seed, rank, step) (:func:`scalesgd.stragglers.sample_delay`)."""
+    if spec is None:
+        return None
+    return lambda compute_s: sample_delay(spec, seed=seed, rank=rank, step=step_index, compute_s=compute_s)
+
+
+def local_phase(state: TrainState, *, sync_every: int | None, sync_every_after: float,
+                n_train: int) -> TrainState:
+    """Start local SGD (record its first step) once ``--sync-every`` is set and ``--sync-every-after`` epochs
+    have passed; once started it stays on."""
+    if sync_every is None or state.local_sgd_start is not None or state.epoch(n_train) < sync_every_after:
+        return state
+    return state.replace(local_sgd_start=state.step)
+
+
+def average(state: TrainState, *, flat: FlatModel, comm: CommStrategy, world: World,
+            sync_every: int | None) -> tuple[TrainState, dict[str, Any]]:
+    """After a local step: average the parameters across ranks when the schedule says so
+    (:func:`scalesgd.local_sgd.averaging_due`); returns the state and the step record's local-SGD fields."""
+    if state.local_sgd_start is None or sync_every is None:
+        return state, {}
+    if not averaging_due(state.step - 1, state.local_sgd_start, sync_every):
+        return state, {"local_sgd": True, "averaged": False}
+    t0 = time.perf_counter()
+    stats = average_parameters_(flat.params, comm, world.size)
+    average_s = time.perf_counter() - t0
+    return state.replace(train_time_s=state.train_time_s + average_s), {
+        "local_sgd": True, "averaged": True, "average_s": average_s, "average_bytes_sent": stats.bytes_sent}
 
 
 def warm_up(state: TrainState, part: Shard, *, flat: FlatModel, loss_fn: Callable,
@@ -450,8 +500,9 @@ def estimate(state: TrainState, result: StepResult, *, ema: NoiseScaleEMA | None
 
 
 def log_step(state: TrainState, result: StepResult, part: Shard, terms: LrTerms, noise: NoiseEstimate | None, *,
-             n_train: int, classification: bool, adascale: bool, start_s: float, writer: RunWriter) -> None:
-    """Write the step's line to ``metrics.jsonl``."""
+             n_train: int, classification: bool, adascale: bool, start_s: float, writer: RunWriter,
+             extra: dict[str, Any] | None = None) -> None:
+    """Write the step's line to ``metrics.jsonl`` (``extra``: fields a stage adds, e.g. local SGD's)."""
     b = int(part.batch.indices.numel())
     step_s = result.compute_s + result.comm_s + result.update_s
     record = {
@@ -464,6 +515,8 @@ def log_step(state: TrainState, result: StepResult, part: Shard, terms: LrTerms,
         "wait_s": result.wait_s, "bytes_sent": result.bytes_sent,
         **{f"compute_s_rank{r}": t for r, t in enumerate(result.compute_s_per_rank)},
         **(noise.metrics() if noise is not None else {}),
+        **({"injected_delay_s": result.injected_delay_s} if result.injected_delay_s else {}),
+        **(extra or {}),
     }
     if adascale:
         record["adascale_gain"] = terms.gain
@@ -638,6 +691,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
             flat=flat, loss_fn=loss_fn, read=read, comm=comm)
     start_s = time.perf_counter()
     last_eval: dict[str, Any] = {}
+    stragglers = parse_straggler(cfg.straggler)
+    in_sync = True  # whether every rank holds the same parameters (local SGD: only right after an average)
 
     timing: StepTiming | None = None  # the last step's times, for the goodput policy's step-time fit
 
@@ -659,33 +714,48 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
             # shard: the next global batch, in the same order whatever P is; this rank's part of it
             part = shard_batch(state, stream=stream, world=world,
                                examples_left=None if cfg.steps else total_examples - state.examples)
-            # step: forward/backward, one all-reduce (gradient + statistics), the same update on every rank
+            # step: forward/backward, one all-reduce (gradient + statistics), the same update on every rank;
+            # under local SGD (--sync-every) no communication, then the parameters averaged when due
+            state = local_phase(state, sync_every=cfg.sync_every, sync_every_after=cfg.sync_every_after,
+                                n_train=ds.n_train)
             state, result = step(state, part, lr=terms.lr, flat=flat, loss_fn=loss_fn, read=read, rank=world.rank,
-                                 comm=comm, tx=tx, tap=tap, classification=classification, seed=cfg.seed)
+                                 comm=comm, tx=tx, tap=tap, classification=classification, seed=cfg.seed,
+                                 local=state.local_sgd_start is not None,
+                                 delay=straggler_delay(stragglers, seed=cfg.seed, rank=world.rank,
+                                                       step_index=state.step),
+                                 skip_compute=isinstance(comm, BackupWorkers) and comm.result_ready())
+            state, local_record = average(state, flat=flat, comm=comm, world=world, sync_every=cfg.sync_every)
+            in_sync = local_record.get("averaged", True)
+            if isinstance(comm, BackupWorkers):
+                local_record = {"backup_used_ranks": list(comm.used_ranks)}
             # estimate: fold the step's unbiased ‖G‖², tr Σ into the smoothed estimates
             state, noise = estimate(state, result, ema=ema, n_train=ds.n_train)
             # log: the step's line; a non-finite or exploding loss stops the run here
             log_step(state, result, part, terms, noise, n_train=ds.n_train, classification=classification,
-                     adascale=lr_config.rule == "adascale", start_s=start_s, writer=writer)
+                     adascale=lr_config.rule == "adascale", start_s=start_s, writer=writer, extra=local_record)
             state = watch_loss(state, result.loss, lr=terms.lr, cfg=cfg, writer=writer)
             if bar is not None:
                 _advance_bar(bar, part, result, last_eval)
             # evaluate: exact diversity, replica check and test accuracy when due
+            # (between two local-SGD averages, on the average of the replicas, leaving each rank's own intact)
             measured = state.step > TIMING_WARMUP_STEPS and state.step % TIMING_EVERY == 0
             if cfg.exact_diversity_every and state.step % cfg.exact_diversity_every == 0:
                 measured = False
-                log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world,
-                                    estimate=smoothed_estimate(state, ema, ds.n_train), start_s=start_s,
-                                    writer=writer)
-            if cfg.check_replicas_every and state.step % cfg.check_replicas_every == 0:
+                with averaged_parameters(flat.params, comm, world.size, needed=not in_sync):
+                    log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world,
+                                        estimate=smoothed_estimate(state, ema, ds.n_train), start_s=start_s,
+                                        writer=writer)
+            if cfg.check_replicas_every and state.step % cfg.check_replicas_every == 0 and in_sync:
                 verify_replicas(flat.params, world, state.step)
             due = (cfg.eval_every is not None and state.step % cfg.eval_every == 0) or (
                 cfg.eval_every is None and part.batch.epoch_end)
             if policy.name == "goodput":  # before any evaluation: it is a collective on every rank alike
                 timing = measured_timing(state, result, part, world=world, usable=measured and not due)
             if due or finished(state, steps=cfg.steps, total_examples=total_examples):
-                last_eval = log_eval(state, model=flat.model, loss_fn=loss_fn, ds=ds, eval_train_idx=eval_train_idx,
-                                     world=world, classification=classification, start_s=start_s, writer=writer)
+                with averaged_parameters(flat.params, comm, world.size, needed=not in_sync):
+                    last_eval = log_eval(state, model=flat.model, loss_fn=loss_fn, ds=ds,
+                                         eval_train_idx=eval_train_idx, world=world, classification=classification,
+                                         start_s=start_s, writer=writer)
                 state = reached_target(state, last_eval, target=cfg.target_accuracy, metric=cfg.target_metric)
                 if state.time_to_target_s is not None:
                     break
@@ -693,6 +763,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
         reader.close()
         if bar is not None:
             bar.close()
+    if not in_sync:  # local SGD ended between two averages: the run's model is the average of the replicas
+        average_parameters_(flat.params, comm, world.size)
     if not last_eval or last_eval["step"] != state.step:
         last_eval = log_eval(state, model=flat.model, loss_fn=loss_fn, ds=ds, eval_train_idx=eval_train_idx,
                              world=world, classification=classification, start_s=start_s, writer=writer)

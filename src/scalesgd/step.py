@@ -147,6 +147,7 @@ class StepResult:
     compute_s_per_rank: tuple[float, ...]
     bytes_sent: int
     noise: NoiseStats | None  # the tap's unbiased ‖G‖² (mean gradient) and tr Σ of this step; None without
+    injected_delay_s: float = 0.0  # the straggler delay slept inside compute_s (``--straggler``), this rank
 
 
 def _sync(device: torch.device) -> None:
@@ -157,7 +158,8 @@ def _sync(device: torch.device) -> None:
 def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                x: torch.Tensor, y: torch.Tensor, global_batch_size: int, shard_sizes: list[int], rank: int,
                comm: CommStrategy, tx: GradientTransformation, tx_state: Any, hyper: Hyper,
-               tap: StatsTap | None = None, classification: bool = True) -> tuple[StepResult, Any]:
+               tap: StatsTap | None = None, classification: bool = True,
+               delay: Callable[[float], float] | None = None) -> tuple[StepResult, Any]:
     """Forward/backward on this rank's shard, one all-reduce, the same update on every rank.
 
     Args:
@@ -171,6 +173,9 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         tx, tx_state: the gradient transformation and its state.
         hyper: learning rate and step number.
         tap: optional statistics tap (:class:`NoiseTap`); its estimate is ``StepResult.noise``.
+        delay: optional injected straggler delay: called with this rank's measured compute time (s), returns
+            seconds to sleep before the all-reduce; the sleep counts as compute, so peers see it as wait
+            (:mod:`scalesgd.stragglers`).
     Returns:
         (StepResult, new tx_state).
     """
@@ -204,6 +209,10 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         stats[SLOT_CODEC_VAR] = error_variance(flat.grad)
     _sync(device)
     t1 = time.perf_counter()
+    injected = delay(t1 - t0) if delay is not None else 0.0
+    if injected > 0:
+        time.sleep(injected)
+        t1 = time.perf_counter()
     compute_s = t1 - t0
     stats[N_FIXED_SLOTS + rank] = compute_s
 
@@ -235,6 +244,7 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         compute_s_per_rank=per_rank,
         bytes_sent=comm_stats.bytes_sent,
         noise=noise,
+        injected_delay_s=injected,
     )
     return result, tx_state
 

@@ -75,6 +75,8 @@ class TrainState:
         train_time_s: wall time spent in training steps (evaluation excluded), seconds.
         time_to_target_s, train_time_to_target_s: wall and training time when the target was first met
             (None until then).
+        local_sgd_start: the index of the first local-SGD step (``--sync-every``), None while synchronous;
+            the averaging schedule counts from it (:func:`scalesgd.local_sgd.averaging_due`).
         loss_watch: the smoothed training loss that divergence detection compares with the first one.
         base_lr: the base learning rate ``--lr auto`` found (None: not searched yet, or ``--lr`` given).
     """
@@ -92,6 +94,7 @@ class TrainState:
     train_time_s: float = 0.0
     time_to_target_s: float | None = None
     train_time_to_target_s: float | None = None
+    local_sgd_start: int | None = None
     loss_watch: LossWatch = LossWatch()
     base_lr: float | None = None
 
@@ -120,6 +123,7 @@ class TrainState:
             "train_time_s": self.train_time_s,
             "time_to_target_s": self.time_to_target_s,
             "train_time_to_target_s": self.train_time_to_target_s,
+            "local_sgd_start": self.local_sgd_start,
             "loss_watch": dataclasses.asdict(self.loss_watch),
             "base_lr": self.base_lr,
         }
@@ -143,6 +147,7 @@ class TrainState:
             train_time_s=float(blob["train_time_s"]),
             time_to_target_s=blob["time_to_target_s"],
             train_time_to_target_s=blob["train_time_to_target_s"],
+            local_sgd_start=blob.get("local_sgd_start"),
             loss_watch=LossWatch(**blob.get("loss_watch", {})),
             base_lr=blob.get("base_lr"),
         )
