@@ -193,8 +193,8 @@ def fit_step_time(points: list[tuple[float, float]]) -> tuple[float, float] | No
 def goodput_batch(half_throughput_batch: float, noise_scale: float) -> float:
     """The batch that minimises wall time to a target, B* = √(B_h · B_noise).
 
-    Steps to a target follow S = S_min·(1 + B_noise/B) (McCandlish et al. 2018, with B_noise = B_S − 1,
-    REFERENCES §3) and a step takes t0 + c·B, so T(B) ∝ (1 + B_noise/B)(t0 + c·B); dT/dB = 0 gives
+    Steps to a target follow S = S_min·(1 + B_noise/B) (McCandlish et al. 2018, with B_noise = B_S − 1)
+    and a step takes t0 + c·B, so T(B) ∝ (1 + B_noise/B)(t0 + c·B); dT/dB = 0 gives
     B*² = B_noise·t0/c = B_noise·B_h, with B_h = t0/c the batch at which the fixed per-step cost equals
     the per-example cost (throughput is half its asymptote). This is Pollux's goodput
     (throughput × statistical efficiency) maximised over B for this step-time model.

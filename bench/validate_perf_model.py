@@ -20,8 +20,8 @@ Two clocks are compared:
 
 B_S: ``--batch-bound``, else what ``scalesgd predict --from-run`` takes: the trainer's own estimate over the
 reference trajectory (rerun with ``--diversity cheap``; the tap does not change the updates), 1 + Σ tr Σ̂ /
-Σ ‖G‖²̂ over its steps — numerator and denominator averaged separately and the ratio taken last, as
-REFERENCES prescribes. So the validation covers predict's own path. For comparison the exact value is
+Σ ‖G‖²̂ over its steps — numerator and denominator averaged separately and the ratio taken last (a
+ratio of noisy estimates is biased; McCandlish et al. 2018). So the validation covers predict's own path. For comparison the exact value is
 printed too (``--batch-bound-from exact`` predicts with it): at checkpoints along the trajectory (the trainer
 is deterministic given its seed, so a run cut at e epochs is that trajectory's state at e) the sums
 S₁ = Σᵢ‖gᵢ‖² and S₂ = ‖Σᵢgᵢ‖² over the whole training set (:func:`scalesgd.diversity.gradient_diversity`), and

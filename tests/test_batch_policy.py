@@ -228,7 +228,7 @@ def test_diversity_patience():
 
 
 def test_diversity_follows_a_falling_then_rising_bound():
-    # B_S ≈ 265 at start, ≈ 30 mid-training, ≈ 90 late (REFERENCES §5)
+    # B_S ≈ 265 at start, ≈ 30 mid-training, ≈ 90 late
     policy = make_batch_policy("diversity", min_steps=20, min_interval_steps=50)
     estimates = [265.0] * 300 + [30.0] * 300 + [90.0] * 300
     batches, _ = run(policy, estimates, batch=32, p=2)

@@ -7,7 +7,7 @@ back-to-back calls), algbw = N/T and busbw = algbw·2(P−1)/P (the nccl-tests c
 each link carried, comparable with the link's own rate). In the same run the loopback TCP stream rate (a
 plain socket sender/receiver pair of processes, the ceiling busbw can approach) and the TCP round-trip
 time (a small ping-pong, the floor for a small message) are measured, and the ring cost model
-T = 2(P−1)α + 2(P−1)/P·N·β (REFERENCES §1) is fitted per strategy; each row shows how well the fit
+T = 2(P−1)α + 2(P−1)/P·N·β is fitted per strategy; each row shows how well the fit
 predicts it. Rows that our rings sent by recursive doubling (small messages when P is a power of two;
 each row records the threshold that ran at its P) are modelled by that algorithm's cost with the same
 α, β: log2(P)·(α + N·β).

@@ -10,7 +10,7 @@ per-example gradients"). The gradient of the mean loss over a batch of b example
   :func:`rank_averaged_two_batch_noise_stats`, the one the trainer runs) and :class:`NoiseScaleEMA` estimate
   ``||G||^2`` and ``tr Sigma`` online during training, smooth them separately and only then form
   ``B_simple = tr Sigma / ||G||^2`` and the batch-size bound ``n Delta = B_simple + 1``
-  (McCandlish et al., arXiv 1812.06162; Yin et al., arXiv 1706.05699; REFERENCES section 3).
+  (McCandlish et al., arXiv 1812.06162; Yin et al., arXiv 1706.05699).
 * :func:`measure_exact_diversity` and :func:`diversity_at_checkpoint`: the exact whole-data figures of a run.
 
 Names: ``sum_grad_sq_norm`` is ``||sum_i g_i||^2`` of the summed gradient, ``mean_grad_sq_norm`` (and the
@@ -36,7 +36,7 @@ from scalesgd.ghost_norms import GhostNormTap, LossFn, _norms_and_grad, _trainab
 
 @dataclass(frozen=True)
 class DiversityStats:
-    """Gradient diversity of a set of n examples (Yin et al. 2018; REFERENCES section 3).
+    """Gradient diversity of a set of n examples (Yin et al. 2018).
 
     All gradients are per-example loss gradients g_i (sum-reduced convention); G = (1/n) sum_i g_i is the
     gradient of the mean loss.
@@ -174,7 +174,7 @@ def per_example_noise_stats(sum_sq_norms: float, sum_grad_sq_norm: float, batch_
     With g_i the per-example loss gradients of the batch (sum-reduced convention; their mean is the mean-loss
     gradient), S1 = sum_i ||g_i||^2 and S2 = ||sum_i g_i||^2 (= b^2 ||G_b||^2 if you hold the mean gradient):
     ``||G||^2_hat = (S2 - S1) / (b (b - 1))``, ``tr Sigma_hat = S1 / b - ||G||^2_hat``
-    (REFERENCES section 3; E S1 = b (tr Sigma + ||G||^2), E S2 = b tr Sigma + b^2 ||G||^2).
+    (E S1 = b (tr Sigma + ||G||^2), E S2 = b tr Sigma + b^2 ||G||^2).
 
     Raises:
         ConfigError: if ``batch_size`` < 2.
@@ -307,7 +307,7 @@ def batch_bound_over_run(grad_sq_norms: Sequence[float], trace_covs: Sequence[fl
     """B_S for a whole run from its per-step estimates of ||G||^2 (mean gradient) and tr Sigma:
     ``1 + sum tr / sum ||G||^2``.
 
-    Numerator and denominator are averaged over every step and the ratio taken last (REFERENCES section 3):
+    Numerator and denominator are averaged over every step and the ratio taken last:
     :class:`NoiseScaleEMA` with the whole run as its horizon. Steps where either estimate is not finite are
     skipped. Returns None when no step is usable or the summed ||G||^2 is not positive (noise wins).
     """
@@ -325,7 +325,7 @@ class NoiseScaleEMA:
 
     Each per-step estimate is unbiased but very noisy (its ||G||^2 is often negative when B_simple >> b), and
     the ratio of two noisy numbers is biased; averaging numerator and denominator first and dividing last
-    removes most of that (REFERENCES section 3: ratio of means 409.8 vs true 415.3; plug-in per batch 60.7).
+    removes most of that (in simulation: ratio of means 409.8 vs true 415.3; plug-in per batch 60.7).
 
     ``decay=0.99`` (default): a time constant of 1/(1-decay) = 100 steps, i.e. an effective sample of
     (1+decay)/(1-decay) ~ 200 steps, which cuts the per-step noise by ~14x -- enough for +-10% at

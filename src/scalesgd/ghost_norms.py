@@ -153,7 +153,7 @@ def _gram_or_full(a: torch.Tensor, b: torch.Tensor, chunk_bytes: int) -> tuple[t
     """Per-example ``||b_i^T a_i||_F^2`` for a (B, G, T, d) and b (B, G, T, p), summed over the G groups.
 
     Gram form ``<a_i a_i^T, b_i b_i^T>`` costs ~T^2 (d + p) per group, the materialised gradient ~T d p;
-    the Gram form is chosen when ``2 T^2 < d p`` (REFERENCES section 3). Returns (B,) and the form used.
+    the Gram form is chosen when ``2 T^2 < d p``. Returns (B,) and the form used.
     """
     batch, groups, t, d = a.shape
     p = b.shape[-1]

@@ -1,6 +1,6 @@
 """Goodput: the global batch size (and with it the learning rate) chosen to make the most progress per second.
 
-Pollux (Qiao et al., OSDI 2021, arXiv 2008.12260; petuum/adaptdl ``adaptdl/goodput.py``), REFERENCES §7::
+Pollux (Qiao et al., OSDI 2021, arXiv 2008.12260; petuum/adaptdl ``adaptdl/goodput.py``)::
 
     goodput(B) = throughput(B) × E(B)          [base-batch examples of progress per second]
     throughput(B) = B / T_step(B/P, P)         [examples/s]
@@ -262,7 +262,7 @@ def noise_scale(grad_sq_norm_est: float | None = None, trace_cov_est: float | No
     """The gradient noise scale B_noise = tr Σ/‖G‖² (examples), or None when there is no usable estimate.
 
     From the smoothed ‖G‖² and tr Σ when both are finite with ‖G‖² > 0 (preferred: McCandlish et al. 2018,
-    arXiv 1812.06162), else from the diversity batch bound B_S = n·Δ = B_noise + 1 (REFERENCES §3). A
+    arXiv 1812.06162), else from the diversity batch bound B_S = n·Δ = B_noise + 1. A
     negative tr Σ estimate counts as 0 (no noise: every batch size equally efficient).
     """
     if (grad_sq_norm_est is not None and trace_cov_est is not None and math.isfinite(grad_sq_norm_est)
@@ -302,8 +302,8 @@ def goodput(global_batch_size, *, model: StepTimeModel, world_size: int, base_ba
 def optimal_batch_closed_form(b_noise: float, t0_s: float, c_s_per_example: float) -> float:
     """B* = √(B_noise·t₀/c): the global batch minimising time to a loss for T_step(B) = t₀ + c·B.
 
-    Wall time ∝ steps × T_step ∝ (1 + B_noise/B)(t₀ + c·B) (McCandlish et al.'s steps/examples trade-off,
-    REFERENCES §7); its derivative vanishes at B² = B_noise·t₀/c. For the model of this module,
+    Wall time ∝ steps × T_step ∝ (1 + B_noise/B)(t₀ + c·B) (McCandlish et al.'s steps/examples trade-off);
+    its derivative vanishes at B² = B_noise·t₀/c. For the model of this module,
     t₀ = α_c + α_n (γ = 1) and c = β_c/P. Continuous: the chooser's answer is the best legal batch near it.
     """
     if not (b_noise >= 0 and t0_s >= 0 and c_s_per_example > 0):

@@ -51,8 +51,8 @@ def adascale_gain(mean_grad_sq_norm: float | None, trace_cov: float | None, glob
     r = (σ₀² + ‖G‖²) / (σ₀²/S + ‖G‖²),  σ₀² = tr Σ / B₀,
 
     where G is the mean gradient over the training set, Σ the per-example gradient covariance and σ₀² the
-    variance of a base-batch (B₀) minibatch gradient (AdaScale's σ², AdaptDL's ``var_avg``; REFERENCES
-    §4 writes the formula with B₀ = 1). Equivalently, with B_noise = tr Σ/‖G‖²,
+    variance of a base-batch (B₀) minibatch gradient (AdaScale's σ², AdaptDL's ``var_avg``; with
+    B₀ = 1 it is the per-example tr Σ). Equivalently, with B_noise = tr Σ/‖G‖²,
     r = S·(B_noise + B₀)/(B_noise + B).
 
     Negative estimates (unbiased estimators can dip below zero) are clamped to 0 first; the result is

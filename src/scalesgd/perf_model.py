@@ -1,6 +1,6 @@
 """A numpy-only model of step time and time to accuracy: fit it from a short profile, then predict.
 
-time to accuracy = time per pass × passes to accuracy                       (REFERENCES.md §2)
+time to accuracy = time per pass × passes to accuracy
 
 - Step time on one host, where our trainer runs backward, then one all-reduce of the whole gradient
   (compute and communication do not overlap):
@@ -223,7 +223,7 @@ def allreduce_time(message_bytes, workers, network: Network):
     ``log2(P)·(α + N·β)`` where the strategy goes by recursive doubling (N up to
     :func:`doubling_threshold_bytes` for ``network.doubling_max_bytes`` and the network's α/β).
 
-    Source: Patarasuk & Yuan's bandwidth-optimal ring, as in baidu-allreduce and Horovod (REFERENCES §1);
+    Source: Patarasuk & Yuan's bandwidth-optimal ring, as in baidu-allreduce and Horovod;
     recursive doubling: log2(P) rounds, each an exchange of the whole message with one partner (Thakur,
     Rabenseifner & Gropp 2005, who switch between the two by message size in the same way).
     """
@@ -485,7 +485,7 @@ def time_per_pass(n_train: int, global_batch_size, workers, *, compute: ComputeF
 
 
 def batch_crit_from_bound(batch_bound: float) -> float:
-    """``B_crit = B_S − 1`` (= B_simple of McCandlish et al., since n·Δ = B_simple + 1; REFERENCES §3)."""
+    """``B_crit = B_S − 1`` (= B_simple of McCandlish et al., since n·Δ = B_simple + 1)."""
     if not (math.isfinite(batch_bound) and batch_bound > 1):
         raise ConfigError(f"the diversity batch bound B_S must be a finite number > 1, got {batch_bound}; "
                           "take it from a run's batch_bound_est (--from-run) or pass --batch-bound")
@@ -526,7 +526,7 @@ def fit_passes_min(batch_sizes: Sequence[float], passes: Sequence[float], batch_
 
 def time_to_accuracy(n_train: int, global_batch_size, workers, *, compute: ComputeFit, network: Network,
                      grad_bytes: float, passes_min: float, batch_crit: float, overhead_s: float = 0.0):
-    """Seconds to the target accuracy: time per pass × passes to accuracy (REFERENCES §2)."""
+    """Seconds to the target accuracy: time per pass × passes to accuracy."""
     return (time_per_pass(n_train, global_batch_size, workers, compute=compute, network=network,
                           grad_bytes=grad_bytes, overhead_s=overhead_s)
             * passes_to_accuracy(global_batch_size, passes_min=passes_min, batch_crit=batch_crit))

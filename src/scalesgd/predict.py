@@ -207,8 +207,8 @@ def read_run(run_dir: str | Path, target: float | None = None) -> RunFacts:
     """B_S over the whole run and the passes to the target accuracy.
 
     B_S = 1 + Σ tr Σ̂ / Σ ‖G‖²̂ over the per-step estimates the diversity tap logged (``trace_cov_step``,
-    ``grad_sq_norm_step``): numerator and denominator averaged over the run and the ratio taken last
-    (REFERENCES §3), the trainer's own EMA with the whole run as its horizon. Runs that logged only the
+    ``grad_sq_norm_step``): numerator and denominator averaged over the run and the ratio taken last,
+    the trainer's own EMA with the whole run as its horizon. Runs that logged only the
     smoothed ``batch_bound_est`` give its median. The passes to ``target_accuracy`` (from summary.json,
     else config.json) on the run's ``target_metric`` are :func:`scalesgd.rundata.passes_to_target`'s,
     interpolated between evaluations; None when the run never reached it. ``target`` given: the passes to
@@ -411,7 +411,7 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
     """Measure this machine, predict time to accuracy over a (B, P) grid, print it, and write it to ``out``.
 
     time to accuracy = (n/B)·T_step(B, P)·passes(B), T_step = T_compute(⌈B/P⌉) + T_allreduce(N, P) + overhead,
-    passes(B) = passes_min·(1 + B/(B_S − 1)) (:mod:`scalesgd.perf_model`; REFERENCES §1–3).
+    passes(B) = passes_min·(1 + B/(B_S − 1)) (:mod:`scalesgd.perf_model`).
 
     Args:
         model, dataset, n_train, width, dropout, norm: what is profiled (the data set gives the input shape,

@@ -1,7 +1,7 @@
 """The convergence table of Yin et al. 2018 with numbers: serial SGD against minibatch SGD below the diversity bound.
 
 Yin, Pananjady, Lam, Papailiopoulos, Ramchandran & Bartlett, "Gradient diversity: a key ingredient for
-scalable distributed learning" (AISTATS 2018, arXiv 1706.05699), REFERENCES §3. For n per-example losses fᵢ,
+scalable distributed learning" (AISTATS 2018, arXiv 1706.05699). For n per-example losses fᵢ,
 F = (1/n)Σᵢfᵢ, per-example gradients gᵢ = ∇fᵢ(w), M2 = (1/n)Σᵢ‖gᵢ‖² and B_S = M2/‖∇F‖² = n·Δ_S, sampling B
 examples with replacement gives
 
@@ -141,7 +141,7 @@ class Theory:
 
 
 def second_moment_factor(batch: int | float, batch_bound: float) -> float:
-    """1 + δ_B = 1 + (B−1)/B_S: E‖Σ_{ℓ≤B} g‖² = B·M2·(1 + δ_B) (Yin et al. 2018; REFERENCES §3)."""
+    """1 + δ_B = 1 + (B−1)/B_S: E‖Σ_{ℓ≤B} g‖² = B·M2·(1 + δ_B) (Yin et al. 2018)."""
     return 1.0 + (batch - 1.0) / batch_bound
 
 
@@ -162,7 +162,7 @@ def isotropic_ls_contraction(batch: int | float, batch_bound: float) -> float:
 
     For fᵢ(w) = ½(xᵢ·w − yᵢ)², x ~ N(0, I_d), y = x·w*: E‖w' − w*‖² = (1 − 2η + η²(1 + (d+1)/B))‖w − w*‖²
     for the mean-gradient step η; at its best η = B/(B + d + 1) this is 1 − B/(B + d + 1), and B_S = d + 2
-    (:func:`scalesgd.data.make_synthetic_linreg`), which is Yin et al.'s lower-bound example (REFERENCES §3):
+    (:func:`scalesgd.data.make_synthetic_linreg`), which is Yin et al.'s lower-bound example:
     linear speedup up to B_S, marginal beyond.
     """
     return 1.0 - batch / (batch_bound + batch - 1.0)

@@ -463,7 +463,7 @@ def make_synthetic_linreg(*, n_train: int = 2000, n_test: int = 1000, dim: int =
     Why it is here: its gradient diversity is known in closed form. With per-example loss
     fᵢ(w) = ½(xᵢ·w − yᵢ)² and v = w − w*, population M2 = E‖∇fᵢ‖² = (d + 2)‖v‖² + noise²·d and
     ∇F = v, so the batch-size bound is B_S(w) = M2/‖∇F‖² = d + 2 + noise²·d/‖v‖²; at ``noise=0`` it is
-    d + 2 at every w, the "B_S = d" worked example of Yin et al. 2018 (REFERENCES §3).
+    d + 2 at every w, the "B_S = d" worked example of Yin et al. 2018.
     Targets are float32 of shape (n, 1). Every array has its own stream from ``seed``, so a larger
     ``n_train`` extends the training set (same first rows) and ``n_test`` never changes it.
     """
@@ -521,7 +521,7 @@ def make_synthetic_logreg(*, n_train: int = 2000, n_test: int = 1000, dim: int =
 def replicate_training_set(ds: Dataset, r: float, seed: int = 0) -> Dataset:
     """Keep round(n / r) distinct training examples (a seeded choice) and repeat them back up to n.
 
-    This is how the diversity experiments of Yin et al. 2018 lower Δ without changing n (REFERENCES §5):
+    This is how the diversity experiments of Yin et al. 2018 lower Δ without changing n:
     every kept example appears ⌊r⌋ or ⌈r⌉ times, in a seeded random order. ``r = 1`` returns ``ds``
     unchanged; ``r`` may be fractional (1.5). The test set is untouched.
     """

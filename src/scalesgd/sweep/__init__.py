@@ -1,8 +1,8 @@
 """``scalesgd sweep``: a resumable grid of training runs over the global batch size, and its report.
 
-Time to accuracy = (time per pass) × (passes to accuracy) (REFERENCES §2). A sweep measures both factors
+Time to accuracy = (time per pass) × (passes to accuracy). A sweep measures both factors
 and their product against the global batch size B — optionally also against the worker count P, the
-data replication r (which lowers gradient diversity, REFERENCES §5), the learning rate and the seed — and
+data replication r (which lowers gradient diversity), the learning rate and the seed — and
 marks the measured diversity bound B_S = n·Δ_S on the curves.
 
 A sweep is a TOML file with two tables (keys of ``[base]`` mirror ``scalesgd train``'s options)::
