@@ -12,8 +12,10 @@ import datetime as _dt
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from scalesgd.errors import ConfigError, DistributedError, ScalesgdError
+from scalesgd.errors import ConfigError, DistributedError, ScalesgdError, StoppedError, WorkerFailedError
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -80,6 +82,82 @@ def torchrun_rendezvous(environ: dict[str, str] | None = None) -> Rendezvous | N
                           local_rank=int(env.get("LOCAL_RANK", env["RANK"])), from_env=True)
     except ValueError as e:
         raise DistributedError(f"malformed torchrun environment ({e}); launch with torchrun or unset RANK/WORLD_SIZE")
+
+
+def restart_count(environ: dict[str, str] | None = None) -> int:
+    """How many times torchrun has restarted this job (``TORCHELASTIC_RESTART_COUNT``; 0 outside torchrun)."""
+    env = os.environ if environ is None else environ
+    try:
+        return int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        raise DistributedError(f"malformed TORCHELASTIC_RESTART_COUNT {env['TORCHELASTIC_RESTART_COUNT']!r}; "
+                               "launch with torchrun or unset it") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Signals and supervision
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+class StopRequest:
+    """Records the first SIGTERM / SIGINT / SIGHUP this process receives instead of dying of it.
+
+    The training loop polls :attr:`signum` before each step and, when set, checkpoints after that step on
+    every rank and stops (the request rides in the step's all-reduce, so all ranks stop at the same step).
+    Use as a context manager: the handlers are installed on entry (main thread only; elsewhere this records
+    nothing) and the previous ones restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.count = 0  # signals received
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def stop_with_parent(parent_pid: int) -> None:
+    """Send this process SIGTERM when its parent (the launcher) dies, so no worker trains unsupervised.
+
+    On Linux the kernel does it (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon thread also polls
+    ``os.getppid()`` once a second (it covers other systems and a parent that died before the prctl). The
+    worker treats SIGTERM as a stop request: it checkpoints at the next step and exits.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl in this libc: the watchdog below still runs
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="scalesgd-parent-watchdog", daemon=True).start()
 
 
 def local_world_size(default: int) -> int:
@@ -156,26 +234,70 @@ def check_port_free(port: int, addr: str = "127.0.0.1") -> None:
                                    "--master-port or leave it out to pick a free one") from e
 
 
-def _child(payload: bytes, rdv: Rendezvous, results: Any) -> None:
+def _child(payload: bytes, rdv: Rendezvous, results: Any, parent_pid: int) -> None:
     """Entry point of a spawned worker: run ``fn(rdv, *args)`` and report its outcome on ``results``."""
+    stop_with_parent(parent_pid)
     try:
         fn, args = pickle.loads(payload)
         out = fn(rdv, *args)
-        results.put(("ok", rdv.rank, pickle.dumps(out)))  # by value: this process may exit before it is read
+        _report(results, ("ok", rdv.rank, pickle.dumps(out)))  # by value: this process may exit before it is read
     except ScalesgdError as e:
-        results.put(("error", rdv.rank, f"{type(e).__name__}:{e}"))
+        _report(results, ("error", rdv.rank, f"{type(e).__name__}:{e}"))
         sys.exit(3)
     except BaseException as e:  # noqa: BLE001 - a bug: reported once, with its traceback, by the parent
-        results.put(("crash", rdv.rank, "".join(traceback.format_exception(e))))
+        _report(results, ("crash", rdv.rank, "".join(traceback.format_exception(e))))
         sys.exit(1)
+
+
+def _report(results: Any, outcome: tuple) -> None:
+    try:
+        results.put(outcome)
+    except OSError:  # the launcher is gone (its end of the pipe closed): nobody to tell
+        pass
+
+
+def _died(rank: int, exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"worker {rank} was killed by {name} (signal {-exitcode})"
+    return f"worker {rank} exited with code {exitcode} without reporting an error"
+
+
+def _first_failure(procs: list, arrivals: list[tuple[int, str, Any]]) -> tuple[int, str, Any]:
+    """The rank whose failure ended the job: one that died without a report (by a signal first, then by an
+    unexpected exit code) caused the others' communication errors; else the first report to arrive, a
+    user-facing error before a crash before a communication error."""
+    reported = {r for r, _, _ in arrivals}
+    silent = [(r, p.exitcode) for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
+    for r, code in sorted(silent, key=lambda rc: (rc[1] >= 0, rc[0])):
+        return r, "died", _died(r, code)
+    failed = [a for a in arrivals if a[1] != "ok"]
+    for wanted in (lambda a: a[1] == "error" and not str(a[2]).startswith("DistributedError:"),
+                   lambda a: a[1] == "crash", lambda a: True):
+        for a in failed:
+            if wanted(a):
+                return a
+    raise AssertionError("no failure to blame")  # pragma: no cover - only called with a failure
 
 
 def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | None = None,
           addr: str = "127.0.0.1", timeout_s: float | None = None) -> list[Any]:
     """Run ``fn(rendezvous, *args)`` in ``nprocs`` fresh local processes and return their results by rank.
 
-    If one worker fails, the others are terminated and its error is raised here (the first failing rank is
-    named), so no worker is left hanging. ``timeout_s`` bounds the whole job.
+    If one worker fails, the others are killed and its error is raised here, so no worker is left hanging.
+    The rank named is the one that failed first: a worker that died without a report (a signal, an
+    unexpected exit code) before the survivors that then saw a communication error. Workers stop when this
+    process dies (:func:`stop_with_parent`); a SIGTERM/SIGINT/SIGHUP here is passed on to them as SIGTERM
+    (they checkpoint and stop), a second one kills them. ``timeout_s`` bounds the whole job.
+
+    Raises:
+        WorkerFailedError: a worker died or crashed (with its signal, exit code or traceback).
+        ScalesgdError: the first user-facing error a worker reported (its own type).
+        DistributedError: the job ran past ``timeout_s``.
+        StoppedError: a second stop signal arrived before the workers had stopped.
     """
     if port is None:
         port = free_port(addr)
@@ -187,51 +309,79 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
     # descriptors served by this process, which breaks when several jobs are spawned in a row.
     payload = pickle.dumps((fn, args))
     procs = []
-    for rank in range(nprocs):
-        rdv = Rendezvous(addr=addr, port=port, rank=rank, size=nprocs, local_rank=rank)
-        p = ctx.Process(target=_child, args=(payload, rdv, results), daemon=False)
-        p.start()
-        procs.append(p)
     outcomes: dict[int, tuple[str, Any]] = {}
+    arrivals: list[tuple[int, str, Any]] = []
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     failure: tuple[int, str, Any] | None = None
-    try:
-        while len(outcomes) < nprocs:
-            while not results.empty():
-                status, rank, payload = results.get()
-                outcomes[rank] = (status, payload)
-                if status != "ok" and failure is None:
-                    failure = (rank, status, payload)
-            if failure is not None:
-                break
-            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcomes]
-            if dead:
-                time.sleep(0.2)  # let a dying worker's report arrive before blaming it
-                if results.empty():
-                    r = dead[0]
-                    failure = (r, "crash", f"worker {r} exited with code {procs[r].exitcode}")
+
+    def drain() -> None:
+        while not results.empty():
+            status, rank, out = results.get()
+            outcomes[rank] = (status, out)
+            arrivals.append((rank, status, out))
+
+    # A signal to the launcher is passed on to the workers, which checkpoint at the next step and stop.
+    with StopRequest() as stop:
+        forwarded = False
+        try:
+            for rank in range(nprocs):
+                rdv = Rendezvous(addr=addr, port=port, rank=rank, size=nprocs, local_rank=rank)
+                p = ctx.Process(target=_child, args=(payload, rdv, results, os.getpid()), daemon=False)
+                p.start()
+                procs.append(p)
+            while len(outcomes) < nprocs:
+                if stop.signum is not None and not forwarded:
+                    for p in procs:
+                        if p.is_alive():
+                            os.kill(p.pid, signal.SIGTERM)
+                    forwarded = True
+                if stop.count > 1:  # asked twice: do not wait for the checkpoint
+                    failure = (-1, "stopped", f"stopped by a second {stop.name}; the workers were killed and "
+                                              "the last checkpoint written stands")
                     break
-                continue
-            if all(p.exitcode == 0 for p in procs) and results.empty() and len(outcomes) < nprocs:
-                time.sleep(0.1)
-                if results.empty():
-                    missing = sorted(set(range(nprocs)) - set(outcomes))
-                    failure = (missing[0], "crash", f"worker {missing[0]} exited without a result")
+                drain()
+                if any(status != "ok" for status, _ in outcomes.values()):
+                    failure = _first_failure(procs, arrivals)
                     break
-            if deadline is not None and time.monotonic() > deadline:
-                failure = (-1, "timeout", f"the job did not finish within {timeout_s:.0f} s")
-                break
-            time.sleep(0.02)
-    finally:
-        if failure is not None:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcomes]
+                if dead:
+                    time.sleep(0.2)  # let a dying worker's report arrive before blaming it
+                    drain()
+                    if not any(r in outcomes for r in dead):
+                        failure = _first_failure(procs, arrivals)
+                        break
+                    continue
+                if all(p.exitcode == 0 for p in procs) and results.empty() and len(outcomes) < nprocs:
+                    time.sleep(0.1)
+                    drain()
+                    if len(outcomes) < nprocs:
+                        missing = sorted(set(range(nprocs)) - set(outcomes))
+                        failure = (missing[0], "crash", f"worker {missing[0]} exited without a result")
+                        break
+                if deadline is not None and time.monotonic() > deadline:
+                    failure = (-1, "timeout", f"the job did not finish within {timeout_s:.0f} s")
+                    break
+                time.sleep(0.02)
+            if failure is not None and failure[1] not in ("timeout", "stopped"):
+                # The first report may be a survivor's "connection reset": give the others up to 2 s to
+                # exit or report, then blame the rank that really failed first.
+                settle = time.monotonic() + 2.0
+                while time.monotonic() < settle and any(p.is_alive() and r not in outcomes
+                                                        for r, p in enumerate(procs)):
+                    time.sleep(0.05)
+                    drain()
+                drain()
+                failure = _first_failure(procs, arrivals)
+        finally:
+            if failure is not None or len(outcomes) < nprocs:
+                for p in procs:  # SIGKILL: a survivor's checkpoint could not complete without its peers
+                    if p.is_alive():
+                        p.kill()
             for p in procs:
+                p.join(timeout=10)
                 if p.is_alive():
-                    p.terminate()
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+                    p.kill()
+                    p.join()
     if failure is not None:
         rank, status, payload = failure
         if status == "error":
@@ -239,7 +389,11 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
             raise _rebuild_error(kind, message)
         if status == "timeout":
             raise DistributedError(f"{payload}; the workers were stopped")
-        raise DistributedError(f"worker {rank} failed:\n{payload}")
+        if status == "stopped":
+            raise StoppedError(payload)
+        if status == "died":
+            raise WorkerFailedError(f"{payload}; the other workers were stopped")
+        raise WorkerFailedError(f"worker {rank} failed:\n{payload}")
     return [pickle.loads(outcomes[r][1]) for r in range(nprocs)]
 
 
@@ -258,6 +412,16 @@ def all_reduce_scalars(values: list[float], world: World) -> list[float]:
     if world.size > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def gather_objects(obj: Any, world: World) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0, by rank (None on the other ranks); pickled between the job's own
+    processes only."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier(world: World) -> None:

@@ -28,7 +28,10 @@ from scalesgd.transforms import GradientTransformation, Hyper, apply_updates_
 
 # Fixed slots at the head of the statistics tail; per-rank compute times follow them.
 SLOT_LOSS, SLOT_CORRECT, SLOT_COUNT = 0, 1, 2
-SLOT_TAP = 3  # first of the slots a statistics tap may use
+# Requests any rank may raise (a signal, a checkpoint falling due): summed with the step, so every rank
+# learns of them at the same step, at no extra collective.
+SLOT_CHECKPOINT, SLOT_STOP = 3, 4
+SLOT_TAP = 5  # first of the slots a statistics tap may use
 N_TAP_SLOTS = 5
 N_FIXED_SLOTS = SLOT_TAP + N_TAP_SLOTS
 
@@ -139,6 +142,8 @@ class StepResult:
     compute_s_per_rank: tuple[float, ...]
     bytes_sent: int
     noise: NoiseStats | None  # the tap's unbiased ‖G‖² (mean gradient) and tr Σ of this step; None without
+    checkpoint_requested: bool = False  # some rank asked for a checkpoint after this step
+    stop_requested: bool = False  # some rank asked to checkpoint and stop after this step (a signal)
 
 
 def _sync(device: torch.device) -> None:
@@ -149,7 +154,8 @@ def _sync(device: torch.device) -> None:
 def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                x: torch.Tensor, y: torch.Tensor, global_batch_size: int, shard_sizes: list[int], rank: int,
                comm: CommStrategy, tx: GradientTransformation, tx_state: Any, hyper: Hyper,
-               tap: StatsTap | None = None, classification: bool = True) -> tuple[StepResult, Any]:
+               tap: StatsTap | None = None, classification: bool = True,
+               requests: tuple[bool, bool] = (False, False)) -> tuple[StepResult, Any]:
     """Forward/backward on this rank's shard, one all-reduce, the same update on every rank.
 
     Args:
@@ -162,6 +168,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         tx, tx_state: the gradient transformation and its state.
         hyper: learning rate and step number.
         tap: optional statistics tap (:class:`NoiseTap`); its estimate is ``StepResult.noise``.
+        requests: this rank's (checkpoint, stop) requests; ``StepResult.checkpoint_requested`` /
+            ``stop_requested`` say whether any rank raised them (they ride in the all-reduced tail).
     Returns:
         (StepResult, new tx_state).
     """
@@ -194,6 +202,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     t1 = time.perf_counter()
     compute_s = t1 - t0
     stats[N_FIXED_SLOTS + rank] = compute_s
+    stats[SLOT_CHECKPOINT] = float(requests[0])
+    stats[SLOT_STOP] = float(requests[1])
 
     comm_stats = comm.allreduce_(flat.buffer, exact_tail=flat.tail)
     _sync(device)
@@ -222,6 +232,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         compute_s_per_rank=per_rank,
         bytes_sent=comm_stats.bytes_sent,
         noise=noise,
+        checkpoint_requested=summed[SLOT_CHECKPOINT] > 0.5,
+        stop_requested=summed[SLOT_STOP] > 0.5,
     )
     return result, tx_state
 
