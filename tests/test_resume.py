@@ -8,6 +8,7 @@ reference is an uninterrupted run with the same seed: a resumed run must end wit
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -129,14 +130,16 @@ def test_kill_9_every_process_then_resume_is_bit_identical(reference, tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_dead_worker_restarts_from_checkpoint_and_a_second_run_is_locked_out(reference, tmp_path):
+def test_dead_worker_restarts_from_checkpoint_and_the_run_dir_is_locked(reference, tmp_path):
     run_dir = tmp_path / "run"
     proc = _launch([*ARGS, "--run-dir", str(run_dir), "--max-restarts", "1"])
     _wait_for_step(proc, run_dir, KILL_AT)
-    # While it runs, a second run on the same directory gets one line naming the holder.
-    second = subprocess.run([sys.executable, "-m", "scalesgd", "train", "--resume", str(run_dir)],
-                            capture_output=True, text=True, timeout=200)
-    assert second.returncode == 2 and f"in use by another scalesgd run (pid {proc.pid})" in second.stderr
+    # While it runs, the launcher holds the run directory's lock (a second run gets one line naming it:
+    # test_checkpoint.py::test_a_locked_run_dir_names_its_holder).
+    with open(run_dir / ".lock") as f:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert f.read().strip() == str(proc.pid)
     victim = _workers(proc.pid)[-1]
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=400)

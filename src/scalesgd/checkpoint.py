@@ -29,7 +29,7 @@ import torch
 
 from scalesgd.config import FIELDS, RunConfig
 from scalesgd.errors import CheckpointError, ConfigError
-from scalesgd.writer import atomic_path
+from scalesgd.writer import atomic_path, write_json_atomic
 
 FORMAT = "scalesgd-checkpoint"
 FORMAT_VERSION = 1
@@ -166,9 +166,16 @@ RESUME_MAY_CHANGE = ("workers", "progress", "timeout_s", "threads_per_worker", "
                      "max_restarts")
 
 
+def write_run_config(run_dir: Path | str, config: dict[str, Any]) -> None:
+    """``checkpoints/config.json``: the run's options exactly as given (``RunConfig.to_dict()``), what a resume
+    reads (the run's own config.json replaces n_train by the data set's size)."""
+    checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(checkpoint_dir(run_dir) / "config.json", config)
+
+
 def resume_config(run_dir: Path | str, given: dict[str, Any]) -> RunConfig:
-    """The configuration of the run in ``run_dir`` (its config.json), with the options in ``given`` that
-    :data:`RESUME_MAY_CHANGE` applied.
+    """The configuration of the run in ``run_dir`` (``checkpoints/config.json``, else its config.json), with
+    the options in ``given`` that :data:`RESUME_MAY_CHANGE` applied.
 
     Args:
         run_dir: the run directory to continue.
@@ -178,7 +185,9 @@ def resume_config(run_dir: Path | str, given: dict[str, Any]) -> RunConfig:
             in an option that changes the maths (one line naming the option and both values).
     """
     run_dir = Path(run_dir)
-    path = run_dir / "config.json"
+    path = checkpoint_dir(run_dir) / "config.json"
+    if not path.is_file():  # a run from before checkpoints: its config.json (n_train there is the data's size)
+        path = run_dir / "config.json"
     if not path.is_file():
         what = "no such directory" if not run_dir.exists() else "it has no config.json"
         raise ConfigError(f"cannot resume {run_dir}: {what}; pass a run directory that `scalesgd train` wrote")

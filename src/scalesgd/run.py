@@ -382,6 +382,8 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
         writer.write_json("config.json", {**resolved.to_dict(), "n_train": ds.n_train, "n_test": ds.n_test,
                                           "input_shape": list(ds.input_shape), "num_outputs": ds.num_outputs,
                                           "num_parameters": flat.numel})
+        if writer.enabled:
+            checkpoint.write_run_config(writer.run_dir, resolved.to_dict())
         writer.write_json("env.json", environment(world_size=world.size, backend=world.backend,
                                                   device=world.device))
         try:
@@ -535,7 +537,11 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, resume: bool = False) ->
     """
     rdv = distributed.torchrun_rendezvous()
     main = rdv is None or rdv.rank == 0  # only rank 0 writes the run directory
+    lock, locked = contextlib.ExitStack(), False
     if resume:
+        if main and cfg.run_dir and Path(cfg.run_dir).is_dir():  # a run still going is named before anything
+            lock.enter_context(lock_run_dir(cfg.run_dir))
+            locked = True
         check_resumable(cfg.run_dir)
     elif rdv is not None and distributed.restart_count() > 0:
         if not cfg.run_dir:
@@ -550,7 +556,9 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, resume: bool = False) ->
     if ds is None:
         ds = load_data(cfg)
     prepared = preflight(cfg, ds)
-    with lock_run_dir(cfg.run_dir) if main else contextlib.nullcontext():
+    with lock:
+        if main and not locked:
+            lock.enter_context(lock_run_dir(cfg.run_dir))
         if main and not resume:
             check_run_dir_is_new(cfg.run_dir)  # again under the lock: a run that finished meanwhile
         if rdv is not None:
