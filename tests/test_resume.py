@@ -185,7 +185,7 @@ def test_workers_stop_when_the_launcher_is_killed(tmp_path):
 
 
 # Resize: no dropout and a fixed batch, so the maths does not depend on the worker count at all.
-RESIZE = ["--model", "mlp", "--dataset", "synthetic-logreg", "--steps", "300", "--workers", "2",
+RESIZE = ["--model", "mlp", "--dataset", "synthetic-logreg", "--steps", "1000", "--workers", "2",
           "--global-batch-size", "36", "--eval-every", "100", "--threads-per-worker", "1", "--no-progress",
           "--diversity", "off"]
 
@@ -195,10 +195,10 @@ def test_sigterm_checkpoints_and_stops_and_a_resume_on_3_workers_matches(tmp_pat
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = _launch([*RESIZE, "--run-dir", str(ref_dir)])
     proc = _launch([*RESIZE, "--run-dir", str(run_dir)])
-    assert ref.wait(timeout=400) == 0
     _wait_for_step(proc, run_dir, 150)
     os.kill(proc.pid, signal.SIGTERM)  # the launcher: it passes the stop on to the workers
     out, err = proc.communicate(timeout=120)
+    assert ref.wait(timeout=400) == 0
     assert proc.returncode == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "stopped by SIGTERM after step" in lines[0] and "--resume" in lines[0], err
@@ -209,7 +209,7 @@ def test_sigterm_checkpoints_and_stops_and_a_resume_on_3_workers_matches(tmp_pat
     resumed = _launch(["--resume", str(run_dir), "--workers", "3"])
     out, err = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, err
-    assert [r["step"] for r in _records(run_dir) if r["kind"] == "step"] == list(range(1, 301))
+    assert [r["step"] for r in _records(run_dir) if r["kind"] == "step"] == list(range(1, 1001))
     got, want = _final_params(run_dir), _final_params(ref_dir)
     for k in want:  # the same global batches and lr; only the order of the sums differs
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
