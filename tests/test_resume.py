@@ -214,3 +214,21 @@ def test_sigterm_checkpoints_and_stops_and_a_resume_on_3_workers_matches(tmp_pat
     for k in want:  # the same global batches and lr; only the order of the sums differs
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
     assert json.loads((run_dir / "config.json").read_text())["workers"] == 3
+
+
+@pytest.mark.timeout(900)
+def test_torchrun_restart_resumes_from_the_checkpoint(reference, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+                             "--no-python", str(Path(sys.executable).with_name("scalesgd")), "train", *ARGS,
+                             "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_step(proc, run_dir, KILL_AT)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    ranks = sorted(int(c) for c in children if b"train" in Path(f"/proc/{c}/cmdline").read_bytes())
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    _assert_same_run(run_dir, reference)
