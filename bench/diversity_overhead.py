@@ -8,7 +8,7 @@ load from other processes skews least. A "step" is what the trainer does: zero t
 that the parameters' ``.grad`` views point into, forward, ``loss = sum_i loss_i / B``, backward. Variants:
 
 * ``plain``: that step.
-* ``exact``: the same step with :class:`scalesgd.diversity.GhostNormTap` capturing the per-example squared
+* ``exact``: the same step with :class:`scalesgd.ghost_norms.GhostNormTap` capturing the per-example squared
   norms inside the backward (``tap.sq_norms(1/B)``).
 * ``cheap``: the same step plus the two-batch estimator's only extra work, ``torch.dot`` of the flat gradient.
 * ``vmap``: per-example norms by ``torch.func.vmap(grad)`` (norms only, no batch gradient: flattering to it).
@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalesgd.diversity import GhostNormTap, local_grad_sq_norm, vmap_sq_norms
+from scalesgd.diversity import local_grad_sq_norm
+from scalesgd.ghost_norms import GhostNormTap, vmap_sq_norms
 from scalesgd.models import cnn, mlp
 from scalesgd.writer import write_json_atomic
 
@@ -53,9 +54,26 @@ TARGETS = {
     ("mlp", "cheap"): (1.03, None),
     ("cnn", "cheap"): (1.03, None),
     ("mlp", "vmap_speedup"): (10.0, None),
+    ("transformer", "exact"): (1.5, None),
+    ("transformer", "vmap_speedup"): (5.0, None),
     ("mlp", "peak_memory"): (1.1, None),
     ("cnn", "peak_memory"): (1.1, None),
 }
+
+
+class TinyTransformer(nn.Module):
+    """Token classifier: embedding, two post-norm encoder layers (batch_first), mean over tokens, linear head."""
+
+    def __init__(self, vocab: int, d_model: int, heads: int, num_outputs: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, num_outputs)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) token ids -> (B, num_outputs)
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
 
 
 @dataclass
@@ -289,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlp-batch", type=int, default=128)
     parser.add_argument("--cnn-batch", type=int, default=64)
     parser.add_argument("--cnn-width", type=int, default=64, help="models.cnn width (64 = its default)")
-    parser.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
+    parser.add_argument("--tf-batch", type=int, default=64)
+    parser.add_argument("--tf-seq", type=int, default=32, help="transformer sequence length (tokens)")
+    parser.add_argument("--models", default="mlp,cnn,transformer",
+                        help="comma-separated subset of mlp,cnn,transformer")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", default=None, help="write every number to this file")
     parser.add_argument("--seed", type=int, default=0)
@@ -299,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     # Opacus and BackPACK use full backward hooks on a first layer whose input needs no gradient
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap of attention: no batch rule
     blocks = args.blocks or (2 if args.quick else 10)
     print(f"torch {torch.__version__}, {args.threads} threads, {blocks} interleaved blocks; "
           "shared machine: timings are noisy, compare the ratios")
@@ -319,8 +341,15 @@ def main(argv: list[str] | None = None) -> int:
             y = torch.randint(0, 10, (args.cnn_batch,), generator=g)
             desc = f"small CNN (models.cnn width {args.cnn_width}) on 3x32x32, B={args.cnn_batch}"
             reps = 1 if args.quick else 3
+        elif key == "transformer":
+            model = TinyTransformer(vocab=1000, d_model=64, heads=4, num_outputs=10)
+            x = torch.randint(0, 1000, (args.tf_batch, args.tf_seq), generator=g)
+            y = torch.randint(0, 10, (args.tf_batch,), generator=g)
+            desc = (f"transformer (embedding, 2 encoder layers d_model 64, 4 heads, ff 128, mean pool, linear) "
+                    f"on {args.tf_seq} tokens, B={args.tf_batch}")
+            reps = 2 if args.quick else 6
         else:
-            parser.error(f"unknown model {key!r}; choose from mlp, cnn")
+            parser.error(f"unknown model {key!r}; choose from mlp, cnn, transformer")
         results["models"][key] = run_model(key, desc, model, x, y, blocks, reps, not args.no_memory)
     if args.json:
         write_json_atomic(args.json, results)

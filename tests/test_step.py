@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from scalesgd.comm import make_comm
-from scalesgd.diversity import NoiseScaleEMA, loop_sq_norms, per_example_noise_stats, two_batch_noise_stats
+from scalesgd.distributed import World
+from scalesgd.diversity import NoiseScaleEMA, per_example_noise_stats, two_batch_noise_stats
+from scalesgd.ghost_norms import loop_sq_norms
 from scalesgd.models import loss_function, mlp
 from scalesgd.step import FlatModel, NoiseTap, train_step
 from scalesgd.transforms import Hyper, sgd
@@ -62,7 +64,7 @@ def test_exact_tap_in_a_real_step_equals_per_example_autograd_reference():
     tap = NoiseTap("exact", model, world_size=1)
     tx = sgd()
     result, _ = train_step(flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=B, shard_sizes=[B], rank=0,
-                           comm=make_comm("allreduce", world_size=1, rank=0), tx=tx, tx_state=tx.init(flat.params),
+                           comm=make_comm("allreduce", World(rank=0, size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")), tx=tx, tx_state=tx.init(flat.params),
                            hyper=Hyper(lr=0.1, step=0), tap=tap, classification=True)
     tap.close()
     assert result.noise.mean_grad_sq_norm == pytest.approx(ref.mean_grad_sq_norm, rel=1e-9)
@@ -80,6 +82,6 @@ def test_step_without_tap_reports_no_noise_estimate():
     tx = sgd()
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
     result, _ = train_step(flat=flat, loss_fn=loss_function("classification"), x=x, y=y, global_batch_size=4,
-                           shard_sizes=[4], rank=0, comm=make_comm("allreduce", world_size=1, rank=0), tx=tx,
+                           shard_sizes=[4], rank=0, comm=make_comm("allreduce", World(rank=0, size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")), tx=tx,
                            tx_state=tx.init(flat.params), hyper=Hyper(lr=0.1, step=0))
     assert result.noise is None and result.global_batch_size == 4

@@ -5,16 +5,19 @@ Public API (imported lazily, so ``scalesgd --help`` does not pay for torch):
 * :func:`per_example_sq_norms` — ‖∇ℓᵢ‖² for every example of a batch, from one ordinary backward.
 * :func:`gradient_diversity` — Δ, M2, ‖Σᵢgᵢ‖², n and the batch bound n·Δ of a batch or a data loader.
 * :func:`train` — run a :class:`RunConfig`.
+* :class:`AdaptiveBatch` — noise-scale estimate, adaptive global batch and lr rule inside your own DDP loop
+  (the rest of that is in :mod:`scalesgd.ddp`).
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "per_example_sq_norms": "scalesgd.diversity",
+    "per_example_sq_norms": "scalesgd.ghost_norms",
     "gradient_diversity": "scalesgd.diversity",
-    "GhostNormTap": "scalesgd.diversity",
+    "GhostNormTap": "scalesgd.ghost_norms",
     "train": "scalesgd.run",
     "RunConfig": "scalesgd.config",
+    "AdaptiveBatch": "scalesgd.ddp",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -417,6 +417,49 @@ def cmd_allreduce_bench(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# theory: the convergence table of Yin et al. 2018 with numbers (scalesgd.theory)
+
+
+def cmd_theory(args: argparse.Namespace) -> int:
+    """Print the serial-vs-minibatch convergence table for given or estimated constants."""
+    from scalesgd import theory
+
+    result = theory.run_theory(
+        epsilon=args.epsilon, delta=args.delta, batch=args.batch, m2=args.m2, batch_bound=args.batch_bound,
+        beta=args.beta, mu=args.mu, d0=args.d0, f0=args.f0, dataset=args.dataset, model=args.model,
+        n_train=args.n_train, data_seed=args.data_seed, dim=args.dim, noise=args.noise, seed=args.seed,
+        weight_decay=args.weight_decay)
+    print(result.text())
+    return 0
+
+
+def add_theory_parser(sub) -> None:
+    p = sub.add_parser("theory", help="gradient evaluations and step sizes of serial vs minibatch SGD (Yin et al.)",
+                       description="The convergence table of Yin et al. 2018 (strongly convex, convex, smooth, "
+                       "smooth PL): gradient evaluations and step sizes of serial SGD to reach --epsilon, and of "
+                       "minibatch SGD at B <= delta*B_S + 1 with step/(1 + (B-1)/B_S). Constants are given, or "
+                       "estimated from --dataset and --model at the initial weights; given ones win.")
+    p.add_argument("--epsilon", type=float, required=True, help="the target of each row (see its 'target')")
+    p.add_argument("--delta", type=float, default=None, help="slack: B <= delta*B_S + 1 costs <= (1+delta)x "
+                   "serial gradient evaluations (default: 1)")
+    p.add_argument("--batch", type=int, default=None, help="B of the minibatch column (default: delta*B_S + 1)")
+    for name, text in (("m2", "M2 = mean per-example squared gradient norm"),
+                       ("batch-bound", "B_S = M2/|grad F|^2 = n*Delta"), ("beta", "smoothness"),
+                       ("mu", "strong convexity / PL constant"), ("d0", "initial distance^2 |w0 - w*|^2"),
+                       ("f0", "initial suboptimality F(w0) - F*")):
+        p.add_argument(f"--{name}", type=float, default=None, help=f"{text} (default: estimated or unknown)")
+    p.add_argument("--dataset", default=None, help="estimate the constants on this data set (load_dataset's spec)")
+    p.add_argument("--model", default="logreg", help="model of the estimate (default: logreg)")
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--data-seed", type=int, default=None)
+    p.add_argument("--dim", type=int, default=None, help="input dimension of synthetic data sets")
+    p.add_argument("--noise", type=float, default=None, help="label noise of synthetic data sets")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default: 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay added to beta and mu")
+    p.set_defaults(func=cmd_theory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scalesgd", description="Synchronous data-parallel minibatch SGD with gradient "
                      "diversity: how many workers, what batch size, what learning rate, how long.")
@@ -447,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_allreduce_bench_parser(sub)
     _add_predict_parser(sub)
     _add_sweep_parser(sub)
+    add_theory_parser(sub)
     return parser
 
 

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from scalesgd.comm import CommStrategy
-from scalesgd.diversity import (GhostNormTap, NoiseStats, per_example_noise_stats, rank_averaged_two_batch_noise_stats,
+from scalesgd.diversity import (NoiseStats, per_example_noise_stats, rank_averaged_two_batch_noise_stats,
                                 two_batch_rank_terms)
+from scalesgd.ghost_norms import GhostNormTap
 from scalesgd.transforms import GradientTransformation, Hyper, apply_updates_
 
 # Fixed slots at the head of the statistics tail; per-rank compute times follow them.
