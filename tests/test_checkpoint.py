@@ -141,3 +141,27 @@ def test_resume_config_keeps_the_maths_and_allows_the_rest(tmp_path):
             checkpoint.resume_config(tmp_path, given)
     with pytest.raises(ConfigError, match="no such directory"):
         checkpoint.resume_config(tmp_path / "nope", {})
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path):
+    from scalesgd.errors import ScalesgdError
+    from scalesgd.writer import RunWriter
+
+    writer = RunWriter(tmp_path / "run", enabled=True, tensorboard=False)
+    writer._metrics.close()
+    writer._metrics = open("/dev/full", "w", buffering=1)  # every write fails with ENOSPC
+    with pytest.raises(ScalesgdError, match="cannot write .*metrics.jsonl: No space left on device"):
+        writer.log({"kind": "step", "step": 1, "epoch": 0.0})
+    with pytest.raises(ScalesgdError, match="No space left on device"):  # closing flushes: the same one line
+        writer.close()
+
+
+def test_time_based_checkpoints_stretch_to_keep_their_cost_under_2_percent():
+    from scalesgd.run import CHECKPOINT_COST_FACTOR, Checkpointing
+
+    c = Checkpointing(every_steps=0, every_s=10.0, keep=2, last_at=100.0)
+    assert not c.time_due(109.9) and c.time_due(110.0)
+    c.last_save_s = 1.0  # a slow save: wait 50 s, so saving is at most 1/50 of the time
+    assert CHECKPOINT_COST_FACTOR == 50 and not c.time_due(149.0) and c.time_due(150.0)
+    assert not Checkpointing(0, 0.0, 2, last_at=0.0).time_due(1e9)  # 0: by steps only
+    assert Checkpointing(25, 0.0, 2, last_at=0.0).step_due(50) and not Checkpointing(25, 0.0, 2, 0.0).step_due(51)

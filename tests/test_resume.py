@@ -194,8 +194,8 @@ RESIZE = ["--model", "mlp", "--dataset", "synthetic-logreg", "--steps", "1000", 
 def test_sigterm_checkpoints_and_stops_and_a_resume_on_3_workers_matches(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = _launch([*RESIZE, "--run-dir", str(ref_dir)])
-    proc = _launch([*RESIZE, "--run-dir", str(run_dir)])
-    _wait_for_step(proc, run_dir, 150)
+    proc = _launch([*RESIZE, "--run-dir", str(run_dir), "--checkpoint-every-s", "0.2"])
+    _wait_for_step(proc, run_dir, 400)
     os.kill(proc.pid, signal.SIGTERM)  # the launcher: it passes the stop on to the workers
     out, err = proc.communicate(timeout=120)
     assert ref.wait(timeout=400) == 0
@@ -203,7 +203,8 @@ def test_sigterm_checkpoints_and_stops_and_a_resume_on_3_workers_matches(tmp_pat
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "stopped by SIGTERM after step" in lines[0] and "--resume" in lines[0], err
     stopped_at = int(lines[0].split("after step ")[1].split(";")[0])
-    assert (run_dir / "checkpoints" / f"step-{stopped_at:08d}.pt").exists()
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt"))
+    assert len(kept) == 2 and kept[-1] == f"step-{stopped_at:08d}.pt"  # and one before it, by time
     assert [r["step"] for r in _records(run_dir) if r["kind"] == "step"][-1] == stopped_at
 
     resumed = _launch(["--resume", str(run_dir), "--workers", "3"])

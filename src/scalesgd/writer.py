@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
-from scalesgd.errors import ConfigError
+from scalesgd.errors import ConfigError, ScalesgdError
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "config.json")  # what a run writes here
@@ -52,12 +52,14 @@ def check_run_dir_is_new(run_dir: str | None) -> None:
 def lock_run_dir(run_dir: Path | str) -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` (``fcntl.flock`` on ``run_dir/.lock``) while the block runs, so
     two jobs never write one run directory. Creates the directory. The kernel drops the lock when the
-    holder dies, so a killed job never leaves a stale lock behind.
+    holder dies, so a killed job never leaves a stale lock behind. A directory this call created is removed
+    again if the job wrote nothing into it.
 
     Raises:
         ConfigError: another process holds the lock (its pid is named), or the directory cannot be made.
     """
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -81,6 +83,9 @@ def lock_run_dir(run_dir: Path | str) -> Iterator[None]:
             os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
+        if created and os.listdir(run_dir) == [".lock"]:  # the job failed before writing: leave nothing behind
+            (run_dir / ".lock").unlink()
+            run_dir.rmdir()
         os.close(fd)
 
 
@@ -212,6 +217,16 @@ def default_run_dir(model: str, dataset: str, global_batch_size: int, workers: i
     return path
 
 
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """A failed write (a full disk, a directory made read-only) is one line naming the file and the cause."""
+    try:
+        yield
+    except OSError as e:
+        raise ScalesgdError(f"cannot write {path}: {e.strerror or e}; the run stopped here (earlier checkpoints "
+                            "are intact). Free space or fix the permissions, then resume with --resume") from None
+
+
 class RunWriter:
     """Writes the run directory on rank 0; does nothing elsewhere."""
 
@@ -245,14 +260,16 @@ class RunWriter:
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.enabled:
-            write_json_atomic(self.run_dir / name, obj)
+            with _write_errors(self.run_dir / name):
+                write_json_atomic(self.run_dir / name, obj)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one metrics line (and its numeric fields to TensorBoard, keyed by step)."""
         if not self.enabled:
             return
         clean = {k: _clean(v) for k, v in record.items()}
-        self._metrics.write(json.dumps(clean) + "\n")
+        with _write_errors(self.run_dir / "metrics.jsonl"):
+            self._metrics.write(json.dumps(clean) + "\n")
         if self._tb is not None and "step" in record:
             if record.get("kind") == "step":
                 now = time.monotonic()
@@ -270,13 +287,14 @@ class RunWriter:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with atomic_path(self.run_dir / "checkpoint.pt") as tmp:
+        with _write_errors(self.run_dir / "checkpoint.pt"), atomic_path(self.run_dir / "checkpoint.pt") as tmp:
             torch.save(state, tmp)
 
     def close(self) -> None:
         if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+            metrics, self._metrics = self._metrics, None
+            with _write_errors(self.run_dir / "metrics.jsonl"):  # flushes what is buffered
+                metrics.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
