@@ -165,3 +165,109 @@ def test_time_based_checkpoints_stretch_to_keep_their_cost_under_2_percent():
     assert CHECKPOINT_COST_FACTOR == 50 and not c.time_due(149.0) and c.time_due(150.0)
     assert not Checkpointing(0, 0.0, 2, last_at=0.0).time_due(1e9)  # 0: by steps only
     assert Checkpointing(25, 0.0, 2, last_at=0.0).step_due(50) and not Checkpointing(25, 0.0, 2, 0.0).step_due(51)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile resumes and run directories, end to end through the CLI (one worker, in this process): one line on
+# stderr, a non-zero exit, no traceback, and the run directory left byte for byte as it was.
+
+RUN = ["--dataset", "synthetic-logreg", "--model", "mlp", "--workers", "1", "--steps", "6", "--global-batch-size",
+       "16", "--checkpoint-every-steps", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A run that stopped after its checkpoint at step 4 (summary removed, as a kill leaves it)."""
+    from scalesgd.cli import main
+
+    run_dir = tmp_path_factory.mktemp("interrupted") / "run"
+    assert main(["train", *RUN, "--run-dir", str(run_dir)]) == 0
+    (run_dir / "summary.json").unlink()
+    return run_dir
+
+
+def _damage_newest(how):
+    def damage(run_dir):
+        newest = checkpoint.latest_checkpoint(run_dir)
+        if how == "truncate":
+            newest.write_bytes(newest.read_bytes()[:1000])
+        elif how == "code":
+            torch.save({"format": checkpoint.FORMAT, "version": 1, "evil": _Evil()}, newest)
+        elif how == "version":
+            torch.save({**torch.load(newest, weights_only=True), "version": 2}, newest)
+        elif how == "model":
+            blob = torch.load(newest, weights_only=True)
+            blob["train_state"]["params"] = torch.zeros(3)
+            torch.save(blob, newest)
+        elif how == "metrics":
+            (run_dir / "metrics.jsonl").write_text("")
+    return damage
+
+
+HOSTILE = [
+    ("resume a missing directory", lambda r: ["--resume", str(r.parent / "nowhere")], None, ["no such directory"]),
+    ("resume a file", lambda r: ["--resume", str(r / "config.json")], None, ["is a file"]),
+    ("resume without config", lambda r: ["--resume", str(r / "tensorboard")], None, ["no config.json"]),
+    ("resume a finished run", lambda r: ["--resume", str(r)],
+     lambda r: (r / "summary.json").write_text("{}"), ["finished run"]),
+    ("resume with another lr", lambda r: ["--resume", str(r), "--lr", "0.3"], None, ["--lr 0.3 contradicts"]),
+    ("resume with another seed", lambda r: ["--resume", str(r), "--seed", "4"], None, ["--seed 4 contradicts"]),
+    ("resume into another run dir", lambda r: ["--resume", str(r), "--run-dir", str(r.parent / "x")], None,
+     ["leave out --run-dir"]),
+    ("resume a truncated checkpoint", lambda r: ["--resume", str(r)], _damage_newest("truncate"),
+     ["cannot be read", "Delete it"]),
+    ("resume a checkpoint holding code", lambda r: ["--resume", str(r)], _damage_newest("code"), ["cannot be read"]),
+    ("resume another format version", lambda r: ["--resume", str(r)], _damage_newest("version"),
+     ["format version 2"]),
+    ("resume another model's checkpoint", lambda r: ["--resume", str(r)], _damage_newest("model"),
+     ["3 parameters", "another run"]),
+    ("resume with lost metrics", lambda r: ["--resume", str(r)], _damage_newest("metrics"), ["lines were lost"]),
+    ("resume a broken config", lambda r: ["--resume", str(r)],
+     lambda r: (r / "checkpoints" / "config.json").write_text("{"), ["unreadable"]),
+    ("run dir is a file", lambda r: [*RUN, "--run-dir", str(r / "config.json")], None, ["is a file"]),
+    ("run dir holds a run", lambda r: [*RUN, "--run-dir", str(r)], None, ["already holds a run"]),
+    ("negative checkpoint steps", lambda r: [*RUN, "--checkpoint-every-steps", "-1"], None,
+     ["--checkpoint-every-steps"]),
+    ("NaN checkpoint seconds", lambda r: [*RUN, "--checkpoint-every-s", "nan"], None, ["--checkpoint-every-s"]),
+    ("negative checkpoint seconds", lambda r: [*RUN, "--checkpoint-every-s", "-5"], None, ["--checkpoint-every-s"]),
+    ("keep no checkpoint", lambda r: [*RUN, "--keep-checkpoints", "0"], None, ["--keep-checkpoints"]),
+    ("negative restarts", lambda r: [*RUN, "--max-restarts", "-1"], None, ["--max-restarts"]),
+]
+
+
+@pytest.mark.parametrize("name,argv,damage,words", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_resume_is_one_line_and_touches_nothing(interrupted, tmp_path, capsys, name, argv, damage, words):
+    import shutil
+
+    from scalesgd.cli import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(interrupted, run_dir)
+    if damage is not None:
+        damage(run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    code = main(["train", *argv(run_dir)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("scalesgd: error:") and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before, "a refused run changed the run directory"
+    assert not (run_dir.parent / "x").exists() and not (run_dir.parent / "nowhere").exists()
+    assert not (tmp_path / "pwned").exists() and not list(tmp_path.glob("**/.*.tmp"))
+
+
+def test_resume_of_the_interrupted_run_finishes_it(interrupted, tmp_path, capsys):
+    import shutil
+
+    from scalesgd.cli import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(interrupted, run_dir)
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6

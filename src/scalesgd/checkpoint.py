@@ -189,7 +189,8 @@ def resume_config(run_dir: Path | str, given: dict[str, Any]) -> RunConfig:
     if not path.is_file():  # a run from before checkpoints: its config.json (n_train there is the data's size)
         path = run_dir / "config.json"
     if not path.is_file():
-        what = "no such directory" if not run_dir.exists() else "it has no config.json"
+        what = ("no such directory" if not run_dir.exists() else "it is a file, not a run directory"
+                if not run_dir.is_dir() else "it has no config.json")
         raise ConfigError(f"cannot resume {run_dir}: {what}; pass a run directory that `scalesgd train` wrote")
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
