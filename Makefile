@@ -1,9 +1,10 @@
 # `make run`: set up and train the default model (1-D CNN on MNIST-1D, 2 local workers).
-# `make test`: set up and run the tests.
+# `make test`: set up and run the tests. `make test-fast`: only the tests that start no process (no workers,
+# no subprocess); tests/conftest.py fails any unmarked test that does.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +17,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	SCALESGD_TEST_TIER=fast $(PY) -m pytest -q -m "not spawn"
 
 bench: setup
 	mkdir -p bench/out

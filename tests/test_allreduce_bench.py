@@ -110,6 +110,7 @@ def test_sizes_and_options_parsing():
         ab.run_allreduce_bench(["ring"], [4096], [2], iters=1, warmup=0, settle_s=-0.001)
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(120)
 def test_tcp_loopback_probe():
     tcp = ab.measure_tcp_loopback(stream_bytes=8 << 20, repeats=2, n_pings=100)
@@ -151,6 +152,7 @@ def test_fit_prices_each_row_with_the_doubling_threshold_that_ran_at_its_p():
     assert "alpha/beta = " in ab.format_table(rows, None, fits)
 
 
+@pytest.mark.spawn
 def test_tiny_real_run_returns_complete_positive_rows(tmp_path):
     sizes = [4096, 65536]
     names = ("allreduce", "ring", "ring-tcp", "qsgd")
@@ -188,6 +190,7 @@ def _cli(argv):
     return build_parser().parse_args(["allreduce-bench", *argv])
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(240)
 def test_cli_writes_table_json_and_plot(tmp_path, capsys, targets_script):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"

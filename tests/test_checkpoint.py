@@ -235,6 +235,7 @@ HOSTILE = [
 ]
 
 
+@pytest.mark.spawn  # the run records its git sha (a `git` process)
 @pytest.mark.parametrize("name,argv,damage,words", HOSTILE, ids=[c[0] for c in HOSTILE])
 def test_hostile_resume_is_one_line_and_touches_nothing(interrupted, tmp_path, capsys, name, argv, damage, words):
     import shutil
@@ -259,6 +260,7 @@ def test_hostile_resume_is_one_line_and_touches_nothing(interrupted, tmp_path, c
     assert not (tmp_path / "pwned").exists() and not list(tmp_path.glob("**/.*.tmp"))
 
 
+@pytest.mark.spawn
 def test_resume_of_the_interrupted_run_finishes_it(interrupted, tmp_path, capsys):
     import shutil
 

@@ -28,6 +28,7 @@ def test_toml_then_command_line(tmp_path):
     assert cfg.lr_milestones == (1.0, 2.0)
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(150)
 def test_train_digits_and_report(tmp_path, capsys):
     run = tmp_path / "run"
@@ -61,12 +62,14 @@ def test_report_rejects_non_run_dir(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
 
 
+@pytest.mark.spawn
 def test_python_dash_m_and_help():
     out = subprocess.run([sys.executable, "-m", "scalesgd", "train", "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "--global-batch-size" in out.stdout and "--target-accuracy" in out.stdout
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("comm", ["allreduce", "ring-tcp"])  # ring-tcp finds its peers from torchrun's env
 def test_same_command_under_torchrun(tmp_path, comm):

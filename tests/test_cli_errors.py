@@ -86,6 +86,7 @@ def _run_cli(args, tmp_path, timeout=120):
                           timeout=timeout, env=env, cwd=tmp_path)
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(150)
 def test_divergence_stops_names_step_and_keeps_metrics(tmp_path):
     run_dir = tmp_path / "run"
@@ -102,6 +103,7 @@ def test_divergence_stops_names_step_and_keeps_metrics(tmp_path):
     assert not (run_dir / "checkpoint.pt").exists()
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(60)
 def test_port_in_use(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -129,6 +131,7 @@ def test_gzip_idx_corrupt(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.spawn
 def test_run_dir_that_already_holds_a_run_is_refused_and_left_as_it_was(tmp_path, capsys):
     run_dir = tmp_path / "run"
     argv = ["train", "--dataset", "digits", "--model", "mlp", "--workers", "1", "--steps", "3",

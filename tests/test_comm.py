@@ -433,6 +433,7 @@ def job(request):
     return P, spawn(_worker, P, (DRAWS[P],), timeout_s=200)
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(240)
 def test_exact_strategies_match_reference_and_agree_bitwise(job):
     P, results = job
@@ -474,6 +475,7 @@ def test_exact_strategies_match_reference_and_agree_bitwise(job):
     assert r0["closed"] == {"ring_split": True, "ring-tcp": True}  # close() frees the groups and the sockets
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(240)
 def test_qsgd_distributed_sum_is_bitwise_the_sum_of_quantizations(job):
     P, results = job
@@ -493,6 +495,7 @@ def test_qsgd_distributed_sum_is_bitwise_the_sum_of_quantizations(job):
                 assert sent == plain, key
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(240)
 def test_qsgd_distributed_sum_is_unbiased_within_the_variance_bound(job):
     P, results = job
@@ -545,6 +548,7 @@ def _tcp_failure_worker(rdv) -> str:
         shutdown_world()
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(120)
 def test_ring_tcp_names_a_silent_or_vanished_peer():
     report = spawn(_tcp_failure_worker, 2, (), timeout_s=90)[0].splitlines()
@@ -552,6 +556,7 @@ def test_ring_tcp_names_a_silent_or_vanished_peer():
     assert all("closed its TCP connection" in line for line in report[1:]), report
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(240)
 def test_every_strategy_takes_every_dtype_and_layout_or_refuses_clearly(job):
     P, results = job

@@ -47,6 +47,7 @@ def _worker(rdv, models, x, y):
         shutdown_world()
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(120)
 def test_two_workers_on_halves_equal_one_process_on_the_whole():
     models, x, y = _problem()

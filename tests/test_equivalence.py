@@ -46,6 +46,7 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", list(CASES))
 def test_p_workers_equal_one_process_and_ddp(tmp_path, name):
@@ -70,6 +71,7 @@ def _ddp_with_params(rdv, cfg, ds):
     return ddp_worker(rdv, cfg, ds, return_params=True, eval_every_epoch=False)["params"]
 
 
+@pytest.mark.spawn
 def test_initial_model_differs_from_trained(tmp_path):
     """Guards the comparison above: training for 20 steps really moves the parameters."""
     from scalesgd.models import build_model

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import scalesgd
 
 ROOT = Path(scalesgd.__file__).parent
@@ -112,6 +114,7 @@ def test_the_ring_transports_share_the_schedule_not_each_other():
     assert "scalesgd.ring_schedule" in edges["scalesgd.tcp_comm"]
 
 
+@pytest.mark.spawn
 def test_the_command_line_checks_comm_names_without_torch():
     import subprocess
     import sys

@@ -45,6 +45,7 @@ def test_profile_compute_rejects_bad_input():
         profile_compute(tiny_model(), (12,), 3, [8, 16], steps=0)
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("comm", ["allreduce", "ring-tcp"])
 def test_measure_allreduce_two_gloo_processes(comm):

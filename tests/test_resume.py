@@ -56,10 +56,17 @@ def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout_s: 
     raise AssertionError(f"no step {step} within {timeout_s} s")
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
 def _workers(launcher_pid: int) -> list[int]:
-    """The launcher's spawned worker processes (not multiprocessing's resource tracker), oldest first."""
-    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
-    return sorted(int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
+    """The launcher's workers, oldest first: its children's children (workers are forked by the fork server,
+    a child of the launcher; multiprocessing's resource tracker, the other child, has none)."""
+    return sorted(w for c in _children(launcher_pid) for w in _children(c))
 
 
 def _alive(pid: int) -> bool:

@@ -17,6 +17,8 @@ from scalesgd.models import build_model, loss_function
 from scalesgd.run import train
 from scalesgd.train_state import TrainState
 
+pytestmark = pytest.mark.spawn  # every test here reads one shared 2-worker training run
+
 START_BATCH, STEPS, EVERY, LR = 16, 130, 13, 0.05
 
 

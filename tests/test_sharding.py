@@ -63,6 +63,7 @@ def test_schedule_policy_over_a_stream_covers_each_epoch_exactly():
         assert sorted(per_epoch[e]) == list(range(n))
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(120)
 def test_trainer_with_schedule_counts_n_examples_per_epoch(tmp_path):
     from scalesgd.config import RunConfig

@@ -108,6 +108,7 @@ def test_choose_lr_fewest_passes_then_time_and_misses_last():
     assert choose_lr({0.1: [o(0.1, 9, 9, False, 0.7)], 0.2: [o(0.2, 9, 9, False, 0.8)]})[0] == 0.2
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(120)
 def test_sweep_resumes_and_reports(tmp_path, monkeypatch):
     monkeypatch.setenv("SCALESGD_CACHE", str(tmp_path / "cache"))

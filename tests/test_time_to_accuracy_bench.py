@@ -88,6 +88,7 @@ def test_compare_picks_the_fastest_fixed_median_and_checks_the_batch(tta):
     assert out["settled_batch_median"] == 16 and out["batch_verdict"] == "MISSED"  # 16 < 64/2
 
 
+@pytest.mark.spawn
 def test_one_tiny_run_of_each_contestant(tta, tmp_path):
     from scalesgd.config import RunConfig
     from scalesgd.data import load_data
@@ -109,6 +110,7 @@ def test_one_tiny_run_of_each_contestant(tta, tmp_path):
     assert set(policy.to_dict()) >= {"time_to_target_s", "settled_batch", "evals", "batches"}
 
 
+@pytest.mark.spawn
 def test_hopeless_baseline_runs_stop_on_every_rank(tta):
     """A run past its time limit, or one whose loss blew up, stops at the next evaluation (no hang)."""
     from scalesgd.config import RunConfig

@@ -24,6 +24,7 @@ def _params(cfg):
     return torch.load(f"{cfg.run_dir}/checkpoint.pt", weights_only=True)["model"]
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(240)
 def test_every_strategy_trains(tmp_path):
     train(_cfg(tmp_path, "allreduce"))
@@ -48,6 +49,7 @@ def test_every_strategy_trains(tmp_path):
     assert len(steps) == 10 and steps[0]["bytes_sent"] == ref_bytes
 
 
+@pytest.mark.spawn
 @pytest.mark.timeout(120)
 def test_more_local_workers_than_cores_warns(tmp_path, monkeypatch, capsys):
     import os

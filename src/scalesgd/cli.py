@@ -494,9 +494,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _starts_workers(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for training on local workers: ``train`` or ``diversity`` (not at a checkpoint)
+    without ``--workers 1``. A guess from the words alone (a --config file may still say workers = 1): it only
+    decides whether the fork server starts early."""
+    if not argv or argv[0] not in ("train", "diversity"):
+        return False
+    words = list(argv)
+    if any(w in ("-h", "--help", "--checkpoint") or w.startswith("--checkpoint=") for w in words):
+        return False
+    for i, w in enumerate(words):
+        if (w == "--workers" and words[i + 1:i + 2] == ["1"]) or w == "--workers=1":
+            return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _starts_workers(argv):
+        # Before the imports below bring in torch: the fork server imports torch and the training code on
+        # another core meanwhile, and forks the workers when they are due (scalesgd.launch).
+        from scalesgd.launch import prestart
+
+        prestart()
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0

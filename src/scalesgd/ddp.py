@@ -39,7 +39,8 @@ import torch.distributed as dist
 
 from scalesgd.batch_policy import BatchPolicy, StepObservation, make_batch_policy
 from scalesgd.data.sharding import BatchStream, Cursor
-from scalesgd.diversity import EMAState, NoiseScaleEMA, NoiseStats
+from scalesgd.diversity import (EMAState, NoiseScaleEMA, NoiseStats, rank_averaged_two_batch_noise_stats,
+                                two_batch_rank_terms)
 from scalesgd.errors import ConfigError
 from scalesgd.lr_rules import LrConfig, lr_terms
 
@@ -61,8 +62,9 @@ def pooled_two_batch_noise_stats(local_grad_sq_norms: Sequence[float], local_bat
         ‖G‖²̂ = (‖G_B‖²·Σ_p B/(B − b_p) − Σ_p b_p‖G_p‖²/(B − b_p))/P',
         tr Σ̂ = (Σ_p ‖G_p‖²/(1/b_p − 1/B) − ‖G_B‖²·Σ_p 1/(1/b_p − 1/B))/P',
 
-    which is the arithmetic of ``scalesgd train --diversity cheap`` (:class:`scalesgd.tracking.DiversityTracker`,
-    where the two per-rank sums ride in the gradient all-reduce), term for term.
+    This is the trainer's own estimator (``scalesgd train --diversity cheap``, where the two per-rank sums ride in
+    the gradient all-reduce): :func:`scalesgd.diversity.two_batch_rank_terms` summed over ranks, then
+    :func:`scalesgd.diversity.rank_averaged_two_batch_noise_stats`.
 
     Args:
         local_grad_sq_norms: ‖G_p‖² for every rank, G_p the gradient of the mean loss over its b_p examples.
@@ -74,17 +76,10 @@ def pooled_two_batch_noise_stats(local_grad_sq_norms: Sequence[float], local_bat
         :class:`scalesgd.diversity.NoiseStats` (per-step ‖G‖² of the mean-loss gradient, per-example tr Σ),
         or None when no rank has 0 < b_p < B (no second batch size to compare with).
     """
-    bb = float(big_batch_size)
-    ranks = [(float(s), int(b)) for s, b in zip(local_grad_sq_norms, local_batch_sizes, strict=True) if 0 < b < bb]
-    if not ranks:
-        return None
-    p = len(ranks)
-    big_sq = float(big_grad_sq_norm)
-    coef_g = sum(bb / (bb - bs) for _, bs in ranks)
-    coef_t = sum(1.0 / (1.0 / bs - 1.0 / bb) for _, bs in ranks)
-    u = sum(bs * s / (bb - bs) for s, bs in ranks)
-    v = sum(s / (1.0 / bs - 1.0 / bb) for s, bs in ranks)
-    return NoiseStats((big_sq * coef_g - u) / p, (v - big_sq * coef_t) / p)  # (‖G‖², tr Σ)
+    terms = [two_batch_rank_terms(s, b, big_batch_size)
+             for s, b in zip(local_grad_sq_norms, local_batch_sizes, strict=True)]
+    return rank_averaged_two_batch_noise_stats(sum(u for u, _ in terms), sum(v for _, v in terms),
+                                               big_grad_sq_norm, local_batch_sizes, big_batch_size)
 
 
 def ddp_effective_batch_size(local_batch_sizes: Sequence[int]) -> float:

@@ -9,7 +9,6 @@ error that names it instead of a hang.
 from __future__ import annotations
 
 import datetime as _dt
-import multiprocessing as mp
 import os
 import pickle
 import signal
@@ -19,12 +18,14 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from scalesgd.errors import ConfigError, DistributedError, ScalesgdError, StoppedError, WorkerFailedError
+from scalesgd.launch import launched_by_torchrun, worker_context
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -74,7 +75,7 @@ class Rendezvous:
 def torchrun_rendezvous(environ: dict[str, str] | None = None) -> Rendezvous | None:
     """The rendezvous torchrun (or any launcher that sets the same variables) put in the environment."""
     env = os.environ if environ is None else environ
-    if "RANK" not in env or "WORLD_SIZE" not in env:
+    if not launched_by_torchrun(env):
         return None
     try:
         return Rendezvous(addr=env.get("MASTER_ADDR", "127.0.0.1"), port=int(env.get("MASTER_PORT", "29500")),
@@ -135,13 +136,15 @@ class StopRequest:
         self._previous.clear()
 
 
-def stop_with_parent(parent_pid: int) -> None:
-    """Send this process SIGTERM when its parent (the launcher) dies, so no worker trains unsupervised.
+def stop_with_parent(launcher_pid: int) -> None:
+    """Send this worker SIGTERM when its launcher dies, so no worker trains unsupervised.
 
-    On Linux the kernel does it (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon thread also polls
-    ``os.getppid()`` once a second (it covers other systems and a parent that died before the prctl). The
-    worker treats SIGTERM as a stop request: it checkpoints at the next step and exits.
+    On Linux the kernel does it when the parent dies (``prctl(PR_SET_PDEATHSIG)``; the parent is the
+    launcher, or the fork server, which exits with the launcher); everywhere a daemon thread also checks once
+    a second that the parent and the launcher are still there (it covers other systems and a parent that died
+    before the prctl). The worker treats SIGTERM as a stop request: it checkpoints at the next step and exits.
     """
+    parent = os.getppid()
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -150,14 +153,21 @@ def stop_with_parent(parent_pid: int) -> None:
         except (OSError, AttributeError):  # no prctl in this libc: the watchdog below still runs
             pass
 
+    def launcher_alive() -> bool:
+        try:
+            os.kill(launcher_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else (the pid was reused): treat as gone
+            return False
+        return True
+
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while os.getppid() == parent and launcher_alive():
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    if os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGTERM)
-    threading.Thread(target=watch, name="scalesgd-parent-watchdog", daemon=True).start()
+    threading.Thread(target=watch, name="scalesgd-launcher-watchdog", daemon=True).start()
 
 
 def local_world_size(default: int) -> int:
@@ -234,24 +244,62 @@ def check_port_free(port: int, addr: str = "127.0.0.1") -> None:
                                    "--master-port or leave it out to pick a free one") from e
 
 
-def _child(payload: bytes, rdv: Rendezvous, results: Any, parent_pid: int) -> None:
-    """Entry point of a spawned worker: run ``fn(rdv, *args)`` and report its outcome on ``results``."""
-    stop_with_parent(parent_pid)
+class _Stdio:
+    """The launcher's stdout and stderr, handed to a worker as it starts.
+
+    A worker forked from the fork server (:mod:`scalesgd.launch`) would otherwise write wherever the server's
+    stdout and stderr pointed when it started, not where the launcher's point now (a redirected sweep log,
+    pytest's capture). Pickled while multiprocessing starts the worker, the descriptors travel with it.
+    """
+
+    def __init__(self, fds: dict[int, Any] | None = None):
+        self.fds = fds or {}  # worker side: target descriptor -> multiprocessing's handle on the sent copy
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        sent = {}
+        for fd in (1, 2):
+            try:
+                os.fstat(fd)
+            except OSError:  # a launcher without this stream: the worker keeps the server's
+                continue
+            sent[fd] = reduction.DupFd(fd)
+        return (_Stdio, (sent,))
+
+    def attach(self) -> None:
+        """Make the sent descriptors this process's stdout and stderr."""
+        for target, handle in self.fds.items():
+            fd = handle.detach()
+            if fd != target:
+                os.dup2(fd, target)
+                os.close(fd)
+
+
+def _child(payload: bytes, rdv: Rendezvous, results: Any, environ: dict[str, str], stdio: _Stdio | None,
+           launcher_pid: int) -> None:
+    """Entry point of a local worker: take on the launcher's environment and output streams, run
+    ``fn(rdv, *args)`` and send its outcome on ``results`` (this worker's own pipe)."""
+    stop_with_parent(launcher_pid)
     try:
+        if stdio is not None:
+            stdio.attach()
+        os.environ.clear()
+        os.environ.update(environ)
         fn, args = pickle.loads(payload)
         out = fn(rdv, *args)
-        _report(results, ("ok", rdv.rank, pickle.dumps(out)))  # by value: this process may exit before it is read
+        _report(results, ("ok", pickle.dumps(out)))  # by value: this process may exit before it is read
     except ScalesgdError as e:
-        _report(results, ("error", rdv.rank, f"{type(e).__name__}:{e}"))
+        _report(results, ("error", f"{type(e).__name__}:{e}"))
         sys.exit(3)
     except BaseException as e:  # noqa: BLE001 - a bug: reported once, with its traceback, by the parent
-        _report(results, ("crash", rdv.rank, "".join(traceback.format_exception(e))))
+        _report(results, ("crash", "".join(traceback.format_exception(e))))
         sys.exit(1)
 
 
 def _report(results: Any, outcome: tuple) -> None:
     try:
-        results.put(outcome)
+        results.send(outcome)
     except OSError:  # the launcher is gone (its end of the pipe closed): nobody to tell
         pass
 
@@ -266,18 +314,17 @@ def _died(rank: int, exitcode: int) -> str:
     return f"worker {rank} exited with code {exitcode} without reporting an error"
 
 
-def _first_failure(procs: list, arrivals: list[tuple[int, str, Any]]) -> tuple[int, str, Any]:
+def _first_failure(procs: list[Any], reports: list[tuple[int, str, str]]) -> tuple[int, str, str]:
     """The rank whose failure ended the job: one that died without a report (by a signal first, then by an
     unexpected exit code) caused the others' communication errors; else the first report to arrive, a
     user-facing error before a crash before a communication error."""
-    reported = {r for r, _, _ in arrivals}
+    reported = {r for r, _, _ in reports}
     silent = [(r, p.exitcode) for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
     for r, code in sorted(silent, key=lambda rc: (rc[1] >= 0, rc[0])):
         return r, "died", _died(r, code)
-    failed = [a for a in arrivals if a[1] != "ok"]
     for wanted in (lambda a: a[1] == "error" and not str(a[2]).startswith("DistributedError:"),
                    lambda a: a[1] == "crash", lambda a: True):
-        for a in failed:
+        for a in reports:
             if wanted(a):
                 return a
     raise AssertionError("no failure to blame")  # pragma: no cover - only called with a failure
@@ -285,17 +332,22 @@ def _first_failure(procs: list, arrivals: list[tuple[int, str, Any]]) -> tuple[i
 
 def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | None = None,
           addr: str = "127.0.0.1", timeout_s: float | None = None) -> list[Any]:
-    """Run ``fn(rendezvous, *args)`` in ``nprocs`` fresh local processes and return their results by rank.
+    """Run ``fn(rendezvous, *args)`` in ``nprocs`` new local processes and return their results by rank.
 
-    If one worker fails, the others are killed and its error is raised here, so no worker is left hanging.
-    The rank named is the one that failed first: a worker that died without a report (a signal, an
-    unexpected exit code) before the survivors that then saw a communication error. Workers stop when this
-    process dies (:func:`stop_with_parent`); a SIGTERM/SIGINT/SIGHUP here is passed on to them as SIGTERM
-    (they checkpoint and stop), a second one kills them. ``timeout_s`` bounds the whole job.
+    The processes are forked from the preloaded fork server of :mod:`scalesgd.launch` (spawned where there is
+    none); each gets this process's environment, working directory, ``sys.path``, stdout and stderr as they
+    are now. ``fn`` and ``args`` must be picklable (``fn`` by name).
+
+    If one worker fails, the others are killed and its error is raised here, naming the rank that failed
+    first: a worker that died without a word (a signal, ``os._exit``) before the survivors that then saw a
+    communication error; else a :class:`ScalesgdError` it raised comes back as the same class and message,
+    a crash with its traceback. Workers stop when this process dies (:func:`stop_with_parent`); a SIGTERM,
+    SIGINT or SIGHUP here is passed on to them as SIGTERM (they checkpoint and stop), a second one kills them.
+    No worker is left running, and ``timeout_s`` bounds the whole job.
 
     Raises:
         WorkerFailedError: a worker died or crashed (with its signal, exit code or traceback).
-        ScalesgdError: the first user-facing error a worker reported (its own type).
+        ScalesgdError: the first user-facing error a worker reported (its own class).
         DistributedError: the job ran past ``timeout_s``.
         StoppedError: a second stop signal arrived before the workers had stopped.
     """
@@ -303,98 +355,116 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
         port = free_port(addr)
     else:
         check_port_free(port, addr)
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
+    ctx = worker_context()
+    stdio = _Stdio() if ctx.get_start_method() == "forkserver" else None  # spawned workers inherit them
+    environ = dict(os.environ)
     # Plain pickle copies tensors by value; multiprocessing's own pickler would share them through file
     # descriptors served by this process, which breaks when several jobs are spawned in a row.
     payload = pickle.dumps((fn, args))
-    procs = []
-    outcomes: dict[int, tuple[str, Any]] = {}
-    arrivals: list[tuple[int, str, Any]] = []
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    failure: tuple[int, str, Any] | None = None
-
-    def drain() -> None:
-        while not results.empty():
-            status, rank, out = results.get()
-            outcomes[rank] = (status, out)
-            arrivals.append((rank, status, out))
-
-    # A signal to the launcher is passed on to the workers, which checkpoint at the next step and stop.
+    procs, readers = [], []
     with StopRequest() as stop:
-        forwarded = False
         try:
             for rank in range(nprocs):
                 rdv = Rendezvous(addr=addr, port=port, rank=rank, size=nprocs, local_rank=rank)
-                p = ctx.Process(target=_child, args=(payload, rdv, results, os.getpid()), daemon=False)
+                reader, writer = ctx.Pipe(duplex=False)  # one per worker: a message always names its sender
+                p = ctx.Process(target=_child, args=(payload, rdv, writer, environ, stdio, os.getpid()),
+                                daemon=False)
                 p.start()
+                writer.close()  # the worker holds its own copy
                 procs.append(p)
-            while len(outcomes) < nprocs:
-                if stop.signum is not None and not forwarded:
-                    for p in procs:
-                        if p.is_alive():
-                            os.kill(p.pid, signal.SIGTERM)
-                    forwarded = True
-                if stop.count > 1:  # asked twice: do not wait for the checkpoint
-                    failure = (-1, "stopped", f"stopped by a second {stop.name}; the workers were killed and "
-                                              "the last checkpoint written stands")
-                    break
-                drain()
-                if any(status != "ok" for status, _ in outcomes.values()):
-                    failure = _first_failure(procs, arrivals)
-                    break
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcomes]
-                if dead:
-                    time.sleep(0.2)  # let a dying worker's report arrive before blaming it
-                    drain()
-                    if not any(r in outcomes for r in dead):
-                        failure = _first_failure(procs, arrivals)
-                        break
-                    continue
-                if all(p.exitcode == 0 for p in procs) and results.empty() and len(outcomes) < nprocs:
-                    time.sleep(0.1)
-                    drain()
-                    if len(outcomes) < nprocs:
-                        missing = sorted(set(range(nprocs)) - set(outcomes))
-                        failure = (missing[0], "crash", f"worker {missing[0]} exited without a result")
-                        break
-                if deadline is not None and time.monotonic() > deadline:
-                    failure = (-1, "timeout", f"the job did not finish within {timeout_s:.0f} s")
-                    break
-                time.sleep(0.02)
-            if failure is not None and failure[1] not in ("timeout", "stopped"):
-                # The first report may be a survivor's "connection reset": give the others up to 2 s to
-                # exit or report, then blame the rank that really failed first.
-                settle = time.monotonic() + 2.0
-                while time.monotonic() < settle and any(p.is_alive() and r not in outcomes
-                                                        for r, p in enumerate(procs)):
-                    time.sleep(0.05)
-                    drain()
-                drain()
-                failure = _first_failure(procs, arrivals)
+                readers.append(reader)
+            outcomes, failure = _collect(procs, readers, timeout_s, stop)
         finally:
-            if failure is not None or len(outcomes) < nprocs:
-                for p in procs:  # SIGKILL: a survivor's checkpoint could not complete without its peers
-                    if p.is_alive():
-                        p.kill()
+            # Reached with a failure, a timeout, or an exception here: stop whoever still runs. SIGKILL: a
+            # survivor could not finish a checkpoint without its peers anyway.
             for p in procs:
-                p.join(timeout=10)
                 if p.is_alive():
                     p.kill()
-                    p.join()
+            for p in procs:
+                p.join(timeout=10)
+            for reader in readers:
+                reader.close()
     if failure is not None:
-        rank, status, payload = failure
+        rank, status, message = failure
         if status == "error":
-            kind, _, message = str(payload).partition(":")
+            kind, _, message = str(message).partition(":")
             raise _rebuild_error(kind, message)
         if status == "timeout":
-            raise DistributedError(f"{payload}; the workers were stopped")
+            raise DistributedError(f"{message}; the workers were stopped")
         if status == "stopped":
-            raise StoppedError(payload)
+            raise StoppedError(message)
         if status == "died":
-            raise WorkerFailedError(f"{payload}; the other workers were stopped")
-        raise WorkerFailedError(f"worker {rank} failed:\n{payload}")
-    return [pickle.loads(outcomes[r][1]) for r in range(nprocs)]
+            raise WorkerFailedError(f"{message}; the other workers were stopped")
+        raise WorkerFailedError(f"worker {rank} failed:\n{message}")
+    return [pickle.loads(outcomes[r]) for r in range(nprocs)]
+
+
+def _read(r: int, procs: list[Any], readers: list[Any], ready: set) -> tuple[str, Any] | None:
+    """Worker ``r``'s outcome if it has one now: ("ok" | "error" | "crash", message), ("dead", None) when it
+    exited without a word, None while it runs."""
+    if readers[r] not in ready and procs[r].sentinel not in ready:
+        return None
+    # A worker sends before it exits, so once it has exited its message (if any) is in its pipe.
+    if readers[r].poll():
+        try:
+            return readers[r].recv()
+        except EOFError:  # closed without a message: died
+            pass
+    elif procs[r].sentinel not in ready:
+        return None
+    procs[r].join(timeout=10)
+    return "dead", None
+
+
+def _collect(procs: list[Any], readers: list[Any], timeout_s: float | None, stop: StopRequest
+             ) -> tuple[dict[int, bytes], tuple[int, str, str] | None]:
+    """Wait for every worker's outcome; stop at the first failure. Returns (pickled results by rank, failure as
+    (rank, "error" | "crash" | "died" | "timeout" | "stopped", message) or None).
+
+    After the first failure the others get up to 2 s to exit or report, so that the rank that failed first
+    is the one blamed (:func:`_first_failure`), not a survivor whose connection it reset.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    outcomes: dict[int, bytes] = {}
+    reports: list[tuple[int, str, str]] = []  # failures in order of arrival
+    pending = set(range(len(procs)))
+    forwarded = False
+    settle_until = None
+
+    while pending:
+        if stop.signum is not None and not forwarded:
+            for r in pending:
+                if procs[r].is_alive():
+                    os.kill(procs[r].pid, signal.SIGTERM)
+            forwarded = True
+        if stop.count > 1:  # asked twice: do not wait for the checkpoint
+            return outcomes, (-1, "stopped", f"stopped by a second {stop.name}; the workers were killed and the "
+                                             "last checkpoint written stands")
+        now = time.monotonic()
+        if settle_until is not None and now >= settle_until:
+            break
+        if deadline is not None and now >= deadline:
+            return outcomes, (-1, "timeout", f"the job did not finish within {timeout_s:.0f} s")
+        # Wakes on a message or a worker's exit; at least every 0.25 s to pass a stop signal on.
+        limit = min(t - now for t in (deadline, settle_until, now + 0.25) if t is not None)
+        ready = set(wait([readers[r] for r in pending] + [procs[r].sentinel for r in pending], limit))
+        for r in sorted(pending):
+            got = _read(r, procs, readers, ready)
+            if got is None:
+                continue
+            pending.discard(r)
+            status, message = got
+            if status == "ok":
+                outcomes[r] = message
+            elif status != "dead":
+                reports.append((r, status, message))
+            elif procs[r].exitcode == 0:
+                reports.append((r, "crash", f"worker {r} exited without a result"))
+            if status != "ok" and settle_until is None:
+                settle_until = time.monotonic() + 2.0
+    if settle_until is None:
+        return outcomes, None
+    return outcomes, _first_failure(procs, reports)
 
 
 def _rebuild_error(kind: str, message: str) -> ScalesgdError:

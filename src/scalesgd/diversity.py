@@ -216,7 +216,7 @@ def two_batch_rank_terms(local_mean_grad_sq_norm: float, local_batch_size: int,
     ``u_p = B_s,p ||G_s,p||^2 / (B - B_s,p)``, ``v_p = ||G_s,p||^2 / (1/B_s,p - 1/B)``; (0, 0) for a rank with no
     examples or with the whole batch (it has no smaller batch to compare).
     """
-    bs, bb = int(local_batch_size), int(global_batch_size)
+    bs, bb = int(local_batch_size), float(global_batch_size)  # B may be an effective, fractional size (DDP)
     if not 0 < bs < bb:
         return 0.0, 0.0
     g2 = float(local_mean_grad_sq_norm)
@@ -238,11 +238,11 @@ def rank_averaged_two_batch_noise_stats(sum_u: float, sum_v: float, global_mean_
         sum_u, sum_v: Sigma_p u_p and Sigma_p v_p over all ranks.
         global_mean_grad_sq_norm: ||G_B||^2 of the all-reduced mean gradient over the global batch.
         shard_sizes: B_s,p of every rank (P,).
-        global_batch_size: B = Sigma_p B_s,p.
+        global_batch_size: B = Sigma_p B_s,p (or DDP's effective batch, :func:`scalesgd.ddp.ddp_effective_batch_size`).
     Returns:
         :class:`NoiseStats`, or None when no rank holds a proper part of the batch (P = 1, or B < 2).
     """
-    bb = int(global_batch_size)
+    bb = float(global_batch_size)  # may be an effective, fractional size (scalesgd.ddp)
     ranks = [int(bs) for bs in shard_sizes if 0 < bs < bb]
     if not ranks:
         return None

@@ -142,6 +142,30 @@ def _subsample(x: np.ndarray, y: np.ndarray, n: int | None, rng: np.random.Gener
 DIGITS_TEST_FRACTION = 0.2
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (pixel counts (1797, 64) float32, labels (1797,) int64), cached under
+    :func:`cache_dir`: importing scikit-learn (scipy.stats and all) takes longer than a short run's training,
+    and every run and every worker would pay it. The cache holds the arrays as converted here, so a cached
+    load is bit-identical to a fresh one."""
+    path = cache_dir() / "digits-v1.npz"
+    if path.exists():
+        try:
+            with np.load(path) as f:
+                return f["x"], f["y"]
+        except (OSError, ValueError, KeyError):
+            pass  # a corrupt cache entry is rebuilt, not trusted
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    x = np.asarray(bunch.data, dtype=np.float32)  # (1797, 64) pixel counts 0..16
+    y = np.asarray(bunch.target, dtype=np.int64)  # (1797,)
+    try:
+        _atomic_savez(path, x=x, y=y)
+    except OSError:  # an unwritable cache only costs the next run the import again
+        pass
+    return x, y
+
+
 def load_digits(*, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> Dataset:
     """scikit-learn's handwritten digits (UCI optdigits test part): 1797 images of 8x8 pixels, 10 classes.
 
@@ -150,11 +174,8 @@ def load_digits(*, n_train: int | None = None, n_test: int | None = None, seed: 
     so runs with different training seeds see the same split. ``n_train`` / ``n_test`` take seeded random
     subsets of the two parts.
     """
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    bunch = sk_load_digits()
-    x = np.asarray(bunch.data, dtype=np.float32) / 16.0  # (1797, 64) in [0, 1]
-    y = np.asarray(bunch.target, dtype=np.int64)  # (1797,)
+    pixels, y = _digits_arrays()
+    x = pixels / 16.0  # (1797, 64) in [0, 1]
     rng = _rng(seed, _STREAM_SPLIT)
     test_mask = np.zeros(len(y), dtype=bool)
     for label in np.unique(y):
