@@ -1,4 +1,4 @@
-"""Checkpoint files and the resume configuration, without spawning: what is refused with one line (a truncated
+"""Checkpoint files and the resume configuration, mostly without spawning: what is refused with one line (a truncated
 file, pickled code, another format version, another model), how many are kept, that a failed write leaves
 the previous checkpoints intact, the run-directory lock, and which options a resume may change."""
 
