@@ -211,9 +211,18 @@ def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World
     if rdv.size > 1 and not dist.is_initialized():
         try:
             init_method = "env://" if rdv.from_env else f"tcp://{rdv.addr}:{rdv.port}"
-            dist.init_process_group(backend=backend, init_method=init_method,
-                                    rank=rdv.rank, world_size=rdv.size,
-                                    timeout=_dt.timedelta(seconds=timeout_s))
+            timeout = _dt.timedelta(seconds=timeout_s)
+            restarts = restart_count() if rdv.from_env else 0
+            if restarts:
+                # A job torchrun restarted: the process group's keys go under a prefix of this attempt, so no
+                # rank reads the address a dead rank of an earlier attempt published (gloo's full-mesh connect
+                # is then refused).
+                store, _, _ = next(dist.rendezvous(init_method, rdv.rank, rdv.size, timeout=timeout))
+                dist.init_process_group(backend=backend, store=dist.PrefixStore(f"scalesgd/attempt{restarts}", store),
+                                        rank=rdv.rank, world_size=rdv.size, timeout=timeout)
+            else:
+                dist.init_process_group(backend=backend, init_method=init_method, rank=rdv.rank,
+                                        world_size=rdv.size, timeout=timeout)
         except (RuntimeError, ValueError) as e:  # noqa: PERF203 - converted to a clear message
             raise DistributedError(
                 f"rank {rdv.rank} could not join the process group at {rdv.addr}:{rdv.port} ({e}); "
@@ -374,6 +383,9 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
                 procs.append(p)
                 readers.append(reader)
             outcomes, failure = _collect(procs, readers, timeout_s, stop)
+            if stop.signum is not None and failure is not None and failure[1] in ("died", "crash"):
+                # asked to stop, and a worker ended without its own stop message (it had not begun training)
+                failure = (failure[0], "stopped", f"stopped by {stop.name} ({str(failure[2]).splitlines()[0]})")
         finally:
             # Reached with a failure, a timeout, or an exception here: stop whoever still runs. SIGKILL: a
             # survivor could not finish a checkpoint without its peers anyway.

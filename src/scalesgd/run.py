@@ -116,12 +116,11 @@ def worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset | None = None,
            prepared: Prepared | None = None, resume: bool = False) -> dict[str, Any]:
     """One rank's whole job; returns the run summary (rank 0's is the one written). With ``resume``, it
     continues from the newest checkpoint in ``cfg.run_dir`` (from the start if there is none yet)."""
-    with StopRequest() as stop:
-        world = distributed.init_world(rdv, cfg.backend, timeout_s=cfg.timeout_s)
-        try:
-            return _train(cfg, world, ds, prepared, stop=stop, resume=resume)
-        finally:
-            distributed.shutdown_world()
+    world = distributed.init_world(rdv, cfg.backend, timeout_s=cfg.timeout_s)
+    try:
+        return _train(cfg, world, ds, prepared, resume=resume)
+    finally:
+        distributed.shutdown_world()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -338,7 +337,7 @@ def save_checkpoint(state: TrainState, *, model: nn.Module, config: dict[str, An
 
 
 def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared | None, *,
-           stop: StopRequest | None = None, resume: bool = False) -> dict[str, Any]:
+           resume: bool = False) -> dict[str, Any]:
     torch.set_num_threads(_threads(cfg, world))
     if ds is None:
         ds = load_data(cfg)
@@ -386,10 +385,13 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
             checkpoint.write_run_config(writer.run_dir, resolved.to_dict())
         writer.write_json("env.json", environment(world_size=world.size, backend=world.backend,
                                                   device=world.device))
+        # A stop signal is recorded (and acted on at the next step) only while the loop runs; before it, the
+        # default action ends the process at once (a rank blocked in a rendezvous would not see the request).
         try:
-            state, summary = _loop(state, cfg=cfg, world=world, ds=ds, flat=flat, comm=comm, tx=tx, tap=tap, ema=ema,
-                                   lr_config=prepared.lr_config, policy=prepared.policy, writer=writer,
-                                   config=resolved.to_dict(), stop=stop or StopRequest(), resumed=resumed)
+            with StopRequest() as stop:
+                state, summary = _loop(state, cfg=cfg, world=world, ds=ds, flat=flat, comm=comm, tx=tx, tap=tap,
+                                       ema=ema, lr_config=prepared.lr_config, policy=prepared.policy, writer=writer,
+                                       config=resolved.to_dict(), stop=stop, resumed=resumed)
         finally:
             if tap is not None:
                 tap.close()
