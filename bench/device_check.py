@@ -46,7 +46,7 @@ from diversity_overhead import Variant, time_variants  # noqa: E402
 from throughput import compare_steps  # noqa: E402
 
 from scalesgd import distributed  # noqa: E402
-from scalesgd.diversity import GhostNormTap, loop_sq_norms, per_example_sq_norms  # noqa: E402
+from scalesgd.ghost_norms import GhostNormTap, loop_sq_norms, per_example_sq_norms  # noqa: E402
 from scalesgd.errors import ConfigError  # noqa: E402
 from scalesgd.models import cnn  # noqa: E402
 from scalesgd.step import FlatModel  # noqa: E402

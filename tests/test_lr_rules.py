@@ -91,8 +91,8 @@ def test_adascale_below_base_batch_stays_in_range():
 def test_linear_warmup_endpoints_steps():
     cfg = LrConfig(base_lr=0.1, base_batch_size=256, rule="linear", warmup_steps=100)
     b = 1024  # target 0.4
-    assert lr(cfg, step=0, batch=b) == pytest.approx(0.1)          # starts at η₀
-    assert lr(cfg, step=50, batch=b) == pytest.approx(0.25)        # halfway: 0.1 + 0.3/2
+    assert lr(cfg, step=0, batch=b) == pytest.approx(0.04)         # starts at a tenth of the target (< η₀)
+    assert lr(cfg, step=50, batch=b) == pytest.approx(0.22)        # halfway: 0.04 + 0.36/2
     assert lr(cfg, step=100, batch=b) == pytest.approx(0.4)        # reaches η₀·B/B₀
     assert lr(cfg, step=10_000, batch=b) == pytest.approx(0.4)
     values = [lr(cfg, step=s, batch=b) for s in range(0, 120)]
@@ -101,15 +101,28 @@ def test_linear_warmup_endpoints_steps():
 
 def test_warmup_in_epochs():
     cfg = LrConfig(base_lr=0.1, base_batch_size=32, rule="linear", warmup_epochs=5)
-    assert lr(cfg, epoch=0.0, batch=256) == pytest.approx(0.1)
-    assert lr(cfg, epoch=2.5, batch=256) == pytest.approx(0.1 + 0.7 / 2)
+    assert lr(cfg, epoch=0.0, batch=256) == pytest.approx(0.08)
+    assert lr(cfg, epoch=2.5, batch=256) == pytest.approx(0.08 + 0.72 / 2)
     assert lr(cfg, epoch=5.0, batch=256) == pytest.approx(0.8)
 
 
-def test_warmup_noop_for_constant_and_base_batch():
-    assert warmup_factor(1.0, 0.3) == 1.0
-    cfg = LrConfig(base_lr=0.1, base_batch_size=32, rule="linear", warmup_steps=10)
-    assert lr(cfg, step=0, batch=32) == pytest.approx(0.1)
+def test_warmup_ramps_for_constant_and_base_batch():
+    # Issue 17: a ramp from 1 to 1 (constant rule, or linear at B = B0) was no warm-up at all.
+    assert warmup_factor(1.0, 0.0) == pytest.approx(0.1) and warmup_factor(1.0, 0.5) == pytest.approx(0.55)
+    assert warmup_factor(1.0, 1.0) == 1.0
+    for rule in ("constant", "linear"):
+        cfg = LrConfig(base_lr=0.1, base_batch_size=32, rule=rule, warmup_steps=10)
+        ramp = [lr(cfg, step=s, batch=32) for s in range(12)]
+        assert ramp[0] == pytest.approx(0.01) and ramp[10] == ramp[11] == pytest.approx(0.1)
+        assert all(b > a for a, b in zip(ramp[:10], ramp[1:11]))
+
+
+def test_warmup_from_base_rate_for_large_scale():
+    # k >= 10: Goyal et al.'s ramp from eta_0 to k*eta_0 exactly (B0 = 256, B = 8192: k = 32)
+    cfg = LrConfig(base_lr=0.1, base_batch_size=256, rule="linear", warmup_steps=100)
+    assert lr(cfg, step=0, batch=8192) == pytest.approx(0.1)
+    assert lr(cfg, step=50, batch=8192) == pytest.approx(0.1 + 3.1 / 2)
+    assert lr(cfg, step=100, batch=8192) == pytest.approx(3.2)
 
 
 # --- base schedules ------------------------------------------------------------------------------------
@@ -149,9 +162,9 @@ def test_rule_warmup_and_schedule_multiply():
                    warmup_steps=50)
     t = lr_terms(cfg, step=25, epoch=0.0, global_batch_size=128)
     assert t.rule_factor == pytest.approx(2.0)
-    assert t.warmed_factor == pytest.approx(1.5)
+    assert t.warmed_factor == pytest.approx(0.2 + (2.0 - 0.2) / 2)
     assert t.schedule_factor == pytest.approx(0.5 * (1 + math.cos(math.pi * 25 / 200)))
-    assert t.lr == pytest.approx(0.1 * 1.5 * t.schedule_factor)
+    assert t.lr == pytest.approx(0.1 * 1.1 * t.schedule_factor)
 
 
 def test_pure_same_inputs_same_outputs():

@@ -61,7 +61,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("lr-milestones", _float_list, "epochs at which the step schedule multiplies the lr by --lr-gamma"),
     ("lr-gamma", float, "factor of the step schedule"),
     ("lr-rule", str, "lr as the batch changes: constant, linear, sqrt, adascale"),
-    ("warmup-epochs", float, "gradual warm-up of the lr rule (Goyal et al.)"),
+    ("warmup-epochs", float, "epochs of linear lr warm-up, from min(lr, a tenth of the rule's rate) to that rate "
+                             "(Goyal et al.)"),
     ("base-batch-size", int, "B0 of the lr rule (default: the starting global batch)"),
     ("langevin-noise", float, "Gaussian noise std per sqrt(lr) added to each update (SGLD-style)"),
     ("batch-policy", str, "fixed, diversity (batch = delta*B_S + 1), schedule"),
@@ -81,7 +82,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
                        "exact), exact (per-example ghost norms)"),
     ("diversity-decay", float, "EMA decay of the diversity estimators"),
     ("exact-diversity-every", int, "measure the exact whole-data diversity every k steps (0: never)"),
-    ("workers", int, "local worker processes (ignored under torchrun)"),
+    ("workers", int, "local worker processes (under torchrun the launch sets them: a different --workers is an "
+                     "error)"),
     ("backend", str, "auto (nccl with CUDA, else gloo), gloo, nccl"),
     ("comm", str, "gradient communication: allreduce (built-in), ring (ours, over torch.distributed), "
                  "ring-tcp (ours, over our own sockets; CPU), ps, qsgd (over the built-in), "
@@ -149,6 +151,19 @@ def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | Non
         raise ConfigError(f"invalid value in the configuration: {e}") from None
 
 
+def check_launch(args: argparse.Namespace, cfg) -> None:
+    """Under torchrun, a ``--workers`` the user gave (option or config file) must match the launch's world
+    size; a partial torchrun environment is refused (:func:`scalesgd.distributed.torchrun_rendezvous`)."""
+    from scalesgd.config import load_toml
+    from scalesgd.distributed import check_workers_match, torchrun_rendezvous
+
+    rdv = torchrun_rendezvous()
+    given = "workers" in vars(args) or (getattr(args, "config", None) is not None and "workers" in load_toml(
+        Path(args.config), what="config file (--config)"))
+    if given:
+        check_workers_match(rdv, cfg.workers)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from scalesgd.distributed import torchrun_rendezvous
     from scalesgd.run import train
@@ -159,6 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(Path(args.resume), given_options(args))
     else:
         cfg = config_from_args(args)
+    check_launch(args, cfg)
     summary = train(cfg, resume=bool(getattr(args, "resume", None)))
     rdv = torchrun_rendezvous()
     if rdv is None or rdv.rank == 0:
@@ -196,6 +212,7 @@ def cmd_diversity(args: argparse.Namespace) -> int:
     from scalesgd.run import train
 
     cfg = config_from_args(args)
+    check_launch(args, cfg)
     if not cfg.exact_diversity_every:
         cfg = cfg.replace(exact_diversity_every=args.every)
     summary = train(cfg)

@@ -29,7 +29,7 @@ from scalesgd.errors import ConfigError
 
 __all__ = ["BuiltinAllReduce", "CommInfo", "CommStats", "CommStrategy", "Compressed", "Option",
            "ParameterServerAllReduce", "QSGDCodec", "QuantizedBuckets", "RingAllReduce", "comm_settings",
-           "make_comm", "qsgd_decode", "qsgd_encode", "strategy_info"]
+           "make_comm", "qsgd_decode", "qsgd_encode", "qsgd_error_variance", "strategy_info"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -454,6 +454,34 @@ def qsgd_encode(values: torch.Tensor, *, num_levels: int, bucket_size: int, scal
     return QuantizedBuckets(levels=levels, scales=scales, numel=n, num_levels=num_levels)
 
 
+def qsgd_error_variance(values: torch.Tensor, *, num_levels: int, bucket_size: int, scale: str) -> float:
+    """E‖Q(v) − v‖², the variance :func:`qsgd_encode` adds to ``values``, exactly (it needs no draw).
+
+    A coordinate with x = s·|vᵢ|/σ between the levels ℓ = ⌊x⌋ and ℓ + 1 becomes ℓ + 1 with probability
+    x − ℓ, so its variance is (ℓ + 1 − x)(x − ℓ)·(σ/s)², the variance of stochastic rounding (Alistarh et
+    al. 2017, Lemma 3.1's proof). Summed in float64.
+
+    Args:
+        values: 1-D float tensor; num_levels, bucket_size, scale: as for :func:`qsgd_encode`.
+    Returns:
+        The expected squared error, in the squared units of ``values``.
+    """
+    n = values.numel()
+    if n == 0:
+        return 0.0
+    n_buckets = -(-n // bucket_size)
+    padded = torch.zeros(n_buckets * bucket_size, dtype=torch.float64, device=values.device)
+    padded[:n] = values
+    v = padded.view(n_buckets, bucket_size)
+    mag = v.abs()
+    scales = mag.amax(dim=1) if scale == "max" else torch.linalg.vector_norm(v, dim=1)  # (n_buckets,)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    x = (mag * (num_levels / safe)[:, None]).clamp_(max=num_levels)
+    frac = x - x.floor()
+    per_bucket = (frac * (1 - frac)).sum(dim=1) * (scales / num_levels) ** 2
+    return float(per_bucket.sum())
+
+
 def qsgd_decode(q: QuantizedBuckets, out: torch.Tensor | None = None) -> torch.Tensor:
     """σ·ℓ/s per coordinate, as a flat tensor of ``q.numel`` elements (added into ``out`` when given)."""
     step = (q.scales / q.num_levels)[:, None]  # (n_buckets, 1)
@@ -536,6 +564,10 @@ class QSGDCodec:
         return qsgd_encode(values, num_levels=self.levels, bucket_size=self.bucket_size, scale=self.scale,
                            generator=self.generator)
 
+    def error_variance(self, values: torch.Tensor) -> float:
+        """E‖Q(values) − values‖² of this codec's quantization (:func:`qsgd_error_variance`)."""
+        return qsgd_error_variance(values, num_levels=self.levels, bucket_size=self.bucket_size, scale=self.scale)
+
     def payload_bytes(self, numel: int, exact_tail: int, element_size: int) -> int:
         """Bytes of :meth:`pack`'s output for a buffer of ``numel`` elements."""
         nq = numel - exact_tail
@@ -599,6 +631,12 @@ class Compressed(Transport):
         # Over a transport that sums the decoded values, its recursive doubling runs as usual.
         self.doubling_max_bytes = 0 if self._gathers else getattr(transport, "doubling_max_bytes", 0)
         self.small_bytes = 0 if self._gathers else getattr(transport, "small_bytes", 0)
+
+    def error_variance(self, values: torch.Tensor) -> float:
+        """E‖Q(v) − v‖² the codec adds to this rank's ``values`` (its gradient part). Summed over ranks in the
+        exact tail it makes ‖Σᵣ Q(vᵣ)‖² − Σᵣ E‖Q(vᵣ) − vᵣ‖² an unbiased estimate of ‖Σᵣ vᵣ‖² (the ranks' rounding
+        is independent and unbiased), which is how the trainer keeps its noise statistics exact."""
+        return self.codec.error_variance(values)
 
     def payload_bytes(self, numel: int, exact_tail: int, element_size: int) -> int:
         """Bytes one rank contributes to the all-gather (over the built-in transport)."""

@@ -87,6 +87,11 @@ class Transport:
         buffer.copy_(flat.view(buffer.shape))
         return stats
 
+    def error_variance(self, values: torch.Tensor) -> float:
+        """E‖result − exact‖² this strategy adds to ``values``' contribution: 0 for an exact transport; a
+        lossy codec says how much (:meth:`scalesgd.comm.Compressed.error_variance`)."""
+        return 0.0
+
     def check_input(self, buffer: torch.Tensor) -> None:
         """Refuse a buffer this strategy cannot move, with one line saying what to do instead."""
         if buffer.device.type not in self.devices:

@@ -16,6 +16,7 @@ from scalesgd.errors import ConfigError
 
 from scalesgd.batch_policy import BATCH_POLICIES, parse_schedule
 from scalesgd.comm_registry import COMM_NAMES
+from scalesgd.distributed import BACKENDS
 from scalesgd.models import MODELS, NORMS
 from scalesgd.lr_rules import BASE_SCHEDULES as LR_SCHEDULES
 from scalesgd.lr_rules import LR_RULES
@@ -93,6 +94,7 @@ class RunConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form tags recorded in config.json
 
     def __post_init__(self) -> None:
+        _check_types(self)  # first: every check below may then compare and do arithmetic safely
         _positive_int("global-batch-size", self.global_batch_size)
         _positive_int("workers", self.workers)
         if self.global_batch_size < self.workers:
@@ -122,6 +124,11 @@ class RunConfig:
         if self.noise is not None and self.noise < 0:
             raise ConfigError(f"--noise must be >= 0, got {self.noise}")
         _choice("model", self.model, tuple(MODELS))
+        _choice("backend", self.backend, BACKENDS)
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value}")
         _choice("comm", self.comm, COMM_NAMES)
         if self.comm == "ring-tcp" and self.backend == "nccl":
             raise ConfigError("--comm ring-tcp moves CPU tensors through sockets; with --backend nccl use "
@@ -134,7 +141,10 @@ class RunConfig:
         if self.batch_policy == "schedule":
             if not self.batch_schedule:
                 raise ConfigError("--batch-policy schedule needs --batch-schedule, e.g. \"0:64,5:256,10:1024\"")
-            parse_schedule(self.batch_schedule)
+            try:
+                parse_schedule(self.batch_schedule)
+            except ConfigError as e:
+                raise ConfigError(f"--batch-schedule: {e}") from None
         if self.lr_schedule == "step" and not self.lr_milestones:
             raise ConfigError("--lr-schedule step needs --lr-milestones, e.g. --lr-milestones 5,8 (epochs)")
         if self.batch_policy == "diversity" and self.diversity == "off":
@@ -172,9 +182,18 @@ class RunConfig:
             _positive_int("threads-per-worker", self.threads_per_worker)
         if self.check_replicas_every < 0:
             raise ConfigError("--check-replicas-every must be >= 0 (0 turns the check off)")
-        if not self.timeout_s > 0:
-            raise ConfigError("--timeout-s must be positive")
+        if not self.timeout_s >= MIN_TIMEOUT_S:
+            # Below a second a collective's ordinary jitter (a worker's time slice, a page fault) already
+            # trips the watchdog, which then aborts inside the engine instead of naming the slow worker.
+            raise ConfigError(f"--timeout-s must be at least {MIN_TIMEOUT_S:g} s (it bounds how long a worker may "
+                              f"stay silent), got {self.timeout_s:g}; e.g. --timeout-s 600")
         _positive_int("qsgd-levels", self.qsgd_levels)
+        if self.qsgd_levels > 127:
+            raise ConfigError(f"--qsgd-levels must be in 1..127 (a signed 8-bit code), got {self.qsgd_levels}")
+        if any(m <= 0 for m in self.lr_milestones) or any(b <= a for a, b in zip(self.lr_milestones,
+                                                                                   self.lr_milestones[1:])):
+            raise ConfigError(f"--lr-milestones must be epochs > 0 in increasing order, got "
+                              f"{','.join(f'{m:g}' for m in self.lr_milestones)}; e.g. --lr-milestones 5,8")
         if not 0 < self.lr_gamma <= 1:
             raise ConfigError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
         if self.warmup_epochs < 0:
@@ -194,6 +213,61 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["lr_milestones"] = list(self.lr_milestones)
         return d
+
+
+MIN_TIMEOUT_S = 1.0
+
+# The kind of value each field holds, from its annotation: what a TOML file or a caller must give.
+_KINDS = {"bool": bool, "int": int, "float": float, "str": str, "tuple[float, ...]": tuple, "dict[str, Any]": dict}
+
+
+def _field_kind(annotation: str) -> tuple[type, bool]:
+    """(kind, optional) of a field from its annotation string, e.g. ``"int | None"`` → (int, True)."""
+    base, _, none = annotation.partition(" | ")
+    return _KINDS[base], none == "None"
+
+
+def _check_types(cfg: "RunConfig") -> None:
+    """Every field holds its kind of value: a bool is a bool (not the string "false", which is truthy), an
+    integer is an int (not a bool or a float), a number is a finite int or float (stored as float), a text
+    a str; ``lr_milestones`` a list of finite numbers (or their comma-separated text).
+
+    Raises:
+        ConfigError: one line naming the option, the value it got and what it takes.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind, optional = _field_kind(f.type)
+        if value is None and optional:
+            continue
+        option = f"--{f.name.replace('_', '-')}"
+        wanted = {bool: "true or false (an unquoted TOML boolean; on the command line, the bare flag)",
+                  int: "an integer", float: "a finite number", str: "a text (a quoted TOML string)",
+                  tuple: "a list of finite numbers, e.g. [5, 8] or \"5,8\"", dict: "a table"}[kind]
+        none = " or left out" if optional else ""
+        if kind is tuple:
+            value = _number_tuple(option, value, wanted)
+        elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{option} must be {wanted}{none}, got {value!r}")
+            value = float(value)
+        elif kind is int and isinstance(value, float) and value.is_integer() and math.isfinite(value):
+            raise ConfigError(f"{option} must be {wanted}{none}, got {value!r}; write {int(value)}")
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{option} must be {wanted}{none}, got {value!r} ({type(value).__name__})")
+        object.__setattr__(cfg, f.name, value)
+
+
+def _number_tuple(option: str, value: Any, wanted: str) -> tuple[float, ...]:
+    if isinstance(value, str):
+        try:
+            value = parse_number_list(value)
+        except ValueError as e:
+            raise ConfigError(f"{option}: {e}; give {wanted}") from None
+    if not isinstance(value, (list, tuple)) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value):
+        raise ConfigError(f"{option} must be {wanted}, got {value!r}")
+    return tuple(float(v) for v in value)
 
 
 def _positive_int(option: str, value: Any) -> None:
@@ -264,9 +338,7 @@ def config_from_mapping(values: dict[str, Any], *, source: str) -> dict[str, Any
             close = [k.replace("_", "-") for k in FIELDS if k.startswith(name[:4])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{source}: unknown key {key!r}{hint}; keys mirror the command-line options")
-        if name == "lr_milestones" and isinstance(value, list):
-            value = tuple(float(v) for v in value)
-        out[name] = value
+        out[name] = value  # types and ranges: RunConfig's own checks
     return out
 
 

@@ -1,7 +1,7 @@
 """Who this process is in the job, and how the job's processes are started.
 
 The environment is read here and nowhere else: under ``torchrun`` the rendezvous comes from its
-variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); otherwise :func:`spawn` starts P local
+variables (:data:`TORCHRUN_VARS`, all of them); otherwise :func:`spawn` starts P local
 processes on a loopback port. Every process group gets a timeout, so a dead peer ends the job with an
 error that names it instead of a hang.
 """
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from scalesgd.errors import ConfigError, DistributedError, ScalesgdError, StoppedError, WorkerFailedError
-from scalesgd.launch import launched_by_torchrun, worker_context
+from scalesgd.launch import worker_context
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -70,19 +70,51 @@ class Rendezvous:
     size: int
     local_rank: int
     from_env: bool = False  # made by torchrun: join through env:// (reuses torchrun's own store)
+    store_hosted: bool = False  # the launcher holds the rendezvous store at addr:port: join it as a client
+
+
+# What torchrun (torch.distributed.run's elastic agent) sets for every worker it starts. A process with any of
+# the per-rank ones is one rank of a launched job; it is a torchrun launch only with all of them.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID")
+_PER_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
 
 
 def torchrun_rendezvous(environ: dict[str, str] | None = None) -> Rendezvous | None:
-    """The rendezvous torchrun (or any launcher that sets the same variables) put in the environment."""
+    """The rendezvous torchrun put in the environment; None when this process was not launched as a rank.
+
+    Raises:
+        ConfigError: some of torchrun's variables are set but not all (e.g. RANK and WORLD_SIZE left in the
+            shell): that is not a torchrun launch, and running as rank RANK of WORLD_SIZE would silently
+            override ``--workers``. DistributedError: a malformed value.
+    """
     env = os.environ if environ is None else environ
-    if not launched_by_torchrun(env):
+    present = [v for v in TORCHRUN_VARS if v in env]
+    if not any(v in env for v in _PER_RANK_VARS):
         return None
+    missing = [v for v in TORCHRUN_VARS if v not in env]
+    if missing:
+        raise ConfigError(f"the environment sets {', '.join(f'{v}={env[v]}' for v in present)} but not "
+                          f"{', '.join(missing)}: this is not a torchrun launch; unset "
+                          f"{' '.join(v for v in present if v in _PER_RANK_VARS)} to run on --workers local "
+                          "processes, or launch with torchrun --nproc-per-node P")
     try:
-        return Rendezvous(addr=env.get("MASTER_ADDR", "127.0.0.1"), port=int(env.get("MASTER_PORT", "29500")),
-                          rank=int(env["RANK"]), size=int(env["WORLD_SIZE"]),
-                          local_rank=int(env.get("LOCAL_RANK", env["RANK"])), from_env=True)
+        return Rendezvous(addr=env["MASTER_ADDR"], port=int(env["MASTER_PORT"]), rank=int(env["RANK"]),
+                          size=int(env["WORLD_SIZE"]), local_rank=int(env["LOCAL_RANK"]), from_env=True)
     except ValueError as e:
         raise DistributedError(f"malformed torchrun environment ({e}); launch with torchrun or unset RANK/WORLD_SIZE")
+
+
+def check_workers_match(rdv: Rendezvous | None, workers: int) -> None:
+    """Refuse an explicit ``--workers`` that disagrees with torchrun's world size (the launch decides it).
+
+    Raises:
+        ConfigError: one line naming both numbers and the fix.
+    """
+    if rdv is not None and workers != rdv.size:
+        raise ConfigError(f"--workers {workers} disagrees with torchrun's WORLD_SIZE={rdv.size}: under torchrun the "
+                          f"launch sets the number of workers; drop --workers, or launch {workers} processes "
+                          f"(torchrun --nproc-per-node {workers})")
 
 
 def restart_count(environ: dict[str, str] | None = None) -> int:
@@ -210,19 +242,23 @@ def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World
         device = torch.device("cpu")
     if rdv.size > 1 and not dist.is_initialized():
         try:
-            init_method = "env://" if rdv.from_env else f"tcp://{rdv.addr}:{rdv.port}"
             timeout = _dt.timedelta(seconds=timeout_s)
             restarts = restart_count() if rdv.from_env else 0
-            if restarts:
+            if rdv.store_hosted:
+                store = dist.TCPStore(rdv.addr, rdv.port, rdv.size, False, timeout=timeout)
+                dist.init_process_group(backend=backend, store=store, rank=rdv.rank, world_size=rdv.size,
+                                        timeout=timeout)
+            elif restarts:
                 # A job torchrun restarted: the process group's keys go under a prefix of this attempt, so no
                 # rank reads the address a dead rank of an earlier attempt published (gloo's full-mesh connect
                 # is then refused).
-                store, _, _ = next(dist.rendezvous(init_method, rdv.rank, rdv.size, timeout=timeout))
+                store, _, _ = next(dist.rendezvous("env://", rdv.rank, rdv.size, timeout=timeout))
                 dist.init_process_group(backend=backend, store=dist.PrefixStore(f"scalesgd/attempt{restarts}", store),
                                         rank=rdv.rank, world_size=rdv.size, timeout=timeout)
             else:
-                dist.init_process_group(backend=backend, init_method=init_method, rank=rdv.rank,
-                                        world_size=rdv.size, timeout=timeout)
+                init_method = "env://" if rdv.from_env else f"tcp://{rdv.addr}:{rdv.port}"
+                dist.init_process_group(backend=backend, init_method=init_method, rank=rdv.rank, world_size=rdv.size,
+                                        timeout=timeout)
         except (RuntimeError, ValueError) as e:  # noqa: PERF203 - converted to a clear message
             raise DistributedError(
                 f"rank {rdv.rank} could not join the process group at {rdv.addr}:{rdv.port} ({e}); "
@@ -234,6 +270,34 @@ def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World
 def shutdown_world() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_local_address(addr: str) -> None:
+    """Refuse a rendezvous address local workers cannot listen on (rank 0's store binds it on this machine).
+
+    Raises:
+        ConfigError: one line, when ``addr`` does not resolve or is not an address of this machine.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((addr, 0))
+    except socket.gaierror as e:
+        raise ConfigError(f"--master-addr {addr!r} does not resolve ({e.strerror}); local workers meet on this "
+                          "machine: leave it out (127.0.0.1) or give one of this machine's addresses") from None
+    except OSError as e:
+        raise ConfigError(f"--master-addr {addr} is not an address of this machine ({e.strerror}); local workers "
+                          "meet on this machine: leave it out (127.0.0.1) or give one of its own addresses") from None
+
+
+def host_store(addr: str, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
+    """A rendezvous store served by this process on a port the system picks (``.port``); the workers join it
+    with ``Rendezvous(store_hosted=True)``. Keep it referenced until the job ends.
+
+    Raises:
+        ConfigError: ``addr`` cannot be bound here (:func:`check_local_address`).
+    """
+    check_local_address(addr)
+    return dist.TCPStore(addr, 0, world_size, True, timeout=_dt.timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -360,8 +424,14 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
         DistributedError: the job ran past ``timeout_s``.
         StoppedError: a second stop signal arrived before the workers had stopped.
     """
-    if port is None:
-        port = free_port(addr)
+    store = None
+    if port is None and nprocs > 1:
+        # The launcher binds the rendezvous store itself, on a port the system picks, and holds it for the whole
+        # job: a port probed free and handed on could be taken by another process before rank 0 bound it.
+        store = host_store(addr, nprocs)
+        port = store.port
+    elif port is None:
+        port = free_port(addr)  # no process group of its own; a caller that makes one uses this port
     else:
         check_port_free(port, addr)
     ctx = worker_context()
@@ -374,7 +444,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
     with StopRequest() as stop:
         try:
             for rank in range(nprocs):
-                rdv = Rendezvous(addr=addr, port=port, rank=rank, size=nprocs, local_rank=rank)
+                rdv = Rendezvous(addr=addr, port=port, rank=rank, size=nprocs, local_rank=rank,
+                                 store_hosted=store is not None)
                 reader, writer = ctx.Pipe(duplex=False)  # one per worker: a message always names its sender
                 p = ctx.Process(target=_child, args=(payload, rdv, writer, environ, stdio, os.getpid()),
                                 daemon=False)

@@ -6,7 +6,9 @@
   ``constant`` 1; ``linear`` S (Goyal et al. 2017, arXiv 1706.02677); ``sqrt`` √S;
   ``adascale`` the AdaScale gain r (Johnson et al. 2020, arXiv 2007.05105; petuum/adaptdl).
 - warm-up (Goyal's gradual warm-up): over the first ``warmup_steps`` steps (or ``warmup_epochs`` epochs)
-  the factor ramps linearly from 1 (η₀, the base-batch rate) to the rule's factor.
+  the factor ramps linearly to the rule's factor k from min(1, k/10): from η₀, the base-batch rate, as
+  Goyal et al. do, when that is at most a tenth of the target rate, else from a tenth of it, so warm-up
+  also ramps when the rule leaves the rate at η₀ (``constant``, or ``linear`` at B = B₀).
 - base schedule: ``constant`` 1; ``cosine`` f + (1−f)·½(1 + cos(π t/T)); ``step`` γ^(milestones passed).
 
 Every function here is pure. The trainer builds one :class:`LrConfig` at start-up and calls
@@ -85,13 +87,23 @@ def statistical_efficiency(mean_grad_sq_norm: float | None, trace_cov: float | N
     return adascale_gain(mean_grad_sq_norm, trace_cov, global_batch_size, base_batch_size) / scale
 
 
-def warmup_factor(rule_factor: float, progress: float) -> float:
-    """Goyal's gradual warm-up: 1 + (rule_factor − 1)·min(1, progress).
+WARMUP_START_FRACTION = 0.1  # warm-up starts at no more than this fraction of the rate it ramps to
 
-    progress = t/T_warmup ∈ [0, ∞); at 0 the rate is η₀ (the base-batch rate), at >= 1 it is
-    η₀·rule_factor.
+
+def warmup_factor(rule_factor: float, progress: float) -> float:
+    """Gradual warm-up: a linear ramp from s = min(1, k·WARMUP_START_FRACTION) to k = ``rule_factor``,
+    s + (k − s)·min(1, progress).
+
+    Goyal et al. (2017, arXiv 1706.02677 §2.2) ramp from η₀ to k·η₀, which for k ≥ 10 starts at no more
+    than a tenth of the target; for smaller k (and k = 1, where their ramp is no ramp at all) the ramp
+    starts at a tenth of the target instead, so warm-up always starts small.
+
+    Args:
+        rule_factor: k, the lr rule's factor (the target rate is η₀·k), > 0.
+        progress: t/T_warmup ∈ [0, ∞); at 0 the factor is s, at >= 1 it is k.
     """
-    return 1.0 + (rule_factor - 1.0) * min(1.0, max(0.0, progress))
+    start = min(1.0, rule_factor * WARMUP_START_FRACTION)
+    return start + (rule_factor - start) * min(1.0, max(0.0, progress))
 
 
 def cosine_factor(progress: float, final_lr_fraction: float = 0.0) -> float:
@@ -201,7 +213,7 @@ class LrConfig:
 class LrTerms:
     """One step's learning rate and its parts, for logging.
 
-    lr = base_lr · warmed_factor · schedule_factor; warmed_factor ramps from 1 to rule_factor.
+    lr = base_lr · warmed_factor · schedule_factor; warmed_factor ramps to rule_factor (:func:`warmup_factor`).
     gain and efficiency are the AdaScale r and r/S (r = 1 when the estimates are missing).
     """
 

@@ -7,8 +7,10 @@ defined under it (examples in a batch stop being independent); ``norm="group"`` 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +27,45 @@ def _check(name: str, width: int, dropout: float, norm: str = "none") -> None:
         raise ValueError(f"model {name!r}: unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
 
 
+class ExampleDropout(nn.Dropout):
+    """``nn.Dropout`` whose masks belong to the examples: inside :func:`example_randomness` the mask of a row
+    is drawn from (seed, step, this layer, the row's position in the *global* batch), so P workers draw for
+    their rows exactly the masks one worker draws for the whole batch (P = 2 equals P = 1), every rank's
+    rows get their own masks, and a run is reproducible from its seed. Outside that block (evaluation,
+    measurements, other callers) it is ``nn.Dropout``, drawing from torch's global generator.
+
+    Each rank draws the mask of the whole global batch and keeps its rows: B·features uniforms per layer and
+    step, small beside the layer's own matrix product.
+    """
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p)
+        self.rows: tuple[int, int, int] | None = None  # (seed of this layer and step, first row, global rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or self.rows is None:
+            return super().forward(x)
+        seed, first, total = self.rows
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        keep = torch.rand((total, *x.shape[1:]), generator=g, device=x.device)[first:first + x.shape[0]] >= self.p
+        return x * keep / (1.0 - self.p)
+
+
+@contextlib.contextmanager
+def example_randomness(model: nn.Module, *, seed: int, step: int, first_row: int, global_rows: int) -> Iterator[None]:
+    """Within this block every :class:`ExampleDropout` of ``model`` draws per-example masks for rows
+    ``first_row …`` of a global batch of ``global_rows`` at training step ``step`` (see the class)."""
+    layers = [m for m in model.modules() if isinstance(m, ExampleDropout)]
+    for i, m in enumerate(layers):
+        digest = hashlib.blake2b(f"dropout/{seed}/{step}/{i}".encode(), digest_size=8).digest()
+        m.rows = (int.from_bytes(digest, "little") >> 1, first_row, global_rows)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.rows = None
+
+
 def _group_norm(channels: int) -> nn.Module:
     groups = math.gcd(channels, 8) or 1
     return nn.GroupNorm(groups, channels)
@@ -39,7 +80,7 @@ def logreg(*, input_shape: Sequence[int], num_outputs: int, width: int = 1, drop
     _check("logreg", max(width, 1), dropout)
     layers: list[nn.Module] = [nn.Flatten()]
     if dropout > 0:
-        layers.append(nn.Dropout(dropout))
+        layers.append(ExampleDropout(dropout))
     layers.append(nn.Linear(math.prod(input_shape), num_outputs))
     return nn.Sequential(*layers)
 
@@ -58,7 +99,7 @@ def mlp(*, input_shape: Sequence[int], num_outputs: int, width: int = 256, depth
             layers.append(nn.LayerNorm(width))
         layers.append(nn.ReLU())
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(ExampleDropout(dropout))
         fan_in = width
     layers.append(nn.Linear(fan_in, num_outputs))
     return nn.Sequential(*layers)
@@ -91,7 +132,7 @@ def cnn1d(*, input_shape: Sequence[int], num_outputs: int, width: int = 32, drop
         raise ValueError(f"model 'cnn1d': input length {input_shape[-1]} is too short (need >= 9)")
     layers.append(nn.Flatten())
     if dropout > 0:
-        layers.append(nn.Dropout(dropout))
+        layers.append(ExampleDropout(dropout))
     layers.append(nn.Linear(width * length, num_outputs))
     return nn.Sequential(*layers)
 
@@ -118,10 +159,10 @@ def cnn(*, input_shape: Sequence[int], num_outputs: int, width: int = 64, dropou
     layers.append(nn.Flatten())
     layers += [nn.Linear(width * h * w, 6 * width), nn.ReLU()]
     if dropout > 0:
-        layers.append(nn.Dropout(dropout))
+        layers.append(ExampleDropout(dropout))
     layers += [nn.Linear(6 * width, 3 * width), nn.ReLU()]
     if dropout > 0:
-        layers.append(nn.Dropout(dropout))
+        layers.append(ExampleDropout(dropout))
     layers.append(nn.Linear(3 * width, num_outputs))
     return nn.Sequential(*layers)
 
@@ -137,8 +178,9 @@ def build_model(name: str, *, input_shape: Sequence[int], num_outputs: int, seed
     """The model ``name`` of :data:`MODELS` for inputs of ``input_shape``, initialised from ``seed``.
 
     Seeds torch's global RNG with ``seed`` before building, so every rank gets the same initial weights;
-    the RNG is left where initialisation stopped (the trainer saves that state and dropout continues from
-    it, so a run is the same whether the model was built in the worker or handed to it).
+    the RNG is left where initialisation stopped (the trainer saves that state, so a run is the same whether
+    the model was built in the worker or handed to it; its training steps draw dropout masks per example,
+    see :class:`ExampleDropout`, not from this generator).
 
     Args:
         name: a key of :data:`MODELS`.

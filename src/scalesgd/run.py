@@ -37,9 +37,9 @@ from scalesgd.diversity import DiversityEstimate, NoiseEstimate, NoiseScaleEMA, 
 from scalesgd.distributed import Rendezvous, StopRequest, World
 from scalesgd.errors import ConfigError, DistributedError, DivergedError, StoppedError, WorkerFailedError
 from scalesgd.lr_rules import LrConfig, LrTerms, lr_terms
-from scalesgd.models import build_model, loss_function
+from scalesgd.models import build_model, example_randomness, loss_function
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
-from scalesgd.train_state import TrainState
+from scalesgd.train_state import LossWatch, TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, sgd
 from scalesgd.writer import (RunWriter, check_run_dir_is_new, default_run_dir, environment, lock_run_dir,
                              truncate_metrics)
@@ -55,8 +55,8 @@ class Prepared:
 
     Attributes:
         model: the initialised model (the same weights on every rank).
-        torch_rng_state: torch's global CPU RNG state right after the model's initialisation (dropout
-            continues from it, exactly as if each rank had built the model itself).
+        torch_rng_state: torch's global CPU RNG state right after the model's initialisation (restored in
+            every rank, exactly as if each rank had built the model itself).
         lr_config: the learning-rate rule and base schedule.
         policy: the batch-size policy.
     """
@@ -177,18 +177,42 @@ def shard_batch(state: TrainState, *, stream: BatchStream, world: World, example
 
 def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn: Callable, x_train: torch.Tensor,
          y_train: torch.Tensor, rank: int, comm: CommStrategy, tx: GradientTransformation, tap: NoiseTap | None,
-         classification: bool, requests: tuple[bool, bool] = (False, False)) -> tuple[TrainState, StepResult]:
+         classification: bool, seed: int, requests: tuple[bool, bool] = (False, False)
+         ) -> tuple[TrainState, StepResult]:
     """One synchronous step on ``part`` (:func:`scalesgd.step.train_step`); advances counters and cursor.
     ``requests``: this rank's (checkpoint, stop) requests, summed over ranks with the step."""
     b = int(part.batch.indices.numel())
-    result, tx_state = train_step(
-        flat=flat, loss_fn=loss_fn, x=x_train[part.local], y=y_train[part.local], global_batch_size=b,
-        shard_sizes=part.shard_sizes, rank=rank, comm=comm, tx=tx, tx_state=state.tx_state,
-        hyper=Hyper(lr=lr, step=state.step), tap=tap, classification=classification, requests=requests)
+    # Dropout masks belong to the examples (seed, step, row of the global batch): each rank's rows get their
+    # own, and P workers draw what one worker would (models.ExampleDropout). The update's randomness
+    # (Langevin noise) comes from the transformation's generator, the same on every rank.
+    with example_randomness(flat.model, seed=seed, step=state.step, first_row=sum(part.shard_sizes[:rank]),
+                            global_rows=b):
+        result, tx_state = train_step(
+            flat=flat, loss_fn=loss_fn, x=x_train[part.local], y=y_train[part.local], global_batch_size=b,
+            shard_sizes=part.shard_sizes, rank=rank, comm=comm, tx=tx, tx_state=state.tx_state,
+            hyper=Hyper(lr=lr, step=state.step), tap=tap, classification=classification, requests=requests)
     step_s = result.compute_s + result.comm_s + result.update_s
     return state.replace(tx_state=tx_state, step=state.step + 1, examples=state.examples + b,
                          cursor=part.next_cursor, train_time_s=state.train_time_s + step_s,
                          torch_rng_state=torch.get_rng_state()), result
+
+
+def warm_up(state: TrainState, part: Shard, *, flat: FlatModel, loss_fn: Callable, x_train: torch.Tensor,
+            y_train: torch.Tensor, comm: CommStrategy) -> None:
+    """One untimed forward/backward and all-reduce on ``part``, then undone: no clock of the run (training
+    time, time to target) pays for one-time costs such as first-use allocations and kernel choices or a
+    transport's first exchange, which made the first point of a sweep look many times slower than the same
+    point with another seed. Parameters, optimizer state and every generator are as they were before; the
+    gradient buffer is zeroed (the step zeroes it anyway)."""
+    torch_rng, comm_rng = torch.get_rng_state(), state.comm_generator.get_state()
+    flat.buffer.zero_()
+    if part.local.numel() > 0:
+        loss = loss_fn(flat.model(x_train[part.local]), y_train[part.local])
+        (loss / int(part.batch.indices.numel())).backward()
+    comm.allreduce_(flat.buffer, exact_tail=flat.tail)
+    flat.buffer.zero_()
+    torch.set_rng_state(torch_rng)
+    state.comm_generator.set_state(comm_rng)
 
 
 def estimate(state: TrainState, result: StepResult, *, ema: NoiseScaleEMA | None,
@@ -201,13 +225,8 @@ def estimate(state: TrainState, result: StepResult, *, ema: NoiseScaleEMA | None
 
 
 def log_step(state: TrainState, result: StepResult, part: Shard, terms: LrTerms, noise: NoiseEstimate | None, *,
-             n_train: int, classification: bool, adascale: bool, start_s: float, base_lr: float,
-             writer: RunWriter) -> None:
-    """Write the step's line to ``metrics.jsonl``; stop the run if its loss is no longer finite.
-
-    Raises:
-        DivergedError: the loss is inf or NaN.
-    """
+             n_train: int, classification: bool, adascale: bool, start_s: float, writer: RunWriter) -> None:
+    """Write the step's line to ``metrics.jsonl``."""
     b = int(part.batch.indices.numel())
     step_s = result.compute_s + result.comm_s + result.update_s
     record = {
@@ -224,11 +243,41 @@ def log_step(state: TrainState, result: StepResult, part: Shard, terms: LrTerms,
     if adascale:
         record["adascale_gain"] = terms.gain
     writer.log(record)
-    if not math.isfinite(result.loss):
-        raise DivergedError(
-            f"the loss became {result.loss} at step {state.step} (lr {terms.lr:.4g}); training stopped. "
-            f"Lower the learning rate (e.g. --lr {base_lr / 4:.3g}) or add warm-up "
-            f"(--warmup-epochs 1); the metrics so far are in {writer.run_dir or 'the run directory'}")
+
+
+# Divergence: the smoothed training loss (EMA with this decay) above EXPLOSION_FACTOR times the first step's
+# loss for EXPLOSION_STEPS steps in a row. A run that recovers from a spike (digits/mlp at --lr 0.5 peaks at
+# ~10x its first loss for a step) stays under it; one that blows up (--lr 5: ~50x and more) does not.
+LOSS_EMA_DECAY, EXPLOSION_FACTOR, EXPLOSION_STEPS = 0.9, 10.0, 5
+
+
+def divergence_advice(cfg: RunConfig) -> str:
+    """What to change after a divergence, as options that change the learning rates the run uses (each is
+    tested to do so): a tenth of the rate, and warm-up (longer, if it was already on)."""
+    warmup = max(1.0, 2 * cfg.warmup_epochs)
+    return (f"lower the learning rate (e.g. --lr {cfg.lr / 10:.3g}) or ramp it up over more of the start "
+            f"(--warmup-epochs {warmup:g})")
+
+
+def watch_loss(state: TrainState, loss: float, *, lr: float, cfg: RunConfig, writer: RunWriter) -> TrainState:
+    """Stop the run when its training loss is no longer finite or has exploded (see EXPLOSION_FACTOR).
+
+    Raises:
+        DivergedError: one line with the step, the loss and the advice (:func:`divergence_advice`).
+    """
+    where = f"the metrics so far are in {writer.run_dir or 'the run directory'}"
+    if not math.isfinite(loss):
+        raise DivergedError(f"the loss became {loss} at step {state.step} (lr {lr:.4g}); training stopped. "
+                            f"{divergence_advice(cfg).capitalize()}; {where}")
+    w = state.loss_watch
+    first = loss if w.first_loss is None else w.first_loss
+    smoothed = loss if w.smoothed_loss is None else LOSS_EMA_DECAY * w.smoothed_loss + (1 - LOSS_EMA_DECAY) * loss
+    above = w.steps_above + 1 if smoothed > EXPLOSION_FACTOR * abs(first) else 0
+    if above >= EXPLOSION_STEPS:
+        raise DivergedError(f"the training loss exploded: smoothed {smoothed:.4g} at step {state.step} (lr {lr:.4g}), "
+                            f"over {EXPLOSION_FACTOR:g}x the first step's {first:.4g} for {above} steps; training "
+                            f"stopped. {divergence_advice(cfg).capitalize()}; {where}")
+    return state.replace(loss_watch=LossWatch(first_loss=first, smoothed_loss=smoothed, steps_above=above))
 
 
 def log_exact_diversity(state: TrainState, *, model: nn.Module, ds: Dataset, world: World,
@@ -419,6 +468,9 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     eval_train_idx = torch.randperm(ds.n_train, generator=torch.Generator().manual_seed(cfg.seed + 17))[
         : cfg.eval_train_examples]
     bar = _progress_bar(cfg, world, total_examples)
+    warm_up(state, shard_batch(state, stream=stream, world=world,
+                               examples_left=None if cfg.steps else total_examples - state.examples),
+            flat=flat, loss_fn=loss_fn, x_train=x_train, y_train=y_train, comm=comm)
     start_s = time.perf_counter() - resumed.get("elapsed_s", 0.0)  # wall time continues across a resume
     last_eval: dict[str, Any] = resumed.get("last_eval", {})
     ckpt = Checkpointing(cfg.checkpoint_every_steps, cfg.checkpoint_every_s, cfg.keep_checkpoints,
@@ -440,12 +492,13 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
             requests = (world.is_main and ckpt.time_due(time.perf_counter()), stop.signum is not None)
             state, result = step(state, part, lr=terms.lr, flat=flat, loss_fn=loss_fn, x_train=x_train,
                                  y_train=y_train, rank=world.rank, comm=comm, tx=tx, tap=tap,
-                                 classification=classification, requests=requests)
+                                 classification=classification, seed=cfg.seed, requests=requests)
             # estimate: fold the step's unbiased ‖G‖², tr Σ into the smoothed estimates
             state, noise = estimate(state, result, ema=ema, n_train=ds.n_train)
-            # log: the step's line; a non-finite loss stops the run here
+            # log: the step's line; a non-finite or exploding loss stops the run here
             log_step(state, result, part, terms, noise, n_train=ds.n_train, classification=classification,
-                     adascale=cfg.lr_rule == "adascale", start_s=start_s, base_lr=cfg.lr, writer=writer)
+                     adascale=cfg.lr_rule == "adascale", start_s=start_s, writer=writer)
+            state = watch_loss(state, result.loss, lr=terms.lr, cfg=cfg, writer=writer)
             if bar is not None:
                 _advance_bar(bar, part, result, last_eval)
             # evaluate: exact diversity, replica check and test accuracy when due
@@ -567,6 +620,7 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, resume: bool = False) ->
             return worker(rdv, cfg, ds, prepared, resume)
         if cfg.workers == 1 and cfg.max_restarts == 0:
             return worker(Rendezvous("127.0.0.1", 0, 0, 1, 0), cfg, ds, prepared, resume)
+        distributed.check_local_address(cfg.master_addr)
         cores = os.cpu_count() or 1
         if cfg.workers > cores and distributed.resolve_backend(cfg.backend) == "gloo":
             # Many more blocking workers than cores: every all-reduce waits for each peer's time slice.

@@ -29,10 +29,11 @@ from scalesgd.transforms import GradientTransformation, Hyper, apply_updates_
 
 # Fixed slots at the head of the statistics tail; per-rank compute times follow them.
 SLOT_LOSS, SLOT_CORRECT, SLOT_COUNT = 0, 1, 2
+SLOT_CODEC_VAR = 3  # E‖Q(g) − g‖² a lossy codec adds to this rank's gradient part (0 for exact strategies)
 # Requests any rank may raise (a signal, a checkpoint falling due): summed with the step, so every rank
 # learns of them at the same step, at no extra collective.
-SLOT_CHECKPOINT, SLOT_STOP = 3, 4
-SLOT_TAP = 5  # first of the slots a statistics tap may use
+SLOT_CHECKPOINT, SLOT_STOP = 4, 5
+SLOT_TAP = 6  # first of the slots a statistics tap may use
 N_TAP_SLOTS = 5
 N_FIXED_SLOTS = SLOT_TAP + N_TAP_SLOTS
 
@@ -70,7 +71,8 @@ class StatsTap(Protocol):
 
     ``backward_context`` may return a context manager around backward; ``local_stats`` writes up to
     :data:`N_TAP_SLOTS` values into the tail before the all-reduce; ``after_reduce`` reads the summed
-    tail and the reduced gradient and returns the step's :class:`~scalesgd.diversity.NoiseStats` (or None).
+    tail and the reduced gradient (with ``codec_error_sq``, the squared error a lossy codec added to it in
+    expectation, summed over ranks) and returns the step's :class:`~scalesgd.diversity.NoiseStats` (or None).
     A tap keeps no state between steps: smoothing is the caller's, on state it holds.
     """
 
@@ -80,7 +82,7 @@ class StatsTap(Protocol):
                     loss_scale: float) -> list[float]: ...
 
     def after_reduce(self, grad: torch.Tensor, tap_sums: list[float], shard_sizes: list[int],
-                     global_batch_size: int) -> NoiseStats | None: ...
+                     global_batch_size: int, codec_error_sq: float = 0.0) -> NoiseStats | None: ...
 
 
 class NoiseTap:
@@ -95,6 +97,8 @@ class NoiseTap:
       averaged over ranks (:func:`~scalesgd.diversity.two_batch_rank_terms`,
       :func:`~scalesgd.diversity.rank_averaged_two_batch_noise_stats`). With one worker there is no
       smaller batch; ``cheap`` then falls back to ``exact``.
+    * either way, under a lossy codec ‖G_B‖² is the reduced gradient's squared norm less the codec's
+      rounding variance summed over ranks (tail slot ``SLOT_CODEC_VAR``), so both paths stay unbiased.
     """
 
     def __init__(self, mode: str, model: nn.Module, *, world_size: int):
@@ -117,9 +121,12 @@ class NoiseTap:
         return list(two_batch_rank_terms(local_sq, local_batch_size, global_batch_size))
 
     def after_reduce(self, grad: torch.Tensor, tap_sums: list[float], shard_sizes: list[int],
-                     global_batch_size: int) -> NoiseStats | None:
+                     global_batch_size: int, codec_error_sq: float = 0.0) -> NoiseStats | None:
         bb = global_batch_size
-        big_sq = float(torch.dot(grad, grad))  # ‖G_B‖² of the reduced mean gradient
+        # ‖G_B‖² of the reduced mean gradient. A lossy codec's result is Σᵣ Q(gᵣ), whose squared norm exceeds
+        # the exact one by Σᵣ E‖Q(gᵣ) − gᵣ‖² on average (``codec_error_sq``, summed exactly in the tail):
+        # subtracted, the estimate is unbiased whatever the codec.
+        big_sq = float(torch.dot(grad, grad)) - codec_error_sq
         if self.mode == "exact":
             return per_example_noise_stats(tap_sums[0], big_sq * bb * bb, bb) if bb >= 2 else None
         return rank_averaged_two_batch_noise_stats(tap_sums[0], tap_sums[1], big_sq, shard_sizes, bb)
@@ -199,6 +206,9 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         if values:
             # Through a float64 tensor: a diverging run's statistics saturate to inf instead of raising.
             stats[SLOT_TAP:SLOT_TAP + len(values)] = torch.tensor(values, dtype=torch.float64).to(stats.dtype)
+    error_variance = getattr(comm, "error_variance", None)
+    if tap is not None and error_variance is not None and local_b > 0:
+        stats[SLOT_CODEC_VAR] = error_variance(flat.grad)
     _sync(device)
     t1 = time.perf_counter()
     compute_s = t1 - t0
@@ -213,7 +223,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     summed = stats.tolist()
     noise = None
     if tap is not None:
-        noise = tap.after_reduce(flat.grad, summed[SLOT_TAP:SLOT_TAP + N_TAP_SLOTS], shard_sizes, global_batch_size)
+        noise = tap.after_reduce(flat.grad, summed[SLOT_TAP:SLOT_TAP + N_TAP_SLOTS], shard_sizes, global_batch_size,
+                                 codec_error_sq=summed[SLOT_CODEC_VAR])
     with torch.no_grad():
         direction, tx_state = tx.update(flat.grad, tx_state, flat.params, hyper)
         apply_updates_(flat.params, direction, hyper.lr)

@@ -21,6 +21,21 @@ from scalesgd.transforms import state_from_tree, state_to_tree
 
 
 @dataclass(frozen=True)
+class LossWatch:
+    """What divergence detection carries between steps (:func:`scalesgd.run.watch_loss`).
+
+    Attributes:
+        first_loss: the first step's training loss (the reference; None before the first step).
+        smoothed_loss: EMA of the training loss.
+        steps_above: consecutive steps the smoothed loss has stayed above the explosion threshold.
+    """
+
+    first_loss: float | None = None
+    smoothed_loss: float | None = None
+    steps_above: int = 0
+
+
+@dataclass(frozen=True)
 class TrainState:
     """One rank's whole training state between two steps.
 
@@ -32,7 +47,8 @@ class TrainState:
         policy: the batch-size policy's state.
         global_batch_size: the global batch the policy last chose (examples, all ranks).
         cursor: where the data stream stands (epoch, offset into that epoch's permutation).
-        torch_rng_state: torch's global CPU generator state (dropout draws from it).
+        torch_rng_state: torch's global CPU generator state (the trainer's dropout masks come from
+            :func:`scalesgd.models.example_randomness` instead, a function of seed, step and example).
         comm_generator: this rank's generator for the communication strategy's randomness (QSGD's
             stochastic rounding); seeded from the run's seed and the rank.
         step: optimizer steps done.
@@ -40,6 +56,7 @@ class TrainState:
         train_time_s: wall time spent in training steps (evaluation excluded), seconds.
         time_to_target_s, train_time_to_target_s: wall and training time when the target was first met
             (None until then).
+        loss_watch: the smoothed training loss that divergence detection compares with the first one.
     """
 
     params: torch.Tensor
@@ -55,6 +72,7 @@ class TrainState:
     train_time_s: float = 0.0
     time_to_target_s: float | None = None
     train_time_to_target_s: float | None = None
+    loss_watch: LossWatch = LossWatch()
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy with ``changes`` applied (the state is frozen)."""
@@ -81,6 +99,7 @@ class TrainState:
             "train_time_s": self.train_time_s,
             "time_to_target_s": self.time_to_target_s,
             "train_time_to_target_s": self.train_time_to_target_s,
+            "loss_watch": dataclasses.asdict(self.loss_watch),
         }
 
     @classmethod
@@ -102,4 +121,5 @@ class TrainState:
             train_time_s=float(blob["train_time_s"]),
             time_to_target_s=blob["time_to_target_s"],
             train_time_to_target_s=blob["train_time_to_target_s"],
+            loss_watch=LossWatch(**blob.get("loss_watch", {})),
         )

@@ -86,6 +86,11 @@ def load_mnist1d(*, n_train: int = 20000, n_test: int = 4000, seed: int = 42) ->
                 arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
         except (OSError, ValueError, KeyError):
             arrays = None  # a corrupt cache entry is regenerated, not trusted
+        if arrays is not None:
+            for key, split in (("x", "training"), ("x_test", "test")):
+                # A readable file whose numbers are damaged: say so before training blames the learning rate.
+                check_finite(arrays[key], what=f"mnist1d cache {path}, {split} set",
+                             fix=f"delete {path} and it is generated again")
     if arrays is None:
         from mnist1d.data import get_dataset_args, make_dataset
 
@@ -111,6 +116,27 @@ def load_mnist1d(*, n_train: int = 20000, n_test: int = 4000, seed: int = 42) ->
         y_test=torch.as_tensor(arrays["y_test"], dtype=torch.int64),
         num_outputs=10,
     )
+
+
+def check_finite(x: np.ndarray | torch.Tensor, *, what: str, fix: str) -> None:
+    """Refuse inputs holding NaN or ±inf, naming the first such example.
+
+    Args:
+        x: (n, ...) inputs, one example per row.
+        what: where the rows come from, e.g. "mnist1d cache /path, training set".
+        fix: what to do about it.
+    Raises:
+        DataError: "``what``: example i holds NaN ... ; ``fix``".
+    """
+    t = torch.as_tensor(x)
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)  # (n,)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        values = t[i][~torch.isfinite(t[i])]
+        raise DataError(f"{what}: example {i} holds {values[0].item()} ({int(bad.sum())} of {t.shape[0]} examples "
+                        f"hold non-finite values), which would end training as if it had diverged; {fix}")
 
 
 # --- randomness --------------------------------------------------------------------------------------
@@ -216,14 +242,21 @@ def _read_maybe_gzip(path: Path) -> bytes:
                         f"keep the uncompressed file next to the others") from e
 
 
+def idx_file_names(stem: str) -> list[str]:
+    """The names one IDX file goes by: the official ``train-images-idx3-ubyte``, the mirrors' dotted
+    ``train-images.idx3-ubyte`` (and ``.idx3.ubyte`` / ``-idx3.ubyte``), each also gzipped (``.gz``)."""
+    head, kind, tail = stem.rsplit("-", 2)  # "train-images", "idx3", "ubyte"
+    names = [f"{head}{a}{kind}{b}{tail}" for a in "-." for b in "-."]
+    return [n + gz for n in names for gz in ("", ".gz")]
+
+
 def _find_idx_file(root: Path, stem: str) -> Path:
-    # The official names; some mirrors write a dot instead of the last dash ("train-images.idx3-ubyte").
-    dotted = stem[::-1].replace("-", ".", 1)[::-1]
-    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
+    for name in idx_file_names(stem):
         if (root / name).is_file():
             return root / name
-    raise DataError(f"missing file {stem} (or {stem}.gz) in {root}; an idx: directory holds the four MNIST / "
-                    f"Fashion-MNIST files {', '.join(IDX_FILES.values())}, each optionally gzipped")
+    raise DataError(f"missing file {stem} (or {stem.replace('-idx', '.idx')}, either one .gz) in {root}; an idx: "
+                    f"directory holds the four MNIST / Fashion-MNIST files {', '.join(IDX_FILES.values())}, each "
+                    "optionally gzipped")
 
 
 def read_idx(path: Path, *, expected_magic: int) -> np.ndarray:
@@ -555,6 +588,8 @@ def load_dataset(spec: str, *, n_train: int | None = None, seed: int | None = No
         ds = make_synthetic_logreg(n_train=n_train or 2000, n_test=n_test or 1000, dim=dim or 20,
                                    num_classes=num_classes or 2, noise=1.0 if noise is None else float(noise),
                                    seed=data_seed)
+    for x, split in ((ds.x_train, "training"), (ds.x_test, "test")):
+        check_finite(x, what=f"data set {spec!r}, {split} set", fix="check or regenerate its files")
     return replicate_training_set(ds, replicate, seed=data_seed)
 
 

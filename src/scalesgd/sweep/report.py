@@ -18,6 +18,10 @@ from scalesgd.sweep.runner import Outcome, SweepResult, describe
 from scalesgd.sweep.spec import Group, SweepSpec
 from scalesgd.writer import write_atomic
 
+# Seeds of one point whose time per pass differ by more than this factor are flagged in the report.
+SEED_TIME_SPREAD_FLAG = 3.0
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof = 1; 0 for a single value; NaN for none)."""
     v = [x for x in values if math.isfinite(x)]
@@ -49,6 +53,12 @@ class Row:
     def stat(self, name: str) -> tuple[float, float]:
         pool = self.done if name == "time_per_pass_s" else self.reached
         return _mean_std([getattr(o, name) for o in pool])
+
+    def time_spread(self) -> float:
+        """Slowest over fastest time per pass among the finished seeds (1 with fewer than two): the seeds
+        train the same number of examples at the same B, so a large spread is the machine's, not the run's."""
+        v = [o.time_per_pass_s for o in self.done if math.isfinite(o.time_per_pass_s) and o.time_per_pass_s > 0]
+        return max(v) / min(v) if len(v) > 1 else 1.0
 
     def lower_bound(self, name: str) -> float:
         """Where some seed missed: the mean over seeds with the budget (passes or time trained) for the missed
@@ -300,19 +310,29 @@ def _table_lines(result: SweepResult, key: tuple[int, int], rows: Sequence[Row])
         step_speedup = ideal * p0 / passes[0] if small.all_reached and row.all_reached else math.nan
         time_speedup = t0 / secs[0] if small.all_reached and row.all_reached else math.nan
         mark = "" if row.all_reached else " †"
+        # The flag goes on every figure that a disagreeing row's times enter, the smallest batch's included.
+        timing = " ‡" if max(row.time_spread(), small.time_spread()) > SEED_TIME_SPREAD_FLAG else ""
         acc = _mean_std([o.final_test_accuracy for o in row.done])
         lr = f"{row.lr:g}"
         if spec.base.lr_rule != "constant":
             lr_b = statistics.fmean(o.lr_at_b for o in row.done) if row.done else math.nan
             lr += f" ({lr_b:.3g})"
         lines.append(
-            f"| {b} | {lr} | {len(row.reached)}/{len(row.outcomes)} | {_pm(row.stat('time_per_pass_s'))} | "
-            f"{_pm(passes)}{mark} | {_pm(secs)}{mark} | "
+            f"| {b} | {lr} | {len(row.reached)}/{len(row.outcomes)} | {_pm(row.stat('time_per_pass_s'))}"
+            f"{' ‡' if row.time_spread() > SEED_TIME_SPREAD_FLAG else ''} | "
+            f"{_pm(passes)}{mark} | {_pm(secs)}{mark}{timing} | "
             f"{(f'{step_speedup:.2f} ({ideal:g})' if math.isfinite(step_speedup) else f'— ({ideal:g})')} | "
-            f"{(f'{time_speedup:.2f}' if math.isfinite(time_speedup) else '—')} | {_pm(acc, '.4f')} |")
+            f"{(f'{time_speedup:.2f}{timing}' if math.isfinite(time_speedup) else '—')} | {_pm(acc, '.4f')} |")
     lines += ["", "† mean over the seeds that reached the target only; speedups are given only where every seed "
               "reached it. Step speedup = (B/B_min) · passes(B_min)/passes(B) (iterations saved; B/B_min is "
               "linear speedup); time speedup = time to target at B_min / at B.", ""]
+    spread = [f"B={row.group.global_batch_size}: {row.time_spread():.1f}×" for row in rows
+              if row.time_spread() > SEED_TIME_SPREAD_FLAG]
+    if spread:
+        lines += [f"‡ the seeds' time per pass differ by more than {SEED_TIME_SPREAD_FLAG:g}× ({', '.join(spread)}): "
+                  "the same work took very different times, so these times measure the machine (other load, a "
+                  "one-time cost), not the batch size; re-run those points (delete their run directories) on a "
+                  "quiet machine before reading their times or time speedups.", ""]
     if spec.tuned:
         lines += ["lr tuning (mean passes to target of the tuning runs):", ""]
         for row in rows:
