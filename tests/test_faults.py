@@ -50,7 +50,7 @@ _OUT_OF_RANGE = {
     "diversity_decay": ["0", "1"], "exact_diversity_every": ["-1"], "workers": ["0"], "backend": ['"mpi"'],
     "comm": ['"pigeon"'], "qsgd_levels": ["0", "128"], "master_port": ["0", "70000"],
     "threads_per_worker": ["0"], "timeout_s": ["0", "0.001", "-5"], "check_replicas_every": ["-1"],
-    "seed": ["-1"], "batch_schedule": ['"5:x"'],
+    "seed": ["-1"], "batch_schedule": ['"5:x"'], "loader_workers": ["-1"], "loss": ['"not-an-import-string"'],
     "checkpoint_every_steps": ["-1"], "checkpoint_every_s": ["-5"], "keep_checkpoints": ["0"],
     "max_restarts": ["-1"],
 }

@@ -12,7 +12,7 @@ from scalesgd.diversity import gradient_diversity
 from scalesgd.errors import ConfigError
 from scalesgd.ghost_norms import GhostNormTap, loop_sq_norms, per_example_losses, per_example_sq_norms, vmap_sq_norms
 from scalesgd.models import cnn, cnn1d, mlp
-from scalesgd.step import FlatModel
+from scalesgd.step import FlatModel, NoiseTap
 
 
 CE = nn.CrossEntropyLoss()
@@ -668,3 +668,131 @@ def test_fallback_inside_a_seq_first_transformer_is_refused():
     layer.self_attn = AttentionWithOwnForward(8, 2)
     with pytest.raises(ConfigError, match="batch_first=True"):
         GhostNormTap(nn.Sequential(layer))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# layers called without the batch axis, parameters no handler covers: the shared torch.func fallback
+
+
+class PosTransformer(nn.Module):
+    """Token embedding plus a position term, one TransformerEncoderLayer, mean pool, linear head.
+
+    ``pos``: "shared" — ``self.pos(arange(T))`` (nanoGPT); "expanded" — the same called on ``arange(T).expand(B, T)``
+    (the fast path); "param" — a raw ``nn.Parameter`` (1, T, d) table added; "linear" — a Linear applied to a shared
+    (T, d) tensor; "outside" — the head's parameters used by ``F.linear`` without calling the head."""
+
+    def __init__(self, pos: str, vocab: int = 11, d: int = 8, seq_len: int = 6):
+        super().__init__()
+        self.kind = pos
+        self.embed = nn.Embedding(vocab, d)
+        if pos == "param":
+            self.pos_emb = nn.Parameter(torch.randn(1, seq_len, d) * 0.5)
+        else:
+            self.pos = nn.Embedding(seq_len, d)
+        if pos == "linear":
+            self.pos_proj = nn.Linear(d, d)
+        self.layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device)
+        if self.kind == "param":
+            h = self.embed(tokens) + self.pos_emb[:, :t]
+        elif self.kind in ("expanded", "outside"):
+            h = self.embed(tokens) + self.pos(positions.expand(b, t))
+        elif self.kind == "linear":
+            h = self.embed(tokens) + self.pos_proj(self.pos(positions))  # Linear on a shared (T, d) tensor
+        else:
+            h = self.embed(tokens) + self.pos(positions)
+        h = self.layer(h).mean(1)
+        if self.kind == "outside":
+            return F.linear(h, self.head.weight, self.head.bias)
+        return self.head(h)
+
+
+SHARED_CASES = {"shared": ["pos.weight"], "param": ["pos_emb"], "linear": ["pos.weight", "pos_proj.bias", "pos_proj.weight"],
+                "outside": ["head.bias", "head.weight"]}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of attention
+@pytest.mark.parametrize("pos", sorted(SHARED_CASES))
+def test_shared_inputs_and_uncovered_parameters_agree_with_loop(pos):
+    torch.manual_seed(0)
+    model = PosTransformer(pos).double()
+    x, y = torch.randint(0, 11, (5, 6)), torch.randint(0, 3, (5,))
+    with pytest.warns(UserWarning, match="whole model") as record:
+        fast = per_example_sq_norms(model, CE, x, y)
+    message = str(next(r.message for r in record if "whole model" in str(r.message)))
+    assert str(SHARED_CASES[pos]) in message
+    if pos in ("shared", "linear"):
+        assert "without the batch axis (B=5)" in message and "pos.expand(B, T)" in message
+    assert_rel(fast, loop_sq_norms(model, CE, x, y))
+    with pytest.warns(UserWarning):
+        forms = forms_of(model, x, y)
+    assert forms["<shared>"] == "func" and forms["layer.self_attn.in_proj"] in ("gram", "materialised")
+    if pos == "outside":
+        assert forms["pos"] == "embedding" and "head" not in forms  # the head was never called
+    else:
+        assert "pos" not in forms and "pos_proj" not in forms  # their parts come from the shared fallback only
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_shared_position_embedding_with_a_sequence_as_long_as_the_batch():
+    """Seq length 6 and batch 6: the shared call's leading axis has the batch's size, yet it is not the batch."""
+    torch.manual_seed(0)
+    model = PosTransformer("shared").double()
+    x, y = torch.randint(0, 11, (6, 6)), torch.randint(0, 3, (6,))
+    with pytest.warns(UserWarning, match="'pos' \\(Embedding, input of shape \\(6,\\)\\)"):
+        assert_rel(per_example_sq_norms(model, CE, x, y), loop_sq_norms(model, CE, x, y))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("pos", ["shared", "param"])
+def test_trainer_tap_agrees_with_per_example_sq_norms(pos):
+    """GhostNormTap as the trainer's NoiseTap uses it: forward, mean loss scaled by 1/B into .grad, sq_norms(scale)."""
+    torch.manual_seed(0)
+    model = PosTransformer(pos).double()
+    x, y = torch.randint(0, 11, (7, 6)), torch.randint(0, 3, (7,))
+    with pytest.warns(UserWarning, match="whole model"):
+        expected = per_example_sq_norms(model, CE, x, y)
+    with pytest.warns(UserWarning, match="whole model") as record:
+        tap = GhostNormTap(model)
+        for _ in range(2):  # the warning is per tap, not per step
+            loss_scale = 1.0 / x.shape[0]
+            model.zero_grad()
+            with tap.capture():
+                (F.cross_entropy(model(x), y, reduction="sum") * loss_scale).backward()
+            assert_rel(tap.sq_norms(loss_scale), expected)
+    assert sum("whole model" in str(r.message) for r in record) == 1
+    assert_rel(expected, loop_sq_norms(model, CE, x, y))
+    tap.close()
+    with pytest.warns(UserWarning, match="whole model"):
+        noise_tap = NoiseTap("exact", model, world_size=1)  # the trainer's own wrapper of the tap
+        flat = FlatModel(model, 1, torch.device("cpu"))
+        flat.buffer.zero_()
+        with noise_tap.backward_context():
+            (F.cross_entropy(flat.model(x), y, reduction="sum") * loss_scale).backward()
+    (s1,) = noise_tap.local_stats(flat.grad, x.shape[0], x.shape[0], loss_scale)
+    assert s1 == pytest.approx(float(expected.sum()), rel=1e-9)
+    noise_tap.close()
+
+
+def test_every_layer_batched_takes_no_fallback(recwarn):
+    torch.manual_seed(0)
+    model = PosTransformer("expanded").double()
+    x, y = torch.randint(0, 11, (6, 6)), torch.randint(0, 3, (6,))
+    assert_rel(per_example_sq_norms(model, CE, x, y), loop_sq_norms(model, CE, x, y))
+    forms = forms_of(model, x, y)
+    assert forms["pos"] == "embedding" and "<shared>" not in forms
+    assert not [w for w in recwarn if "ghost norms" in str(w.message)]
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_shared_fallback_with_dropout_is_refused_with_the_fix():
+    torch.manual_seed(0)
+    model = PosTransformer("shared")
+    model.layer.dropout.p = 0.5
+    x, y = torch.randint(0, 11, (4, 6)), torch.randint(0, 3, (4,))
+    with pytest.warns(UserWarning, match="whole model"), pytest.raises(ConfigError, match=r"pos.expand\(B, T\)"):
+        per_example_sq_norms(model, CE, x, y)

@@ -163,7 +163,7 @@ def load(path: Path | str, *, num_parameters: int | None = None) -> dict[str, An
 # lr do not depend on it; the result matches to float round-off).
 RESUME_MAY_CHANGE = ("workers", "progress", "timeout_s", "threads_per_worker", "master_addr", "master_port",
                      "check_replicas_every", "checkpoint_every_steps", "checkpoint_every_s", "keep_checkpoints",
-                     "max_restarts")
+                     "max_restarts", "loader_workers")
 
 
 def write_run_config(run_dir: Path | str, config: dict[str, Any]) -> None:

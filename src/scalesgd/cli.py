@@ -42,13 +42,19 @@ def _positive_int_list(text: str) -> list[int]:
 # (option, type, help). Every RunConfig field the user may set; defaults come from RunConfig itself, and are
 # appended to the help unless the help states what an unset (None) value means.
 TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
-    ("dataset", str, "data set: mnist1d, digits, idx:PATH, cifar10:PATH, synthetic-linreg, synthetic-logreg"),
+    ("dataset", str, "data set: mnist1d, digits, idx:PATH, cifar10:PATH, synthetic-linreg, synthetic-logreg, or "
+                     "your own MODULE:FUNCTION returning (train, test) (MODULE: dotted name or path/to/file.py)"),
     ("n-train", int, "training examples to generate (mnist1d, synthetic-*) (default: the data set's own)"),
     ("dim", int, "input dimension of synthetic data sets (default: the data set's own)"),
     ("noise", float, "label noise of synthetic data sets (default: the data set's own)"),
     ("replicate", int, "keep n/r distinct training examples and refill to n (lowers gradient diversity)"),
     ("data-seed", int, "seed of generated data sets and splits (default: the data set's own)"),
-    ("model", str, "model: logreg, mlp, cnn1d, cnn"),
+    ("model", str, "model: logreg, mlp, cnn1d, cnn, or your own MODULE:FUNCTION returning an nn.Module (it gets "
+                   "the keywords it accepts of input_shape, num_outputs, width, depth, dropout, norm)"),
+    ("loss", str, "your own per-example loss MODULE:FUNCTION, (output, target) -> (B,) (default: cross-entropy "
+                  "for integer targets, half squared error otherwise)"),
+    ("loader-workers", int, "DataLoader worker processes that read a map-style data set's examples (0: in the "
+                            "training process)"),
     ("width", int, "channels / hidden units (default: the model's own)"),
     ("depth", int, "hidden layers of the mlp"),
     ("dropout", float, "dropout probability"),
@@ -91,7 +97,7 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("qsgd-levels", int, "quantisation levels of --comm qsgd"),
     ("master-addr", str, "rendezvous address for local workers"),
     ("master-port", int, "rendezvous port for local workers (default: a free one)"),
-    ("threads-per-worker", int, "torch threads per worker (default: cores / local workers)"),
+    ("threads-per-worker", int, "torch threads per worker (default: cores / local workers, at least 1)"),
     ("timeout-s", float, "collective timeout: a worker silent this long ends the job with an error"),
     ("check-replicas-every", int, "check every k steps that all ranks hold identical parameters (0: off)"),
     ("seed", int, "seed of model init and data order"),
@@ -341,13 +347,14 @@ def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
                     "then predict time to accuracy = (n/B)*T_step(B,P) * passes(B) over a (B, P) grid, with "
                     "T_step = T_compute(ceil(B/P)) + 2(P-1)alpha + 2(P-1)/P*N*beta and "
                     "passes(B) = passes_min*(1 + B/(B_S-1)).")
-    p.add_argument("--model", default="cnn1d", choices=sorted(MODELS), help="model (default: cnn1d)")
-    p.add_argument("--dataset", default="mnist1d", help="data set spec, for input shape, n and outputs "
-                   "(default: mnist1d)")
+    p.add_argument("--model", default=None, help=f"model: {', '.join(sorted(MODELS))} or MODULE:FUNCTION "
+                   "(default: cnn1d, or with --from-run the run's own; a different one is an error)")
+    p.add_argument("--dataset", default=None, help="data set spec, for input shape, n and outputs "
+                   "(default: mnist1d, or with --from-run the run's own)")
     p.add_argument("--n-train", type=int, default=None, help="training examples (default: the data set's)")
     p.add_argument("--width", type=int, default=None, help="model width (default: the model's own)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--norm", default="none")
+    p.add_argument("--dropout", type=float, default=None, help="dropout (default: 0, or the run's own)")
+    p.add_argument("--norm", default=None, help="normalisation (default: none, or the run's own)")
     p.add_argument("--network", default=None, metavar="'BW, LATENCY'",
                    help="target network, e.g. '25 Gbit/s, 10 us' (default: measured here with gloo)")
     p.add_argument("--comm", default="allreduce", choices=COMM_NAMES,

@@ -20,6 +20,7 @@ from scalesgd.distributed import BACKENDS
 from scalesgd.models import MODELS, NORMS
 from scalesgd.lr_rules import BASE_SCHEDULES as LR_SCHEDULES
 from scalesgd.lr_rules import LR_RULES
+from scalesgd.user_code import OBJECT_PREFIX, is_import_string
 
 DIVERSITY_MODES = ("off", "cheap", "exact")
 
@@ -35,12 +36,14 @@ class RunConfig:
     noise: float | None = None  # synthetic sets: label noise (None: the data set's default)
     replicate: int = 1  # keep n/r distinct training examples, refill to n (lowers diversity)
     data_seed: int | None = None  # generated sets and splits (None: the data set's default)
+    loader_workers: int = 0  # DataLoader worker processes reading a map-style data set's examples (0: in-process)
     # model
     model: str = "cnn1d"
     width: int | None = None  # None: the model's default width
     depth: int = 2  # mlp hidden layers
     dropout: float = 0.0
     norm: str = "none"
+    loss: str | None = None  # MODULE:FUNCTION giving per-example losses (B,); None: the task's built-in loss
     # optimisation
     global_batch_size: int = 128
     lr: float = 0.05  # learning rate of the mean loss, at the base batch size
@@ -123,7 +126,13 @@ class RunConfig:
             _positive_int("dim", self.dim)
         if self.noise is not None and self.noise < 0:
             raise ConfigError(f"--noise must be >= 0, got {self.noise}")
-        _choice("model", self.model, tuple(MODELS))
+        if not (is_import_string(self.model) or self.model.startswith(OBJECT_PREFIX)):
+            _choice("model", self.model, tuple(MODELS))
+        if self.loss is not None and not (is_import_string(self.loss) or self.loss.startswith(OBJECT_PREFIX)):
+            raise ConfigError(f"--loss {self.loss!r} is not an import string; write MODULE:FUNCTION, e.g. "
+                              "mypkg.losses:my_loss or path/to/file.py:my_loss")
+        if not isinstance(self.loader_workers, int) or self.loader_workers < 0:
+            raise ConfigError(f"--loader-workers must be an integer >= 0, got {self.loader_workers!r}")
         _choice("backend", self.backend, BACKENDS)
         for name in ("seed", "data_seed"):
             value = getattr(self, name)

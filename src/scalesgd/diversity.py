@@ -378,8 +378,9 @@ class NoiseScaleEMA:
 # Exact whole-data diversity of a training run
 
 
-def measure_exact_diversity(model: nn.Module, loss_fn: LossFn, x_train: torch.Tensor, y_train: torch.Tensor, *,
-                            world: Any = None, batch_size: int = 1024) -> dict[str, float]:
+def measure_exact_diversity(model: nn.Module, loss_fn: LossFn, x_train: torch.Tensor | None,
+                            y_train: torch.Tensor | None, *, world: Any = None, batch_size: int = 1024,
+                            dataset: Any = None) -> dict[str, float]:
     """Exact Delta_S, M2, ||G||^2 (mean gradient), tr Sigma, B_S and B_simple over a whole training set at the
     current weights, as the flat record a ``diversity`` line of ``metrics.jsonl`` holds.
 
@@ -390,16 +391,31 @@ def measure_exact_diversity(model: nn.Module, loss_fn: LossFn, x_train: torch.Te
         model: the model at the weights to measure.
         loss_fn: per-example loss (``reduction="none"``).
         x_train, y_train: the whole training set (every rank passes all of it).
+        dataset: instead of the tensors, a :class:`scalesgd.data.Dataset` read by index (its
+            ``train_batch``), for sets not held in memory; a dataset in memory uses its tensors.
         world: optional :class:`scalesgd.distributed.World`.
         batch_size: chunk size per backward pass.
     Returns:
         ``{"delta", "m2", "mean_grad_sq_norm", "trace_cov", "batch_bound", "b_simple", "n"}``.
     """
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
-    device = world.device if world is not None else x_train.device
-    part = torch.tensor_split(torch.arange(x_train.shape[0]), size)[rank]
-    x, y = x_train[part].to(device), y_train[part].to(device)
-    stats = gradient_diversity(model, loss_fn, x, y, world=world, batch_size=batch_size)
+    if dataset is not None and dataset.in_memory:
+        x_train, y_train, dataset = dataset.x_train, dataset.y_train, None
+    device = world.device if world is not None else next(model.parameters()).device
+    n = dataset.n_train if dataset is not None else x_train.shape[0]
+    part = torch.tensor_split(torch.arange(n), size)[rank]
+    if dataset is None:
+        x, y = x_train[part].to(device), y_train[part].to(device)
+        stats = gradient_diversity(model, loss_fn, x, y, world=world, batch_size=batch_size)
+    else:
+        from scalesgd.data.user import to_device
+
+        def batches():  # this rank's part, read a chunk at a time
+            for chunk in torch.split(part, batch_size):
+                xb, yb = dataset.train_batch(chunk)
+                yield to_device(xb, device), yb.to(device)
+
+        stats = gradient_diversity(model, loss_fn, batches(), world=world)
     return {"delta": stats.delta, "m2": stats.m2, "mean_grad_sq_norm": stats.mean_grad_sq_norm,
             "trace_cov": stats.trace_cov, "batch_bound": stats.batch_bound, "b_simple": stats.b_simple,
             "n": stats.n}
@@ -420,7 +436,7 @@ def diversity_at_checkpoint(path: Any) -> dict[str, float]:
     from scalesgd.config import RunConfig
     from scalesgd.data import load_data
     from scalesgd.errors import ScalesgdError
-    from scalesgd.models import build_model, loss_function
+    from scalesgd.user_code import build_run_model, loss_for
     from scalesgd.writer import write_json_atomic
 
     path = Path(path)
@@ -432,11 +448,10 @@ def diversity_at_checkpoint(path: Any) -> dict[str, float]:
     known["lr_milestones"] = tuple(known.get("lr_milestones", ()))
     cfg = RunConfig(**known)
     ds = load_data(cfg)
-    model = build_model(cfg.model, input_shape=ds.input_shape, num_outputs=ds.num_outputs, seed=cfg.seed,
-                        width=cfg.width, depth=cfg.depth, dropout=cfg.dropout, norm=cfg.norm)
+    model = build_run_model(cfg, input_shape=ds.input_shape, num_outputs=ds.num_outputs)  # the run's own
     model.load_state_dict(ckpt["model"])
     model.train()
-    stats = {"step": ckpt["step"], **measure_exact_diversity(model, loss_function(ds.task, "none"), ds.x_train,
-                                                             ds.y_train)}
+    stats = {"step": ckpt["step"], **measure_exact_diversity(model, loss_for(cfg.loss, ds.task, "none"), ds.x_train,
+                                                             ds.y_train, dataset=ds)}
     write_json_atomic(ckpt_path.parent / "diversity_checkpoint.json", stats)
     return stats

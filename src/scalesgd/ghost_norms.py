@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from scalesgd.errors import ConfigError
 
@@ -179,6 +179,12 @@ class _Handler:
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         self.weight_grad = isinstance(weight, torch.Tensor) and weight.requires_grad
         self.bias_grad = isinstance(bias, torch.Tensor) and bias.requires_grad
+        # the trainable parameters whose per-example part this handler adds when it sees the batch
+        if kind in ("mha", "fallback", "shared"):
+            self.params = [p for p in module.parameters() if p.requires_grad]
+        else:
+            self.params = [p for p in (weight, bias) if isinstance(p, torch.Tensor) and p.requires_grad]
+        self.shared_shape: tuple[int, ...] | None = None  # its input's shape when it was called without the batch
         self.modes: list[_AttentionMode] = []  # MultiheadAttention: the interception active in its forward
 
 
@@ -229,6 +235,17 @@ class GhostNormTap:
     tensors and Nones. A module called more than once per forward (weight sharing) or
     a parameter shared by two modules is an error: per-layer norms do not add up for shared weights.
 
+    Layers called on an input without the batch axis (a position embedding on ``arange(T)``, a Linear on a shared
+    (T, d) tensor), the model's own raw parameters (an ``nn.Parameter`` position table, a class token), parameters
+    used without calling their layer, and a closed-form layer's parameters other than its weight and bias get
+    their exact per-example part from ``vmap(grad(functional_call))`` of the whole model with only those
+    parameters free, from the model's saved inputs and its outputs' gradients (the squared norm is additive over
+    disjoint parameter sets), with one warning per tap naming them; calling such a layer on its input expanded
+    to the batch (``self.pos(pos.expand(B, T))``) keeps the fast path. B is the size of the batch axis of the
+    model's first tensor input. Which layers see the batch is traced once per input signature by one extra
+    forward (no grad, random state restored) of B' != B copies of the first example: an input is batched when
+    its batch axis follows the batch size, so a shared (T, ...) input is recognised even when T == B.
+
     The batch axis is axis 0 of every parametrised layer's input, except inside PyTorch's transformer
     modules (Transformer, TransformerEncoder/Decoder and their layers) built with ``batch_first=False``,
     whose sublayers see (T, B, ...) tensors and are read with the batch on axis 1 (MultiheadAttention follows
@@ -252,6 +269,22 @@ class GhostNormTap:
         self._fired: set[str] = set()
         self._reused: set[str] = set()
         self._captured = False
+        # Per forward: the batch size B (leading axis of the model's first tensor input), the layers called on an
+        # input without the batch axis, and the model's inputs and output gradients (for the shared fallback)
+        self._batch: int | None = None
+        self._shared: dict[str, _Handler] = {}
+        self._root: dict[str, Any] | None = None
+        self._covered: set[int] = set()  # ids of the handlers that added a part in the captured backward
+        self._got_grad: set[int] = set()  # ids of the parameters that received a gradient in the captured backward
+        self._warned: set[str] = set()
+        # Which layers see the batch: per input signature, layer name -> whether its input depended on the example,
+        # traced once by a vmapped forward of one example (:meth:`_probe`); None while a forward is not traced
+        self._probed: dict[tuple, dict[str, bool]] = {}
+        self._batched: dict[str, bool] | None = None
+        self._probe_record: dict[str, bool] | None = None
+        self._probe_batch = 0
+        self._model = model
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
         # layer name -> the rule its norms came from ("outer", "gram", "materialised", "conv-loop",
         # "embedding", "norm", "func"); filled by the hooks, for inspection and tests
         self.forms: dict[str, str] = {}
@@ -261,15 +294,21 @@ class GhostNormTap:
         skip_prefixes: list[str] = []
         owner: dict[int, str] = {}
         batch_dims = _batch_dims(model)
+        self._root_handler = _Handler("<shared>", model, "shared", batch_dims.get(id(model), 0))
         for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                self._handles.append(module.register_forward_hook(self._batchnorm_check(name)))
+                # a pre-hook: refused before it runs, so neither the trace nor the forward updates its statistics
+                self._handles.append(module.register_forward_pre_hook(self._batchnorm_check(name)))
             if any(name.startswith(prefix) for prefix in skip_prefixes):
                 continue
             kind = _kind(module)
             # MultiheadAttention's parameters include out_proj's, which its forward uses without calling out_proj
             own = [p for p in module.parameters(recurse=kind == "mha") if p.requires_grad]
             if not own:
+                continue
+            if kind is None and not name and any(p.requires_grad for c in module.children() for p in c.parameters()):
+                # the model's own parameters (a raw nn.Parameter position table, a class token): no handler; the
+                # shared fallback covers just them, so its children keep their closed forms
                 continue
             if kind is None:
                 kind = "fallback"
@@ -295,13 +334,18 @@ class GhostNormTap:
                     lambda m, args, kwargs, out, h=handler: self._forward_fallback(h, args, kwargs, out),
                     with_kwargs=True))
             elif kind == "mha":
-                self._handles.append(module.register_forward_pre_hook(lambda m, args, h=handler: self._mha_pre(h)))
+                self._handles.append(module.register_forward_pre_hook(
+                    lambda m, args, kwargs, h=handler: self._mha_pre(h, args, kwargs), with_kwargs=True))
                 self._handles.append(module.register_forward_hook(
                     lambda m, args, out, h=handler: self._mha_post(h, out), always_call=True))
             else:
                 hook = getattr(self, f"_forward_{kind}")
                 self._handles.append(module.register_forward_hook(
                     lambda m, inp, out, h=handler, f=hook: self._closed_form_forward(h, f, inp[0], out)))
+        self._handles.append(model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._root_post, with_kwargs=True))
+        for p in self._root_handler.params:
+            self._handles.append(p.register_hook(lambda g, pid=id(p): self._param_grad(pid)))
         if fallback_names:
             warnings.warn(
                 "ghost norms: no closed form for " + ", ".join(fallback_names) + "; their per-example norms come "
@@ -316,13 +360,17 @@ class GhostNormTap:
     def capture(self) -> Iterator["GhostNormTap"]:
         """Record the per-example norms of the backward pass run inside this block (one batch)."""
         self._parts, self._fired, self._reused = [], set(), set()
+        self._got_grad, self._covered = set(), set()
         self._captured = False
         self._capturing = True
         try:
             yield self
+            self._capturing = False
+            self._shared_fallback()
         finally:
             self._capturing = False
             self._captured = True
+            self._root = None  # one captured backward per forward
 
     def sq_norms(self, loss_scale: float = 1.0) -> torch.Tensor:
         """``||grad_w loss_i||^2`` per example, shape (B,), for the last captured backward.
@@ -373,11 +421,152 @@ class GhostNormTap:
         if name in self._fired:
             self._reused.add(name)
         self._fired.add(name)
+        self._covered.add(id(handler))
         self._parts.append(part)
+
+    # ---- layers called without the batch axis, parameters no handler covers: torch.func over the whole model
+
+    def _root_pre(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the model: a new forward starts; B is the leading size of its first tensor input."""
+        if self._in_fallback:
+            return
+        self._root, self._shared, self._batch, self._batched = None, {}, None, None
+        if not (self.enabled and torch.is_grad_enabled()):
+            return
+        axis = self._root_handler.batch_dim  # 1 when the model is a transformer built with batch_first=False
+        first = next((t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > axis), None)
+        if first is None:
+            return
+        self._batch = batch = int(first.shape[axis])
+        key = tuple((tuple(t.shape[:axis] + t.shape[axis + 1:]) if t.dim() > axis and t.shape[axis] == batch
+                     else tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t).__name__
+                    for t in tree_leaves((args, kwargs)))
+        if key not in self._probed:
+            self._probed[key] = self._probe(model, args, kwargs, axis)
+        self._batched = self._probed[key]
+
+    def _probe(self, model: nn.Module, args: tuple, kwargs: dict, axis: int) -> dict[str, bool]:
+        """Which layers see the batch axis: one extra forward, without grad, of a batch of another size B' (1, or
+        2 when B is 1; copies of the first example). A layer input is batched when its batch axis has size B'
+        here and B in the real forward; a shared (T, ...) input keeps its size T in both, so it cannot pass
+        for a batched one even when T == B, as it would under a shape rule alone. Random draws are undone."""
+        batch = self._batch
+        probe_batch = 1 if batch != 1 else 2
+        leaves, spec = tree_flatten((args, kwargs))
+        index = None
+        one = []
+        for v in leaves:
+            if isinstance(v, torch.Tensor) and v.dim() > axis and v.shape[axis] == batch:
+                index = torch.zeros(probe_batch, dtype=torch.long, device=v.device)
+                v = v.index_select(axis, index)
+            one.append(v)
+        call_args, call_kwargs = tree_unflatten(one, spec)
+        record: dict[str, bool] = {}
+        devices = sorted({v.device.index or 0 for v in leaves if isinstance(v, torch.Tensor) and v.is_cuda})
+        self._probe_record, self._probe_batch, self._in_fallback = record, probe_batch, True
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                model(*call_args, **call_kwargs)
+        finally:
+            self._probe_record, self._in_fallback = None, False
+        return record
+
+    def _probe_seen(self, h: _Handler, x: Any, axis: int | None = None) -> bool:
+        """While tracing (:meth:`_probe`): record whether ``x`` has the probe's batch size on the layer's batch
+        axis (every call of the layer must); True means "tracing"."""
+        if self._probe_record is None:
+            return False
+        axis = h.batch_dim if axis is None else axis
+        batched = isinstance(x, torch.Tensor) and x.dim() > axis and x.shape[axis] == self._probe_batch
+        self._probe_record[h.name] = self._probe_record.get(h.name, True) and batched
+        return True
+
+    def _root_post(self, model: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        """Forward hook of the model: keep its inputs and, in a captured backward, its outputs' gradients, from
+        which :meth:`_shared_fallback` recomputes the per-example gradients of the parameters no handler covered."""
+        if not (self.enabled and not self._in_fallback and torch.is_grad_enabled()):
+            return
+        outs = tree_leaves(out)
+        live_pos = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.requires_grad]
+        if not live_pos or not all(o is None or isinstance(o, torch.Tensor) for o in outs):
+            return
+        root: dict[str, Any] = {
+            "args": tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+            "kwargs": {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+            "live_pos": live_pos, "shapes": [tuple(outs[i].shape) for i in live_pos], "grads": None}
+        self._root = root
+
+        def keep(grads: Sequence[torch.Tensor | None]) -> None:
+            if self._capturing:
+                root["grads"] = tuple(None if g is None else g.detach() for g in grads)
+
+        torch.autograd.graph.register_multi_grad_hook([outs[i] for i in live_pos], keep)
+
+    def _param_grad(self, pid: int) -> None:
+        if self._capturing:
+            self._got_grad.add(pid)
+
+    def _unbatched(self, h: _Handler, x: Any, axis: int | None = None) -> bool:
+        """True (and ``h`` recorded as shared) when ``x`` has no batch axis of size B where the layer expects it."""
+        axis = h.batch_dim if axis is None else axis
+        if self._batch is None or not isinstance(x, torch.Tensor):
+            return False
+        traced = None if self._batched is None else self._batched.get(h.name)  # None: not called in the trace
+        if traced is not False and x.dim() > axis and x.shape[axis] == self._batch:
+            return False
+        self._shared[h.name] = h
+        h.shared_shape = tuple(x.shape)
+        return True
+
+    def _shared_fallback(self) -> None:
+        """After a captured backward: per-example parts of the trainable parameters that received a gradient but
+        that no handler added (layers called on an input without the batch axis, e.g. a position embedding on
+        ``arange(T)``; parameters used outside their layer's call; parameters of a closed-form layer other than
+        its weight and bias), by ``vmap(grad(functional_call))`` of the whole model with only those parameters
+        free. Exact, because the whole-model squared norm is additive over disjoint parameter sets."""
+        covered = {id(p) for h in self._handlers if id(h) in self._covered and h.name not in self._shared
+                   for p in h.params}
+        missing = ({pid for pid in self._got_grad if pid not in covered}
+                   | {id(p) for h in self._shared.values() for p in h.params})
+        if not missing or (self._root is None and not self._parts):
+            return  # nothing missed, or the forward ran with the tap disabled (sq_norms says so)
+        names = sorted(self._param_names[pid] for pid in missing if pid in self._param_names)
+        layers = [f"{n!r} ({type(h.module).__name__}, input of shape {h.shared_shape})"
+                  for n, h in sorted(self._shared.items())]
+        shared = {id(p) for h in self._shared.values() for p in h.params}
+        outside = sorted(self._param_names[pid] for pid in missing - shared if pid in self._param_names)
+        what = "; ".join(
+            ([f"layer(s) called on an input without the batch axis (B={self._batch}): " + ", ".join(layers)]
+             if layers else [])
+            + ([f"parameter(s) {outside} received gradients outside the layer calls the tap handles (a raw "
+                "nn.Parameter of the model, a parameter used without calling its layer, or a layer parameter "
+                "other than weight and bias)"] if outside else []))
+        root = self._root
+        if root is None or root["grads"] is None:
+            raise ConfigError(
+                f"ghost norms: {what}; the per-example norms of {names} need the model's own forward call "
+                "(the tap's model) with the tap enabled before the captured backward")
+        batch = self._batch
+        if any(len(shape) == 0 or shape[0] != batch for shape in root["shapes"]):
+            raise ConfigError(
+                f"ghost norms: {what}; recomputing their per-example gradients needs model outputs with the batch "
+                f"(B={batch}) on axis 0, got {root['shapes']}")
+        key = ",".join(names)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"ghost norms: {what}; the per-example norms of parameter(s) {names} come from torch.func (vmap of "
+                "grad) over the whole model, which is slower. To keep the fast path, call such a layer on its input "
+                "expanded to the batch, e.g. a position embedding: self.pos(pos.expand(B, T)) instead of "
+                "self.pos(pos), and use each parameter only through its own layer's call.", stacklevel=4)
+        self._backward_fallback(self._root_handler, root["args"], root["kwargs"], root["live_pos"], root["grads"],
+                                only={pid for pid in missing}, batch=batch)
 
     def _closed_form_forward(self, h: _Handler, forward: Callable, x: torch.Tensor, out: Any) -> None:
         """Forward hook of a closed-form layer: puts the batch axis first, then calls the layer's rule."""
-        if not self._active_forward(out):
+        if self._probe_seen(h, x) or not self._active_forward(out):
+            return
+        if self._unbatched(h, x):
             return
         if h.batch_dim:
             if x.dim() <= h.batch_dim + 1:
@@ -412,8 +601,8 @@ class GhostNormTap:
         out.register_hook(hook)
 
     def _batchnorm_check(self, name: str) -> Callable:
-        def check(module: nn.Module, inp: Any, out: Any) -> None:
-            if not (self.enabled and torch.is_grad_enabled() and not self._in_fallback):
+        def check(module: nn.Module, inp: Any) -> None:
+            if self._probe_record is None and not (self.enabled and torch.is_grad_enabled() and not self._in_fallback):
                 return
             if module.training or module.running_mean is None:
                 raise ConfigError(
@@ -587,7 +776,10 @@ class GhostNormTap:
 
     # ---- MultiheadAttention (and through it TransformerEncoderLayer / TransformerDecoderLayer)
 
-    def _mha_pre(self, h: _Handler) -> None:
+    def _mha_pre(self, h: _Handler, args: tuple, kwargs: dict) -> None:
+        query = args[0] if args else kwargs.get("query")
+        if self._probe_seen(h, query, axis=int(not h.module.batch_first) if getattr(query, "dim", int)() == 3 else 0):
+            return
         if self.enabled and not self._in_fallback and torch.is_grad_enabled():
             mode = _AttentionMode(self, h)
             mode.__enter__()
@@ -620,6 +812,13 @@ class GhostNormTap:
         same arithmetic as torch's, with a hook on every projection: the q/k/v projections (packed in_proj or
         separate weights, plus in_proj_bias), bias_k/bias_v and out_proj each add their per-example part.
         Returns (attn_output (T, B, E), attention weights or None), as torch does."""
+        if self._unbatched(h, query, axis=1):
+            return F.multi_head_attention_forward(query, key, value, embed_dim_to_check, num_heads, in_proj_weight,
+                                                  in_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p,
+                                                  out_proj_weight, out_proj_bias, training, key_padding_mask,
+                                                  need_weights, attn_mask, use_separate_proj_weight, q_proj_weight,
+                                                  k_proj_weight, v_proj_weight, static_k, static_v,
+                                                  average_attn_weights, is_causal)
         if query.dim() != 3:
             raise ConfigError(f"layer {h.name!r} (MultiheadAttention): per-example norms need a batched input; got "
                               f"a query of shape {tuple(query.shape)}")
@@ -757,6 +956,11 @@ class GhostNormTap:
     # ---- anything else: torch.func on the saved inputs
 
     def _forward_fallback(self, h: _Handler, args: tuple, kwargs: dict, out: Any) -> None:
+        if self._probe_record is not None:
+            for o in tree_leaves(out):
+                if isinstance(o, torch.Tensor):
+                    self._probe_seen(h, o, axis=0)
+            return
         if not (self.enabled and not self._in_fallback and torch.is_grad_enabled()):
             return
         outs = tree_leaves(out)  # tuples, lists and dicts, flattened; Nones are leaves too
@@ -767,6 +971,8 @@ class GhostNormTap:
         live = [o for o in outs if o is not None and o.requires_grad]
         if not live:
             return
+        if any(self._unbatched(h, o, axis=0) for o in live):
+            return
         saved_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         saved_kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         live_pos = [i for i, o in enumerate(outs) if o is not None and o.requires_grad]
@@ -774,20 +980,26 @@ class GhostNormTap:
             live, lambda grads: self._backward_fallback(h, saved_args, saved_kwargs, live_pos, grads))
 
     def _backward_fallback(self, h: _Handler, args: tuple, kwargs: dict, live_pos: list[int],
-                           grads: Sequence[torch.Tensor | None]) -> None:
-        if not self._capturing:
+                           grads: Sequence[torch.Tensor | None], only: set[int] | None = None,
+                           batch: int | None = None) -> None:
+        """Per-example part of ``h.module``'s trainable parameters (those with ids in ``only`` when given, the
+        others held fixed) from its saved inputs and its outputs' gradients."""
+        if not self._capturing and only is None:
             return
         module = h.module
-        params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
-        batch = next(g.shape[0] for g in grads if g is not None)
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        params = {n: p.detach() for n, p in trainable if only is None or id(p) in only}
+        fixed = {n: p.detach() for n, p in trainable if only is not None and id(p) not in only}
+        if batch is None:
+            batch = next(g.shape[0] for g in grads if g is not None)
 
         def batched(v: Any) -> bool:
             return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
 
         def loss_one(prm: dict, args_i: tuple, kwargs_i: dict, grads_i: tuple) -> torch.Tensor:
-            call_args = tuple(a.unsqueeze(0) if batched_a else a for a, batched_a in zip(args_i, arg_dims))
+            call_args = tuple(a.unsqueeze(0) if dim == 0 else a for a, dim in zip(args_i, arg_dims))
             call_kwargs = {k: v.unsqueeze(0) if kwarg_dims[k] == 0 else v for k, v in kwargs_i.items()}
-            outs = tree_leaves(torch.func.functional_call(module, prm, call_args, call_kwargs))
+            outs = tree_leaves(torch.func.functional_call(module, {**fixed, **prm}, call_args, call_kwargs))
             # <output_i, grad_output_i>: its gradient w.r.t. the parameters is example i's gradient
             return sum((outs[pos] * g.unsqueeze(0)).sum() for pos, g in zip(live_pos, grads_i) if g is not None)
 
@@ -799,6 +1011,13 @@ class GhostNormTap:
             per_grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, arg_dims, kwarg_dims, grad_dims),
                                         randomness="error")(params, args, kwargs, tuple(grads))
         except RuntimeError as e:
+            if "randomness" in str(e) and h is self._root_handler:
+                raise ConfigError(
+                    f"the model draws random numbers (dropout?) in its forward, and the per-example norms of "
+                    f"{sorted(self._param_names.get(id(p), '?') for p in h.params if id(p) in only)} need the "
+                    "whole-model torch.func fallback, whose recomputation cannot reproduce them; call the layers "
+                    "on inputs with the batch axis (e.g. self.pos(pos.expand(B, T))), or put the model in eval "
+                    "mode") from e
             if "randomness" in str(e):
                 raise ConfigError(
                     f"layer {h.name!r} ({type(module).__name__}) draws random numbers (dropout?) inside a module "

@@ -16,7 +16,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,9 @@ PROFILE_BLOCK_STEPS = 5  # timed steps per size before the next size takes its t
 def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: int,
                     batch_sizes: Sequence[int], steps: int = 20, *, warmup_steps: int = 3, threads: int = 1,
                     task: str = "classification", momentum: float = 0.9, weight_decay: float = 5e-4,
-                    lr: float = 0.01, curve: str = "auto", seed: int = 0) -> ComputeProfile:
+                    lr: float = 0.01, curve: str = "auto", seed: int = 0,
+                    sample: Callable[[int], tuple[Any, torch.Tensor]] | None = None,
+                    loss_fn: Callable | None = None) -> ComputeProfile:
     """Median seconds of one training step without communication, at each local batch size.
 
     Runs the trainer's own :func:`scalesgd.step.train_step` on one process (the all-reduce is a no-op at
@@ -66,6 +68,9 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
         num_outputs: classes (classification) or regression outputs.
         batch_sizes: local batch sizes to profile (at least two distinct).
         steps: timed steps per size.
+        sample: ``sample(b) -> (inputs, targets)``, a batch of b real examples (what a user's model takes: token
+            ids, dicts); None draws Gaussian inputs of ``input_shape`` and random targets.
+        loss_fn: the sum-reduced loss; None: the task's built-in one.
         curve: ``auto``, ``affine`` or ``piecewise`` (see :func:`scalesgd.perf_model.fit_compute`).
     Returns:
         :class:`ComputeProfile` with medians and the fitted :class:`~scalesgd.perf_model.ComputeFit`.
@@ -92,10 +97,13 @@ def profile_compute(model: nn.Module, input_shape: Sequence[int], num_outputs: i
                                             backend="gloo"))
         tx = sgd(momentum=momentum, weight_decay=weight_decay)
         tx_state = tx.init(flat.params)
-        loss_fn = loss_function(task)
+        loss_fn = loss_fn if loss_fn is not None else loss_function(task)
         classification = task == "classification"
         batches = {}
         for b in sizes:
+            if sample is not None:
+                batches[b] = sample(b)
+                continue
             x = torch.randn((b, *input_shape), generator=gen)  # (b, *input_shape)
             if classification:
                 y = torch.randint(0, num_outputs, (b,), generator=gen)  # (b,)
@@ -322,8 +330,38 @@ def statistical_inputs(*, batch_bound: float | None, passes_at_small_batch: floa
     return batch_bound, passes_min, f"{passes:.3g} passes at B={batch} ({where}), B_S={batch_bound:.4g} ({bound_how})"
 
 
-def predict(*, model: str = "cnn1d", dataset: str = "mnist1d", n_train: int | None = None,
-            width: int | None = None, dropout: float = 0.0, norm: str = "none", network: str | None = None,
+def model_config(from_run: str | Path | None, *, model: str | None, dataset: str | None, n_train: int | None,
+                 width: int | None, dropout: float | None, norm: str | None, seed: int) -> Any:
+    """The :class:`~scalesgd.config.RunConfig` whose model and data ``predict`` profiles.
+
+    With ``from_run``, the run's own config (what it trained: import strings, loss and model options); an
+    option given here must agree with it. Without, the options given here over the defaults.
+
+    Raises:
+        ConfigError: an option contradicts the run's config, or the run directory has no config.json.
+    """
+    from scalesgd.config import FIELDS, RunConfig
+
+    given = {"model": model, "dataset": dataset, "n_train": n_train, "width": width, "dropout": dropout,
+             "norm": norm}
+    given = {k: v for k, v in given.items() if v is not None}
+    if from_run is None:
+        return RunConfig(**given, global_batch_size=1, workers=1, seed=seed)
+    run_config = RunData.open(from_run).config
+    if not run_config:
+        raise ConfigError(f"--from-run {from_run}: no config.json; pass a run directory written by `scalesgd train`")
+    for key, value in given.items():
+        if key in run_config and run_config[key] != value:
+            option = "--" + key.replace("_", "-")
+            raise ConfigError(f"--from-run {from_run} trained {key} {run_config[key]!r}, but {option} {value!r} was "
+                              f"given; leave {option} out (the run's own is profiled) or pick another run")
+    known = {k: v for k, v in run_config.items() if k in FIELDS and k != "extra"}
+    known["lr_milestones"] = tuple(known.get("lr_milestones", ()))
+    return RunConfig(**known)
+
+
+def predict(*, model: str | None = None, dataset: str | None = None, n_train: int | None = None,
+            width: int | None = None, dropout: float | None = None, norm: str | None = None, network: str | None = None,
             comm: str = "allreduce", batch_sizes: Sequence[int] = tuple(2 ** k for k in range(4, 17)),
             max_workers: int = 1024, batch_bound: float | None = None, passes_at_small_batch: float | None = None,
             small_batch_size: int = 32, from_run: str | Path | None = None,
@@ -337,7 +375,9 @@ def predict(*, model: str = "cnn1d", dataset: str = "mnist1d", n_train: int | No
 
     Args:
         model, dataset, n_train, width, dropout, norm: what is profiled (the data set gives the input shape,
-            n and the outputs).
+            n and the outputs); None: the built-in defaults (cnn1d on mnist1d), or with ``from_run`` the run's
+            own model and data (its config.json, import strings and loss included). With ``from_run`` a value
+            that contradicts the run's is an error.
         network: the target network, e.g. ``"25 Gbit/s, 10 us"``; None measures ``comm`` here.
         comm: the communication strategy measured or modelled (our rings add recursive doubling).
         batch_sizes: global batch sizes of the grid; ``max_workers``: P = 1, 2, 4, … up to it.
@@ -352,8 +392,9 @@ def predict(*, model: str = "cnn1d", dataset: str = "mnist1d", n_train: int | No
     Raises:
         ConfigError: bad input, with the option to fix.
     """
-    from scalesgd.data import load_dataset
-    from scalesgd.models import DEFAULT_WIDTH, MODELS, count_parameters
+    from scalesgd.data import load_data
+    from scalesgd.models import count_parameters
+    from scalesgd.user_code import build_run_model, loss_for
 
     if max_workers < 1:
         raise ConfigError(f"--max-workers must be >= 1, got {max_workers}")
@@ -362,20 +403,27 @@ def predict(*, model: str = "cnn1d", dataset: str = "mnist1d", n_train: int | No
         # our rings switch to recursive doubling for small messages on any network; the built-in is a ring
         doubling = strategy_info(comm).doubling_p2_bytes
         network = replace(network, doubling_max_bytes=doubling)
+    cfg = model_config(from_run, model=model, dataset=dataset, n_train=n_train, width=width, dropout=dropout,
+                       norm=norm, seed=seed)
     batch_bound, passes_min, stat_source = statistical_inputs(
         batch_bound=batch_bound, passes_at_small_batch=passes_at_small_batch, small_batch_size=small_batch_size,
         from_run=from_run)
-    ds = load_dataset(dataset, n_train=n_train)
-    width = width if width is not None else DEFAULT_WIDTH[model]
-    torch.manual_seed(seed)
-    try:
-        net = MODELS[model](input_shape=ds.input_shape, num_outputs=ds.num_outputs, width=width,
-                            dropout=dropout, norm=norm)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    model, dataset = cfg.model, cfg.dataset
+    ds = load_data(cfg)
+    net = build_run_model(cfg, input_shape=ds.input_shape, num_outputs=ds.num_outputs)
     grad_bytes = 4 * count_parameters(net)
+    grid = [b for b in batch_sizes if b <= ds.n_train]
+    if not grid:
+        raise ConfigError(f"every --batch-sizes value exceeds the training set ({ds.n_train} examples); predict "
+                          f"batch sizes of at most {ds.n_train}")
+    batch_sizes = grid  # a global batch cannot exceed the training set
+
+    def sample(b: int) -> tuple[Any, torch.Tensor]:  # b real examples, wrapping around a small training set
+        return ds.train_batch(torch.arange(b) % ds.n_train)
+
     prof = profile_compute(net, ds.input_shape, ds.num_outputs, profile_batch_sizes, profile_steps,
-                           task=ds.task, curve=compute_curve, seed=seed)
+                           task=ds.task, curve=compute_curve, seed=seed, sample=sample,
+                           loss_fn=loss_for(cfg.loss, ds.task))
     print(f"compute profile ({model}, {count_parameters(net):,} parameters, 1 thread): " + ", ".join(
         f"b={b}: {pm.format_seconds(t)}" for b, t in zip(prof.local_batch_sizes, prof.median_s)))
     print(f"  compute curve: {prof.fit.describe()}")

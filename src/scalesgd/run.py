@@ -38,9 +38,11 @@ from scalesgd.distributed import Rendezvous, StopRequest, World
 from scalesgd.errors import ConfigError, DistributedError, DivergedError, StoppedError, WorkerFailedError
 from scalesgd.lr_rules import LrConfig, LrTerms, lr_terms
 from scalesgd.models import build_model, example_randomness, loss_function
+from scalesgd.data.user import ShardReader, to_device
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
 from scalesgd.train_state import LossWatch, TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, sgd
+from scalesgd.user_code import build_run_model, canonical, is_import_string, loss_for, short_name
 from scalesgd.writer import (RunWriter, check_run_dir_is_new, default_run_dir, environment, lock_run_dir,
                              truncate_metrics)
 
@@ -59,39 +61,70 @@ class Prepared:
             every rank, exactly as if each rank had built the model itself).
         lr_config: the learning-rate rule and base schedule.
         policy: the batch-size policy.
+        loss: a per-example loss handed over as an object (``scalesgd.fit(loss=...)``); None: ``cfg.loss`` or
+            the task's built-in loss.
     """
 
     model: nn.Module
     torch_rng_state: torch.Tensor
     lr_config: LrConfig
     policy: BatchPolicy
+    loss: Callable | None = None
 
 
-def preflight(cfg: RunConfig, ds: Dataset) -> Prepared:
+def preflight(cfg: RunConfig, ds: Dataset, *, model: nn.Module | None = None, model_factory: Callable | None = None,
+              loss: Callable | None = None) -> Prepared:
     """Build what the run needs from the config and the data set, before anything is spawned or written:
     the model (it must fit the data), the lr rule and the batch policy (they must accept their options).
 
+    A user's model, data or loss (import strings, or the objects :func:`scalesgd.fit` passes: ``model`` an
+    instance used as it is, ``model_factory`` called like an import string's function, ``loss``) is tried
+    on the first two training examples here, so a wrong type or loss shape is one error before any spawn.
+
     Raises:
-        ConfigError: the model cannot take the data or its options; the lr rule or policy rejects theirs.
+        ConfigError: the model cannot take the data or its options; the lr rule or policy rejects theirs;
+            a user's model or loss fails on two examples.
     """
-    try:
-        model = build_model(cfg.model, input_shape=ds.input_shape, num_outputs=ds.num_outputs, seed=cfg.seed,
-                            width=cfg.width, depth=cfg.depth, dropout=cfg.dropout, norm=cfg.norm)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    if model is None:
+        model = build_run_model(cfg, input_shape=ds.input_shape, num_outputs=ds.num_outputs, factory=model_factory)
+    else:
+        torch.manual_seed(cfg.seed)  # the RNG where a factory would have left it for dropout to continue from
     torch_rng_state = torch.get_rng_state()
+    if (model_factory is not None or loss is not None or cfg.loss or is_import_string(cfg.model)
+            or is_import_string(cfg.dataset) or not ds.in_memory):
+        _try_on_two_examples(model, loss_for(cfg.loss, ds.task, fn=loss), ds)
+        torch.set_rng_state(torch_rng_state)
     policy = run_batch_policy(cfg.batch_policy, global_batch_size=cfg.global_batch_size, n_train=ds.n_train,
                               delta=cfg.delta, min_batch=cfg.min_batch, max_batch=cfg.max_batch,
                               schedule=cfg.batch_schedule)
     return Prepared(model=model, torch_rng_state=torch_rng_state, lr_config=LrConfig.from_run_config(cfg),
-                    policy=policy)
+                    policy=policy, loss=loss)
+
+
+def _try_on_two_examples(model: nn.Module, loss_fn: Callable, ds: Dataset) -> None:
+    """Forward the first two training examples (eval mode, no gradients) and the loss on them."""
+    x, y = ds.train_batch(torch.arange(min(2, ds.n_train)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+            if not isinstance(out, torch.Tensor):
+                raise ConfigError(f"the model returned a {type(out).__name__} for a batch; it must return a tensor "
+                                  "of outputs (B, ...) that the loss takes")
+            loss_fn(out, y)
+    finally:
+        model.train(was_training)
 
 
 def _threads(cfg: RunConfig, world: World) -> int:
+    """Torch threads of this worker: ``--threads-per-worker``, else the machine's cores shared equally by its
+    local workers, at least one."""
     if cfg.threads_per_worker is not None:
         return cfg.threads_per_worker
-    local = distributed.local_world_size(world.size if world.size <= (os.cpu_count() or 1) else 1)
-    return max(1, (os.cpu_count() or 1) // max(local, 1))
+    # Every local worker gets an equal share of the cores; with as many workers as cores (or more) that is one
+    # thread each: more would make the workers preempt each other at every all-reduce.
+    return max(1, world.cpu_count // max(world.local_size, 1))
 
 
 def _comm(cfg: RunConfig, world: World, generator: torch.Generator) -> CommStrategy:
@@ -113,12 +146,14 @@ def verify_replicas(params: torch.Tensor, world: World, step: int) -> None:
 
 
 def worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset | None = None,
-           prepared: Prepared | None = None, resume: bool = False) -> dict[str, Any]:
-    """One rank's whole job; returns the run summary (rank 0's is the one written). With ``resume``, it
-    continues from the newest checkpoint in ``cfg.run_dir`` (from the start if there is none yet)."""
+           prepared: Prepared | None = None, loss: Callable | None = None, resume: bool = False) -> dict[str, Any]:
+    """One rank's whole job; returns the run summary (rank 0's is the one written). Without ``ds`` /
+    ``prepared`` the worker loads the data / builds the model itself (``loss``: a loss object for then).
+    With ``resume``, it continues from the newest checkpoint in ``cfg.run_dir`` (from the start if there is
+    none yet)."""
     world = distributed.init_world(rdv, cfg.backend, timeout_s=cfg.timeout_s)
     try:
-        return _train(cfg, world, ds, prepared, resume=resume)
+        return _train(cfg, world, ds, prepared, loss, resume=resume)
     finally:
         distributed.shutdown_world()
 
@@ -175,20 +210,22 @@ def shard_batch(state: TrainState, *, stream: BatchStream, world: World, example
                  next_cursor=next_cursor)
 
 
-def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn: Callable, x_train: torch.Tensor,
-         y_train: torch.Tensor, rank: int, comm: CommStrategy, tx: GradientTransformation, tap: NoiseTap | None,
-         classification: bool, seed: int, requests: tuple[bool, bool] = (False, False)
-         ) -> tuple[TrainState, StepResult]:
+def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn: Callable,
+         read: Callable[[torch.Tensor], tuple[Any, torch.Tensor]], rank: int, comm: CommStrategy,
+         tx: GradientTransformation, tap: NoiseTap | None, classification: bool,
+         seed: int, requests: tuple[bool, bool] = (False, False)) -> tuple[TrainState, StepResult]:
     """One synchronous step on ``part`` (:func:`scalesgd.step.train_step`); advances counters and cursor.
+    ``read(indices)`` gives the (inputs, targets) of this rank's examples (:func:`_batch_reader`);
     ``requests``: this rank's (checkpoint, stop) requests, summed over ranks with the step."""
     b = int(part.batch.indices.numel())
+    x, y = read(part.local)
     # Dropout masks belong to the examples (seed, step, row of the global batch): each rank's rows get their
     # own, and P workers draw what one worker would (models.ExampleDropout). The update's randomness
     # (Langevin noise) comes from the transformation's generator, the same on every rank.
     with example_randomness(flat.model, seed=seed, step=state.step, first_row=sum(part.shard_sizes[:rank]),
                             global_rows=b):
         result, tx_state = train_step(
-            flat=flat, loss_fn=loss_fn, x=x_train[part.local], y=y_train[part.local], global_batch_size=b,
+            flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=b,
             shard_sizes=part.shard_sizes, rank=rank, comm=comm, tx=tx, tx_state=state.tx_state,
             hyper=Hyper(lr=lr, step=state.step), tap=tap, classification=classification, requests=requests)
     step_s = result.compute_s + result.comm_s + result.update_s
@@ -197,8 +234,8 @@ def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn:
                          torch_rng_state=torch.get_rng_state()), result
 
 
-def warm_up(state: TrainState, part: Shard, *, flat: FlatModel, loss_fn: Callable, x_train: torch.Tensor,
-            y_train: torch.Tensor, comm: CommStrategy) -> None:
+def warm_up(state: TrainState, part: Shard, *, flat: FlatModel, loss_fn: Callable,
+            read: Callable[[torch.Tensor], tuple[Any, torch.Tensor]], comm: CommStrategy) -> None:
     """One untimed forward/backward and all-reduce on ``part``, then undone: no clock of the run (training
     time, time to target) pays for one-time costs such as first-use allocations and kernel choices or a
     transport's first exchange, which made the first point of a sweep look many times slower than the same
@@ -207,12 +244,31 @@ def warm_up(state: TrainState, part: Shard, *, flat: FlatModel, loss_fn: Callabl
     torch_rng, comm_rng = torch.get_rng_state(), state.comm_generator.get_state()
     flat.buffer.zero_()
     if part.local.numel() > 0:
-        loss = loss_fn(flat.model(x_train[part.local]), y_train[part.local])
+        x, y = read(part.local)
+        loss = loss_fn(flat.model(x), y)
         (loss / int(part.batch.indices.numel())).backward()
     comm.allreduce_(flat.buffer, exact_tail=flat.tail)
     flat.buffer.zero_()
     torch.set_rng_state(torch_rng)
     state.comm_generator.set_state(comm_rng)
+
+
+def _batch_reader(ds: Dataset, reader: ShardReader,
+                  device: torch.device) -> Callable[[torch.Tensor], tuple[Any, torch.Tensor]]:
+    """``read(indices) -> (inputs, targets)`` on ``device``: tensors in memory are moved once and indexed (the
+    fast path); an indexed set reads each step's shard through ``reader``. An empty shard (a tiny last batch)
+    gives no inputs and empty targets."""
+    if ds.in_memory:
+        x_train, y_train = ds.x_train.to(device), ds.y_train.to(device)
+        return lambda idx: (x_train[idx], y_train[idx])
+
+    def read(idx: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        if idx.numel() == 0:
+            return None, torch.empty(0, device=device)
+        x, y = reader.read(idx)
+        return to_device(x, device), y.to(device)
+
+    return read
 
 
 def estimate(state: TrainState, result: StepResult, *, ema: NoiseScaleEMA | None,
@@ -280,12 +336,13 @@ def watch_loss(state: TrainState, loss: float, *, lr: float, cfg: RunConfig, wri
     return state.replace(loss_watch=LossWatch(first_loss=first, smoothed_loss=smoothed, steps_above=above))
 
 
-def log_exact_diversity(state: TrainState, *, model: nn.Module, ds: Dataset, world: World,
+def log_exact_diversity(state: TrainState, *, model: nn.Module, loss_fn: Callable, ds: Dataset, world: World,
                         estimate: DiversityEstimate | None, start_s: float, writer: RunWriter) -> None:
-    """Measure the exact whole-data Δ_S, B_S at the current weights (all ranks) and log it beside the estimate."""
+    """Measure the exact whole-data Δ_S, B_S at the current weights (all ranks) and log it beside the estimate.
+    ``loss_fn`` gives per-example losses (B,)."""
     t0 = time.perf_counter()
     rec = {"kind": "diversity", "step": state.step, "epoch": state.epoch(ds.n_train),
-           **measure_exact_diversity(model, loss_function(ds.task, "none"), ds.x_train, ds.y_train, world=world),
+           **measure_exact_diversity(model, loss_fn, ds.x_train, ds.y_train, world=world, dataset=ds),
            "batch_bound_est": estimate.batch_bound_est if estimate is not None else None,
            "time_s": time.perf_counter() - start_s}
     rec["measure_s"] = time.perf_counter() - t0
@@ -296,10 +353,17 @@ def log_eval(state: TrainState, *, model: nn.Module, loss_fn: Callable, ds: Data
              world: World, classification: bool, start_s: float, writer: RunWriter) -> dict[str, Any]:
     """Test loss/accuracy and loss/accuracy on a fixed training subset, summed over ranks; logged and returned."""
     t0 = time.perf_counter()
-    test = evaluate(model, loss_fn, ds.x_test, ds.y_test, rank=world.rank, world_size=world.size,
-                    device=world.device, classification=classification)
-    train = evaluate(model, loss_fn, ds.x_train[eval_train_idx], ds.y_train[eval_train_idx], rank=world.rank,
-                     world_size=world.size, device=world.device, classification=classification)
+    if ds.in_memory:
+        test = evaluate(model, loss_fn, ds.x_test, ds.y_test, rank=world.rank, world_size=world.size,
+                        device=world.device, classification=classification)
+        train = evaluate(model, loss_fn, ds.x_train[eval_train_idx], ds.y_train[eval_train_idx], rank=world.rank,
+                         world_size=world.size, device=world.device, classification=classification)
+    else:  # read by index, a chunk at a time
+        test = evaluate(model, loss_fn, read=ds.test_batch, n=ds.n_test, rank=world.rank, world_size=world.size,
+                        device=world.device, classification=classification, batch_size=256)
+        train = evaluate(model, loss_fn, read=lambda i: ds.train_batch(eval_train_idx[i]), n=len(eval_train_idx),
+                         rank=world.rank, world_size=world.size, device=world.device,
+                         classification=classification, batch_size=256)
     s = distributed.all_reduce_scalars([*test, *train], world)
     rec = {"kind": "eval", "step": state.step, "epoch": state.epoch(ds.n_train),
            "test_loss": s[0] / max(s[2], 1), "train_loss": s[3] / max(s[5], 1),
@@ -385,13 +449,13 @@ def save_checkpoint(state: TrainState, *, model: nn.Module, config: dict[str, An
 # The run
 
 
-def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared | None, *,
-           resume: bool = False) -> dict[str, Any]:
+def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared | None,
+           loss: Callable | None = None, *, resume: bool = False) -> dict[str, Any]:
     torch.set_num_threads(_threads(cfg, world))
-    if ds is None:
+    if ds is None:  # this worker calls the data (and below the model) functions itself
         ds = load_data(cfg)
     if prepared is None:
-        prepared = preflight(cfg, ds)
+        prepared = preflight(cfg, ds, loss=loss)
     model = prepared.model.to(world.device)
     model.train()
     flat = FlatModel(model, world.size, world.device)
@@ -412,7 +476,7 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
     run_dir = None
     if world.is_main:
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(
-            cfg.model, cfg.dataset, cfg.global_batch_size, world.size, cfg.seed)
+            short_name(cfg.model), short_name(cfg.dataset), cfg.global_batch_size, world.size, cfg.seed)
     resumed: dict[str, Any] = {}
     if resume:
         if not cfg.run_dir:
@@ -439,8 +503,9 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
         try:
             with StopRequest() as stop:
                 state, summary = _loop(state, cfg=cfg, world=world, ds=ds, flat=flat, comm=comm, tx=tx, tap=tap,
-                                       ema=ema, lr_config=prepared.lr_config, policy=prepared.policy, writer=writer,
-                                       config=resolved.to_dict(), stop=stop, resumed=resumed)
+                                       ema=ema, lr_config=prepared.lr_config, policy=prepared.policy,
+                                       loss=prepared.loss, writer=writer, config=resolved.to_dict(), stop=stop,
+                                       resumed=resumed)
         finally:
             if tap is not None:
                 tap.close()
@@ -456,13 +521,15 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
 def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat: FlatModel, comm: CommStrategy,
           tx: GradientTransformation, tap: NoiseTap | None, ema: NoiseScaleEMA | None, lr_config: LrConfig,
           policy: BatchPolicy, writer: RunWriter, config: dict[str, Any], stop: StopRequest,
-          resumed: dict[str, Any]) -> tuple[TrainState, dict[str, Any]]:
+          resumed: dict[str, Any], loss: Callable | None = None) -> tuple[TrainState, dict[str, Any]]:
     """Train until the step or epoch budget is spent or the target is reached; returns the final state and
     the run summary. Checkpoints when due; after a stop signal, checkpoints and raises :class:`StoppedError`.
     ``resumed``: ``elapsed_s`` and ``last_eval`` of the checkpoint the state came from ({} on a fresh start)."""
     classification = ds.task == "classification"
-    loss_fn = loss_function(ds.task)
-    x_train, y_train = ds.x_train.to(world.device), ds.y_train.to(world.device)
+    loss_fn = loss_for(cfg.loss, ds.task, fn=loss)
+    example_loss_fn = loss_for(cfg.loss, ds.task, "none", fn=loss)
+    reader = ShardReader(ds, cfg.loader_workers)
+    read = _batch_reader(ds, reader, world.device)
     stream = BatchStream(ds.n_train, cfg.seed)
     total_examples = cfg.steps * cfg.global_batch_size if cfg.steps else int(math.ceil(cfg.epochs * ds.n_train))
     eval_train_idx = torch.randperm(ds.n_train, generator=torch.Generator().manual_seed(cfg.seed + 17))[
@@ -470,7 +537,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     bar = _progress_bar(cfg, world, total_examples)
     warm_up(state, shard_batch(state, stream=stream, world=world,
                                examples_left=None if cfg.steps else total_examples - state.examples),
-            flat=flat, loss_fn=loss_fn, x_train=x_train, y_train=y_train, comm=comm)
+            flat=flat, loss_fn=loss_fn, read=read, comm=comm)
     start_s = time.perf_counter() - resumed.get("elapsed_s", 0.0)  # wall time continues across a resume
     last_eval: dict[str, Any] = resumed.get("last_eval", {})
     ckpt = Checkpointing(cfg.checkpoint_every_steps, cfg.checkpoint_every_s, cfg.keep_checkpoints,
@@ -478,8 +545,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
 
     try:
         if cfg.exact_diversity_every and state.step == 0:
-            log_exact_diversity(state, model=flat.model, ds=ds, world=world, estimate=None, start_s=start_s,
-                                writer=writer)
+            log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world, estimate=None,
+                                start_s=start_s, writer=writer)
         while not finished(state, steps=cfg.steps, total_examples=total_examples):
             # adapt: the batch size and learning rate for this step, from the estimates so far
             state, terms = adapt(state, policy=policy, lr_config=lr_config,
@@ -490,9 +557,9 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                                examples_left=None if cfg.steps else total_examples - state.examples)
             # step: forward/backward, one all-reduce (gradient + statistics), the same update on every rank
             requests = (world.is_main and ckpt.time_due(time.perf_counter()), stop.signum is not None)
-            state, result = step(state, part, lr=terms.lr, flat=flat, loss_fn=loss_fn, x_train=x_train,
-                                 y_train=y_train, rank=world.rank, comm=comm, tx=tx, tap=tap,
-                                 classification=classification, seed=cfg.seed, requests=requests)
+            state, result = step(state, part, lr=terms.lr, flat=flat, loss_fn=loss_fn, read=read, rank=world.rank,
+                                 comm=comm, tx=tx, tap=tap, classification=classification, seed=cfg.seed,
+                                 requests=requests)
             # estimate: fold the step's unbiased ‖G‖², tr Σ into the smoothed estimates
             state, noise = estimate(state, result, ema=ema, n_train=ds.n_train)
             # log: the step's line; a non-finite or exploding loss stops the run here
@@ -503,7 +570,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 _advance_bar(bar, part, result, last_eval)
             # evaluate: exact diversity, replica check and test accuracy when due
             if cfg.exact_diversity_every and state.step % cfg.exact_diversity_every == 0:
-                log_exact_diversity(state, model=flat.model, ds=ds, world=world,
+                log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world,
                                     estimate=smoothed_estimate(state, ema, ds.n_train), start_s=start_s,
                                     writer=writer)
             if cfg.check_replicas_every and state.step % cfg.check_replicas_every == 0:
@@ -532,6 +599,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                         f"checkpoint is in {checkpoint.checkpoint_dir(cfg.run_dir or '.')}. Continue with: "
                         f"scalesgd train --resume {cfg.run_dir}")
     finally:
+        reader.close()
         if bar is not None:
             bar.close()
     if not last_eval or last_eval["step"] != state.step:
@@ -577,8 +645,14 @@ def _advance_bar(bar, part: Shard, result: StepResult, last_eval: dict[str, Any]
     bar.set_postfix(postfix, refresh=False)
 
 
-def train(cfg: RunConfig, ds: Dataset | None = None, *, resume: bool = False) -> dict[str, Any]:
+def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None = None,
+          model_factory: Callable | None = None, loss: Callable | None = None, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg``: under torchrun as the rank it made, otherwise on ``cfg.workers`` local processes.
+
+    Import strings in ``cfg.model`` / ``cfg.dataset`` / ``cfg.loss`` are resolved here (to check them before
+    anything starts) and again by every worker, which calls the functions itself: nothing of a user's
+    model or data is pickled. Objects (``ds``, ``model``, ``model_factory``, ``loss``, as :func:`scalesgd.fit`
+    passes them) travel pickled with the spawn payload.
 
     The launcher (rank 0 under torchrun) holds a lock on the run directory for the job's life. With
     ``resume`` (``scalesgd train --resume``), or when torchrun restarted the job (TORCHELASTIC_RESTART_COUNT
@@ -606,32 +680,43 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, resume: bool = False) ->
     elif main:
         check_run_dir_is_new(cfg.run_dir)
         if not cfg.run_dir:
-            cfg = cfg.replace(run_dir=str(default_run_dir(cfg.model, cfg.dataset, cfg.global_batch_size,
-                                                          rdv.size if rdv else cfg.workers, cfg.seed)))
+            cfg = cfg.replace(run_dir=str(default_run_dir(short_name(cfg.model), short_name(cfg.dataset),
+                                                          cfg.global_batch_size, rdv.size if rdv else cfg.workers,
+                                                          cfg.seed)))
+    # .py paths made absolute: config.json then names files that any later command can find
+    cfg = cfg.replace(model=canonical(cfg.model), dataset=canonical(cfg.dataset), loss=canonical(cfg.loss))
+    given_ds = ds is not None
     if ds is None:
         ds = load_data(cfg)
-    prepared = preflight(cfg, ds)
+    prepared = preflight(cfg, ds, model=model, model_factory=model_factory, loss=loss)
     with lock:
         if main and not locked:
             lock.enter_context(lock_run_dir(cfg.run_dir))
         if main and not resume:
             check_run_dir_is_new(cfg.run_dir)  # again under the lock: a run that finished meanwhile
         if rdv is not None:
-            return worker(rdv, cfg, ds, prepared, resume)
+            return worker(rdv, cfg, ds, prepared, resume=resume)
         if cfg.workers == 1 and cfg.max_restarts == 0:
-            return worker(Rendezvous("127.0.0.1", 0, 0, 1, 0), cfg, ds, prepared, resume)
+            return worker(Rendezvous("127.0.0.1", 0, 0, 1, 0), cfg, ds, prepared, resume=resume)
         distributed.check_local_address(cfg.master_addr)
         cores = os.cpu_count() or 1
         if cfg.workers > cores and distributed.resolve_backend(cfg.backend) == "gloo":
-            # Many more blocking workers than cores: every all-reduce waits for each peer's time slice.
-            print(f"warning: {cfg.workers} local workers on {cores} CPU cores; each worker waits for a time "
-                  f"slice at every all-reduce, so steps slow down many-fold. Use --workers {cores} or fewer "
-                  "here, or run the extra workers on other machines with torchrun.", file=sys.stderr, flush=True)
+            # More blocking workers than cores: every all-reduce waits for each peer's time slice.
+            threads = cfg.threads_per_worker or 1
+            print(f"warning: {cfg.workers} local workers on {cores} CPU cores, {threads} torch thread(s) each "
+                  f"(--threads-per-worker {threads}); each worker waits for a time slice at every all-reduce, so "
+                  f"steps slow down many-fold. Use --workers {cores} or fewer here, or run the extra workers on "
+                  "other machines with torchrun.", file=sys.stderr, flush=True)
+        # What the user named by import strings, every worker calls itself (nothing large is pickled, and a
+        # class from a .py file loaded by path could not be unpickled by name); objects travel pickled.
+        own_model = is_import_string(cfg.model) and model is None and model_factory is None
         restarts = 0
         while True:
+            args = (cfg, None if is_import_string(cfg.dataset) and not given_ds else ds,
+                    None if own_model else prepared, loss, resume)
             try:
-                results = distributed.spawn(worker, cfg.workers, (cfg, ds, prepared, resume), port=cfg.master_port,
-                                            addr=cfg.master_addr, timeout_s=None)
+                results = distributed.spawn(worker, cfg.workers, args, port=cfg.master_port, addr=cfg.master_addr,
+                                            timeout_s=None)
                 return results[0]
             except WorkerFailedError as e:
                 if restarts >= cfg.max_restarts:

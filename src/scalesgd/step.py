@@ -169,7 +169,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     Args:
         flat: the model with flat parameters and gradient buffer.
         loss_fn: per-example loss, ``reduction="sum"`` semantics: ``loss_fn(out, y)`` returns Σᵢ ℓᵢ.
-        x, y: this rank's shard of the global batch (may be empty for a tiny last batch).
+        x, y: this rank's shard of the global batch (may be empty for a tiny last batch); ``x`` is whatever
+            the model takes (a tensor, or a dict batch), ``y`` a tensor whose first axis is the shard.
         global_batch_size: B, the size of the whole global batch.
         shard_sizes: the size of every rank's shard (for estimators that need them).
         comm: the communication strategy.
@@ -185,7 +186,7 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     t0 = time.perf_counter()
     flat.buffer.zero_()
     stats = flat.stats
-    local_b = int(x.shape[0])
+    local_b = int(y.shape[0])  # the targets are a tensor even when the inputs are a dict
     loss_scale = 1.0 / global_batch_size
     if local_b > 0:
         out = flat.model(x)
@@ -251,20 +252,27 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, rank: int,
-             world_size: int, device: torch.device, classification: bool, batch_size: int = 4096
+def evaluate(model: nn.Module, loss_fn: Callable, x: torch.Tensor | None = None, y: torch.Tensor | None = None, *,
+             rank: int, world_size: int, device: torch.device, classification: bool, batch_size: int = 4096,
+             read: Callable[[torch.Tensor], tuple[Any, torch.Tensor]] | None = None, n: int | None = None
              ) -> tuple[float, float, float]:
     """This rank's share of (loss sum, correct count, example count) on (x, y); sum over ranks outside.
 
+    Instead of tensors, ``read(indices) -> (inputs, targets)`` over ``n`` examples (a data set read by index).
     Runs in eval mode (dropout off) and restores the previous mode.
     """
+    from scalesgd.data.user import to_device
+
+    if read is None:
+        read, n = (lambda i: (x[i], y[i])), int(x.shape[0])
     was_training = model.training
     model.eval()
-    idx = torch.tensor_split(torch.arange(x.shape[0]), world_size)[rank]
+    idx = torch.tensor_split(torch.arange(n), world_size)[rank]
     loss_sum = correct = 0.0
     for start in range(0, idx.numel(), batch_size):
         part = idx[start:start + batch_size]
-        xb, yb = x[part].to(device, non_blocking=True), y[part].to(device, non_blocking=True)
+        xb, yb = read(part)
+        xb, yb = to_device(xb, device), yb.to(device, non_blocking=True)
         out = model(xb)
         loss_sum += float(loss_fn(out, yb))
         if classification:

@@ -14,7 +14,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,31 +27,61 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test tensors plus what a model and a loss need to know about them.
+    """Train and test data plus what a model and a loss need to know about them.
 
     ``task`` is ``"classification"`` (targets are int64 class indices, ``num_outputs`` classes) or
     ``"regression"`` (targets are float32 of shape (n, num_outputs)).
+
+    Either in memory (``x_train`` … ``y_test`` tensors: the built-in sets, and a user's tuples of tensors) or
+    read by index (``train_set`` / ``test_set``: a user's map-style ``torch.utils.data.Dataset``, read one
+    example at a time per batch, see :mod:`scalesgd.data.user`). :meth:`train_batch` / :meth:`test_batch` serve
+    both; ``input_shape`` is None when examples are not single tensors (dicts), ``num_outputs`` None when
+    the data set does not say (a map-style set without a ``num_outputs`` or ``classes`` attribute).
     """
 
     name: str
-    x_train: torch.Tensor  # (n_train, *input_shape) float32
-    y_train: torch.Tensor  # (n_train,) int64 or (n_train, num_outputs) float32
-    x_test: torch.Tensor  # (n_test, *input_shape)
-    y_test: torch.Tensor
-    num_outputs: int
+    x_train: torch.Tensor | None  # (n_train, *input_shape) float32; None when read by index
+    y_train: torch.Tensor | None  # (n_train,) int64 or (n_train, num_outputs) float32
+    x_test: torch.Tensor | None  # (n_test, *input_shape)
+    y_test: torch.Tensor | None
+    num_outputs: int | None
     task: str = "classification"
+    train_set: Any = None  # map-style torch Dataset of (input, target) pairs or dicts, when read by index
+    test_set: Any = None
+    example_shape: tuple[int, ...] | None = None  # input shape of an indexed set's examples (None: not tensors)
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+    def in_memory(self) -> bool:
+        return self.train_set is None
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        return tuple(self.x_train.shape[1:]) if self.in_memory else self.example_shape
 
     @property
     def n_train(self) -> int:
-        return int(self.x_train.shape[0])
+        return int(self.x_train.shape[0]) if self.in_memory else len(self.train_set)
 
     @property
     def n_test(self) -> int:
-        return int(self.x_test.shape[0])
+        return int(self.x_test.shape[0]) if self.in_memory else len(self.test_set)
+
+    def train_batch(self, indices: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """(inputs, targets) of the training examples ``indices`` (B,): tensor indexing in memory, else each
+        example read and collated (:func:`scalesgd.data.user.read_batch`)."""
+        if self.in_memory:
+            return self.x_train[indices], self.y_train[indices]
+        from scalesgd.data.user import read_batch
+
+        return read_batch(self.train_set, indices)
+
+    def test_batch(self, indices: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """(inputs, targets) of the test examples ``indices`` (B,)."""
+        if self.in_memory:
+            return self.x_test[indices], self.y_test[indices]
+        from scalesgd.data.user import read_batch
+
+        return read_batch(self.test_set, indices)
 
 
 def cache_dir() -> Path:
@@ -496,6 +526,9 @@ def replicate_training_set(ds: Dataset, r: float, seed: int = 0) -> Dataset:
     unchanged; ``r`` may be fractional (1.5). The test set is untouched.
     """
     n = ds.n_train
+    if not ds.in_memory and r != 1:
+        raise DataError("--replicate works on data sets held as tensors; this one is read by index (a map-style "
+                        "Dataset): leave --replicate out, or return tensors (x, y) from the data function")
     if not r >= 1:
         raise DataError(f"replicate must be >= 1 (1 keeps the training set as it is), got {r}; "
                         f"pass --replicate 2, say")
@@ -602,8 +635,37 @@ def load_data(cfg: RunConfig) -> Dataset:
     """
     # Imported here: config validates names from models/comm/policies, and must stay importable without data.
     from scalesgd.config import check_against_data
+    from scalesgd.user_code import OBJECT_PREFIX, is_import_string
 
-    ds = load_dataset(cfg.dataset, replicate=cfg.replicate, n_train=cfg.n_train, seed=cfg.data_seed, dim=cfg.dim,
-                      noise=cfg.noise)
+    if cfg.dataset.startswith(OBJECT_PREFIX):
+        raise DataError(f"the run's data were Python objects ({cfg.dataset}) handed to scalesgd.fit; they cannot be "
+                        "reloaded from the run directory. Give fit an import string (MODULE:FUNCTION) instead")
+    if is_import_string(cfg.dataset):
+        ds = load_user_dataset(cfg.dataset)
+        if cfg.replicate != 1:
+            ds = replicate_training_set(ds, cfg.replicate, seed=0 if cfg.data_seed is None else cfg.data_seed)
+    else:
+        ds = load_dataset(cfg.dataset, replicate=cfg.replicate, n_train=cfg.n_train, seed=cfg.data_seed,
+                          dim=cfg.dim, noise=cfg.noise)
     check_against_data(cfg, ds.n_train)
     return ds
+
+
+def load_user_dataset(spec: str) -> Dataset:
+    """The data set a ``MODULE:FUNCTION`` import string names: the function is called with no arguments and
+    returns ``(train, test)`` (:func:`scalesgd.data.user.from_user` says what each may be).
+
+    Raises:
+        ConfigError: the module or function cannot be found; DataError: it returned something else.
+    """
+    from scalesgd.data.user import from_user
+    from scalesgd.user_code import resolve
+
+    from scalesgd.user_code import call_with_accepted
+
+    out = call_with_accepted(resolve(spec, option="--dataset"), what=f"--dataset {spec}")
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        got = f"a {type(out).__name__}" + (f" of {len(out)}" if isinstance(out, (tuple, list)) else "")
+        raise DataError(f"--dataset {spec} returned {got}; it must return (train, test), each a tuple of tensors "
+                        "(x, y) or a map-style torch.utils.data.Dataset")
+    return from_user(out[0], out[1], name=spec)

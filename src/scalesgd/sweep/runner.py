@@ -194,16 +194,17 @@ class _Runner:
         import torch
 
         from scalesgd.diversity import measure_exact_diversity
-        from scalesgd.models import build_model, loss_function
+        from scalesgd.user_code import build_run_model, loss_for
 
         ds = self.data(r)
         base = self.spec.base
         if base.threads_per_worker:
             torch.set_num_threads(base.threads_per_worker)
-        model = build_model(base.model, input_shape=ds.input_shape, num_outputs=ds.num_outputs, seed=seed,
-                            width=base.width, depth=base.depth, dropout=base.dropout, norm=base.norm)
+        # the base's own model and loss (a built-in name or an import string)
+        model = build_run_model(base.replace(seed=seed), input_shape=ds.input_shape, num_outputs=ds.num_outputs)
         model.train()
-        stats = measure_exact_diversity(model, loss_function(ds.task, "none"), ds.x_train, ds.y_train)
+        stats = measure_exact_diversity(model, loss_for(base.loss, ds.task, "none"), ds.x_train, ds.y_train,
+                                        dataset=ds)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, {"replicate": r, "seed": seed, **stats})
         self.log(f"exact B_S at init, r={r:g} seed={seed}: {stats['batch_bound']:.1f}")
