@@ -1,7 +1,9 @@
-"""Wall time to a target test accuracy: ``--batch-policy diversity`` (defaults, no tuning) against the best
-fixed-batch plain PyTorch DDP + ``torch.optim.SGD``, P = 2 workers, several seeds, in the same run.
+"""Wall time to a target test accuracy: ``--batch-policy diversity`` and ``--batch-policy goodput --lr auto``
+(defaults, no tuning) against the best fixed-batch plain PyTorch DDP + ``torch.optim.SGD``, P = 2 workers,
+several seeds, in the same run.
 
-Tasks: MNIST-1D with the 1-D CNN to 94% test accuracy, scikit-learn digits with the MLP to 97%.
+Tasks: MNIST-1D with the 1-D CNN to 94% test accuracy, scikit-learn digits with the MLP to 97%, and a third
+that nothing in either policy was tuned on: digits with the 1-D CNN (the 64 pixels as a sequence) to 96%.
 
 The contestants:
 
@@ -9,6 +11,9 @@ The contestants:
   loss, momentum 0.9, weight decay 5e-4, lr rule ``constant``, ``--diversity cheap``, δ = 0.5, the
   starting batch as the floor, the policy's own warm-up and hysteresis); nothing tuned. ``--min-batch 1``
   runs it without the floor (it then follows δ·B̂_S + 1 below the start, too).
+* ``goodput``: the trainer with ``--batch-policy goodput --lr auto`` and every other default (starting batch
+  128; the base lr found by the trainer's range test within 5% of the run's time, which counts in its clock;
+  the lr follows the AdaScale gain as the batch changes); nothing tuned.
 * ``fixed``: DDP + torch.optim.SGD (momentum 0.9, weight decay 5e-4) at every (B, lr) of the declared grid
   B ∈ {32, 64, 128, 256, 512} × lr ∈ {0.025, 0.05, 0.1, 0.2}. The grid is run on seed 0; the TOP_K
   fastest configurations are then run on every seed, and the best fixed baseline is the one with the
@@ -33,11 +38,14 @@ A "why" line per task fits each contestant's per-step wall time to t0 + c·B and
 optimal batch √(B_h·B_noise), B_h = t0/c, next to the policy's target δ·B̂_S + 1 (see
 :func:`goodput_batch`).
 
-Printed: the ratio of medians (diversity / best fixed; target ≤ 1.0, stretch ≤ 0.8) and whether the batch
-the policy settled on (median per-step batch over the last half of its run's examples) lies within a
-factor 2 of the best fixed batch; the batch at the moment it reached the target is shown too.
+Printed, per contestant: the ratio of medians (policy / best fixed; target ≤ 1.0, stretch ≤ 0.8) and whether
+the batch the policy settled on (median per-step batch over the last half of its run's examples) lies within
+a factor 2 of the best fixed batch; the batch at the moment it reached the target is shown too. For goodput
+also: the final test accuracy after a fixed epoch budget (``Task.budget_epochs``, no target stop), median over
+seeds, against the best fixed configuration's on the same seeds (target: within 0.5 points), and the whole
+cost of tuning (the sum of the grid's run times) beside the one untuned run.
 
-    python bench/time_to_accuracy.py                       # both tasks, full grid, 3 seeds (~10 min on 2 cores)
+    python bench/time_to_accuracy.py                       # all tasks, full grid, 3 seeds (long: tens of minutes)
     python bench/time_to_accuracy.py --quick --json out.json
 """
 
@@ -71,6 +79,8 @@ EVAL_EPOCHS = 0.1
 MIN_STEPS_PER_BATCH = 10  # a batch size the policy used for fewer steps (an epoch's tail) is too noisy to time
 CAP_FACTOR = 3.0  # a tuning run stops once its wall time passes CAP_FACTOR x the fastest so far
 RATIO_TARGET, RATIO_STRETCH, BATCH_FACTOR = 1.0, 0.8, 2.0
+ACCURACY_TOLERANCE = 0.005  # goodput's final accuracy after the epoch budget: within 0.5 points of the baseline's
+CONTESTANTS = ("diversity", "goodput")
 
 
 @dataclass(frozen=True)
@@ -81,11 +91,13 @@ class Task:
     model: str
     target_accuracy: float
     max_epochs: float
+    budget_epochs: float = 10.0  # the fixed epoch budget of the final-accuracy comparison
 
 
 TASKS = {
-    "mnist1d": Task("mnist1d", "cnn1d", 0.94, 15.0),
-    "digits": Task("digits", "mlp", 0.97, 60.0),
+    "mnist1d": Task("mnist1d", "cnn1d", 0.94, 15.0, 10.0),
+    "digits": Task("digits", "mlp", 0.97, 60.0, 30.0),
+    "digits-cnn1d": Task("digits", "cnn1d", 0.96, 40.0, 30.0),  # the held-out workload
 }
 
 
@@ -93,7 +105,7 @@ TASKS = {
 class RunResult:
     """One training run, reduced to what the comparison needs (all times in seconds)."""
 
-    kind: str  # "diversity" or "fixed"
+    kind: str  # "diversity", "goodput" or "fixed"
     seed: int
     global_batch_size: int  # the starting (diversity) or fixed batch
     lr: float
@@ -111,6 +123,8 @@ class RunResult:
     batch_bound_settled: float | None = None  # median online B_S estimate over the last half (policy runs)
     stopped: str | None = None  # why a run ended before its target ("diverged", "time limit"), if it did
     bench_s: float = 0.0  # this run's wall time in the bench, spawn and set-up included
+    final_test_accuracy: float | None = None  # at the run's end (the target, or the epoch budget)
+    lr_probe_s: float | None = None  # --lr auto: the range test's time (inside every clock above)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -200,30 +214,39 @@ def finish(result: RunResult, target: float) -> RunResult:
     return result
 
 
-def policy_config(task: Task, ds: Dataset, seed: int, run_dir: Path, min_batch: int | None = None) -> RunConfig:
-    """The diversity-policy run: RunConfig defaults except the task, the stop rule and the shared protocol
-    (``min_batch``: None keeps the trainer's default floor, the starting batch; 1 lets the policy shrink)."""
+def policy_config(task: Task, ds: Dataset, seed: int, run_dir: Path, min_batch: int | None = None,
+                  kind: str = "diversity", budget: bool = False) -> RunConfig:
+    """A policy run: RunConfig defaults except the task, the stop rule and the shared protocol. ``kind``
+    ``diversity`` (``min_batch``: None keeps the trainer's default floor, the starting batch; 1 lets the policy
+    shrink) or ``goodput`` (``--batch-policy goodput --lr auto``). ``budget``: train the task's epoch budget
+    with no target stop (the final-accuracy comparison) instead of stopping at the target."""
     start_batch = RunConfig.global_batch_size
-    return RunConfig(dataset=task.dataset, model=task.model, batch_policy="diversity", lr_schedule="constant",
-                     min_batch=min_batch,
-                     epochs=task.max_epochs, target_accuracy=task.target_accuracy,
+    policy = dict(batch_policy="diversity", min_batch=min_batch) if kind == "diversity" else dict(
+        batch_policy="goodput", lr="auto", min_batch=min_batch)
+    return RunConfig(dataset=task.dataset, model=task.model, lr_schedule="constant", **policy,
+                     epochs=task.budget_epochs if budget else task.max_epochs,
+                     target_accuracy=None if budget else task.target_accuracy,
                      eval_every=max(1, round(EVAL_EPOCHS * ds.n_train / start_batch)), eval_train_examples=0,
                      workers=2, threads_per_worker=1, progress=False, seed=seed, run_dir=str(run_dir))
 
 
-def fixed_config(task: Task, batch: int, lr: float, seed: int) -> RunConfig:
-    """The DDP baseline's config: the same defaults, a fixed batch and lr from the grid, constant lr."""
+def fixed_config(task: Task, batch: int, lr: float, seed: int, budget: bool = False) -> RunConfig:
+    """The DDP baseline's config: the same defaults, a fixed batch and lr from the grid, constant lr (``budget``:
+    the task's epoch budget, no target stop)."""
     return RunConfig(dataset=task.dataset, model=task.model, global_batch_size=batch, lr=lr,
-                     lr_schedule="constant", epochs=task.max_epochs, target_accuracy=task.target_accuracy,
+                     lr_schedule="constant", epochs=task.budget_epochs if budget else task.max_epochs,
+                     target_accuracy=None if budget else task.target_accuracy,
                      diversity="off", workers=2, threads_per_worker=1, progress=False, seed=seed)
 
 
-def run_policy(task: Task, ds: Dataset, seed: int, workdir: Path, min_batch: int | None = None) -> RunResult:
-    """Train with ``--batch-policy diversity`` and read its evaluations and batches from the run directory."""
-    run_dir = workdir / f"{task.dataset}-diversity-seed{seed}-{time.monotonic_ns()}"
-    cfg = policy_config(task, ds, seed, run_dir, min_batch)
+def run_policy(task: Task, ds: Dataset, seed: int, workdir: Path, min_batch: int | None = None,
+               kind: str = "diversity", budget: bool = False) -> RunResult:
+    """Train with the policy ``kind`` (see :func:`policy_config`) and read its evaluations and batches from the
+    run directory."""
+    run_dir = workdir / f"{task.dataset}-{task.model}-{kind}-seed{seed}-{time.monotonic_ns()}"
+    cfg = policy_config(task, ds, seed, run_dir, min_batch, kind, budget)
     t0 = time.perf_counter()
-    train(cfg, ds)
+    summary = train(cfg, ds)
     bench_s = time.perf_counter() - t0
     rows = RunData.open(run_dir).records
     evals = [{k: r[k] for k in ("step", "epoch", "test_accuracy", "time_s", "eval_s")}
@@ -242,7 +265,10 @@ def run_policy(task: Task, ds: Dataset, seed: int, workdir: Path, min_batch: int
     half = batches[-1][0] / 2 if batches else 0.0
     bounds = [r["batch_bound_est"] for r in steps if r["epoch"] > half and r.get("batch_bound_est") is not None
               and math.isfinite(r["batch_bound_est"])]
-    result = RunResult("diversity", seed, cfg.global_batch_size, cfg.lr, evals, batches, steps=len(steps),
+    auto = [r for r in rows if r["kind"] == "lr_auto"]
+    result = RunResult(kind, seed, cfg.global_batch_size, auto[0]["lr"] if auto else cfg.lr, evals, batches,
+                       steps=len(steps), final_test_accuracy=summary["final_test_accuracy"],
+                       lr_probe_s=auto[0]["probe_s"] if auto else None,
                        train_wall_s=(evals[-1]["time_s"] if evals else 0.0) - sum(e["eval_s"] for e in evals),
                        step_wall_by_batch={b: statistics.median(w) for b, w in sorted(walls.items())
                                            if len(w) >= MIN_STEPS_PER_BATCH},
@@ -251,10 +277,10 @@ def run_policy(task: Task, ds: Dataset, seed: int, workdir: Path, min_batch: int
 
 
 def run_fixed(task: Task, ds: Dataset, batch: int, lr: float, seed: int,
-              max_wall_s: float | None = None) -> RunResult:
+              max_wall_s: float | None = None, budget: bool = False) -> RunResult:
     """Train DDP + torch.optim.SGD at a fixed (batch, lr), evaluating every EVAL_EPOCHS; give up when the
-    loss diverges or the wall time passes ``max_wall_s``."""
-    cfg = fixed_config(task, batch, lr, seed)
+    loss diverges or the wall time passes ``max_wall_s`` (``budget``: the epoch budget, no target stop)."""
+    cfg = fixed_config(task, batch, lr, seed, budget)
     t0 = time.perf_counter()
     out = distributed.spawn(_ddp_job, 2, (cfg, ds, max_wall_s), timeout_s=1200)[0]
     bench_s = time.perf_counter() - t0
@@ -266,7 +292,7 @@ def run_fixed(task: Task, ds: Dataset, batch: int, lr: float, seed: int,
     train_wall_s = out["wall_s"] - sum(e["eval_s"] for e in out["evals"])
     result = RunResult("fixed", seed, batch, lr, out["evals"], batches, steps=out["steps"],
                        train_wall_s=train_wall_s, step_wall_by_batch={batch: train_wall_s / max(out["steps"], 1)},
-                       stopped=out["stopped"], bench_s=bench_s)
+                       stopped=out["stopped"], bench_s=bench_s, final_test_accuracy=out["final_test_accuracy"])
     return finish(result, task.target_accuracy)
 
 
@@ -290,7 +316,7 @@ def compare(diversity: list[RunResult], fixed: dict[tuple[int, float], list[RunR
         (median over seeds of each run's settled batch) and batch at target, and the verdicts.
     """
     (best_b, best_lr), best_runs = min(fixed.items(), key=lambda kv: (median_time(kv[1]), kv[0]))
-    div_med, fix_med = median_time(diversity), median_time(best_runs)
+    div_med, fix_med = median_time(diversity), median_time(best_runs)  # `diversity`: the policy's runs
     ratio = div_med / fix_med if math.isfinite(fix_med) and fix_med > 0 else math.nan
     settled = [r.settled_batch for r in diversity if r.settled_batch is not None]
     at_target = [r.batch_at_target for r in diversity if r.reached and r.batch_at_target is not None]
@@ -306,11 +332,11 @@ def compare(diversity: list[RunResult], fixed: dict[tuple[int, float], list[RunR
         ratio_verdict = "MISSED"
     return {
         "best_fixed_batch": best_b, "best_fixed_lr": best_lr,
-        "diversity_median_s": div_med if math.isfinite(div_med) else None,
+        "policy_median_s": div_med if math.isfinite(div_med) else None,
         "fixed_median_s": fix_med if math.isfinite(fix_med) else None,
         "ratio": ratio if math.isfinite(ratio) else None,
         "ratio_verdict": ratio_verdict,
-        "diversity_epochs_median": statistics.median(r.epochs_to_target for r in diversity),
+        "policy_epochs_median": statistics.median(r.epochs_to_target for r in diversity),
         "fixed_epochs_median": statistics.median(r.epochs_to_target for r in best_runs),
         "settled_batch_median": settled_med,
         "batch_at_target_median": statistics.median(at_target) if at_target else None,
@@ -375,12 +401,23 @@ def _print_explanation(name: str, why: dict[str, Any]) -> None:
         print(line, flush=True)
 
 
+def accuracy_at_budget(goodput: list[RunResult], fixed: list[RunResult]) -> dict[str, Any]:
+    """Final test accuracy after the same epoch budget: goodput's median over seeds against the best fixed
+    configuration's median (on the same seeds); met when goodput is at most ACCURACY_TOLERANCE below."""
+    ours = statistics.median(r.final_test_accuracy if r.final_test_accuracy is not None else 0.0 for r in goodput)
+    theirs = statistics.median(r.final_test_accuracy if r.final_test_accuracy is not None else 0.0 for r in fixed)
+    return {"goodput_accuracy_median": ours, "fixed_accuracy_median": theirs, "difference": ours - theirs,
+            "accuracy_verdict": "MET" if ours >= theirs - ACCURACY_TOLERANCE else "MISSED"}
+
+
 def bench_task(name: str, task: Task, grid: list[tuple[int, float]], seeds: tuple[int, ...], top_k: int,
-               workdir: Path, min_batch: int | None = None) -> dict[str, Any]:
-    """Tune the fixed baseline on seed ``seeds[0]``, then run the policy and the top-k baselines on all seeds."""
+               workdir: Path, min_batch: int | None = None,
+               contestants: tuple[str, ...] = CONTESTANTS) -> dict[str, Any]:
+    """Tune the fixed baseline on seed ``seeds[0]``, then run the policies and the top-k baselines on all seeds;
+    with goodput, then the epoch-budget accuracy runs of goodput and the best fixed configuration."""
     ds = load_data(RunConfig(dataset=task.dataset, model=task.model))
-    print(f"\n== {name}: {task.model} to {task.target_accuracy:.0%} test accuracy, P=2, n_train={ds.n_train}, "
-          f"eval every {EVAL_EPOCHS:g} epoch (excluded from the clock), load average "
+    print(f"\n== {name}: {task.model} on {task.dataset} to {task.target_accuracy:.0%} test accuracy, P=2, "
+          f"n_train={ds.n_train}, eval every {EVAL_EPOCHS:g} epoch (excluded from the clock), load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     tuning: dict[tuple[int, float], RunResult] = {}
     best = math.inf
@@ -392,37 +429,63 @@ def bench_task(name: str, task: Task, grid: list[tuple[int, float]], seeds: tupl
         print(f"  tune  fixed     B={b:<4d} lr={lr:<6g} seed {seeds[0]}: {_fmt_run(r)}", flush=True)
     ranked = sorted(tuning, key=lambda k: (tuning[k].time_to_target_s, k))
     candidates = [k for k in ranked[:top_k] if math.isfinite(tuning[k].time_to_target_s)] or ranked[:1]
-    diversity: list[RunResult] = []
+    policies: dict[str, list[RunResult]] = {kind: [] for kind in contestants}
     fixed: dict[tuple[int, float], list[RunResult]] = {k: [] for k in candidates}
     for seed in seeds:
-        r = run_policy(task, ds, seed, workdir, min_batch)
-        diversity.append(r)
-        print(f"  seed {seed} diversity B0={r.global_batch_size:<4d} lr={r.lr:<6g}: {_fmt_run(r)}  batch at target "
-              f"{r.batch_at_target}, settled {r.settled_batch:g}; load {os.getloadavg()[0]:.1f}", flush=True)
+        for kind in contestants:
+            r = run_policy(task, ds, seed, workdir, min_batch if kind == "diversity" else None, kind)
+            policies[kind].append(r)
+            probe = f", lr probe {r.lr_probe_s:.2f}s" if r.lr_probe_s is not None else ""
+            print(f"  seed {seed} {kind:<9s} B0={r.global_batch_size:<4d} lr={r.lr:<6.3g}: {_fmt_run(r)}  batch at "
+                  f"target {r.batch_at_target}, settled {r.settled_batch:g}{probe}; load {os.getloadavg()[0]:.1f}",
+                  flush=True)
         for b, lr in candidates:
             f = run_fixed(task, ds, b, lr, seed)
             fixed[(b, lr)].append(f)
             print(f"  seed {seed} fixed     B={b:<4d} lr={lr:<6g}: {_fmt_run(f)}", flush=True)
-    summary = compare(diversity, fixed)
-    why = explain(diversity, list(tuning.values()), RunConfig.delta)
-    best_runs = fixed[(summary["best_fixed_batch"], summary["best_fixed_lr"])]
-    ratio = summary["ratio"]
-    print(f"time-to-accuracy {name}: diversity median {_fmt_s(median_time(diversity)).strip()} "
-          f"({summary['diversity_epochs_median']:.2f} epochs) vs best fixed DDP B={summary['best_fixed_batch']} "
-          f"lr={summary['best_fixed_lr']:g} median {_fmt_s(median_time(best_runs)).strip()} "
-          f"({summary['fixed_epochs_median']:.2f} epochs): ratio "
-          f"{'n/a' if ratio is None else f'{ratio:.3f}'} (target <= {RATIO_TARGET}, stretch <= {RATIO_STRETCH}: "
-          f"{summary['ratio_verdict']})", flush=True)
-    print(f"batch {name}: diversity settled at {summary['settled_batch_median']:g} (median over the last half of "
-          f"its run; {summary['batch_at_target_median']} at the target) vs fastest fixed "
-          f"{summary['best_fixed_batch']}: within 2x: {summary['batch_verdict']}", flush=True)
-    _print_explanation(name, why)
+    summaries = {kind: compare(runs, fixed) for kind, runs in policies.items()}
+    first = summaries[contestants[0]]
+    best_key = (first["best_fixed_batch"], first["best_fixed_lr"])
+    best_runs = fixed[best_key]
+    grid_cost = sum(r.bench_s for r in tuning.values()) + sum(r.bench_s for rs in fixed.values() for r in rs)
+    for kind, summary in summaries.items():
+        ratio = summary["ratio"]
+        runs = policies[kind]
+        print(f"time-to-accuracy {name}: {kind} median {_fmt_s(median_time(runs)).strip()} "
+              f"({summary['policy_epochs_median']:.2f} epochs) vs best fixed DDP B={summary['best_fixed_batch']} "
+              f"lr={summary['best_fixed_lr']:g} median {_fmt_s(median_time(best_runs)).strip()} "
+              f"({summary['fixed_epochs_median']:.2f} epochs): ratio "
+              f"{'n/a' if ratio is None else f'{ratio:.3f}'} (target <= {RATIO_TARGET}, stretch <= {RATIO_STRETCH}: "
+              f"{summary['ratio_verdict']})", flush=True)
+        print(f"batch {name}: {kind} settled at {summary['settled_batch_median']:g} (median over the last half of "
+              f"its run; {summary['batch_at_target_median']} at the target) vs fastest fixed "
+              f"{summary['best_fixed_batch']}: within 2x: {summary['batch_verdict']}", flush=True)
+        untuned = statistics.median(r.bench_s for r in runs)
+        summary["grid_cost_s"], summary["untuned_run_s"] = grid_cost, untuned
+        print(f"cost {name}: tuning the fixed baseline took {grid_cost:.0f} s ({len(tuning)} grid runs + "
+              f"{sum(len(rs) for rs in fixed.values())} re-runs, spawn included) vs one untuned {kind} run "
+              f"{untuned:.1f} s (median)", flush=True)
+    if "goodput" in policies:
+        budget_goodput, budget_fixed = [], []
+        for seed in seeds:
+            budget_goodput.append(run_policy(task, ds, seed, workdir, None, "goodput", budget=True))
+            budget_fixed.append(run_fixed(task, ds, *best_key, seed, budget=True))
+            print(f"  seed {seed} {task.budget_epochs:g}-epoch budget: goodput test accuracy "
+                  f"{budget_goodput[-1].final_test_accuracy:.4f} (lr {budget_goodput[-1].lr:.3g}), fixed B={best_key[0]} "
+                  f"lr={best_key[1]:g} {budget_fixed[-1].final_test_accuracy:.4f}", flush=True)
+        acc = accuracy_at_budget(budget_goodput, budget_fixed)
+        summaries["goodput"].update(acc)
+        print(f"accuracy {name}: after {task.budget_epochs:g} epochs goodput median {acc['goodput_accuracy_median']:.4f} "
+              f"vs best fixed {acc['fixed_accuracy_median']:.4f} ({100 * acc['difference']:+.2f} points; target "
+              f">= -{100 * ACCURACY_TOLERANCE:g}: {acc['accuracy_verdict']})", flush=True)
+    for kind in ("diversity",) if "diversity" in policies else ():
+        _print_explanation(name, explain(policies[kind], list(tuning.values()), RunConfig.delta))
     return {"task": task.__dict__, "n_train": ds.n_train, "seeds": list(seeds), "eval_every_epochs": EVAL_EPOCHS,
             "clock": "wall time to the first evaluation reaching the target, evaluation time excluded",
             "tuning": [r.to_dict() for r in tuning.values()],
-            "diversity": [r.to_dict() for r in diversity],
+            **{kind: [r.to_dict() for r in runs] for kind, runs in policies.items()},
             "fixed": {f"B={b},lr={lr:g}": [r.to_dict() for r in rs] for (b, lr), rs in fixed.items()},
-            "summary": summary, "explanation": why}
+            "summary": summaries}
 
 
 def main() -> int:
@@ -433,6 +496,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny grid (B {64,128} x lr {0.05,0.1}), 1 seed, top 1")
     p.add_argument("--min-batch", type=int, default=None,
                    help="the policy's --min-batch (default: the trainer's, the starting batch; 1 lets it shrink)")
+    p.add_argument("--contestants", nargs="+", default=list(CONTESTANTS), choices=CONTESTANTS)
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
     batches, lrs = (QUICK_BATCH, QUICK_LR) if args.quick else (GRID_BATCH, GRID_LR)
@@ -445,7 +509,8 @@ def main() -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
         for name in args.tasks:
-            results[name] = bench_task(name, TASKS[name], grid, seeds, top_k, Path(tmp), args.min_batch)
+            results[name] = bench_task(name, TASKS[name], grid, seeds, top_k, Path(tmp), args.min_batch,
+                                       tuple(args.contestants))
     print(f"\nbench wall time {time.perf_counter() - t0:.0f} s", flush=True)
     if args.json:
         write_json_atomic(Path(args.json), results)

@@ -335,8 +335,11 @@ def test_schedule_policy_pure():
 # --- factory -----------------------------------------------------------------------------------------------
 
 def test_make_batch_policy_errors():
-    with pytest.raises(ConfigError, match="choose one of diversity, fixed, schedule"):
+    with pytest.raises(ConfigError, match="choose one of diversity, fixed, goodput, schedule"):
         make_batch_policy("adaptive")
+    with pytest.raises(ConfigError, match="goodput.*no option.*dleta"):  # built through the deferred import
+        make_batch_policy("goodput", dleta=0.5)
+    assert make_batch_policy("goodput", max_batch=512).name == "goodput"
     with pytest.raises(ConfigError, match="no option.*dleta.*delta"):
         make_batch_policy("diversity", dleta=0.5)
     with pytest.raises(ConfigError, match="needs schedule="):

@@ -137,6 +137,28 @@ def test_predict_cli_prints_table_recommendation_and_writes_outputs(tmp_path, ca
     assert info["passes_min"] * (1 + 32 / 199) == pytest.approx(10.0)
     rows = (out / "predictions.csv").read_text().splitlines()
     assert max(int(r.split(",")[1]) for r in rows[1:]) == 1024
+    # what --batch-policy goodput would settle at on the recommended P: a legal batch, printed and saved
+    for p, choice in info["goodput"].items():
+        assert choice["global_batch_size"] % int(p) == 0 and f"goodput at P={p} converges to B=" in text
+
+
+def test_goodput_batch_is_the_trainer_policys_choice_on_the_profile():
+    """predict's goodput batch maximises the trainer's goodput over multiples of P (brute force here), with the
+    step time the policy would fit to the same timings."""
+    from scalesgd import goodput as gp
+    from scalesgd.predict import ComputeProfile, goodput_batch
+
+    fit = pm.fit_compute([8, 32, 128, 512], [1e-3 + 2e-6 * b for b in (8, 32, 128, 512)])
+    prof = ComputeProfile((8, 32, 128, 512), tuple(1e-3 + 2e-6 * b for b in (8, 32, 128, 512)), fit, 1)
+    net = pm.Network(alpha_s=50e-6, beta_s_per_byte=1e-9)
+    choice, model = goodput_batch(prof, workers=4, network=net, grad_bytes=4e5, batch_bound=301.0, n_train=60000,
+                                  base_batch_size=32)
+    assert model.alpha_c_s == pytest.approx(1e-3, rel=1e-6) and model.beta_c_s == pytest.approx(2e-6, rel=1e-6)
+    assert model.alpha_n_s == pytest.approx(float(pm.allreduce_time(4e5, 4, net)))
+    step = lambda b: 1e-3 + 2e-6 * (b / 4) + model.alpha_n_s
+    best = max(range(4, 60001, 4), key=lambda b: b / step(b) * (300 + 32) / (300 + b))
+    assert choice.global_batch_size == best
+    assert choice.efficiency == pytest.approx(gp.efficiency(best, 32, 300.0))
 
 
 @pytest.mark.parametrize("comm", ["allreduce", "ring-tcp"])

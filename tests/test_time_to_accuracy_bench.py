@@ -1,5 +1,5 @@
 """Smoke tests of bench/time_to_accuracy.py: its clock, batch summaries and verdicts, and one tiny run of
-each contestant (DDP baseline and the diversity policy) on digits."""
+each contestant (DDP baseline, the diversity policy, goodput with --lr auto) on digits."""
 
 from __future__ import annotations
 
@@ -89,11 +89,12 @@ def test_compare_picks_the_fastest_fixed_median_and_checks_the_batch(tta):
 
 
 @pytest.mark.spawn
+@pytest.mark.timeout(900)
 def test_one_tiny_run_of_each_contestant(tta, tmp_path):
     from scalesgd.config import RunConfig
     from scalesgd.data import load_data
 
-    task = tta.Task("digits", "mlp", target_accuracy=0.5, max_epochs=2.0)
+    task = tta.Task("digits", "mlp", target_accuracy=0.5, max_epochs=2.0, budget_epochs=1.0)
     ds = load_data(RunConfig(dataset="digits", model="mlp"))
     fixed = tta.run_fixed(task, ds, 64, 0.1, seed=0)
     assert fixed.reached and 0 < fixed.time_to_target_s <= fixed.time_to_target_incl_eval_s
@@ -108,6 +109,30 @@ def test_one_tiny_run_of_each_contestant(tta, tmp_path):
     assert policy.reached and policy.time_to_target_s <= policy.time_to_target_incl_eval_s
     assert policy.batches and policy.settled_batch is not None and policy.batch_at_target is not None
     assert set(policy.to_dict()) >= {"time_to_target_s", "settled_batch", "evals", "batches"}
+
+    # goodput: defaults only, --lr auto; the lr it reports is the one the range test found, and the probe's
+    # time is inside its clock (the first evaluation comes after it)
+    goodput = tta.run_policy(task, ds, seed=0, workdir=tmp_path, kind="goodput")
+    assert goodput.kind == "goodput" and goodput.global_batch_size == RunConfig.global_batch_size
+    assert goodput.reached and goodput.lr_probe_s is not None and 0 < goodput.lr_probe_s < goodput.evals[0]["time_s"]
+    assert isinstance(goodput.lr, float) and goodput.lr > 0 and goodput.final_test_accuracy >= 0.5
+    budget = tta.run_policy(task, ds, seed=0, workdir=tmp_path, kind="goodput", budget=True)
+    assert budget.batches[-1][0] == pytest.approx(task.budget_epochs)  # trained the whole budget, no target stop
+    fixed_budget = tta.run_fixed(task, ds, 64, 0.1, seed=0, budget=True)
+    assert fixed_budget.batches[-1][0] == pytest.approx(task.budget_epochs, abs=64 / ds.n_train)
+    acc = tta.accuracy_at_budget([budget], [fixed_budget])
+    assert acc["difference"] == pytest.approx(budget.final_test_accuracy - fixed_budget.final_test_accuracy)
+
+
+def test_accuracy_at_budget_is_met_within_half_a_point(tta):
+    def runs(accs):
+        return [tta.RunResult("x", s, 128, 0.1, [], final_test_accuracy=a) for s, a in enumerate(accs)]
+
+    out = tta.accuracy_at_budget(runs([0.950, 0.960, 0.940]), runs([0.954, 0.951, 0.956]))
+    assert out["goodput_accuracy_median"] == 0.950 and out["fixed_accuracy_median"] == 0.954
+    assert out["difference"] == pytest.approx(-0.004) and out["accuracy_verdict"] == "MET"
+    assert tta.accuracy_at_budget(runs([0.94]), runs([0.946]))["accuracy_verdict"] == "MISSED"
+    assert tta.accuracy_at_budget(runs([None]), runs([0.5]))["accuracy_verdict"] == "MISSED"  # none counts as 0
 
 
 @pytest.mark.spawn

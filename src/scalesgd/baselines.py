@@ -21,6 +21,7 @@ from scalesgd.config import RunConfig
 from scalesgd.data import Dataset
 from scalesgd.data.sharding import BatchStream, Cursor, shard
 from scalesgd.distributed import Rendezvous
+from scalesgd.errors import ConfigError
 
 
 def ddp_worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset, *, return_params: bool = False,
@@ -38,6 +39,9 @@ def ddp_worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset, *, return_params: b
     from scalesgd.lr_rules import LrConfig, learning_rate
     from scalesgd.models import build_model, loss_function
 
+    if cfg.lr == "auto":
+        raise ConfigError("the DDP baseline trains at an explicit --lr; 'auto' (the range test) is the scalesgd "
+                          "trainer's: give a number")
     world = distributed.init_world(rdv, cfg.backend, timeout_s=cfg.timeout_s)
     try:
         torch.set_num_threads(cfg.threads_per_worker or 1)

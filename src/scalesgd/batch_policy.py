@@ -20,6 +20,8 @@ Policies (see :data:`BATCH_POLICIES`):
   the worker count, a warm-up and hysteresis.
 - ``schedule``: a user-given piecewise-constant epoch → batch schedule, "don't decay the learning rate,
   increase the batch size" (Smith, Kindermans, Ying, Le 2017, arXiv 1711.00489).
+- ``goodput``: the batch that maximises throughput × statistical efficiency (Pollux), in
+  :mod:`scalesgd.goodput` (which imports this module, so it is built here by a deferred import).
 """
 
 from __future__ import annotations
@@ -424,11 +426,14 @@ BATCH_POLICIES: dict[str, Callable[..., BatchPolicy]] = {
     "diversity": DiversityPolicy,
     "schedule": SchedulePolicy,
 }
+# Every policy the trainer offers: the above, and goodput (scalesgd.goodput imports this module, so it cannot be
+# in the dict without an import cycle; make_batch_policy builds it through a deferred import).
+BATCH_POLICY_NAMES: tuple[str, ...] = (*BATCH_POLICIES, "goodput")
 
 
 def run_batch_policy(name: str, *, global_batch_size: int, n_train: int, delta: float = 0.5,
                      min_batch: int | None = None, max_batch: int | None = None,
-                     schedule: Schedule | str | None = None) -> BatchPolicy:
+                     schedule: Schedule | str | None = None, base_batch_size: int | None = None) -> BatchPolicy:
     """The batch-size policy of a training run, from its command-line options.
 
     ``diversity`` never asks for more than the data set (``max_batch`` defaults to, and is capped at,
@@ -443,15 +448,23 @@ def run_batch_policy(name: str, *, global_batch_size: int, n_train: int, delta: 
     effect. Pass ``min_batch`` to let it shrink (worth it where the per-step overhead is small next to
     per-example compute).
 
+    ``goodput`` has a throughput model, so it needs no floor: it searches [min_batch or P, min(max_batch,
+    n_train)] and its efficiency is relative to B₀ = ``base_batch_size`` or the starting batch (the lr rule's
+    B₀, so the lr it implies is the one the AdaScale rule then uses).
+
     Args:
-        name: ``fixed``, ``diversity`` or ``schedule``.
+        name: one of :data:`BATCH_POLICY_NAMES`.
         global_batch_size: the starting global batch (examples).
         n_train: training-set size.
-        delta, min_batch, max_batch: the diversity policy's options (None: the defaults above).
+        delta, min_batch, max_batch: the diversity (and goodput) policy's options (None: the defaults above).
         schedule: the schedule policy's epoch → batch schedule.
+        base_batch_size: goodput's B₀ (None: the starting batch).
     Raises:
         ConfigError: as :func:`make_batch_policy`.
     """
+    if name == "goodput":
+        return make_batch_policy("goodput", min_batch=min_batch or 1, max_batch=min(max_batch or n_train, n_train),
+                                 n_train=n_train, base_batch_size=base_batch_size or global_batch_size)
     if name == "diversity":
         top = min(max_batch or n_train, n_train)
         return make_batch_policy("diversity", delta=delta, min_batch=min_batch or min(global_batch_size, top),
@@ -471,8 +484,12 @@ def make_batch_policy(name: str, **options) -> BatchPolicy:
     Raises:
         ConfigError: unknown name or option, or an invalid option value.
     """
+    if name == "goodput":
+        from scalesgd.goodput import make_goodput_policy
+
+        return make_goodput_policy(**options)
     if name not in BATCH_POLICIES:
-        raise ConfigError(f"unknown batch policy {name!r}; choose one of {', '.join(sorted(BATCH_POLICIES))}")
+        raise ConfigError(f"unknown batch policy {name!r}; choose one of {', '.join(sorted(BATCH_POLICY_NAMES))}")
     cls = BATCH_POLICIES[name]
     allowed = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(options) - allowed)

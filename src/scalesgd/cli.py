@@ -29,6 +29,16 @@ def _number_list(typ: type, minimum: float | None = None):
 
 
 _float_list = _number_list(float)
+
+
+def _lr(text: str) -> float | str:
+    """``--lr``: a positive number, or ``auto`` (RunConfig checks the value)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 _int_list = _number_list(int)
 
 
@@ -60,23 +70,28 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("dropout", float, "dropout probability"),
     ("norm", str, "normalisation: none or group (GroupNorm/LayerNorm; BatchNorm is not offered)"),
     ("global-batch-size", int, "examples per step, summed over all workers"),
-    ("lr", float, "learning rate (of the mean loss) at the base batch size"),
+    ("lr", _lr, "learning rate (of the mean loss) at the base batch size, or 'auto': a learning-rate range test "
+                "on the first steps picks it, in at most 5%% of the run's time"),
     ("momentum", float, "heavy-ball momentum"),
     ("weight-decay", float, "L2 weight decay"),
     ("lr-schedule", str, "base schedule: constant, cosine, step"),
     ("lr-milestones", _float_list, "epochs at which the step schedule multiplies the lr by --lr-gamma"),
     ("lr-gamma", float, "factor of the step schedule"),
-    ("lr-rule", str, "lr as the batch changes: constant, linear, sqrt, adascale"),
+    ("lr-rule", str, "lr as the batch changes: constant, linear, sqrt, adascale (default: adascale with "
+                     "--batch-policy goodput, which needs it; else constant)"),
     ("warmup-epochs", float, "epochs of linear lr warm-up, from min(lr, a tenth of the rule's rate) to that rate "
                              "(Goyal et al.)"),
     ("base-batch-size", int, "B0 of the lr rule (default: the starting global batch)"),
     ("langevin-noise", float, "Gaussian noise std per sqrt(lr) added to each update (SGLD-style)"),
-    ("batch-policy", str, "fixed, diversity (batch = delta*B_S + 1), schedule"),
+    ("batch-policy", str, "fixed, diversity (batch = delta*B_S + 1), schedule, goodput (the batch with the most "
+                          "progress per second: fitted step time x statistical efficiency; lr by AdaScale)"),
     ("batch-schedule", str, "for --batch-policy schedule: epoch:batch pairs, e.g. 0:64,5:256"),
     ("delta", float, "for --batch-policy diversity: batch = delta * B_S + 1"),
-    ("min-batch", int, "smallest global batch the diversity policy may choose; 1 lets it shrink (default: the "
-                       "starting batch, since below it per-step overhead outweighs sample efficiency)"),
-    ("max-batch", int, "largest global batch the diversity policy may choose (default: the training set's size)"),
+    ("min-batch", int, "smallest global batch the diversity/goodput policy may choose; 1 lets diversity shrink "
+                       "(default: diversity: the starting batch, since below it per-step overhead outweighs "
+                       "sample efficiency; goodput: P, its step-time model weighs that overhead)"),
+    ("max-batch", int, "largest global batch the diversity/goodput policy may choose (default: the training "
+                       "set's size)"),
     ("epochs", float, "passes over the training set"),
     ("steps", int, "number of steps; overrides --epochs (default: --epochs decides)"),
     ("target-accuracy", float, "stop when --target-metric reaches this fraction; records the time to get there "

@@ -14,7 +14,7 @@ from typing import Any
 
 from scalesgd.errors import ConfigError
 
-from scalesgd.batch_policy import BATCH_POLICIES, parse_schedule
+from scalesgd.batch_policy import BATCH_POLICY_NAMES, parse_schedule
 from scalesgd.comm_registry import COMM_NAMES
 from scalesgd.distributed import BACKENDS
 from scalesgd.models import MODELS, NORMS
@@ -46,14 +46,14 @@ class RunConfig:
     loss: str | None = None  # MODULE:FUNCTION giving per-example losses (B,); None: the task's built-in loss
     # optimisation
     global_batch_size: int = 128
-    lr: float = 0.05  # learning rate of the mean loss, at the base batch size
+    lr: float | str = 0.05  # learning rate of the mean loss, at the base batch size; "auto": a range test finds it
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"  # base schedule: constant, cosine or step
     lr_milestones: tuple[float, ...] = ()  # epochs at which `step` multiplies the lr by lr_gamma
     lr_gamma: float = 0.1
-    lr_rule: str = "constant"  # how the lr follows the batch size: constant, linear, sqrt, adascale
+    lr_rule: str | None = None  # how the lr follows the batch: constant, linear, sqrt, adascale (None: effective_lr_rule)
     warmup_epochs: float = 0.0
     base_batch_size: int | None = None  # B₀ of the lr rule; None: the starting global batch size
     langevin_noise: float = 0.0  # std of Gaussian noise added to each update (SGLD-style), per unit lr
@@ -104,8 +104,12 @@ class RunConfig:
             raise ConfigError(f"--global-batch-size {self.global_batch_size} is smaller than --workers "
                               f"{self.workers}: every worker needs at least one example; raise the batch "
                               f"to at least {self.workers} or use fewer workers")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr}; try --lr 0.05")
+        if isinstance(self.lr, str):
+            if self.lr != "auto":
+                raise ConfigError(f"--lr must be a positive number or 'auto', got {self.lr!r}; try --lr 0.05")
+        elif isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (
+                math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number or 'auto', got {self.lr}; try --lr 0.05")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.nesterov and self.momentum == 0:
@@ -144,8 +148,15 @@ class RunConfig:
                               "--comm allreduce or ring")
         _choice("norm", self.norm, NORMS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice("lr-rule", self.lr_rule, LR_RULES)
-        _choice("batch-policy", self.batch_policy, tuple(BATCH_POLICIES))
+        if self.lr_rule is not None:
+            _choice("lr-rule", self.lr_rule, LR_RULES)
+        _choice("batch-policy", self.batch_policy, BATCH_POLICY_NAMES)
+        if self.batch_policy == "goodput" and self.lr_rule not in (None, "adascale"):
+            # Refused rather than warned: goodput's efficiency E(B) = r/S is the AdaScale gain, so another rule
+            # would train at a learning rate the batch choice did not assume.
+            raise ConfigError(f"--batch-policy goodput sets the learning rate by the AdaScale gain (its "
+                              f"efficiency model is that rule's r/S), not --lr-rule {self.lr_rule}; drop "
+                              f"--lr-rule or use --lr-rule adascale")
         _choice("diversity", self.diversity, DIVERSITY_MODES)
         if self.batch_policy == "schedule":
             if not self.batch_schedule:
@@ -159,7 +170,10 @@ class RunConfig:
         if self.batch_policy == "diversity" and self.diversity == "off":
             raise ConfigError("--batch-policy diversity needs the diversity estimate; use --diversity cheap "
                               "or exact")
-        if self.lr_rule == "adascale" and self.diversity == "off":
+        if self.batch_policy == "goodput" and self.diversity == "off":
+            raise ConfigError("--batch-policy goodput needs the gradient-noise estimate; use --diversity cheap "
+                              "or exact")
+        if self.effective_lr_rule == "adascale" and self.diversity == "off":
             raise ConfigError("--lr-rule adascale needs the gradient statistics; use --diversity cheap or exact")
         if not self.delta > 0:
             raise ConfigError(f"--delta must be positive, got {self.delta}")
@@ -215,11 +229,20 @@ class RunConfig:
         if not (isinstance(self.max_restarts, int) and self.max_restarts >= 0):
             raise ConfigError("--max-restarts must be an integer >= 0")
 
+    @property
+    def effective_lr_rule(self) -> str:
+        """The lr rule in force: ``--lr-rule`` if given, else ``adascale`` with ``--batch-policy goodput``
+        (the rule its efficiency model assumes) and ``constant`` otherwise."""
+        if self.lr_rule is not None:
+            return self.lr_rule
+        return "adascale" if self.batch_policy == "goodput" else "constant"
+
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["lr_rule"] = self.effective_lr_rule
         d["lr_milestones"] = list(self.lr_milestones)
         return d
 
@@ -249,6 +272,8 @@ def _check_types(cfg: "RunConfig") -> None:
         kind, optional = _field_kind(f.type)
         if value is None and optional:
             continue
+        if f.type == "float | str" and isinstance(value, str):
+            continue  # a named value (``--lr auto``): the field's own check in __post_init__ takes it or refuses it
         option = f"--{f.name.replace('_', '-')}"
         wanted = {bool: "true or false (an unquoted TOML boolean; on the command line, the bare flag)",
                   int: "an integer", float: "a finite number", str: "a text (a quoted TOML string)",

@@ -196,13 +196,17 @@ class LrConfig:
                               "use the step schedule")
 
     @classmethod
-    def from_run_config(cls, cfg: RunConfig) -> LrConfig:
+    def from_run_config(cls, cfg: RunConfig, base_lr: float | None = None) -> LrConfig:
         """The rule and base schedule of a training run: B₀ is ``--base-batch-size`` or the starting global
         batch; cosine spans the whole run (its steps, or else its epochs); step decay uses the epoch
-        milestones. Raises :class:`ConfigError` as the constructor does."""
+        milestones; the rule is ``cfg.effective_lr_rule``. ``base_lr`` overrides ``cfg.lr`` (with
+        ``--lr auto`` the trainer passes the rate its range test found; before that it builds the config
+        with a placeholder, see :func:`scalesgd.run.preflight`). Raises :class:`ConfigError` as the
+        constructor does."""
         cosine = cfg.lr_schedule == "cosine"
-        return cls(base_lr=cfg.lr, base_batch_size=cfg.base_batch_size or cfg.global_batch_size,
-                   rule=cfg.lr_rule, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs,
+        return cls(base_lr=cfg.lr if base_lr is None else base_lr,
+                   base_batch_size=cfg.base_batch_size or cfg.global_batch_size,
+                   rule=cfg.effective_lr_rule, schedule=cfg.lr_schedule, warmup_epochs=cfg.warmup_epochs,
                    total_steps=cfg.steps if cosine and cfg.steps else None,
                    total_epochs=cfg.epochs if cosine and not cfg.steps else None,
                    milestone_epochs=cfg.lr_milestones if cfg.lr_schedule == "step" else (),

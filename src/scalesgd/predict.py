@@ -3,7 +3,9 @@
 ``scalesgd predict`` profiles fwd+bwd+update of the model at a few local batch sizes, measures (or takes
 from ``--network``) the all-reduce cost, takes the diversity batch bound B_S and the passes needed at a
 small batch (from ``--from-run RUN_DIR`` or the command line), and prints the :mod:`scalesgd.perf_model`
-predictions over a grid of global batch sizes B and worker counts P, with plots and a recommendation.
+predictions over a grid of global batch sizes B and worker counts P, with plots and a recommendation; at the
+recommended worker counts it also prints the global batch ``--batch-policy goodput`` converges to
+(:func:`goodput_batch`: the trainer's own step-time fit and goodput maximiser, :mod:`scalesgd.goodput`).
 
 Timing follows the trainer's layout on one host: one worker process per core, each with
 ``torch.set_num_threads(1)``; warm-up steps are excluded and medians reported.
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from scalesgd import goodput as gp
 from scalesgd import perf_model as pm
 from scalesgd.comm import strategy_info
 from scalesgd.diversity import batch_bound_over_run
@@ -295,6 +298,30 @@ def write_table(table: Sequence[pm.Prediction], path: Path) -> None:
             w.writerow(list(asdict(r).values()) + [r.worker_seconds])
 
 
+def goodput_batch(prof: ComputeProfile, *, workers: int, network: pm.Network, grad_bytes: float,
+                  batch_bound: float, n_train: int, base_batch_size: int, overhead_s: float = 0.0
+                  ) -> tuple[gp.GoodputChoice, gp.StepTimeModel]:
+    """The global batch ``--batch-policy goodput`` converges to on P = ``workers`` of these machines.
+
+    The same model as the trainer's policy: :func:`scalesgd.goodput.fit_step_time` fitted to the profiled
+    medians (each one a timed step at its local batch, the modelled all-reduce of the gradient at P as its
+    communication time), B_noise = B_S − 1, and :func:`scalesgd.goodput.choose_global_batch` over the
+    multiples of P up to n_train (the policy's cap; it walks there by at most 2× per change).
+
+    Returns:
+        (the choice, the step-time model it maximised over).
+    """
+    comm_s = float(pm.allreduce_time(grad_bytes, workers, network))
+    state = gp.StepTimeState()
+    for i, (b, t) in enumerate(zip(prof.local_batch_sizes, prof.median_s)):
+        state = gp.update_step_times(state, local_batch_size=b, world_size=workers, compute_s=t + overhead_s,
+                                     comm_s=comm_s, step=i, max_bins=max(len(prof.local_batch_sizes), 1))
+    model = gp.fit_step_time(state, step=len(prof.local_batch_sizes))
+    choice = gp.choose_global_batch(model=model, b_noise=pm.batch_crit_from_bound(batch_bound), world_size=workers,
+                                    base_batch_size=base_batch_size, min_batch=workers, max_batch=max(n_train, workers))
+    return choice, model
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -442,6 +469,14 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
     print(pm.format_table(table))
     rec = pm.recommend(table, tolerance=tolerance)
     print(pm.format_recommendation(rec))
+    goodput = {}
+    for p in dict.fromkeys((rec.fastest.workers, rec.cheapest.workers)):
+        choice, step_model = goodput_batch(prof, workers=p, network=network, grad_bytes=grad_bytes, batch_bound=batch_bound,
+                                      n_train=ds.n_train, base_batch_size=small_batch_size, overhead_s=overhead_s)
+        goodput[p] = choice
+        print(f"--batch-policy goodput at P={p} converges to B={choice.global_batch_size} (step "
+              f"{pm.format_seconds(choice.step_time_s)}, statistical efficiency {choice.efficiency:.3g} vs "
+              f"B0={small_batch_size}; {step_model.describe()})")
     print("all-reduce of the gradient, as modelled: " + ", ".join(
         f"{pm.allreduce_algorithm(grad_bytes, p, network)} at P={p}"
         for p in dict.fromkeys((rec.fastest.workers, rec.cheapest.workers))))
@@ -461,6 +496,7 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
             "batch_bound": batch_bound, "passes_min": passes_min, "overhead_s": overhead_s,
             "recommendation": {"tolerance": rec.tolerance, "fastest": asdict(rec.fastest),
                                "cheapest": asdict(rec.cheapest)},
+            "goodput": {str(p): asdict(c) for p, c in goodput.items()},
         }
         write_json_atomic(out / "prediction.json", info)
         for path in plot_predictions(table, out):

@@ -5,7 +5,8 @@ batch policy) once, then spawns local workers (or, under torchrun, runs as the r
 returns rank 0's summary. :func:`worker` is one rank's whole job. Each step reads top to bottom in named
 stages, each taking the state and returning the next one:
 
-    adapt (batch size, lr) → shard → step → estimate → log → evaluate → checkpoint (when due) → …
+    [find the base lr: ``--lr auto``, once] → adapt (batch size, lr) → shard → step → estimate → log → evaluate
+    → checkpoint (when due) → …
 
 Checkpoints (:mod:`scalesgd.checkpoint`) fall due every ``--checkpoint-every-steps`` steps, every
 ``--checkpoint-every-s`` seconds (rank 0's clock) and on a stop signal to any process; time and signal
@@ -16,6 +17,7 @@ restart) reads the newest checkpoint back into the state and continues bit for b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -36,12 +38,13 @@ from scalesgd.data.sharding import BatchStream, Cursor, GlobalBatch, shard
 from scalesgd.diversity import DiversityEstimate, NoiseEstimate, NoiseScaleEMA, measure_exact_diversity
 from scalesgd.distributed import Rendezvous, StopRequest, World
 from scalesgd.errors import ConfigError, DistributedError, DivergedError, StoppedError, WorkerFailedError
+from scalesgd.goodput import GoodputObservation, LrRangeTest
 from scalesgd.lr_rules import LrConfig, LrTerms, lr_terms
 from scalesgd.models import build_model, example_randomness, loss_function
 from scalesgd.data.user import ShardReader, to_device
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
 from scalesgd.train_state import LossWatch, TrainState
-from scalesgd.transforms import GradientTransformation, Hyper, sgd
+from scalesgd.transforms import GradientTransformation, Hyper, sgd, state_from_tree, state_to_tree
 from scalesgd.user_code import build_run_model, canonical, is_import_string, loss_for, short_name
 from scalesgd.writer import (RunWriter, check_run_dir_is_new, default_run_dir, environment, lock_run_dir,
                              truncate_metrics)
@@ -96,9 +99,12 @@ def preflight(cfg: RunConfig, ds: Dataset, *, model: nn.Module | None = None, mo
         torch.set_rng_state(torch_rng_state)
     policy = run_batch_policy(cfg.batch_policy, global_batch_size=cfg.global_batch_size, n_train=ds.n_train,
                               delta=cfg.delta, min_batch=cfg.min_batch, max_batch=cfg.max_batch,
-                              schedule=cfg.batch_schedule)
-    return Prepared(model=model, torch_rng_state=torch_rng_state, lr_config=LrConfig.from_run_config(cfg),
-                    policy=policy, loss=loss)
+                              schedule=cfg.batch_schedule, base_batch_size=cfg.base_batch_size)
+    # With --lr auto the base rate is unknown until find_base_lr has run: the range test's first rate stands in
+    # (so the rule and schedule are checked now); the loop replaces it before the first training step.
+    base_lr = LrRangeTest(**LR_PROBE).start_lr if cfg.lr == "auto" else None
+    return Prepared(model=model, torch_rng_state=torch_rng_state,
+                    lr_config=LrConfig.from_run_config(cfg, base_lr=base_lr), policy=policy, loss=loss)
 
 
 def _try_on_two_examples(model: nn.Module, loss_fn: Callable, ds: Dataset) -> None:
@@ -174,13 +180,50 @@ def smoothed_estimate(state: TrainState, ema: NoiseScaleEMA | None, n_train: int
     return ema.estimate(state.noise_ema, n_train)
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    """The last step's timings as every rank sees them (seconds): compute is the slowest rank's, all-reduce and
+    update the mean over ranks, so a decision made from them is the same on every rank."""
+
+    global_batch_size: int
+    compute_s: float
+    comm_s: float
+    update_s: float
+
+
+def measured_timing(state: TrainState, result: StepResult, part: Shard, *, world: World, usable: bool
+                    ) -> StepTiming | None:
+    """The step's :class:`StepTiming` for the goodput policy's step-time fit, or None when it must not be fitted:
+    ``usable`` False (a warm-up step, a step that ran an evaluation, or one between the sampled steps: the
+    caller decides, the same on every rank) or a batch cut short by the end of an epoch (not the size the
+    policy chose). All ranks call this on the same steps: the all-reduce of the local comm/update times is a
+    collective (only on usable steps)."""
+    if not usable or int(part.batch.indices.numel()) != state.global_batch_size:
+        return None
+    comm_s, update_s = distributed.all_reduce_scalars([result.comm_s, result.update_s], world)
+    return StepTiming(state.global_batch_size, max(result.compute_s_per_rank, default=result.compute_s),
+                      comm_s / world.size, update_s / world.size)
+
+
 def adapt(state: TrainState, *, policy: BatchPolicy, lr_config: LrConfig, estimate: DiversityEstimate | None,
-          n_train: int, world_size: int, writer: RunWriter) -> tuple[TrainState, LrTerms]:
-    """Choose this step's global batch (the policy, on the smoothed B̂_S) and its learning rate."""
+          n_train: int, world_size: int, writer: RunWriter,
+          timing: StepTiming | None = None) -> tuple[TrainState, LrTerms]:
+    """Choose this step's global batch (the policy, on the smoothed B̂_S; goodput also on the last step's
+    ``timing``) and its learning rate."""
     epoch = state.epoch(n_train)
-    decision, policy_state = policy.next(state.policy, StepObservation(
-        step=state.step, epoch=epoch, global_batch_size=state.global_batch_size,
-        batch_bound_est=estimate.batch_bound_est if estimate is not None else None, world_size=world_size))
+    if policy.name == "goodput":
+        decision, policy_state = policy.next(state.policy, GoodputObservation(
+            step=state.step, epoch=epoch, global_batch_size=state.global_batch_size, world_size=world_size,
+            compute_s=timing.compute_s if timing is not None else None,
+            comm_s=timing.comm_s if timing is not None else None,
+            update_s=timing.update_s if timing is not None else 0.0,
+            grad_sq_norm_est=estimate.grad_sq_norm_est if estimate is not None else None,
+            trace_cov_est=estimate.trace_cov_est if estimate is not None else None,
+            batch_bound_est=estimate.batch_bound_est if estimate is not None else None))
+    else:
+        decision, policy_state = policy.next(state.policy, StepObservation(
+            step=state.step, epoch=epoch, global_batch_size=state.global_batch_size,
+            batch_bound_est=estimate.batch_bound_est if estimate is not None else None, world_size=world_size))
     if decision.changed:
         writer.log({"kind": "batch_change", "step": state.step, "epoch": epoch, "from": state.global_batch_size,
                     "to": decision.global_batch_size, "reason": decision.reason})
@@ -188,6 +231,146 @@ def adapt(state: TrainState, *, policy: BatchPolicy, lr_config: LrConfig, estima
                      grad_sq_norm_est=estimate.grad_sq_norm_est if estimate is not None else None,
                      trace_cov_est=estimate.trace_cov_est if estimate is not None else None)
     return state.replace(policy=policy_state, global_batch_size=decision.global_batch_size), terms
+
+
+# --lr auto: the range test's ramp (from the trainer's default --lr, x3 per trial, two refinements between the
+# last stable and the first unstable rate), its pick (the rate whose trial lowered the probe loss most) and
+# margin (an order of magnitude below it: the "loss minimum / 10" convention of range tests after Smith,
+# arXiv 1506.01186; a few steps from initialisation, with momentum not yet built up, show instability only
+# at rates far above what a whole run tolerates), its trial length, the probe batch and the share of the
+# run's estimated wall time it may spend.
+LR_PROBE = dict(start_lr=0.05, factor=3.0, max_trials=10, refine_trials=2, pick="steepest")
+LR_PROBE_MARGIN = 10.0
+LR_PROBE_STEPS = 5
+LR_PROBE_LOSS_EXAMPLES = 1024
+LR_PROBE_BUDGET = 0.05
+# The trials are planned to half the budget: the estimate is the run at its starting batch, and a run whose
+# policy grows the batch (goodput amortises the per-step all-reduce) ends up to about twice as fast.
+LR_PROBE_PLAN = 0.5
+TIMING_WARMUP_STEPS = 2  # goodput's step-time fit skips the first steps (allocator and thread-pool warm-up)
+# ... and times every TIMING_EVERY-th step only: agreeing on a step's times costs a collective of its own
+TIMING_EVERY = 4
+
+
+def _probe_loss(flat: FlatModel, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, world: World,
+                classification: bool) -> float:
+    """Mean loss on the fixed probe batch, summed over ranks (the same number on every rank)."""
+    loss_sum, _, count = evaluate(flat.model, loss_fn, x, y, rank=world.rank, world_size=world.size,
+                                  device=world.device, classification=classification)
+    total, n = distributed.all_reduce_scalars([loss_sum, count], world)
+    return total / max(n, 1.0)
+
+
+def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat: FlatModel, loss_fn: Callable,
+                 read: Callable[[torch.Tensor], tuple[Any, torch.Tensor]], n_train: int, world: World,
+                 comm: CommStrategy,
+                 tx: GradientTransformation, classification: bool, total_steps: int, start_s: float,
+                 writer: RunWriter) -> tuple[TrainState, LrConfig]:
+    """``--lr auto``: find the base learning rate with :class:`scalesgd.goodput.LrRangeTest` before training.
+
+    Each trial starts from the same saved state (parameters, optimizer state, torch and communication RNG):
+    the mean loss on a fixed probe batch (``LR_PROBE_LOSS_EXAMPLES`` training examples, eval mode), then
+    ``LR_PROBE_STEPS`` training steps at the proposed rate on a fixed sequence of batches of the starting
+    global batch, the loss on the probe batch again, and the saved state restored, so a diverged trial leaves
+    nothing behind and the range test backs off. Budget: the first trial's median step time × the run's
+    steps (``total_steps``, at the starting batch) estimates the run's wall time; no trial starts that would
+    take the probe past ``LR_PROBE_PLAN`` × ``LR_PROBE_BUDGET`` of it (the best so far is taken), so the probe
+    stays within ``LR_PROBE_BUDGET`` of a run up to 1/``LR_PROBE_PLAN`` times faster than estimated. The probe's time counts in
+    ``train_time_s`` and, as it runs after ``start_s``, in every wall-clock time of the run.
+
+    Every decision is a function of all-reduced numbers (losses, the rank-mean of times), so all ranks agree.
+    Logs one ``lr_probe`` record per trial and one ``lr_auto`` record with the choice and its reason.
+
+    Returns:
+        The state (``base_lr`` set, ``train_time_s`` including the probe) and ``lr_config`` with that base lr.
+    """
+    if state.base_lr is not None:  # found before a resume: keep it
+        return state, dataclasses.replace(lr_config, base_lr=state.base_lr)
+    distributed.barrier(world)  # ranks start apart: that skew is start-up, not the probe's time
+    t_start = time.perf_counter()
+    test = LrRangeTest(**LR_PROBE)
+    search = test.init_state()
+    seed = cfg.seed + 104_729  # the probe's data: fixed, and apart from the run's own order
+    probe_idx = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:LR_PROBE_LOSS_EXAMPLES]
+    x_probe, y_probe = read(probe_idx)
+    stream, cursor, batches = BatchStream(n_train, seed), Cursor(), []
+    for _ in range(LR_PROBE_STEPS):
+        batch, cursor = stream.next(cursor, state.global_batch_size)
+        batches.append(batch)
+    saved_params = flat.params.detach().clone()
+    saved_tx = state_to_tree(state.tx_state)
+    saved_rng, saved_comm_rng = torch.get_rng_state(), state.comm_generator.get_state()
+    loss_before = _probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification)
+    budget_s, run_est_s, trial_s, stop = None, None, [], "the range test finished"
+    while (lr := test.propose(search)) is not None:
+        spent = sum(trial_s)  # rank means of all-reduced times: every rank takes the same decision
+        if budget_s is not None and spent + max(trial_s) > budget_s:
+            stop = (f"the time budget {budget_s:.3g} s ({LR_PROBE_PLAN:g} x {LR_PROBE_BUDGET:.0%} of the run's "
+                    f"estimated {run_est_s:.3g} s) would be passed by the next trial")
+            break
+        t0 = time.perf_counter()
+        tx_state, step_times = state_from_tree(saved_tx, world.device), []
+        for i, batch in enumerate(batches):
+            sizes = [int(t.numel()) for t in torch.tensor_split(batch.indices, world.size)]
+            x, y = read(shard(batch.indices, world.rank, world.size))
+            result, tx_state = train_step(
+                flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=int(batch.indices.numel()),
+                shard_sizes=sizes, rank=world.rank, comm=comm, tx=tx, tx_state=tx_state,
+                hyper=Hyper(lr=lr, step=i), tap=None, classification=classification)
+            step_times.append(result.compute_s + result.comm_s + result.update_s)
+            if not math.isfinite(result.loss):  # the all-reduced loss: every rank stops here
+                break
+        loss_after = _probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification)
+        with torch.no_grad():
+            flat.params.copy_(saved_params)
+        torch.set_rng_state(saved_rng)
+        state.comm_generator.set_state(saved_comm_rng)
+        elapsed, median_step = distributed.all_reduce_scalars(
+            [time.perf_counter() - t0, sorted(step_times)[len(step_times) // 2]], world)
+        trial_s.append(elapsed / world.size)
+        if budget_s is None:
+            run_est_s = median_step / world.size * total_steps
+            budget_s = LR_PROBE_PLAN * LR_PROBE_BUDGET * run_est_s
+        search = test.observe(search, lr, loss_before, loss_after)
+        trial = search.trials[-1]
+        writer.log({"kind": "lr_probe", "trial": len(search.trials), "lr": lr, "loss_before": loss_before,
+                    "loss_after": loss_after if math.isfinite(loss_after) else None, "verdict": trial.verdict,
+                    "steps": LR_PROBE_STEPS, "global_batch_size": state.global_batch_size,
+                    "trial_s": trial_s[-1], "time_s": time.perf_counter() - start_s})
+    lr, reason = _choose_probe_lr(test, search)
+    probe_s = distributed.all_reduce_scalars([time.perf_counter() - t_start], world)[0] / world.size
+    writer.log({"kind": "lr_auto", "lr": lr, "reason": f"{reason}; stopped: {stop}", "trials": len(search.trials),
+                "probe_s": probe_s, "budget_s": budget_s, "estimated_run_s": run_est_s,
+                "time_s": time.perf_counter() - start_s})
+    state = state.replace(tx_state=state_from_tree(saved_tx, world.device), base_lr=lr,
+                          train_time_s=state.train_time_s + probe_s)
+    return state, dataclasses.replace(lr_config, base_lr=lr)
+
+
+def _choose_probe_lr(test: LrRangeTest, search) -> tuple[float, str]:
+    """The base rate from the range test: its pick (the steepest stable trial) divided by ``LR_PROBE_MARGIN``.
+
+    When the budget stopped the ramp before any rate was unstable, the pick is only the largest rate tried,
+    not the loss minimum, so the rate is never below the ramp's start (the trainer's default ``--lr``). Before
+    any stable rate: the largest rate that did not rise (too small to show in a few steps, but safe), else the
+    next rate below the smallest unstable one, divided by the margin as well.
+    """
+    stable = [t for t in search.trials if t.verdict == "stable"]
+    if stable:
+        result = test.result(search)
+        lr = result.lr / LR_PROBE_MARGIN
+        reason = f"{result.reason}; / margin {LR_PROBE_MARGIN:g} -> {lr:.4g}"
+        if not any(t.verdict in ("rose", "diverged") for t in search.trials) and lr < test.start_lr:
+            lr, reason = test.start_lr, f"{reason}; no unstable rate reached, so the ramp's start {test.start_lr:g}"
+        return lr, reason
+    flat_trials = [t for t in search.trials if t.verdict == "flat"]
+    if flat_trials:
+        best = max(flat_trials, key=lambda t: t.lr)
+        return best.lr, f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one ({best.describe()})"
+    smallest = min(search.trials, key=lambda t: t.lr)
+    lr = smallest.lr / test.factor / LR_PROBE_MARGIN
+    return lr, (f"every trial was unstable; the next rate down ({smallest.lr / test.factor:.4g}, untried) / margin "
+                f"{LR_PROBE_MARGIN:g} -> {lr:.4g}; lowest: {smallest.describe()}")
 
 
 @dataclass(frozen=True)
@@ -307,11 +490,13 @@ def log_step(state: TrainState, result: StepResult, part: Shard, terms: LrTerms,
 LOSS_EMA_DECAY, EXPLOSION_FACTOR, EXPLOSION_STEPS = 0.9, 10.0, 5
 
 
-def divergence_advice(cfg: RunConfig) -> str:
+def divergence_advice(cfg: RunConfig, base_lr: float | None = None) -> str:
     """What to change after a divergence, as options that change the learning rates the run uses (each is
-    tested to do so): a tenth of the rate, and warm-up (longer, if it was already on)."""
+    tested to do so): a tenth of the rate, and warm-up (longer, if it was already on). Under ``--lr auto``
+    ``base_lr`` is the rate the search chose (the advice then names an explicit rate)."""
     warmup = max(1.0, 2 * cfg.warmup_epochs)
-    return (f"lower the learning rate (e.g. --lr {cfg.lr / 10:.3g}) or ramp it up over more of the start "
+    rate = base_lr if cfg.lr == "auto" and base_lr is not None else (cfg.lr if cfg.lr != "auto" else 0.05)
+    return (f"lower the learning rate (e.g. --lr {rate / 10:.3g}) or ramp it up over more of the start "
             f"(--warmup-epochs {warmup:g})")
 
 
@@ -324,7 +509,7 @@ def watch_loss(state: TrainState, loss: float, *, lr: float, cfg: RunConfig, wri
     where = f"the metrics so far are in {writer.run_dir or 'the run directory'}"
     if not math.isfinite(loss):
         raise DivergedError(f"the loss became {loss} at step {state.step} (lr {lr:.4g}); training stopped. "
-                            f"{divergence_advice(cfg).capitalize()}; {where}")
+                            f"{divergence_advice(cfg, state.base_lr).capitalize()}; {where}")
     w = state.loss_watch
     first = loss if w.first_loss is None else w.first_loss
     smoothed = loss if w.smoothed_loss is None else LOSS_EMA_DECAY * w.smoothed_loss + (1 - LOSS_EMA_DECAY) * loss
@@ -332,7 +517,7 @@ def watch_loss(state: TrainState, loss: float, *, lr: float, cfg: RunConfig, wri
     if above >= EXPLOSION_STEPS:
         raise DivergedError(f"the training loss exploded: smoothed {smoothed:.4g} at step {state.step} (lr {lr:.4g}), "
                             f"over {EXPLOSION_FACTOR:g}x the first step's {first:.4g} for {above} steps; training "
-                            f"stopped. {divergence_advice(cfg).capitalize()}; {where}")
+                            f"stopped. {divergence_advice(cfg, state.base_lr).capitalize()}; {where}")
     return state.replace(loss_watch=LossWatch(first_loss=first, smoothed_loss=smoothed, steps_above=above))
 
 
@@ -405,7 +590,8 @@ class Checkpointing:
 
 
 def save_train_checkpoint(state: TrainState, *, flat: FlatModel, config: dict[str, Any], world: World,
-                          writer: RunWriter, elapsed_s: float, last_eval: dict[str, Any], keep: int) -> None:
+                          writer: RunWriter, elapsed_s: float, last_eval: dict[str, Any], keep: int,
+                          base_lr: float) -> None:
     """All ranks: gather every rank's RNG states to rank 0, which writes ``checkpoints/step-<step>.pt``
     (:func:`scalesgd.checkpoint.save`, keeping the newest ``keep``)."""
     ranks = distributed.gather_objects(checkpoint.rng_state(state.comm_generator), world)
@@ -416,7 +602,7 @@ def save_train_checkpoint(state: TrainState, *, flat: FlatModel, config: dict[st
     checkpoint.save(writer.run_dir, {
         "step": state.step, "model": flat.model.state_dict(), "config": config, "train_state": now.to_checkpoint(),
         "ranks": ranks, "world_size": world.size, "elapsed_s": elapsed_s, "last_eval": last_eval,
-        "metrics_bytes": writer.metrics_bytes()}, keep=keep)
+        "metrics_bytes": writer.metrics_bytes(), "base_lr": float(base_lr)}, keep=keep)
 
 
 def restore(blob: dict[str, Any], *, flat: FlatModel, comm_generator: torch.Generator, world: World,
@@ -485,7 +671,8 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
         if newest is not None:
             blob = checkpoint.load(newest, num_parameters=flat.numel)
             state = restore(blob, flat=flat, comm_generator=comm_generator, world=world, seed=cfg.seed)
-            resumed = {"elapsed_s": float(blob["elapsed_s"]), "last_eval": dict(blob["last_eval"] or {})}
+            resumed = {"elapsed_s": float(blob["elapsed_s"]), "last_eval": dict(blob["last_eval"] or {}),
+                       "base_lr": float(blob["base_lr"])}
         if world.is_main:  # the metrics the interrupted job wrote after its checkpoint are written again
             truncate_metrics(cfg.run_dir, int(blob["metrics_bytes"]) if newest is not None else 0)
     writer = RunWriter(run_dir, enabled=world.is_main, purge_step=state.step + 1 if state.step else None)
@@ -543,15 +730,25 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     ckpt = Checkpointing(cfg.checkpoint_every_steps, cfg.checkpoint_every_s, cfg.keep_checkpoints,
                          last_at=time.perf_counter())
 
+    timing: StepTiming | None = None  # the last step's times, for the goodput policy's step-time fit
+
     try:
+        if cfg.lr == "auto" and "base_lr" in resumed:  # the rate the interrupted run's probe found
+            lr_config = dataclasses.replace(lr_config, base_lr=resumed["base_lr"])
+        elif cfg.lr == "auto":
+            # find the base lr: a range test from a saved copy of the state, inside the run's clock
+            state, lr_config = find_base_lr(
+                state, cfg=cfg, lr_config=lr_config, flat=flat, loss_fn=loss_fn, read=read, n_train=ds.n_train,
+                world=world, comm=comm, tx=tx, classification=classification, start_s=start_s, writer=writer,
+                total_steps=cfg.steps or math.ceil(total_examples / state.global_batch_size))
         if cfg.exact_diversity_every and state.step == 0:
             log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world, estimate=None,
                                 start_s=start_s, writer=writer)
         while not finished(state, steps=cfg.steps, total_examples=total_examples):
-            # adapt: the batch size and learning rate for this step, from the estimates so far
+            # adapt: the batch size and learning rate for this step, from the estimates (and times) so far
             state, terms = adapt(state, policy=policy, lr_config=lr_config,
                                  estimate=smoothed_estimate(state, ema, ds.n_train), n_train=ds.n_train,
-                                 world_size=world.size, writer=writer)
+                                 world_size=world.size, writer=writer, timing=timing)
             # shard: the next global batch, in the same order whatever P is; this rank's part of it
             part = shard_batch(state, stream=stream, world=world,
                                examples_left=None if cfg.steps else total_examples - state.examples)
@@ -564,12 +761,14 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
             state, noise = estimate(state, result, ema=ema, n_train=ds.n_train)
             # log: the step's line; a non-finite or exploding loss stops the run here
             log_step(state, result, part, terms, noise, n_train=ds.n_train, classification=classification,
-                     adascale=cfg.lr_rule == "adascale", start_s=start_s, writer=writer)
+                     adascale=lr_config.rule == "adascale", start_s=start_s, writer=writer)
             state = watch_loss(state, result.loss, lr=terms.lr, cfg=cfg, writer=writer)
             if bar is not None:
                 _advance_bar(bar, part, result, last_eval)
             # evaluate: exact diversity, replica check and test accuracy when due
+            measured = state.step > TIMING_WARMUP_STEPS and state.step % TIMING_EVERY == 0
             if cfg.exact_diversity_every and state.step % cfg.exact_diversity_every == 0:
+                measured = False
                 log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world,
                                     estimate=smoothed_estimate(state, ema, ds.n_train), start_s=start_s,
                                     writer=writer)
@@ -577,6 +776,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 verify_replicas(flat.params, world, state.step)
             due = (cfg.eval_every is not None and state.step % cfg.eval_every == 0) or (
                 cfg.eval_every is None and part.batch.epoch_end)
+            if policy.name == "goodput":  # before any evaluation: it is a collective on every rank alike
+                timing = measured_timing(state, result, part, world=world, usable=measured and not due)
             if due or finished(state, steps=cfg.steps, total_examples=total_examples):
                 last_eval = log_eval(state, model=flat.model, loss_fn=loss_fn, ds=ds, eval_train_idx=eval_train_idx,
                                      world=world, classification=classification, start_s=start_s, writer=writer)
@@ -588,7 +789,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
             if not done and (ckpt.step_due(state.step) or result.checkpoint_requested or result.stop_requested):
                 t0 = time.perf_counter()
                 save_train_checkpoint(state, flat=flat, config=config, world=world, writer=writer,
-                                      elapsed_s=t0 - start_s, last_eval=last_eval, keep=ckpt.keep)
+                                      elapsed_s=t0 - start_s, last_eval=last_eval, keep=ckpt.keep,
+                                      base_lr=lr_config.base_lr)
                 ckpt.last_at = time.perf_counter()
                 ckpt.last_save_s = ckpt.last_at - t0
                 ckpt.saves += 1

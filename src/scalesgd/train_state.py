@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,25 @@ from scalesgd.batch_policy import BatchPolicyState
 from scalesgd.data.sharding import Cursor
 from scalesgd.diversity import EMAState
 from scalesgd.transforms import state_from_tree, state_to_tree
+
+if TYPE_CHECKING:
+    from scalesgd.goodput import GoodputState
+
+
+def policy_to_checkpoint(policy: Any) -> dict[str, Any]:
+    """A batch policy's state as plain data: the goodput policy's tagged ``{"goodput": to_dict()}``."""
+    if type(policy).__name__ == "GoodputState":
+        return {"goodput": policy.to_dict()}
+    return dataclasses.asdict(policy)
+
+
+def policy_from_checkpoint(blob: dict[str, Any]) -> Any:
+    """Inverse of :func:`policy_to_checkpoint`."""
+    if "goodput" in blob:
+        from scalesgd.goodput import GoodputState  # deferred: goodput imports batch_policy, as this module does
+
+        return GoodputState.from_dict(blob["goodput"])
+    return BatchPolicyState(**blob)
 
 
 @dataclass(frozen=True)
@@ -44,7 +63,7 @@ class TrainState:
             it in place; the state returned after the step holds the same tensor.
         tx_state: the gradient transformation's state (momentum buffer, Langevin generator).
         noise_ema: the EMA of the per-step ‖G‖² (mean gradient) and tr Σ estimates; None without a tap.
-        policy: the batch-size policy's state.
+        policy: the batch-size policy's state (:class:`GoodputState` for ``goodput``).
         global_batch_size: the global batch the policy last chose (examples, all ranks).
         cursor: where the data stream stands (epoch, offset into that epoch's permutation).
         torch_rng_state: torch's global CPU generator state (the trainer's dropout masks come from
@@ -57,12 +76,13 @@ class TrainState:
         time_to_target_s, train_time_to_target_s: wall and training time when the target was first met
             (None until then).
         loss_watch: the smoothed training loss that divergence detection compares with the first one.
+        base_lr: the base learning rate ``--lr auto`` found (None: not searched yet, or ``--lr`` given).
     """
 
     params: torch.Tensor
     tx_state: Any
     noise_ema: EMAState | None
-    policy: BatchPolicyState
+    policy: BatchPolicyState | GoodputState
     global_batch_size: int
     cursor: Cursor
     torch_rng_state: torch.Tensor
@@ -73,6 +93,7 @@ class TrainState:
     time_to_target_s: float | None = None
     train_time_to_target_s: float | None = None
     loss_watch: LossWatch = LossWatch()
+    base_lr: float | None = None
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy with ``changes`` applied (the state is frozen)."""
@@ -89,7 +110,7 @@ class TrainState:
             "params": self.params.detach().cpu().clone(),
             "tx_state": state_to_tree(self.tx_state),
             "noise_ema": dataclasses.asdict(self.noise_ema) if self.noise_ema is not None else None,
-            "policy": dataclasses.asdict(self.policy),
+            "policy": policy_to_checkpoint(self.policy),
             "global_batch_size": self.global_batch_size,
             "cursor": [self.cursor.epoch, self.cursor.offset],
             "torch_rng_state": self.torch_rng_state.clone(),
@@ -100,6 +121,7 @@ class TrainState:
             "time_to_target_s": self.time_to_target_s,
             "train_time_to_target_s": self.train_time_to_target_s,
             "loss_watch": dataclasses.asdict(self.loss_watch),
+            "base_lr": self.base_lr,
         }
 
     @classmethod
@@ -111,7 +133,7 @@ class TrainState:
             params=blob["params"].to(device),
             tx_state=state_from_tree(blob["tx_state"], device),
             noise_ema=EMAState(**blob["noise_ema"]) if blob["noise_ema"] is not None else None,
-            policy=BatchPolicyState(**blob["policy"]),
+            policy=policy_from_checkpoint(blob["policy"]),
             global_batch_size=int(blob["global_batch_size"]),
             cursor=Cursor(*blob["cursor"]),
             torch_rng_state=blob["torch_rng_state"],
@@ -122,4 +144,5 @@ class TrainState:
             time_to_target_s=blob["time_to_target_s"],
             train_time_to_target_s=blob["train_time_to_target_s"],
             loss_watch=LossWatch(**blob.get("loss_watch", {})),
+            base_lr=blob.get("base_lr"),
         )

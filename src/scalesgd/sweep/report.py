@@ -224,8 +224,8 @@ def _method_lines(result: SweepResult) -> list[str]:
               "ties by time); the other seeds then run at the winner")
     else:
         lr = f"**{spec.lrs[0]:g}**, not tuned"
-    if base.lr_rule != "constant":
-        lr += (f"; the trainer's **{base.lr_rule}** rule scales it with B from B0 = "
+    if base.effective_lr_rule != "constant":
+        lr += (f"; the trainer's **{base.effective_lr_rule}** rule scales it with B from B0 = "
                f"{base.base_batch_size or 'each run' + chr(39) + 's own B'}")
     lr += f"; base schedule {base.lr_schedule}"
     evals = (f"every {base.eval_every} steps" if base.eval_every is not None
@@ -299,7 +299,7 @@ def _bound_lines(result, series, bounds, out_dir: Path) -> list[str]:
 def _table_lines(result: SweepResult, key: tuple[int, int], rows: Sequence[Row]) -> list[str]:
     spec = result.spec
     lines = [f"## {_series_label(spec, key)}", "",
-             f"| B | {'lr' if spec.base.lr_rule == 'constant' else 'lr0 (lr at B)'} | reached | time per pass (s) | passes to target | time to target (s) | step speedup "
+             f"| B | {'lr' if spec.base.effective_lr_rule == 'constant' else 'lr0 (lr at B)'} | reached | time per pass (s) | passes to target | time to target (s) | step speedup "
              "(ideal B/B_min) | time speedup | final test acc |", "|---|---|---|---|---|---|---|---|---|"]
     small = rows[0]
     p0, t0 = small.stat("passes_to_target")[0], small.stat("time_to_target_s")[0]
@@ -314,7 +314,7 @@ def _table_lines(result: SweepResult, key: tuple[int, int], rows: Sequence[Row])
         timing = " ‡" if max(row.time_spread(), small.time_spread()) > SEED_TIME_SPREAD_FLAG else ""
         acc = _mean_std([o.final_test_accuracy for o in row.done])
         lr = f"{row.lr:g}"
-        if spec.base.lr_rule != "constant":
+        if spec.base.effective_lr_rule != "constant":
             lr_b = statistics.fmean(o.lr_at_b for o in row.done) if row.done else math.nan
             lr += f" ({lr_b:.3g})"
         lines.append(

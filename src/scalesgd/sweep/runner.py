@@ -259,7 +259,7 @@ def run_points(spec: SweepSpec, out: Path, *, train_missing: bool = True,
               f"{'seed ' + str(spec.seeds[0]) if spec.tune == 'first-seed' else 'all seeds'}" if spec.tuned
               else f"{spec.lrs[0]:g}")
     log(f"sweep {spec.name}: {runs_in_sweep(spec)} runs in {out / 'runs'}; lr {lr_how}, lr rule "
-        f"{spec.base.lr_rule}; target {spec.target_metric} {spec.target:g} within {spec.base.epochs:g} passes")
+        f"{spec.base.effective_lr_rule}; target {spec.target_metric} {spec.target:g} within {spec.base.epochs:g} passes")
     for g in groups:
         key = (g.replicate, g.workers, g.global_batch_size)
         if spec.tuned:
