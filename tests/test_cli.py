@@ -135,3 +135,32 @@ def test_train_help_gives_one_default_per_option():
             assert shown.count("(default") + shown.count("; default") <= 1, (name, action.option_strings, shown)
     text = sub.choices["train"].format_help()
     assert "(default: None)" not in text and "(default: the model's own)" in text
+
+
+@pytest.mark.spawn
+@pytest.mark.timeout(200)
+def test_diversity_command_measures_along_training_and_at_the_checkpoint(tmp_path, capsys):
+    """`scalesgd diversity --every k` trains, logs the exact whole-data figures every k steps next to the online
+    estimate, prints them and plots diversity.png; `--checkpoint` on the same run measures the saved model
+    independently (a fresh process-free rebuild), and the two agree at the last step."""
+    run = tmp_path / "run"
+    code = main(["diversity", "--dataset", "digits", "--model", "mlp", "--width", "32", "--workers", "2",
+                 "--steps", "20", "--every", "10", "--global-batch-size", "32", "--diversity", "cheap",
+                 "--threads-per-worker", "1", "--no-progress", "--run-dir", str(run)])
+    out = capsys.readouterr().out
+    assert code == 0 and (run / "diversity.png").stat().st_size > 0
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in lines if r["kind"] == "diversity"]
+    assert [r["step"] for r in measured] == [0, 10, 20]
+    for r in measured:  # the exact figures obey their identities
+        assert r["batch_bound"] == pytest.approx(r["n"] * r["delta"], rel=1e-9)
+        assert r["batch_bound"] >= 1.0 and r["delta"] >= 1.0 / r["n"]
+    assert measured[0]["batch_bound_est"] is None and measured[-1]["batch_bound_est"] > 0  # online estimate beside
+    table = [s.split() for s in out.splitlines() if s.split()[:1] in (["0"], ["10"], ["20"])]
+    assert [int(row[0]) for row in table] == [0, 10, 20]
+    assert float(table[-1][2]) == pytest.approx(measured[-1]["batch_bound"], abs=0.06)  # printed to 0.1
+
+    assert main(["diversity", "--checkpoint", str(run)]) == 0
+    at_ckpt = json.loads((run / "diversity_checkpoint.json").read_text())
+    assert at_ckpt["step"] == 20
+    assert at_ckpt["batch_bound"] == pytest.approx(measured[-1]["batch_bound"], rel=1e-4)

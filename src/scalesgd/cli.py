@@ -170,6 +170,21 @@ def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | Non
         return RunConfig(**values)
     except TypeError as e:  # a TOML value of the wrong type reaches a comparison
         raise ConfigError(f"invalid value in the configuration: {e}") from None
+    except ConfigError as e:  # a value the --config file gave ("--lr must be ..."): name the file and its key
+        raise _in_config_file(e, args) from None
+
+
+def _in_config_file(error: ConfigError, args: argparse.Namespace) -> ConfigError:
+    """``error`` prefixed with the --config file and its key when the option it names (``--lr must be …``) took
+    its value from that file; else ``error`` as it is."""
+    from scalesgd.config import load_toml
+
+    text = str(error)
+    key = text.split()[0].rstrip(":").lstrip("-").replace("-", "_") if text.startswith("--") else None
+    if key is None or not getattr(args, "config", None) or key in vars(args):  # the command line's value
+        return error
+    in_file = {k.replace("-", "_") for k in load_toml(Path(args.config), what="config file (--config)")}
+    return ConfigError(f"{args.config}: key {key!r}: {text}") if key in in_file else error
 
 
 def check_launch(args: argparse.Namespace, cfg) -> None:
@@ -347,7 +362,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 # predict
 
 _PREDICT_ARGS = ("model", "dataset", "n_train", "width", "dropout", "norm", "network", "comm", "batch_sizes",
-                 "max_workers", "batch_bound", "passes_at_small_batch", "small_batch_size", "from_run",
+                 "max_workers", "batch_bound", "passes_at_small_batch", "small_batch_size", "from_run", "target",
                  "profile_batch_sizes", "profile_steps", "compute_curve", "overhead_s", "tolerance", "seed", "out")
 
 
@@ -388,6 +403,9 @@ def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--from-run", default=None, metavar="RUN_DIR",
                    help="take B_S (the run's diversity estimates, averaged over the run) and the passes to its target "
                         "from a run directory")
+    p.add_argument("--target", type=float, default=None, metavar="ACC",
+                   help="with --from-run: the passes to this accuracy, read from the run's evaluations on its "
+                        "target metric (default: the run's own --target-accuracy)")
     p.add_argument("--profile-batch-sizes", type=_positive_int_list, default=[8, 32, 128, 512, 2048],
                    help="local batch sizes to profile (default 8,32,128,512,2048)")
     p.add_argument("--profile-steps", type=int, default=20, help="timed steps per profiled size (default 20)")

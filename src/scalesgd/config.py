@@ -268,28 +268,32 @@ def _check_types(cfg: "RunConfig") -> None:
         ConfigError: one line naming the option, the value it got and what it takes.
     """
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        kind, optional = _field_kind(f.type)
-        if value is None and optional:
-            continue
-        if f.type == "float | str" and isinstance(value, str):
-            continue  # a named value (``--lr auto``): the field's own check in __post_init__ takes it or refuses it
-        option = f"--{f.name.replace('_', '-')}"
-        wanted = {bool: "true or false (an unquoted TOML boolean; on the command line, the bare flag)",
-                  int: "an integer", float: "a finite number", str: "a text (a quoted TOML string)",
-                  tuple: "a list of finite numbers, e.g. [5, 8] or \"5,8\"", dict: "a table"}[kind]
-        none = " or left out" if optional else ""
-        if kind is tuple:
-            value = _number_tuple(option, value, wanted)
-        elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{option} must be {wanted}{none}, got {value!r}")
-            value = float(value)
-        elif kind is int and isinstance(value, float) and value.is_integer() and math.isfinite(value):
-            raise ConfigError(f"{option} must be {wanted}{none}, got {value!r}; write {int(value)}")
-        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{option} must be {wanted}{none}, got {value!r} ({type(value).__name__})")
-        object.__setattr__(cfg, f.name, value)
+        object.__setattr__(cfg, f.name, _checked_value(f, getattr(cfg, f.name)))
+
+
+def _checked_value(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` as field ``f`` holds it (see :func:`_check_types`); ConfigError naming the option otherwise."""
+    kind, optional = _field_kind(f.type)
+    if value is None and optional:
+        return value
+    if f.type == "float | str" and isinstance(value, str):
+        return value  # a named value (``--lr auto``): the field's own check in __post_init__ takes it or refuses it
+    option = f"--{f.name.replace('_', '-')}"
+    wanted = {bool: "true or false (an unquoted TOML boolean; on the command line, the bare flag)",
+              int: "an integer", float: "a finite number", str: "a text (a quoted TOML string)",
+              tuple: "a list of finite numbers, e.g. [5, 8] or \"5,8\"", dict: "a table"}[kind]
+    none = " or left out" if optional else ""
+    if kind is tuple:
+        value = _number_tuple(option, value, wanted)
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{option} must be {wanted}{none}, got {value!r}")
+        value = float(value)
+    elif kind is int and isinstance(value, float) and value.is_integer() and math.isfinite(value):
+        raise ConfigError(f"{option} must be {wanted}{none}, got {value!r}; write {int(value)}")
+    elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{option} must be {wanted}{none}, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def _number_tuple(option: str, value: Any, wanted: str) -> tuple[float, ...]:
@@ -369,10 +373,18 @@ def config_from_mapping(values: dict[str, Any], *, source: str) -> dict[str, Any
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in FIELDS or name == "extra":
-            close = [k.replace("_", "-") for k in FIELDS if k.startswith(name[:4])]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            negated = name[3:] if name.startswith("no_") else None
+            if negated in FIELDS and _field_kind(FIELDS[negated].type)[0] is bool:  # --no-progress as a key
+                hint = f" (use {negated} = false)"
+            else:
+                close = [k.replace("_", "-") for k in FIELDS if k.startswith(name[:4])]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{source}: unknown key {key!r}{hint}; keys mirror the command-line options")
-        out[name] = value  # types and ranges: RunConfig's own checks
+        try:  # the kind here, so the line names the file; ranges and combinations: RunConfig's own checks
+            _checked_value(FIELDS[name], value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: key {key!r}: {e}") from None
+        out[name] = value
     return out
 
 

@@ -429,27 +429,33 @@ def diversity_at_checkpoint(path: Any) -> dict[str, float]:
     ``diversity_checkpoint.json`` next to the checkpoint and returns ``{"step", **measure_exact_diversity}``.
 
     Raises:
-        ScalesgdError: if there is no checkpoint at ``path``.
+        DataError: no checkpoint at ``path``, or one that is damaged, not a scalesgd checkpoint, or whose
+            weights do not fit the model its own config builds (:func:`scalesgd.writer.load_checkpoint`).
     """
     from pathlib import Path
 
     from scalesgd.config import RunConfig
     from scalesgd.data import load_data
-    from scalesgd.errors import ScalesgdError
+    from scalesgd.errors import DataError
     from scalesgd.user_code import build_run_model, loss_for
-    from scalesgd.writer import write_json_atomic
+    from scalesgd.writer import load_checkpoint, write_json_atomic
 
     path = Path(path)
     ckpt_path = path / "checkpoint.pt" if path.is_dir() else path
-    if not ckpt_path.exists():
-        raise ScalesgdError(f"no checkpoint at {ckpt_path}; pass a run directory written by `scalesgd train`")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(ckpt_path)
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
+        raise DataError(f"{ckpt_path} is not a scalesgd checkpoint (its config or model is not a mapping)")
     known = {k: v for k, v in ckpt["config"].items() if k in RunConfig.__dataclass_fields__}
     known["lr_milestones"] = tuple(known.get("lr_milestones", ()))
     cfg = RunConfig(**known)
     ds = load_data(cfg)
     model = build_run_model(cfg, input_shape=ds.input_shape, num_outputs=ds.num_outputs)  # the run's own
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:  # another model's weights: missing/unexpected/shapes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{ckpt_path} does not hold weights of the model its own config describes ({first[:160]}); "
+                        "it is damaged or was taken from another run") from None
     model.train()
     stats = {"step": ckpt["step"], **measure_exact_diversity(model, loss_for(cfg.loss, ds.task, "none"), ds.x_train,
                                                              ds.y_train, dataset=ds)}

@@ -30,7 +30,7 @@ from scalesgd.comm import strategy_info
 from scalesgd.diversity import batch_bound_over_run
 from scalesgd.errors import ConfigError
 from scalesgd.rundata import RunData, finite, passes_to_target
-from scalesgd.writer import atomic_path, write_json_atomic
+from scalesgd.writer import atomic_path, check_output_dir, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------------------
 # Compute profile
@@ -202,7 +202,7 @@ class RunFacts:
     batch_bound_how: str = ""  # which estimator gave batch_bound, for the printout
 
 
-def read_run(run_dir: str | Path) -> RunFacts:
+def read_run(run_dir: str | Path, target: float | None = None) -> RunFacts:
     """B_S over the whole run and the passes to the target accuracy.
 
     B_S = 1 + Σ tr Σ̂ / Σ ‖G‖²̂ over the per-step estimates the diversity tap logged (``trace_cov_step``,
@@ -210,7 +210,8 @@ def read_run(run_dir: str | Path) -> RunFacts:
     (REFERENCES §3), the trainer's own EMA with the whole run as its horizon. Runs that logged only the
     smoothed ``batch_bound_est`` give its median. The passes to ``target_accuracy`` (from summary.json,
     else config.json) on the run's ``target_metric`` are :func:`scalesgd.rundata.passes_to_target`'s,
-    interpolated between evaluations; None when the run never reached it.
+    interpolated between evaluations; None when the run never reached it. ``target`` given: the passes to
+    that accuracy instead, from the same evaluations (a run trained without a target has them too).
 
     Raises:
         DataError: ``run_dir`` is not a run directory, or one of its files is damaged (one line naming it).
@@ -228,7 +229,7 @@ def read_run(run_dir: str | Path) -> RunFacts:
                f"its {len(steps)} per-step estimates sum to |G|^2 <= 0: gradient noise swamps the signal, so "
                "B_S is beyond what the run measured; train longer or give --batch-bound" if steps else "")
     summary, config = run.summary or {}, run.config
-    target_acc = summary.get("target_accuracy", config.get("target_accuracy"))
+    target_acc = target if target is not None else summary.get("target_accuracy", config.get("target_accuracy"))
     passes = None
     if target_acc is not None:
         hit = passes_to_target(run.evals, config.get("target_metric", "test_accuracy"), target_acc)
@@ -327,15 +328,20 @@ def goodput_batch(prof: ComputeProfile, *, workers: int, network: pm.Network, gr
 
 
 def statistical_inputs(*, batch_bound: float | None, passes_at_small_batch: float | None,
-                       small_batch_size: int, from_run: str | Path | None) -> tuple[float, float, str]:
+                       small_batch_size: int, from_run: str | Path | None,
+                       target: float | None = None) -> tuple[float, float, str]:
     """(B_S, passes_min, description) from the given numbers and/or a run directory (given numbers win).
 
     passes_min = passes(B) / (1 + B/(B_S − 1)) (:func:`scalesgd.perf_model.passes_min_from_measurement`).
 
     Raises:
         ConfigError: B_S or the passes are neither given nor in the run; the message names the options.
+            ``target`` (the accuracy whose passes ``from_run`` gives) without ``from_run``, or outside (0, 1].
     """
-    facts = read_run(from_run) if from_run else None
+    if target is not None and (not from_run or not 0 < target <= 1):
+        raise ConfigError(f"--target {target:g} needs --from-run RUN_DIR and an accuracy in (0, 1]: it reads the "
+                          "passes to that accuracy from the run's evaluations")
+    facts = read_run(from_run, target=target) if from_run else None
     given_bound = batch_bound
     batch_bound = given_bound if given_bound is not None else (facts.batch_bound if facts else None)
     bound_how = "command line" if given_bound is not None else (facts.batch_bound_how if facts else "")
@@ -349,6 +355,12 @@ def statistical_inputs(*, batch_bound: float | None, passes_at_small_batch: floa
         passes, batch, where = passes_at_small_batch, small_batch_size, "command line"
     elif facts is not None and facts.passes_to_target is not None and facts.global_batch_size:
         passes, batch, where = facts.passes_to_target, facts.global_batch_size, str(from_run)
+    elif facts is not None:  # the run cannot say: say why, and how to get the passes from it
+        why = ("was trained without --target-accuracy" if facts.target_accuracy is None else
+               f"never reached its target {facts.target_accuracy:g}")
+        raise ConfigError(f"--from-run {from_run} {why}, so it has no passes to a target: give --target ACC (an "
+                          "accuracy its evaluations reach), re-run it with --target-accuracy ACC, or give "
+                          f"--passes-at-small-batch P --small-batch-size {facts.global_batch_size or 'B'}")
     else:
         raise ConfigError("predict needs the passes to the target at a small batch: pass "
                           "--passes-at-small-batch P --small-batch-size B, or --from-run RUN_DIR of a run "
@@ -391,7 +403,7 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
             width: int | None = None, dropout: float | None = None, norm: str | None = None, network: str | None = None,
             comm: str = "allreduce", batch_sizes: Sequence[int] = tuple(2 ** k for k in range(4, 17)),
             max_workers: int = 1024, batch_bound: float | None = None, passes_at_small_batch: float | None = None,
-            small_batch_size: int = 32, from_run: str | Path | None = None,
+            small_batch_size: int = 32, from_run: str | Path | None = None, target: float | None = None,
             profile_batch_sizes: Sequence[int] = (8, 32, 128, 512, 2048), profile_steps: int = 20,
             compute_curve: str = "auto", overhead_s: float = 0.0, tolerance: float = 0.10, seed: int = 0,
             out: str | Path | None = None) -> int:
@@ -408,7 +420,7 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
         network: the target network, e.g. ``"25 Gbit/s, 10 us"``; None measures ``comm`` here.
         comm: the communication strategy measured or modelled (our rings add recursive doubling).
         batch_sizes: global batch sizes of the grid; ``max_workers``: P = 1, 2, 4, … up to it.
-        batch_bound, passes_at_small_batch, small_batch_size, from_run: the statistics
+        batch_bound, passes_at_small_batch, small_batch_size, from_run, target: the statistics
             (see :func:`statistical_inputs`).
         profile_batch_sizes, profile_steps, compute_curve: the compute profile (:func:`profile_compute`).
         overhead_s: fixed seconds added per step; tolerance: how much slower the cheapest recommendation
@@ -425,6 +437,7 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
 
     if max_workers < 1:
         raise ConfigError(f"--max-workers must be >= 1, got {max_workers}")
+    check_output_dir(out, "--out")  # before the minutes of profiling, not after
     network = pm.parse_network(network) if network else None  # fail fast on a bad string
     if network is not None:
         # our rings switch to recursive doubling for small messages on any network; the built-in is a ring
@@ -434,7 +447,7 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
                        norm=norm, seed=seed)
     batch_bound, passes_min, stat_source = statistical_inputs(
         batch_bound=batch_bound, passes_at_small_batch=passes_at_small_batch, small_batch_size=small_batch_size,
-        from_run=from_run)
+        from_run=from_run, target=target)
     model, dataset = cfg.model, cfg.dataset
     ds = load_data(cfg)
     net = build_run_model(cfg, input_shape=ds.input_shape, num_outputs=ds.num_outputs)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from scalesgd import plots
 from scalesgd.rundata import RunData, distinct_labels
-from scalesgd.writer import write_atomic
+from scalesgd.writer import check_output_dir, write_atomic
 
 
 def _fmt(value, spec: str = ".4f") -> str:
@@ -22,6 +22,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
     Returns the path of report.md. The file is written via a temporary name, so a failed report leaves
     nothing half-written.
     """
+    check_output_dir(out_dir, "--out")
     runs = [RunData.open(p) for p in run_dirs]
     labels = distinct_labels(runs)  # runs that differ only in --comm (say) are told apart by it
     out_dir = Path(out_dir) if out_dir is not None else runs[0].path

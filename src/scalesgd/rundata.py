@@ -22,6 +22,10 @@ from scalesgd.errors import DataError
 # Keys a metrics line must carry for the reader to place it: every line has a kind; steps and evaluations
 # are placed on the step and epoch axes (plots, passes to target).
 REQUIRED_KEYS = {"step": ("step", "epoch"), "eval": ("step", "epoch")}
+# Kinds whose every value (but ``kind``) is a number or null, as the trainer writes them: a string there would
+# otherwise be skipped as "not finite" by readers that filter with :func:`finite` (another estimator chosen
+# silently) or fail deep inside arithmetic.
+NUMERIC_KINDS = ("step", "eval", "diversity")
 # Config keys that say nothing about what was run (where it was written, how it printed), left out when
 # runs are told apart by their differences.
 _NOT_A_DIFFERENCE = {"run_dir", "progress", "extra", "master_port", "master_addr", "checkpoint_every_steps",
@@ -58,31 +62,40 @@ class RunData:
         """Every line of metrics.jsonl, in order.
 
         Raises:
-            DataError: naming ``metrics.jsonl:LINE`` for a line that is not JSON (a write cut short), not a
-                JSON object, or lacks a key in :data:`REQUIRED_KEYS`.
+            DataError: naming ``metrics.jsonl:LINE`` for a line that is not UTF-8, not JSON (the last line: a
+                write cut short; an earlier one: the file is damaged), not a JSON object, lacks a key in
+                :data:`REQUIRED_KEYS`, or (a line of :data:`NUMERIC_KINDS`) holds a value that is not a number.
         """
         path = self.path / "metrics.jsonl"
+        numbered = [(no, raw) for no, raw in enumerate(path.read_bytes().splitlines(), 1) if raw.strip()]
         out = []
-        with open(path) as f:
-            for line_no, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where} is not valid JSON ({e}); the run was cut off mid-write: re-run it "
-                                    "or delete that line") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{where} is a JSON {type(rec).__name__}, not an object; metrics.jsonl holds "
-                                    "one object per line as `scalesgd train` writes it")
-                kind = rec.get("kind")
-                missing = [k for k in ("kind", *REQUIRED_KEYS.get(kind, ())) if k not in rec]
-                if missing:
-                    raise DataError(f"{where} lacks the key {missing[0]!r}; this is not a metrics line that "
-                                    "`scalesgd train` writes (kind=step/eval lines carry step and epoch)")
-                out.append(rec)
+        for i, (line_no, raw) in enumerate(numbered):
+            where = f"{path}:{line_no}"
+            # only the last line can be cut off by an interrupted run; anything earlier was damaged afterwards
+            fix = ("the run was cut off mid-write: re-run it or delete that line" if i == len(numbered) - 1 else
+                   "the file is damaged (only the last line can be cut off by an interrupted run): re-run it")
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where} is not UTF-8 text (byte {e.start + 1} of the line); {fix}") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where} is not valid JSON ({e}); {fix}") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where} is a JSON {type(rec).__name__}, not an object; metrics.jsonl holds "
+                                "one object per line as `scalesgd train` writes it")
+            kind = rec.get("kind")
+            missing = [k for k in ("kind", *REQUIRED_KEYS.get(kind, ())) if k not in rec]
+            if missing:
+                raise DataError(f"{where} lacks the key {missing[0]!r}; this is not a metrics line that "
+                                "`scalesgd train` writes (kind=step/eval lines carry step and epoch)")
+            if kind in NUMERIC_KINDS:
+                bad = [k for k, v in rec.items() if k != "kind" and v is not None and not _is_number(v)]
+                bad += [k for k in REQUIRED_KEYS.get(kind, ()) if rec[k] is None and k not in bad]
+                if bad:
+                    raise DataError(f"{where}: {bad[0]!r} is {json.dumps(rec[bad[0]])}, not a number; a kind={kind} "
+                                    "line of `scalesgd train` holds numbers (or null) only: the file is damaged "
+                                    "or was edited, re-run it or fix that value")
+            out.append(rec)
         return out
 
     @property
@@ -220,6 +233,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise DataError(f"{path} holds a JSON {type(value).__name__}, not an object; it is not a file "
                         "`scalesgd train` wrote")
     return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def finite(value: Any) -> bool:

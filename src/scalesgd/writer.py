@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import platform
 import socket
 import subprocess
@@ -29,18 +30,44 @@ from typing import Any, Iterator
 
 import torch
 
-from scalesgd.errors import ConfigError, ScalesgdError
+from scalesgd.errors import ConfigError, DataError, ScalesgdError
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "config.json")  # what a run writes here
 
 
+def check_output_dir(path: Path | str | None, option: str) -> None:
+    """Refuse an output directory that cannot be one: ``path`` must be a directory or not exist, and the
+    nearest existing folder above it must be a writable directory (so ``mkdir(parents=True)`` and the writes
+    after it will work). Call before anything is spawned or written, so a bad ``--out`` fails in one line
+    instead of a traceback from a worker.
+
+    Raises:
+        ConfigError: naming ``option`` and ``path``, what is wrong and the fix.
+    """
+    if path is None or str(path) == "":
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file, not a directory; pick a directory (new or existing)")
+    above = path if path.exists() else path.parent
+    while not above.exists():  # the nearest existing ancestor is where mkdir will start
+        above = above.parent
+    if not above.is_dir():
+        raise ConfigError(f"{option} {path} cannot be created: {above} is a file, not a directory; pick another path")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path} cannot be written: no write permission in {above}; pick a directory "
+                          "you can write to")
+
+
 def check_run_dir_is_new(run_dir: str | None) -> None:
     """Refuse a ``--run-dir`` that already holds a run: the new run would append its steps to the old
     ``metrics.jsonl`` (two runs' records in one file, silently wrong curves and times) and replace the old
-    summary and checkpoint. Call before anything is spawned or written."""
+    summary and checkpoint. A file, or a place that cannot be created or written, is refused too
+    (:func:`check_output_dir`). Call before anything is spawned or written."""
     if not run_dir:
         return
+    check_output_dir(run_dir, "--run-dir")
     found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
     if found:
         raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(found)}); a new run there would "
@@ -163,6 +190,38 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+CHECKPOINT_KEYS = ("model", "step", "config")  # what every reader of checkpoint.pt needs (RunWriter writes more)
+
+
+def load_checkpoint(path: Path | str, keys: tuple[str, ...] = CHECKPOINT_KEYS) -> dict[str, Any]:
+    """Read a ``checkpoint.pt`` that :meth:`RunWriter.save_checkpoint` wrote, tensors and plain Python only.
+
+    ``torch.load(weights_only=True)``: a file holding pickled code is refused by the loader, never run. Every
+    failure (missing, truncated, not a zip, refused globals, not a dict, a key of ``keys`` missing) is one
+    line naming the file, never torch's advice to load it with ``weights_only=False``.
+
+    Raises:
+        DataError: naming ``path``: not there, damaged, or not a scalesgd checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no checkpoint at {path}; pass a run directory written by `scalesgd train` (or its "
+                        "checkpoint.pt)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError,
+            AttributeError, ImportError, IndexError) as e:
+        # torch's own message advises weights_only=False (running the file's code): say what happened instead
+        raise DataError(f"{path} cannot be read as a checkpoint ({type(e).__name__}): it is damaged (truncated, "
+                        "overwritten) or not a scalesgd checkpoint; files holding pickled code are refused, never "
+                        "run. Re-run the training, or pass the checkpoint.pt of another run") from None
+    missing = [k for k in keys if k not in blob] if isinstance(blob, dict) else list(keys)
+    if missing:
+        raise DataError(f"{path} is not a scalesgd checkpoint (it lacks {missing[0]!r}); pass the checkpoint.pt "
+                        "that `scalesgd train` wrote")
+    return blob
 
 
 def git_sha(start: Path | None = None) -> str | None:

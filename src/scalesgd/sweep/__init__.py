@@ -61,7 +61,11 @@ def run_sweep(spec: SweepSpec, out: Path, *, report_dir: Path | None = None, tra
     Returns:
         (the :class:`SweepResult`, the path of report.md).
     """
+    from scalesgd.writer import check_output_dir
+
     out = Path(out)
+    check_output_dir(out, "--out")  # before any point trains: a file there would fail deep in the first run
+    check_output_dir(report_dir, "--report-dir")
     result = run_points(spec, out, train_missing=train_missing, log=log)
     path = write_report(result, Path(report_dir) if report_dir else out)
     log(f"report: {path}")

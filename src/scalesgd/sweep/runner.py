@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from scalesgd.config import RunConfig
-from scalesgd.errors import ConfigError, DivergedError
+from scalesgd.errors import ConfigError, DataError, DivergedError
 from scalesgd.rundata import RunData, passes_to_target
 from scalesgd.sweep.spec import STATUS_FILE, Group, Point, SweepSpec, plan, point_config, runs_in_sweep
 from scalesgd.writer import write_json_atomic
@@ -73,10 +73,12 @@ def _num(value: Any) -> float:
 
 
 def _read_status(path: Path) -> str:
+    """The message of a point's status file; "" when there is none or it is damaged (it only says why)."""
     try:
-        return json.loads((path / STATUS_FILE).read_text()).get("message", "")
-    except (FileNotFoundError, json.JSONDecodeError):
+        status = json.loads((path / STATUS_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return ""
+    return str(status.get("message", "")) if isinstance(status, dict) else ""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,7 +190,11 @@ class _Runner:
         """Exact B_S = n·Δ_S over the whole training set at the initial weights of (r, seed); cached."""
         path = self.out / "bounds" / f"init-r{r:g}-s{seed}.json"
         if path.exists():
-            return float(json.loads(path.read_text())["batch_bound"])
+            try:
+                return float(json.loads(path.read_text(encoding="utf-8"))["batch_bound"])
+            except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise DataError(f"{path} is damaged (no number under 'batch_bound'); delete it and the sweep "
+                                "measures it again") from None
         if not self.train_missing:
             return math.nan
         import torch
