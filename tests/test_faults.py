@@ -53,6 +53,8 @@ _OUT_OF_RANGE = {
     "seed": ["-1"], "batch_schedule": ['"5:x"'], "loader_workers": ["-1"], "loss": ['"not-an-import-string"'],
     "straggler": ['"rank1x0.5"', '"exp"', '"exp:mean=-1"'], "sync_every": ["0"], "sync_every_after": ["-1"],
     "backup_workers": ["-1", "5"],
+    "checkpoint_every_steps": ["-1"], "checkpoint_every_s": ["-5"], "keep_checkpoints": ["0"],
+    "max_restarts": ["-1"],
 }
 _NO_RANGE = {"dataset", "master_addr", "run_dir", "progress", "nesterov", "extra"}  # checked elsewhere / any value
 _CASES = []

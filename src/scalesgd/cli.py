@@ -123,6 +123,12 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("sync-every-after", float, "post-local SGD: synchronous for this many epochs, then --sync-every H"),
     ("backup-workers", int, "b backup workers: each step uses the first P-b gradients to reach rank 0, rescaled "
                            "(Chen et al. 2016); needs --comm ps and --diversity off"),
+    ("checkpoint-every-steps", int, "write a checkpoint every k steps (0: by time only)"),
+    ("checkpoint-every-s", float, "write a checkpoint every this many seconds (0: by steps only); stretched so "
+                                  "that saving costs at most 2%% of the run (default: 300)"),
+    ("keep-checkpoints", int, "checkpoints kept in RUN_DIR/checkpoints (the newest)"),
+    ("max-restarts", int, "restart the job from its last checkpoint up to this many times when a worker dies "
+                          "(local workers; under torchrun use its own --max-restarts)"),
     ("run-dir", str, "where to write the run (default: runs/<time>-<model>-<data>-B<b>-P<p>-s<seed>)"),
 ]
 
@@ -148,9 +154,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="no progress bar")
 
 
-def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | None = None):
-    """defaults < TOML file < command line → a validated RunConfig."""
-    from scalesgd.config import FIELDS, RunConfig, config_from_mapping, load_toml
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options the user set: a --config TOML file's, overridden by the command line's."""
+    from scalesgd.config import FIELDS, config_from_mapping, load_toml
 
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
@@ -159,6 +165,14 @@ def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | Non
     for name in FIELDS:
         if name in vars(args):
             values[name] = getattr(args, name)
+    return values
+
+
+def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | None = None):
+    """defaults < TOML file < command line → a validated RunConfig."""
+    from scalesgd.config import RunConfig
+
+    values = given_options(args)
     try:
         return RunConfig(**values)
     except TypeError as e:  # a TOML value of the wrong type reaches a comparison
@@ -197,9 +211,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from scalesgd.distributed import torchrun_rendezvous
     from scalesgd.run import train
 
-    cfg = config_from_args(args)
+    if getattr(args, "resume", None):
+        from scalesgd.checkpoint import resume_config
+
+        cfg = resume_config(Path(args.resume), given_options(args))
+    else:
+        cfg = config_from_args(args)
     check_launch(args, cfg)
-    summary = train(cfg)
+    summary = train(cfg, resume=bool(getattr(args, "resume", None)))
     rdv = torchrun_rendezvous()
     if rdv is None or rdv.rank == 0:
         _print_summary(summary)
@@ -518,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model with synchronous data-parallel SGD",
                        description="Train with P synchronous workers (spawned locally, or as torchrun's ranks).")
     add_train_options(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint, "
+                   "with its own config.json; only options that do not change the maths (--workers, --timeout-s, "
+                   "--no-progress, the checkpoint and restart options) may be given")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("diversity", help="measure the exact whole-data gradient diversity along training",

@@ -92,6 +92,11 @@ class RunConfig:
     sync_every: int | None = None  # local SGD: average the parameters every H steps; None: synchronous SGD
     sync_every_after: float = 0.0  # post-local SGD: synchronous for this many epochs, then every H steps
     backup_workers: int = 0  # b: each step uses the first P − b gradients to reach rank 0 (--comm ps)
+    # fault tolerance (none of these changes the maths: a resume may change them)
+    checkpoint_every_steps: int = 0  # 0: by time only
+    checkpoint_every_s: float = 300.0  # 0: by steps only; stretched so that saving costs <= 2% of the time
+    keep_checkpoints: int = 2
+    max_restarts: int = 0  # local launcher: restart the job from its last checkpoint after a worker dies
     # output
     run_dir: str | None = None
     progress: bool = True
@@ -222,6 +227,13 @@ class RunConfig:
             raise ConfigError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
         if self.warmup_epochs < 0:
             raise ConfigError("--warmup-epochs must be >= 0")
+        if not (isinstance(self.checkpoint_every_steps, int) and self.checkpoint_every_steps >= 0):
+            raise ConfigError("--checkpoint-every-steps must be an integer >= 0 (0: by time only)")
+        if not (math.isfinite(self.checkpoint_every_s) and self.checkpoint_every_s >= 0):
+            raise ConfigError("--checkpoint-every-s must be a number of seconds >= 0 (0: by steps only)")
+        _positive_int("keep-checkpoints", self.keep_checkpoints)
+        if not (isinstance(self.max_restarts, int) and self.max_restarts >= 0):
+            raise ConfigError("--max-restarts must be an integer >= 0")
         self._check_local_sgd()
 
     def _check_local_sgd(self) -> None:

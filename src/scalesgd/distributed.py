@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import pickle
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from scalesgd.errors import ConfigError, DistributedError, ScalesgdError
+from scalesgd.errors import ConfigError, DistributedError, ScalesgdError, StoppedError, WorkerFailedError
 from scalesgd.launch import worker_context
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -115,6 +117,91 @@ def check_workers_match(rdv: Rendezvous | None, workers: int) -> None:
                           f"(torchrun --nproc-per-node {workers})")
 
 
+def restart_count(environ: dict[str, str] | None = None) -> int:
+    """How many times torchrun has restarted this job (``TORCHELASTIC_RESTART_COUNT``; 0 outside torchrun)."""
+    env = os.environ if environ is None else environ
+    try:
+        return int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        raise DistributedError(f"malformed TORCHELASTIC_RESTART_COUNT {env['TORCHELASTIC_RESTART_COUNT']!r}; "
+                               "launch with torchrun or unset it") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Signals and supervision
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+class StopRequest:
+    """Records the first SIGTERM / SIGINT / SIGHUP this process receives instead of dying of it.
+
+    The training loop polls :attr:`signum` before each step and, when set, checkpoints after that step on
+    every rank and stops (the request rides in the step's all-reduce, so all ranks stop at the same step).
+    Use as a context manager: the handlers are installed on entry (main thread only; elsewhere this records
+    nothing) and the previous ones restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.count = 0  # signals received
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def stop_with_parent(launcher_pid: int) -> None:
+    """Send this worker SIGTERM when its launcher dies, so no worker trains unsupervised.
+
+    On Linux the kernel does it when the parent dies (``prctl(PR_SET_PDEATHSIG)``; the parent is the
+    launcher, or the fork server, which exits with the launcher); everywhere a daemon thread also checks once
+    a second that the parent and the launcher are still there (it covers other systems and a parent that died
+    before the prctl). The worker treats SIGTERM as a stop request: it checkpoints at the next step and exits.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl in this libc: the watchdog below still runs
+            pass
+
+    def launcher_alive() -> bool:
+        try:
+            os.kill(launcher_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else (the pid was reused): treat as gone
+            return False
+        return True
+
+    def watch() -> None:
+        while os.getppid() == parent and launcher_alive():
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="scalesgd-launcher-watchdog", daemon=True).start()
+
+
 def local_world_size(default: int) -> int:
     """Workers on this machine: torchrun's LOCAL_WORLD_SIZE, else ``default`` (a local spawn knows its own)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", default))
@@ -156,10 +243,18 @@ def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World
     if rdv.size > 1 and not dist.is_initialized():
         try:
             timeout = _dt.timedelta(seconds=timeout_s)
+            restarts = restart_count() if rdv.from_env else 0
             if rdv.store_hosted:
                 store = dist.TCPStore(rdv.addr, rdv.port, rdv.size, False, timeout=timeout)
                 dist.init_process_group(backend=backend, store=store, rank=rdv.rank, world_size=rdv.size,
                                         timeout=timeout)
+            elif restarts:
+                # A job torchrun restarted: the process group's keys go under a prefix of this attempt, so no
+                # rank reads the address a dead rank of an earlier attempt published (gloo's full-mesh connect
+                # is then refused).
+                store, _, _ = next(dist.rendezvous("env://", rdv.rank, rdv.size, timeout=timeout))
+                dist.init_process_group(backend=backend, store=dist.PrefixStore(f"scalesgd/attempt{restarts}", store),
+                                        rank=rdv.rank, world_size=rdv.size, timeout=timeout)
             else:
                 init_method = "env://" if rdv.from_env else f"tcp://{rdv.addr}:{rdv.port}"
                 dist.init_process_group(backend=backend, init_method=init_method, rank=rdv.rank, world_size=rdv.size,
@@ -254,9 +349,11 @@ class _Stdio:
                 os.close(fd)
 
 
-def _child(payload: bytes, rdv: Rendezvous, results: Any, environ: dict[str, str], stdio: _Stdio | None) -> None:
+def _child(payload: bytes, rdv: Rendezvous, results: Any, environ: dict[str, str], stdio: _Stdio | None,
+           launcher_pid: int) -> None:
     """Entry point of a local worker: take on the launcher's environment and output streams, run
     ``fn(rdv, *args)`` and send its outcome on ``results`` (this worker's own pipe)."""
+    stop_with_parent(launcher_pid)
     try:
         if stdio is not None:
             stdio.attach()
@@ -264,13 +361,46 @@ def _child(payload: bytes, rdv: Rendezvous, results: Any, environ: dict[str, str
         os.environ.update(environ)
         fn, args = pickle.loads(payload)
         out = fn(rdv, *args)
-        results.send(("ok", pickle.dumps(out)))  # by value: this process may exit before it is read
+        _report(results, ("ok", pickle.dumps(out)))  # by value: this process may exit before it is read
     except ScalesgdError as e:
-        results.send(("error", f"{type(e).__name__}:{e}"))
+        _report(results, ("error", f"{type(e).__name__}:{e}"))
         sys.exit(3)
     except BaseException as e:  # noqa: BLE001 - a bug: reported once, with its traceback, by the parent
-        results.send(("crash", "".join(traceback.format_exception(e))))
+        _report(results, ("crash", "".join(traceback.format_exception(e))))
         sys.exit(1)
+
+
+def _report(results: Any, outcome: tuple) -> None:
+    try:
+        results.send(outcome)
+    except OSError:  # the launcher is gone (its end of the pipe closed): nobody to tell
+        pass
+
+
+def _died(rank: int, exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"worker {rank} was killed by {name} (signal {-exitcode})"
+    return f"worker {rank} exited with code {exitcode} without reporting an error"
+
+
+def _first_failure(procs: list[Any], reports: list[tuple[int, str, str]]) -> tuple[int, str, str]:
+    """The rank whose failure ended the job: one that died without a report (by a signal first, then by an
+    unexpected exit code) caused the others' communication errors; else the first report to arrive, a
+    user-facing error before a crash before a communication error."""
+    reported = {r for r, _, _ in reports}
+    silent = [(r, p.exitcode) for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
+    for r, code in sorted(silent, key=lambda rc: (rc[1] >= 0, rc[0])):
+        return r, "died", _died(r, code)
+    for wanted in (lambda a: a[1] == "error" and not str(a[2]).startswith("DistributedError:"),
+                   lambda a: a[1] == "crash", lambda a: True):
+        for a in reports:
+            if wanted(a):
+                return a
+    raise AssertionError("no failure to blame")  # pragma: no cover - only called with a failure
 
 
 def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | None = None,
@@ -281,11 +411,18 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
     none); each gets this process's environment, working directory, ``sys.path``, stdout and stderr as they
     are now. ``fn`` and ``args`` must be picklable (``fn`` by name).
 
-    If one worker fails, the others are terminated and its error is raised here, naming the rank: a
-    :class:`ScalesgdError` it raised comes back as the same class and message; a crash comes back as a
-    :class:`DistributedError` with its traceback, and a worker that died without a word (killed, or
-    ``os._exit``) as a :class:`DistributedError` with its exit code. No worker is left running, and
-    ``timeout_s`` bounds the whole job.
+    If one worker fails, the others are killed and its error is raised here, naming the rank that failed
+    first: a worker that died without a word (a signal, ``os._exit``) before the survivors that then saw a
+    communication error; else a :class:`ScalesgdError` it raised comes back as the same class and message,
+    a crash with its traceback. Workers stop when this process dies (:func:`stop_with_parent`); a SIGTERM,
+    SIGINT or SIGHUP here is passed on to them as SIGTERM (they checkpoint and stop), a second one kills them.
+    No worker is left running, and ``timeout_s`` bounds the whole job.
+
+    Raises:
+        WorkerFailedError: a worker died or crashed (with its signal, exit code or traceback).
+        ScalesgdError: the first user-facing error a worker reported (its own class).
+        DistributedError: the job ran past ``timeout_s``.
+        StoppedError: a second stop signal arrived before the workers had stopped.
     """
     store = None
     if port is None and nprocs > 1:
@@ -304,29 +441,32 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
     # descriptors served by this process, which breaks when several jobs are spawned in a row.
     payload = pickle.dumps((fn, args))
     procs, readers = [], []
-    try:
-        for rank in range(nprocs):
-            rdv = Rendezvous(addr=addr, port=port, rank=rank, size=nprocs, local_rank=rank,
-                             store_hosted=store is not None)
-            reader, writer = ctx.Pipe(duplex=False)  # one per worker: a message always names its sender
-            p = ctx.Process(target=_child, args=(payload, rdv, writer, environ, stdio), daemon=False)
-            p.start()
-            writer.close()  # the worker holds its own copy
-            procs.append(p)
-            readers.append(reader)
-        outcomes, failure = _collect(procs, readers, timeout_s)
-    finally:
-        # Reached with a failure, a timeout, or an exception here (KeyboardInterrupt): stop whoever still runs.
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        for reader in readers:
-            reader.close()
+    with StopRequest() as stop:
+        try:
+            for rank in range(nprocs):
+                rdv = Rendezvous(addr=addr, port=port, rank=rank, size=nprocs, local_rank=rank,
+                                 store_hosted=store is not None)
+                reader, writer = ctx.Pipe(duplex=False)  # one per worker: a message always names its sender
+                p = ctx.Process(target=_child, args=(payload, rdv, writer, environ, stdio, os.getpid()),
+                                daemon=False)
+                p.start()
+                writer.close()  # the worker holds its own copy
+                procs.append(p)
+                readers.append(reader)
+            outcomes, failure = _collect(procs, readers, timeout_s, stop)
+            if stop.signum is not None and failure is not None and failure[1] in ("died", "crash"):
+                # asked to stop, and a worker ended without its own stop message (it had not begun training)
+                failure = (failure[0], "stopped", f"stopped by {stop.name} ({str(failure[2]).splitlines()[0]})")
+        finally:
+            # Reached with a failure, a timeout, or an exception here: stop whoever still runs. SIGKILL: a
+            # survivor could not finish a checkpoint without its peers anyway.
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(timeout=10)
+            for reader in readers:
+                reader.close()
     if failure is not None:
         rank, status, message = failure
         if status == "error":
@@ -334,48 +474,80 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
             raise _rebuild_error(kind, message)
         if status == "timeout":
             raise DistributedError(f"{message}; the workers were stopped")
-        raise DistributedError(f"worker {rank} failed:\n{message}")
+        if status == "stopped":
+            raise StoppedError(message)
+        if status == "died":
+            raise WorkerFailedError(f"{message}; the other workers were stopped")
+        raise WorkerFailedError(f"worker {rank} failed:\n{message}")
     return [pickle.loads(outcomes[r]) for r in range(nprocs)]
 
 
-def _collect(procs: list[Any], readers: list[Any], timeout_s: float | None
+def _read(r: int, procs: list[Any], readers: list[Any], ready: set) -> tuple[str, Any] | None:
+    """Worker ``r``'s outcome if it has one now: ("ok" | "error" | "crash", message), ("dead", None) when it
+    exited without a word, None while it runs."""
+    if readers[r] not in ready and procs[r].sentinel not in ready:
+        return None
+    # A worker sends before it exits, so once it has exited its message (if any) is in its pipe.
+    if readers[r].poll():
+        try:
+            return readers[r].recv()
+        except EOFError:  # closed without a message: died
+            pass
+    elif procs[r].sentinel not in ready:
+        return None
+    procs[r].join(timeout=10)
+    return "dead", None
+
+
+def _collect(procs: list[Any], readers: list[Any], timeout_s: float | None, stop: StopRequest
              ) -> tuple[dict[int, bytes], tuple[int, str, str] | None]:
     """Wait for every worker's outcome; stop at the first failure. Returns (pickled results by rank, failure as
-    (rank, "error" | "crash" | "timeout", message) or None). Wakes on a message or a worker's exit, never polls.
+    (rank, "error" | "crash" | "died" | "timeout" | "stopped", message) or None).
+
+    After the first failure the others get up to 2 s to exit or report, so that the rank that failed first
+    is the one blamed (:func:`_first_failure`), not a survivor whose connection it reset.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     outcomes: dict[int, bytes] = {}
+    reports: list[tuple[int, str, str]] = []  # failures in order of arrival
     pending = set(range(len(procs)))
+    forwarded = False
+    settle_until = None
+
     while pending:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
+        if stop.signum is not None and not forwarded:
+            for r in pending:
+                if procs[r].is_alive():
+                    os.kill(procs[r].pid, signal.SIGTERM)
+            forwarded = True
+        if stop.count > 1:  # asked twice: do not wait for the checkpoint
+            return outcomes, (-1, "stopped", f"stopped by a second {stop.name}; the workers were killed and the "
+                                             "last checkpoint written stands")
+        now = time.monotonic()
+        if settle_until is not None and now >= settle_until:
+            break
+        if deadline is not None and now >= deadline:
             return outcomes, (-1, "timeout", f"the job did not finish within {timeout_s:.0f} s")
-        ready = set(wait([readers[r] for r in pending] + [procs[r].sentinel for r in pending], remaining))
+        # Wakes on a message or a worker's exit; at least every 0.25 s to pass a stop signal on.
+        limit = min(t - now for t in (deadline, settle_until, now + 0.25) if t is not None)
+        ready = set(wait([readers[r] for r in pending] + [procs[r].sentinel for r in pending], limit))
         for r in sorted(pending):
-            if readers[r] not in ready and procs[r].sentinel not in ready:
+            got = _read(r, procs, readers, ready)
+            if got is None:
                 continue
-            # A worker sends before it exits, so once it has exited its message (if any) is in its pipe.
-            if readers[r].poll():
-                try:
-                    status, message = readers[r].recv()
-                except EOFError:  # closed without a message: died
-                    status, message = "dead", None
-            elif procs[r].sentinel in ready:
-                status, message = "dead", None
-            else:
-                continue
+            pending.discard(r)
+            status, message = got
             if status == "ok":
                 outcomes[r] = message
-                pending.discard(r)
-                continue
-            if status == "dead":
-                procs[r].join(timeout=10)
-                code = procs[r].exitcode
-                message = (f"worker {r} exited without a result" if code == 0 else
-                           f"worker {r} exited with code {code}")
-                status = "crash"
-            return outcomes, (r, status, message)
-    return outcomes, None
+            elif status != "dead":
+                reports.append((r, status, message))
+            elif procs[r].exitcode == 0:
+                reports.append((r, "crash", f"worker {r} exited without a result"))
+            if status != "ok" and settle_until is None:
+                settle_until = time.monotonic() + 2.0
+    if settle_until is None:
+        return outcomes, None
+    return outcomes, _first_failure(procs, reports)
 
 
 def _rebuild_error(kind: str, message: str) -> ScalesgdError:
@@ -393,6 +565,16 @@ def all_reduce_scalars(values: list[float], world: World) -> list[float]:
     if world.size > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def gather_objects(obj: Any, world: World) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0, by rank (None on the other ranks); pickled between the job's own
+    processes only."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier(world: World) -> None:

@@ -19,3 +19,16 @@ class DivergedError(ScalesgdError):
 
 class DistributedError(ScalesgdError):
     """The process group could not be formed or a worker failed."""
+
+
+class WorkerFailedError(DistributedError):
+    """A worker process died (a signal, a crash or an unexpected exit code); the job may restart from its last
+    checkpoint (``--max-restarts``)."""
+
+
+class CheckpointError(ScalesgdError):
+    """A checkpoint that cannot be used or written: missing, damaged, of another format or another model."""
+
+
+class StoppedError(ScalesgdError):
+    """The run was asked to stop (SIGTERM, SIGINT, SIGHUP) and stopped after writing a checkpoint."""

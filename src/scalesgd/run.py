@@ -6,11 +6,17 @@ returns rank 0's summary. :func:`worker` is one rank's whole job. Each step read
 stages, each taking the state and returning the next one:
 
     [find the base lr: ``--lr auto``, once] → adapt (batch size, lr) → shard → step → estimate → log → evaluate
-    → … → checkpoint (at the end)
+    → checkpoint (when due) → …
+
+Checkpoints (:mod:`scalesgd.checkpoint`) fall due every ``--checkpoint-every-steps`` steps, every
+``--checkpoint-every-s`` seconds (rank 0's clock) and on a stop signal to any process; time and signal
+requests ride in the step's all-reduce, so every rank checkpoints after the same step. ``--resume`` (and a
+restart) reads the newest checkpoint back into the state and continues bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -23,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from scalesgd import distributed
+from scalesgd import checkpoint, distributed
 from scalesgd.backup_comm import BackupWorkers
 from scalesgd.batch_policy import BatchPolicy, StepObservation, run_batch_policy
 from scalesgd.comm import CommStrategy, comm_settings, make_comm
@@ -31,8 +37,8 @@ from scalesgd.config import RunConfig
 from scalesgd.data import Dataset, load_data
 from scalesgd.data.sharding import BatchStream, Cursor, GlobalBatch, shard
 from scalesgd.diversity import DiversityEstimate, NoiseEstimate, NoiseScaleEMA, measure_exact_diversity
-from scalesgd.distributed import Rendezvous, World
-from scalesgd.errors import ConfigError, DistributedError, DivergedError
+from scalesgd.distributed import Rendezvous, StopRequest, World
+from scalesgd.errors import ConfigError, DistributedError, DivergedError, StoppedError, WorkerFailedError
 from scalesgd.goodput import GoodputObservation, LrRangeTest
 from scalesgd.local_sgd import NO_COMM, average_parameters_, averaged_parameters, averaging_due
 from scalesgd.lr_rules import LrConfig, LrTerms, lr_terms
@@ -43,7 +49,12 @@ from scalesgd.stragglers import StragglerSpec, parse_straggler, sample_delay
 from scalesgd.train_state import LossWatch, TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, sgd, state_from_tree, state_to_tree
 from scalesgd.user_code import build_run_model, canonical, is_import_string, loss_for, short_name
-from scalesgd.writer import RunWriter, check_run_dir_is_new, default_run_dir, environment
+from scalesgd.writer import (RunWriter, check_run_dir_is_new, default_run_dir, environment, lock_run_dir,
+                             truncate_metrics)
+
+# A time-based checkpoint waits at least this many times its own last saving time, so saving costs at most
+# 1/CHECKPOINT_COST_FACTOR (2%) of the run whatever --checkpoint-every-s says.
+CHECKPOINT_COST_FACTOR = 50
 
 
 @dataclass(frozen=True)
@@ -147,12 +158,14 @@ def verify_replicas(params: torch.Tensor, world: World, step: int) -> None:
 
 
 def worker(rdv: Rendezvous, cfg: RunConfig, ds: Dataset | None = None,
-           prepared: Prepared | None = None, loss: Callable | None = None) -> dict[str, Any]:
+           prepared: Prepared | None = None, loss: Callable | None = None, resume: bool = False) -> dict[str, Any]:
     """One rank's whole job; returns the run summary (rank 0's is the one written). Without ``ds`` /
-    ``prepared`` the worker loads the data / builds the model itself (``loss``: a loss object for then)."""
+    ``prepared`` the worker loads the data / builds the model itself (``loss``: a loss object for then).
+    With ``resume``, it continues from the newest checkpoint in ``cfg.run_dir`` (from the start if there is
+    none yet)."""
     world = distributed.init_world(rdv, cfg.backend, timeout_s=cfg.timeout_s)
     try:
-        return _train(cfg, world, ds, prepared, loss)
+        return _train(cfg, world, ds, prepared, loss, resume=resume)
     finally:
         distributed.shutdown_world()
 
@@ -389,7 +402,8 @@ def shard_batch(state: TrainState, *, stream: BatchStream, world: World, example
 def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn: Callable,
          read: Callable[[torch.Tensor], tuple[Any, torch.Tensor]], rank: int, comm: CommStrategy,
          tx: GradientTransformation, tap: NoiseTap | None, classification: bool, seed: int, local: bool = False,
-         delay: Callable[[float], float] | None = None, skip_compute: bool = False) -> tuple[TrainState, StepResult]:
+         delay: Callable[[float], float] | None = None, skip_compute: bool = False,
+         requests: tuple[bool, bool] = (False, False)) -> tuple[TrainState, StepResult]:
     """One step on ``part`` (:func:`scalesgd.step.train_step`); advances counters and cursor.
     ``read(indices)`` gives the (inputs, targets) of this rank's examples (:func:`_batch_reader`).
 
@@ -397,7 +411,8 @@ def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn:
     (as if the shard were the whole batch), no communication and no noise tap (the estimators need an
     all-reduced gradient); its loss and accuracy are this rank's. ``delay``: the injected straggler delay.
     ``skip_compute``: this rank is late (backup workers: the step's result is already there), so it
-    contributes nothing and takes no delay.
+    contributes nothing and takes no delay. ``requests``: this rank's (checkpoint, stop) requests, summed over
+    ranks with the step's all-reduce (a local step has none: its requests wait for the next synchronous one).
     """
     b = int(part.batch.indices.numel())
     idx = part.local[:0] if skip_compute else part.local
@@ -413,7 +428,7 @@ def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn:
             global_batch_size=max(local_b, 1) if local else b, shard_sizes=[local_b] if local else part.shard_sizes,
             rank=rank, comm=NO_COMM if local else comm, tx=tx, tx_state=state.tx_state,
             hyper=Hyper(lr=lr, step=state.step), tap=None if local else tap, classification=classification,
-            delay=None if skip_compute else delay)
+            delay=None if skip_compute else delay, requests=(False, False) if local else requests)
     step_s = result.compute_s + result.comm_s + result.update_s
     return state.replace(tx_state=tx_state, step=state.step + 1, examples=state.examples + b,
                          cursor=part.next_cursor, train_time_s=state.train_time_s + step_s,
@@ -608,6 +623,61 @@ def reached_target(state: TrainState, eval_record: dict[str, Any], *, target: fl
     return state.replace(time_to_target_s=eval_record["time_s"], train_time_to_target_s=state.train_time_s)
 
 
+@dataclass
+class Checkpointing:
+    """When the next checkpoint falls due and what saving has cost so far (this job)."""
+
+    every_steps: int
+    every_s: float
+    keep: int
+    last_at: float  # perf_counter of the last checkpoint (or of the start)
+    last_save_s: float = 0.0
+    saves: int = 0
+    save_s: float = 0.0
+
+    def time_due(self, now: float) -> bool:
+        """Rank 0's clock: ``every_s`` since the last one, stretched to CHECKPOINT_COST_FACTOR × its cost."""
+        return self.every_s > 0 and now - self.last_at >= max(self.every_s, CHECKPOINT_COST_FACTOR * self.last_save_s)
+
+    def step_due(self, step: int) -> bool:
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+
+def save_train_checkpoint(state: TrainState, *, flat: FlatModel, config: dict[str, Any], world: World,
+                          writer: RunWriter, elapsed_s: float, last_eval: dict[str, Any], keep: int,
+                          base_lr: float) -> None:
+    """All ranks: gather every rank's RNG states to rank 0, which writes ``checkpoints/step-<step>.pt``
+    (:func:`scalesgd.checkpoint.save`, keeping the newest ``keep``)."""
+    ranks = distributed.gather_objects(checkpoint.rng_state(state.comm_generator), world)
+    if not world.is_main or writer.run_dir is None:
+        return
+    # torch's generator as it is now: an exact-diversity measurement after the step may have drawn from it
+    now = state.replace(torch_rng_state=torch.get_rng_state())
+    checkpoint.save(writer.run_dir, {
+        "step": state.step, "model": flat.model.state_dict(), "config": config, "train_state": now.to_checkpoint(),
+        "ranks": ranks, "world_size": world.size, "elapsed_s": elapsed_s, "last_eval": last_eval,
+        "metrics_bytes": writer.metrics_bytes(), "base_lr": float(base_lr)}, keep=keep)
+
+
+def restore(blob: dict[str, Any], *, flat: FlatModel, comm_generator: torch.Generator, world: World,
+            seed: int) -> TrainState:
+    """The :class:`TrainState` of a checkpoint, with this rank's RNG states set: parameters copied into the
+    flat vector the model views, buffers into the model, torch's, numpy's, Python's and the communication
+    generator's states restored. A rank the checkpoint did not have (a resume on more workers) starts its
+    generators from the seed."""
+    saved = TrainState.from_checkpoint(blob["train_state"], device=world.device)
+    with torch.no_grad():
+        flat.params.copy_(saved.params)
+        buffers = dict(flat.model.named_buffers())
+        for name, value in blob["model"].items():
+            if name in buffers:
+                buffers[name].copy_(value)
+    torch.manual_seed(seed)
+    if world.rank < len(blob["ranks"]):
+        checkpoint.set_rng_state(blob["ranks"][world.rank], comm_generator)
+    return saved.replace(params=flat.params, comm_generator=comm_generator, torch_rng_state=torch.get_rng_state())
+
+
 def save_checkpoint(state: TrainState, *, model: nn.Module, config: dict[str, Any], writer: RunWriter) -> None:
     """``checkpoint.pt``: the model's state_dict, the step and the config (what ``diversity --checkpoint``
     reads), plus the whole :class:`TrainState` (``train_state``, see :meth:`TrainState.to_checkpoint`)."""
@@ -620,7 +690,7 @@ def save_checkpoint(state: TrainState, *, model: nn.Module, config: dict[str, An
 
 
 def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared | None,
-           loss: Callable | None = None) -> dict[str, Any]:
+           loss: Callable | None = None, *, resume: bool = False) -> dict[str, Any]:
     torch.set_num_threads(_threads(cfg, world))
     if ds is None:  # this worker calls the data (and below the model) functions itself
         ds = load_data(cfg)
@@ -647,18 +717,36 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
     if world.is_main:
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(
             short_name(cfg.model), short_name(cfg.dataset), cfg.global_batch_size, world.size, cfg.seed)
-    writer = RunWriter(run_dir, enabled=world.is_main)
+    resumed: dict[str, Any] = {}
+    if resume:
+        if not cfg.run_dir:
+            raise ConfigError("a resumed run needs its run directory; pass --run-dir (the same on every rank)")
+        newest = checkpoint.latest_checkpoint(cfg.run_dir)
+        if newest is not None:
+            blob = checkpoint.load(newest, num_parameters=flat.numel)
+            state = restore(blob, flat=flat, comm_generator=comm_generator, world=world, seed=cfg.seed)
+            resumed = {"elapsed_s": float(blob["elapsed_s"]), "last_eval": dict(blob["last_eval"] or {}),
+                       "base_lr": float(blob["base_lr"])}
+        if world.is_main:  # the metrics the interrupted job wrote after its checkpoint are written again
+            truncate_metrics(cfg.run_dir, int(blob["metrics_bytes"]) if newest is not None else 0)
+    writer = RunWriter(run_dir, enabled=world.is_main, purge_step=state.step + 1 if state.step else None)
     try:
         resolved = cfg.replace(workers=world.size, run_dir=str(run_dir) if run_dir else cfg.run_dir)
         writer.write_json("config.json", {**resolved.to_dict(), "n_train": ds.n_train, "n_test": ds.n_test,
                                           "input_shape": list(ds.input_shape), "num_outputs": ds.num_outputs,
                                           "num_parameters": flat.numel})
+        if writer.enabled:
+            checkpoint.write_run_config(writer.run_dir, resolved.to_dict())
         writer.write_json("env.json", environment(world_size=world.size, backend=world.backend,
                                                   device=world.device))
+        # A stop signal is recorded (and acted on at the next step) only while the loop runs; before it, the
+        # default action ends the process at once (a rank blocked in a rendezvous would not see the request).
         try:
-            state, summary = _loop(state, cfg=cfg, world=world, ds=ds, flat=flat, comm=comm, tx=tx, tap=tap, ema=ema,
-                                   lr_config=prepared.lr_config, policy=prepared.policy, loss=prepared.loss,
-                                   writer=writer)
+            with StopRequest() as stop:
+                state, summary = _loop(state, cfg=cfg, world=world, ds=ds, flat=flat, comm=comm, tx=tx, tap=tap,
+                                       ema=ema, lr_config=prepared.lr_config, policy=prepared.policy,
+                                       loss=prepared.loss, writer=writer, config=resolved.to_dict(), stop=stop,
+                                       resumed=resumed)
         finally:
             if tap is not None:
                 tap.close()
@@ -673,9 +761,11 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
 
 def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat: FlatModel, comm: CommStrategy,
           tx: GradientTransformation, tap: NoiseTap | None, ema: NoiseScaleEMA | None, lr_config: LrConfig,
-          policy: BatchPolicy, writer: RunWriter, loss: Callable | None = None) -> tuple[TrainState, dict[str, Any]]:
+          policy: BatchPolicy, writer: RunWriter, config: dict[str, Any], stop: StopRequest,
+          resumed: dict[str, Any], loss: Callable | None = None) -> tuple[TrainState, dict[str, Any]]:
     """Train until the step or epoch budget is spent or the target is reached; returns the final state and
-    the run summary."""
+    the run summary. Checkpoints when due; after a stop signal, checkpoints and raises :class:`StoppedError`.
+    ``resumed``: ``elapsed_s`` and ``last_eval`` of the checkpoint the state came from ({} on a fresh start)."""
     classification = ds.task == "classification"
     loss_fn = loss_for(cfg.loss, ds.task, fn=loss)
     example_loss_fn = loss_for(cfg.loss, ds.task, "none", fn=loss)
@@ -689,21 +779,25 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     warm_up(state, shard_batch(state, stream=stream, world=world,
                                examples_left=None if cfg.steps else total_examples - state.examples),
             flat=flat, loss_fn=loss_fn, read=read, comm=comm)
-    start_s = time.perf_counter()
-    last_eval: dict[str, Any] = {}
+    start_s = time.perf_counter() - resumed.get("elapsed_s", 0.0)  # wall time continues across a resume
+    last_eval: dict[str, Any] = resumed.get("last_eval", {})
+    ckpt = Checkpointing(cfg.checkpoint_every_steps, cfg.checkpoint_every_s, cfg.keep_checkpoints,
+                         last_at=time.perf_counter())
     stragglers = parse_straggler(cfg.straggler)
     in_sync = True  # whether every rank holds the same parameters (local SGD: only right after an average)
 
     timing: StepTiming | None = None  # the last step's times, for the goodput policy's step-time fit
 
     try:
-        if cfg.lr == "auto":
+        if cfg.lr == "auto" and "base_lr" in resumed:  # the rate the interrupted run's probe found
+            lr_config = dataclasses.replace(lr_config, base_lr=resumed["base_lr"])
+        elif cfg.lr == "auto":
             # find the base lr: a range test from a saved copy of the state, inside the run's clock
             state, lr_config = find_base_lr(
                 state, cfg=cfg, lr_config=lr_config, flat=flat, loss_fn=loss_fn, read=read, n_train=ds.n_train,
                 world=world, comm=comm, tx=tx, classification=classification, start_s=start_s, writer=writer,
                 total_steps=cfg.steps or math.ceil(total_examples / state.global_batch_size))
-        if cfg.exact_diversity_every:
+        if cfg.exact_diversity_every and state.step == 0:
             log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world, estimate=None,
                                 start_s=start_s, writer=writer)
         while not finished(state, steps=cfg.steps, total_examples=total_examples):
@@ -716,6 +810,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                                examples_left=None if cfg.steps else total_examples - state.examples)
             # step: forward/backward, one all-reduce (gradient + statistics), the same update on every rank;
             # under local SGD (--sync-every) no communication, then the parameters averaged when due
+            requests = (world.is_main and ckpt.time_due(time.perf_counter()), stop.signum is not None)
             state = local_phase(state, sync_every=cfg.sync_every, sync_every_after=cfg.sync_every_after,
                                 n_train=ds.n_train)
             state, result = step(state, part, lr=terms.lr, flat=flat, loss_fn=loss_fn, read=read, rank=world.rank,
@@ -723,7 +818,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                                  local=state.local_sgd_start is not None,
                                  delay=straggler_delay(stragglers, seed=cfg.seed, rank=world.rank,
                                                        step_index=state.step),
-                                 skip_compute=isinstance(comm, BackupWorkers) and comm.result_ready())
+                                 skip_compute=isinstance(comm, BackupWorkers) and comm.result_ready(),
+                                 requests=requests)
             state, local_record = average(state, flat=flat, comm=comm, world=world, sync_every=cfg.sync_every)
             in_sync = local_record.get("averaged", True)
             if isinstance(comm, BackupWorkers):
@@ -759,6 +855,22 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 state = reached_target(state, last_eval, target=cfg.target_accuracy, metric=cfg.target_metric)
                 if state.time_to_target_s is not None:
                     break
+            # checkpoint: every k steps, when rank 0's clock says so, or on a stop signal to any rank
+            done = finished(state, steps=cfg.steps, total_examples=total_examples)
+            if not done and (ckpt.step_due(state.step) or result.checkpoint_requested or result.stop_requested):
+                t0 = time.perf_counter()
+                save_train_checkpoint(state, flat=flat, config=config, world=world, writer=writer,
+                                      elapsed_s=t0 - start_s, last_eval=last_eval, keep=ckpt.keep,
+                                      base_lr=lr_config.base_lr)
+                ckpt.last_at = time.perf_counter()
+                ckpt.last_save_s = ckpt.last_at - t0
+                ckpt.saves += 1
+                ckpt.save_s += ckpt.last_save_s
+                if result.stop_requested:
+                    raise StoppedError(
+                        f"stopped by {stop.name or 'a signal to another worker'} after step {state.step}; a "
+                        f"checkpoint is in {checkpoint.checkpoint_dir(cfg.run_dir or '.')}. Continue with: "
+                        f"scalesgd train --resume {cfg.run_dir}")
     finally:
         reader.close()
         if bar is not None:
@@ -784,6 +896,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
         "world_size": world.size,
         "backend": world.backend,
         "num_parameters": flat.numel,
+        "checkpoints": ckpt.saves,  # written by this job (a resumed run counts from its resume)
+        "checkpoint_s": ckpt.save_s,
     }
 
 
@@ -807,7 +921,7 @@ def _advance_bar(bar, part: Shard, result: StepResult, last_eval: dict[str, Any]
 
 
 def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None = None,
-          model_factory: Callable | None = None, loss: Callable | None = None) -> dict[str, Any]:
+          model_factory: Callable | None = None, loss: Callable | None = None, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg``: under torchrun as the rank it made, otherwise on ``cfg.workers`` local processes.
 
     Import strings in ``cfg.model`` / ``cfg.dataset`` / ``cfg.loss`` are resolved here (to check them before
@@ -815,35 +929,91 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
     model or data is pickled. Objects (``ds``, ``model``, ``model_factory``, ``loss``, as :func:`scalesgd.fit`
     passes them) travel pickled with the spawn payload.
 
+    The launcher (rank 0 under torchrun) holds a lock on the run directory for the job's life. With
+    ``resume`` (``scalesgd train --resume``), or when torchrun restarted the job (TORCHELASTIC_RESTART_COUNT
+    > 0), the run continues from the newest checkpoint in ``cfg.run_dir``. Local workers that die are
+    restarted from the newest checkpoint up to ``cfg.max_restarts`` times.
+
     Returns rank 0's summary (under torchrun: this rank's).
+    Raises:
+        WorkerFailedError: a worker died (naming it and its signal or exit code) and no restart was left.
+        StoppedError: the job was stopped by a signal after writing a checkpoint.
     """
     rdv = distributed.torchrun_rendezvous()
-    if rdv is None or rdv.rank == 0:  # only rank 0 writes the run directory
+    main = rdv is None or rdv.rank == 0  # only rank 0 writes the run directory
+    lock, locked = contextlib.ExitStack(), False
+    if resume:
+        if main and cfg.run_dir and Path(cfg.run_dir).is_dir():  # a run still going is named before anything
+            lock.enter_context(lock_run_dir(cfg.run_dir))
+            locked = True
+        check_resumable(cfg.run_dir)
+    elif rdv is not None and distributed.restart_count() > 0:
+        if not cfg.run_dir:
+            raise ConfigError("torchrun restarted the job, but it has no --run-dir to resume from; give every "
+                              "rank the same --run-dir so a restart continues the run")
+        resume = True  # from the newest checkpoint, or from the start if the first attempt wrote none
+    elif main:
         check_run_dir_is_new(cfg.run_dir)
+        if not cfg.run_dir:
+            cfg = cfg.replace(run_dir=str(default_run_dir(short_name(cfg.model), short_name(cfg.dataset),
+                                                          cfg.global_batch_size, rdv.size if rdv else cfg.workers,
+                                                          cfg.seed)))
     # .py paths made absolute: config.json then names files that any later command can find
     cfg = cfg.replace(model=canonical(cfg.model), dataset=canonical(cfg.dataset), loss=canonical(cfg.loss))
     given_ds = ds is not None
     if ds is None:
         ds = load_data(cfg)
     prepared = preflight(cfg, ds, model=model, model_factory=model_factory, loss=loss)
-    if rdv is not None:
-        return worker(rdv, cfg, ds, prepared)
-    if cfg.workers == 1:
-        return worker(Rendezvous("127.0.0.1", 0, 0, 1, 0), cfg, ds, prepared)
-    distributed.check_local_address(cfg.master_addr)
-    cores = os.cpu_count() or 1
-    if cfg.workers > cores and distributed.resolve_backend(cfg.backend) == "gloo":
-        # More blocking workers than cores: every all-reduce waits for each peer's time slice.
-        threads = cfg.threads_per_worker or 1
-        print(f"warning: {cfg.workers} local workers on {cores} CPU cores, {threads} torch thread(s) each "
-              f"(--threads-per-worker {threads}); each worker waits for a time slice at every all-reduce, so steps "
-              f"slow down many-fold. Use --workers {cores} or fewer here, or run the extra workers on other "
-              "machines with torchrun.", file=sys.stderr, flush=True)
-    # What the user named by import strings, every worker calls itself (nothing large is pickled, and a class
-    # from a .py file loaded by path could not be unpickled by name); objects travel pickled.
-    own_model = is_import_string(cfg.model) and model is None and model_factory is None
-    args = (cfg, None if is_import_string(cfg.dataset) and not given_ds else ds, None if own_model else prepared,
-            loss)
-    results = distributed.spawn(worker, cfg.workers, args, port=cfg.master_port,
-                                addr=cfg.master_addr, timeout_s=None)
-    return results[0]
+    with lock:
+        if main and not locked:
+            lock.enter_context(lock_run_dir(cfg.run_dir))
+        if main and not resume:
+            check_run_dir_is_new(cfg.run_dir)  # again under the lock: a run that finished meanwhile
+        if rdv is not None:
+            return worker(rdv, cfg, ds, prepared, resume=resume)
+        if cfg.workers == 1 and cfg.max_restarts == 0:
+            return worker(Rendezvous("127.0.0.1", 0, 0, 1, 0), cfg, ds, prepared, resume=resume)
+        distributed.check_local_address(cfg.master_addr)
+        cores = os.cpu_count() or 1
+        if cfg.workers > cores and distributed.resolve_backend(cfg.backend) == "gloo":
+            # More blocking workers than cores: every all-reduce waits for each peer's time slice.
+            threads = cfg.threads_per_worker or 1
+            print(f"warning: {cfg.workers} local workers on {cores} CPU cores, {threads} torch thread(s) each "
+                  f"(--threads-per-worker {threads}); each worker waits for a time slice at every all-reduce, so "
+                  f"steps slow down many-fold. Use --workers {cores} or fewer here, or run the extra workers on "
+                  "other machines with torchrun.", file=sys.stderr, flush=True)
+        # What the user named by import strings, every worker calls itself (nothing large is pickled, and a
+        # class from a .py file loaded by path could not be unpickled by name); objects travel pickled.
+        own_model = is_import_string(cfg.model) and model is None and model_factory is None
+        restarts = 0
+        while True:
+            args = (cfg, None if is_import_string(cfg.dataset) and not given_ds else ds,
+                    None if own_model else prepared, loss, resume)
+            try:
+                results = distributed.spawn(worker, cfg.workers, args, port=cfg.master_port, addr=cfg.master_addr,
+                                            timeout_s=None)
+                return results[0]
+            except WorkerFailedError as e:
+                if restarts >= cfg.max_restarts:
+                    raise
+                restarts += 1
+                newest = checkpoint.latest_checkpoint(cfg.run_dir)
+                where = f"checkpoint {newest.name}" if newest is not None else "the start (no checkpoint yet)"
+                print(f"scalesgd: {str(e).splitlines()[0]}; restarting from {where} "
+                      f"(restart {restarts} of {cfg.max_restarts})", file=sys.stderr, flush=True)
+                resume = True
+
+
+def check_resumable(run_dir: str | None) -> None:
+    """Refuse to resume what is not an unfinished run directory.
+
+    Raises:
+        ConfigError: no such directory, no config.json in it, or the run already finished (summary.json).
+    """
+    if not run_dir or not Path(run_dir).is_dir():
+        raise ConfigError(f"cannot resume {run_dir}: no such run directory; pass the directory `scalesgd train` "
+                          "printed")
+    if not (Path(run_dir) / "config.json").is_file():
+        raise ConfigError(f"cannot resume {run_dir}: it has no config.json, so it is not a run directory")
+    if (Path(run_dir) / "summary.json").exists():
+        raise ConfigError(f"{run_dir} holds a finished run (summary.json); there is nothing to resume")

@@ -28,7 +28,8 @@ REQUIRED_KEYS = {"step": ("step", "epoch"), "eval": ("step", "epoch")}
 NUMERIC_KINDS = ("step", "eval", "diversity")
 # Config keys that say nothing about what was run (where it was written, how it printed), left out when
 # runs are told apart by their differences.
-_NOT_A_DIFFERENCE = {"run_dir", "progress", "extra", "master_port", "master_addr"}
+_NOT_A_DIFFERENCE = {"run_dir", "progress", "extra", "master_port", "master_addr", "checkpoint_every_steps",
+                     "checkpoint_every_s", "keep_checkpoints", "max_restarts"}
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,10 @@ from scalesgd.transforms import GradientTransformation, Hyper, apply_updates_
 # Fixed slots at the head of the statistics tail; per-rank compute times follow them.
 SLOT_LOSS, SLOT_CORRECT, SLOT_COUNT = 0, 1, 2
 SLOT_CODEC_VAR = 3  # E‖Q(g) − g‖² a lossy codec adds to this rank's gradient part (0 for exact strategies)
-SLOT_TAP = 4  # first of the slots a statistics tap may use
+# Requests any rank may raise (a signal, a checkpoint falling due): summed with the step, so every rank
+# learns of them at the same step, at no extra collective.
+SLOT_CHECKPOINT, SLOT_STOP = 4, 5
+SLOT_TAP = 6  # first of the slots a statistics tap may use
 N_TAP_SLOTS = 5
 N_FIXED_SLOTS = SLOT_TAP + N_TAP_SLOTS
 
@@ -148,6 +151,8 @@ class StepResult:
     bytes_sent: int
     noise: NoiseStats | None  # the tap's unbiased ‖G‖² (mean gradient) and tr Σ of this step; None without
     injected_delay_s: float = 0.0  # the straggler delay slept inside compute_s (``--straggler``), this rank
+    checkpoint_requested: bool = False  # some rank asked for a checkpoint after this step
+    stop_requested: bool = False  # some rank asked to checkpoint and stop after this step (a signal)
 
 
 def _sync(device: torch.device) -> None:
@@ -159,7 +164,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
                x: torch.Tensor, y: torch.Tensor, global_batch_size: int, shard_sizes: list[int], rank: int,
                comm: CommStrategy, tx: GradientTransformation, tx_state: Any, hyper: Hyper,
                tap: StatsTap | None = None, classification: bool = True,
-               delay: Callable[[float], float] | None = None) -> tuple[StepResult, Any]:
+               delay: Callable[[float], float] | None = None,
+               requests: tuple[bool, bool] = (False, False)) -> tuple[StepResult, Any]:
     """Forward/backward on this rank's shard, one all-reduce, the same update on every rank.
 
     Args:
@@ -176,6 +182,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         delay: optional injected straggler delay: called with this rank's measured compute time (s), returns
             seconds to sleep before the all-reduce; the sleep counts as compute, so peers see it as wait
             (:mod:`scalesgd.stragglers`).
+        requests: this rank's (checkpoint, stop) requests; ``StepResult.checkpoint_requested`` /
+            ``stop_requested`` say whether any rank raised them (they ride in the all-reduced tail).
     Returns:
         (StepResult, new tx_state).
     """
@@ -215,6 +223,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         t1 = time.perf_counter()
     compute_s = t1 - t0
     stats[N_FIXED_SLOTS + rank] = compute_s
+    stats[SLOT_CHECKPOINT] = float(requests[0])
+    stats[SLOT_STOP] = float(requests[1])
 
     comm_stats = comm.allreduce_(flat.buffer, exact_tail=flat.tail)
     _sync(device)
@@ -245,6 +255,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         bytes_sent=comm_stats.bytes_sent,
         noise=noise,
         injected_delay_s=injected,
+        checkpoint_requested=summed[SLOT_CHECKPOINT] > 0.5,
+        stop_requested=summed[SLOT_STOP] > 0.5,
     )
     return result, tx_state
 

@@ -9,6 +9,8 @@ Layout (a run directory describes itself; reports read nothing else)::
     run_dir/tensorboard/     TensorBoard event files
     run_dir/summary.json     written last: final accuracy, steps, epochs, wall time, time to target
     run_dir/checkpoint.pt    final model parameters and optimizer step
+    run_dir/checkpoints/     the last --keep-checkpoints checkpoints of a running job (scalesgd.checkpoint)
+    run_dir/.lock            held (flock) by the job that writes the directory
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
-from scalesgd.errors import ConfigError, DataError
+from scalesgd.errors import ConfigError, DataError, ScalesgdError
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "config.json")  # what a run writes here
@@ -71,6 +73,66 @@ def check_run_dir_is_new(run_dir: str | None) -> None:
         raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(found)}); a new run there would "
                           "mix its metrics with the old ones. Pick a new --run-dir, or leave it out for a fresh "
                           "one under runs/, or delete the old directory first.")
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path | str) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` (``fcntl.flock`` on ``run_dir/.lock``) while the block runs, so
+    two jobs never write one run directory. Creates the directory. The kernel drops the lock when the
+    holder dies, so a killed job never leaves a stale lock behind. A directory this call created is removed
+    again if the job wrote nothing into it.
+
+    Raises:
+        ConfigError: another process holds the lock (its pid is named), or the directory cannot be made.
+    """
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except FileExistsError:
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a directory; pick another --run-dir") from None
+    except OSError as e:
+        raise ConfigError(f"cannot use --run-dir {run_dir}: {e.strerror or e}; pick another --run-dir") from None
+    try:
+        try:
+            import fcntl
+        except ModuleNotFoundError:  # pragma: no cover - not POSIX: no lock
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                raise ConfigError(f"--run-dir {run_dir} is in use by another scalesgd run (pid {holder}); wait "
+                                  "for it to end, stop it, or pick another --run-dir") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        if created and os.listdir(run_dir) == [".lock"]:  # the job failed before writing: leave nothing behind
+            (run_dir / ".lock").unlink()
+            run_dir.rmdir()
+        os.close(fd)
+
+
+def truncate_metrics(run_dir: Path | str, nbytes: int) -> None:
+    """Cut ``metrics.jsonl`` back to its first ``nbytes`` bytes (its length when a checkpoint was taken), so a
+    resumed run logs every step after the checkpoint once.
+
+    Raises:
+        ConfigError: the file is shorter than ``nbytes`` (it lost lines the checkpoint
+            saw).
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    size = path.stat().st_size if path.exists() else 0
+    if size < nbytes:
+        raise ConfigError(f"{path} has {size} bytes but the checkpoint was taken at {nbytes}: lines were lost; "
+                          "the run cannot be resumed exactly. Start a new run")
+    if size > nbytes:
+        with open(path, "r+b") as f:
+            f.truncate(nbytes)
+            os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
@@ -214,11 +276,21 @@ def default_run_dir(model: str, dataset: str, global_batch_size: int, workers: i
     return path
 
 
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """A failed write (a full disk, a directory made read-only) is one line naming the file and the cause."""
+    try:
+        yield
+    except OSError as e:
+        raise ScalesgdError(f"cannot write {path}: {e.strerror or e}; the run stopped here (earlier checkpoints "
+                            "are intact). Free space or fix the permissions, then resume with --resume") from None
+
+
 class RunWriter:
     """Writes the run directory on rank 0; does nothing elsewhere."""
 
     def __init__(self, run_dir: Path | None, *, enabled: bool, tensorboard: bool = True,
-                 tensorboard_every_s: float = 1.0):
+                 tensorboard_every_s: float = 1.0, purge_step: int | None = None):
         self.enabled = enabled and run_dir is not None
         # TensorBoard gets every non-step record (evaluations, diversity, batch changes) but step records at
         # most once per tensorboard_every_s: add_scalar for ~20 values costs about as much as a small model's
@@ -235,18 +307,28 @@ class RunWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            # purge_step: a resumed run hides the events the interrupted one wrote after its checkpoint
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge_step)
+
+    def metrics_bytes(self) -> int:
+        """The length of ``metrics.jsonl`` so far (every line written is in it; 0 when disabled)."""
+        if self._metrics is None:
+            return 0
+        self._metrics.flush()
+        return os.fstat(self._metrics.fileno()).st_size
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.enabled:
-            write_json_atomic(self.run_dir / name, obj)
+            with _write_errors(self.run_dir / name):
+                write_json_atomic(self.run_dir / name, obj)
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one metrics line (and its numeric fields to TensorBoard, keyed by step)."""
         if not self.enabled:
             return
         clean = {k: _clean(v) for k, v in record.items()}
-        self._metrics.write(json.dumps(clean) + "\n")
+        with _write_errors(self.run_dir / "metrics.jsonl"):
+            self._metrics.write(json.dumps(clean) + "\n")
         if self._tb is not None and "step" in record:
             if record.get("kind") == "step":
                 now = time.monotonic()
@@ -264,13 +346,14 @@ class RunWriter:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with atomic_path(self.run_dir / "checkpoint.pt") as tmp:
+        with _write_errors(self.run_dir / "checkpoint.pt"), atomic_path(self.run_dir / "checkpoint.pt") as tmp:
             torch.save(state, tmp)
 
     def close(self) -> None:
         if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+            metrics, self._metrics = self._metrics, None
+            with _write_errors(self.run_dir / "metrics.jsonl"):  # flushes what is buffered
+                metrics.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
