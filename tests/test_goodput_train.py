@@ -18,7 +18,8 @@ from scalesgd.data import load_data
 from scalesgd.errors import ConfigError, DivergedError
 from scalesgd.goodput import GoodputState
 from scalesgd.lr_rules import LrConfig
-from scalesgd.run import LR_PROBE_BUDGET, train
+from scalesgd.lr_probe import LR_PROBE_BUDGET
+from scalesgd.run import train
 from scalesgd.train_state import TrainState
 
 START_BATCH, EPOCHS = 32, 12
@@ -137,10 +138,10 @@ def test_a_too_large_lr_fails_where_lr_auto_trains(tmp_path):
 def test_lr_auto_backs_off_from_diverging_trials_and_restores_the_state(tmp_path, monkeypatch):
     """A ramp that starts far too high (lr 20 on digits/mlp): the unstable trials are restored from and the
     search backs off to a rate that trains. The budget is lifted so the whole search runs (one worker)."""
-    import scalesgd.run as run_module
+    import scalesgd.lr_probe as lr_probe
 
-    monkeypatch.setattr(run_module, "LR_PROBE", {**run_module.LR_PROBE, "start_lr": 20.0})
-    monkeypatch.setattr(run_module, "LR_PROBE_BUDGET", 1e9)  # no time limit: the search is a function of losses
+    monkeypatch.setattr(lr_probe, "LR_PROBE", {**lr_probe.LR_PROBE, "start_lr": 20.0})
+    monkeypatch.setattr(lr_probe, "LR_PROBE_BUDGET", 1e9)  # no time limit: the search is a function of losses
     cfg = RunConfig(dataset="digits", model="mlp", width=32, lr="auto", lr_schedule="constant", epochs=8, workers=1,
                     progress=False, run_dir=str(tmp_path / "auto"), seed=1)
     summary = train(cfg)

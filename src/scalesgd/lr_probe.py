@@ -1,0 +1,163 @@
+"""``--lr auto``: the trainer finds its own base learning rate with a short range test before training.
+
+The search itself is the pure state machine :class:`scalesgd.goodput.LrRangeTest`; this module runs its trials
+on the real model (each from the same saved state, restored after it) inside the run's clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import torch
+
+from scalesgd import distributed
+from scalesgd.comm import CommStrategy
+from scalesgd.config import RunConfig
+from scalesgd.data.sharding import BatchStream, Cursor, shard
+from scalesgd.distributed import World
+from scalesgd.goodput import LrRangeTest
+from scalesgd.lr_rules import LrConfig
+from scalesgd.step import FlatModel, evaluate, train_step
+from scalesgd.train_state import TrainState
+from scalesgd.transforms import GradientTransformation, Hyper, state_from_tree, state_to_tree
+from scalesgd.writer import RunWriter
+
+
+# --lr auto: the range test's ramp (from the trainer's default --lr, x3 per trial, two refinements between the
+# last stable and the first unstable rate), its pick (the rate whose trial lowered the probe loss most) and
+# margin (an order of magnitude below it: the "loss minimum / 10" convention of range tests after Smith,
+# arXiv 1506.01186; a few steps from initialisation, with momentum not yet built up, show instability only
+# at rates far above what a whole run tolerates), its trial length, the probe batch and the share of the
+# run's estimated wall time it may spend.
+LR_PROBE = dict(start_lr=0.05, factor=3.0, max_trials=10, refine_trials=2, pick="steepest")
+LR_PROBE_MARGIN = 10.0
+LR_PROBE_STEPS = 5
+LR_PROBE_LOSS_EXAMPLES = 1024
+LR_PROBE_BUDGET = 0.05
+# The trials are planned to half the budget: the estimate is the run at its starting batch, and a run whose
+# policy grows the batch (goodput amortises the per-step all-reduce) ends up to about twice as fast.
+LR_PROBE_PLAN = 0.5
+
+
+def _probe_loss(flat: FlatModel, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, world: World,
+                classification: bool) -> float:
+    """Mean loss on the fixed probe batch, summed over ranks (the same number on every rank)."""
+    loss_sum, _, count = evaluate(flat.model, loss_fn, x, y, rank=world.rank, world_size=world.size,
+                                  device=world.device, classification=classification)
+    total, n = distributed.all_reduce_scalars([loss_sum, count], world)
+    return total / max(n, 1.0)
+
+
+def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat: FlatModel, loss_fn: Callable,
+                 read: Callable[[torch.Tensor], tuple[Any, torch.Tensor]], n_train: int, world: World,
+                 comm: CommStrategy,
+                 tx: GradientTransformation, classification: bool, total_steps: int, start_s: float,
+                 writer: RunWriter) -> tuple[TrainState, LrConfig]:
+    """``--lr auto``: find the base learning rate with :class:`scalesgd.goodput.LrRangeTest` before training.
+
+    Each trial starts from the same saved state (parameters, optimizer state, torch and communication RNG):
+    the mean loss on a fixed probe batch (``LR_PROBE_LOSS_EXAMPLES`` training examples, eval mode), then
+    ``LR_PROBE_STEPS`` training steps at the proposed rate on a fixed sequence of batches of the starting
+    global batch, the loss on the probe batch again, and the saved state restored, so a diverged trial leaves
+    nothing behind and the range test backs off. Budget: the first trial's median step time × the run's
+    steps (``total_steps``, at the starting batch) estimates the run's wall time; no trial starts that would
+    take the probe past ``LR_PROBE_PLAN`` × ``LR_PROBE_BUDGET`` of it (the best so far is taken), so the probe
+    stays within ``LR_PROBE_BUDGET`` of a run up to 1/``LR_PROBE_PLAN`` times faster than estimated. The probe's time counts in
+    ``train_time_s`` and, as it runs after ``start_s``, in every wall-clock time of the run.
+
+    Every decision is a function of all-reduced numbers (losses, the rank-mean of times), so all ranks agree.
+    Logs one ``lr_probe`` record per trial and one ``lr_auto`` record with the choice and its reason.
+
+    Returns:
+        The state (``base_lr`` set, ``train_time_s`` including the probe) and ``lr_config`` with that base lr.
+    """
+    if state.base_lr is not None:  # found before a resume: keep it
+        return state, dataclasses.replace(lr_config, base_lr=state.base_lr)
+    distributed.barrier(world)  # ranks start apart: that skew is start-up, not the probe's time
+    t_start = time.perf_counter()
+    test = LrRangeTest(**LR_PROBE)
+    search = test.init_state()
+    seed = cfg.seed + 104_729  # the probe's data: fixed, and apart from the run's own order
+    probe_idx = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:LR_PROBE_LOSS_EXAMPLES]
+    x_probe, y_probe = read(probe_idx)
+    stream, cursor, batches = BatchStream(n_train, seed), Cursor(), []
+    for _ in range(LR_PROBE_STEPS):
+        batch, cursor = stream.next(cursor, state.global_batch_size)
+        batches.append(batch)
+    saved_params = flat.params.detach().clone()
+    saved_tx = state_to_tree(state.tx_state)
+    saved_rng, saved_comm_rng = torch.get_rng_state(), state.comm_generator.get_state()
+    loss_before = _probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification)
+    budget_s, run_est_s, trial_s, stop = None, None, [], "the range test finished"
+    while (lr := test.propose(search)) is not None:
+        spent = sum(trial_s)  # rank means of all-reduced times: every rank takes the same decision
+        if budget_s is not None and spent + max(trial_s) > budget_s:
+            stop = (f"the time budget {budget_s:.3g} s ({LR_PROBE_PLAN:g} x {LR_PROBE_BUDGET:.0%} of the run's "
+                    f"estimated {run_est_s:.3g} s) would be passed by the next trial")
+            break
+        t0 = time.perf_counter()
+        tx_state, step_times = state_from_tree(saved_tx, world.device), []
+        for i, batch in enumerate(batches):
+            sizes = [int(t.numel()) for t in torch.tensor_split(batch.indices, world.size)]
+            x, y = read(shard(batch.indices, world.rank, world.size))
+            result, tx_state = train_step(
+                flat=flat, loss_fn=loss_fn, x=x, y=y, global_batch_size=int(batch.indices.numel()),
+                shard_sizes=sizes, rank=world.rank, comm=comm, tx=tx, tx_state=tx_state,
+                hyper=Hyper(lr=lr, step=i), tap=None, classification=classification)
+            step_times.append(result.compute_s + result.comm_s + result.update_s)
+            if not math.isfinite(result.loss):  # the all-reduced loss: every rank stops here
+                break
+        loss_after = _probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification)
+        with torch.no_grad():
+            flat.params.copy_(saved_params)
+        torch.set_rng_state(saved_rng)
+        state.comm_generator.set_state(saved_comm_rng)
+        elapsed, median_step = distributed.all_reduce_scalars(
+            [time.perf_counter() - t0, sorted(step_times)[len(step_times) // 2]], world)
+        trial_s.append(elapsed / world.size)
+        if budget_s is None:
+            run_est_s = median_step / world.size * total_steps
+            budget_s = LR_PROBE_PLAN * LR_PROBE_BUDGET * run_est_s
+        search = test.observe(search, lr, loss_before, loss_after)
+        trial = search.trials[-1]
+        writer.log({"kind": "lr_probe", "trial": len(search.trials), "lr": lr, "loss_before": loss_before,
+                    "loss_after": loss_after if math.isfinite(loss_after) else None, "verdict": trial.verdict,
+                    "steps": LR_PROBE_STEPS, "global_batch_size": state.global_batch_size,
+                    "trial_s": trial_s[-1], "time_s": time.perf_counter() - start_s})
+    lr, reason = _choose_probe_lr(test, search)
+    probe_s = distributed.all_reduce_scalars([time.perf_counter() - t_start], world)[0] / world.size
+    writer.log({"kind": "lr_auto", "lr": lr, "reason": f"{reason}; stopped: {stop}", "trials": len(search.trials),
+                "probe_s": probe_s, "budget_s": budget_s, "estimated_run_s": run_est_s,
+                "time_s": time.perf_counter() - start_s})
+    state = state.replace(tx_state=state_from_tree(saved_tx, world.device), base_lr=lr,
+                          train_time_s=state.train_time_s + probe_s)
+    return state, dataclasses.replace(lr_config, base_lr=lr)
+
+
+def _choose_probe_lr(test: LrRangeTest, search) -> tuple[float, str]:
+    """The base rate from the range test: its pick (the steepest stable trial) divided by ``LR_PROBE_MARGIN``.
+
+    When the budget stopped the ramp before any rate was unstable, the pick is only the largest rate tried,
+    not the loss minimum, so the rate is never below the ramp's start (the trainer's default ``--lr``). Before
+    any stable rate: the largest rate that did not rise (too small to show in a few steps, but safe), else the
+    next rate below the smallest unstable one, divided by the margin as well.
+    """
+    stable = [t for t in search.trials if t.verdict == "stable"]
+    if stable:
+        result = test.result(search)
+        lr = result.lr / LR_PROBE_MARGIN
+        reason = f"{result.reason}; / margin {LR_PROBE_MARGIN:g} -> {lr:.4g}"
+        if not any(t.verdict in ("rose", "diverged") for t in search.trials) and lr < test.start_lr:
+            lr, reason = test.start_lr, f"{reason}; no unstable rate reached, so the ramp's start {test.start_lr:g}"
+        return lr, reason
+    flat_trials = [t for t in search.trials if t.verdict == "flat"]
+    if flat_trials:
+        best = max(flat_trials, key=lambda t: t.lr)
+        return best.lr, f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one ({best.describe()})"
+    smallest = min(search.trials, key=lambda t: t.lr)
+    lr = smallest.lr / test.factor / LR_PROBE_MARGIN
+    return lr, (f"every trial was unstable; the next rate down ({smallest.lr / test.factor:.4g}, untried) / margin "
+                f"{LR_PROBE_MARGIN:g} -> {lr:.4g}; lowest: {smallest.describe()}")
