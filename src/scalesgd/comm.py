@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from scalesgd import ring_schedule as rs
-from scalesgd.comm_protocol import CommStats, CommStrategy, Option, Transport
+from scalesgd.comm_protocol import CommStats, CommStrategy, Option, RingTransport, Transport
 from scalesgd.comm_registry import CODECS, DEFAULT_TRANSPORT, TRANSPORTS, parse_comm_name
 from scalesgd.distributed import World
 from scalesgd.errors import ConfigError
@@ -153,7 +153,7 @@ class BuiltinAllReduce(Transport):
         dist.all_gather(gathered, payload, group=self.group)
         return gathered
 
-class RingAllReduce(Transport):
+class RingAllReduce(RingTransport):
     """Bandwidth-optimal ring all-reduce over torch.distributed point-to-point sends, following
     :mod:`scalesgd.ring_schedule`: a reduce-scatter then an all-gather, T = 2(P−1)α + 2(P−1)/P·N·β
     (baidu-research/baidu-allreduce; Sergeev & Del Balso, arXiv 1802.05799).
@@ -260,14 +260,6 @@ class RingAllReduce(Transport):
             s = torch.empty(numel, dtype=like.dtype, device=like.device)
             self._scratch = s
         return s[:numel]
-
-    def _allreduce_flat_(self, buffer: torch.Tensor, exact_tail: int) -> CommStats:
-        n = buffer.numel()
-        if self.world_size == 1 or n == 0:
-            return CommStats(bytes_sent=0)
-        if n * buffer.element_size() <= self.doubling_max_bytes:
-            return self._recursive_doubling_(buffer)
-        return self._ring_(buffer)
 
     def _group_of_edge(self, colour: int):
         """The process group that carries edges of ``colour`` (``group`` itself when directions are not

@@ -108,6 +108,29 @@ class Transport:
         """Release what the strategy holds; a no-op unless a subclass holds something."""
 
 
+
+class RingTransport(Transport):
+    """A ring all-reduce that sends messages of at most ``doubling_max_bytes`` by recursive doubling
+    (:func:`scalesgd.ring_schedule.doubling_max_bytes` sets it): the one dispatch both rings share, over
+    whatever links a subclass has (torch.distributed point-to-point, our own sockets). Subclasses implement
+    :meth:`_ring_` and :meth:`_recursive_doubling_` on a flat contiguous buffer."""
+
+    doubling_max_bytes: int = 0
+
+    def _allreduce_flat_(self, buffer: torch.Tensor, exact_tail: int) -> CommStats:
+        n = buffer.numel()
+        if self.world_size == 1 or n == 0:
+            return CommStats(bytes_sent=0)
+        if n * buffer.element_size() <= self.doubling_max_bytes:
+            return self._recursive_doubling_(buffer)
+        return self._ring_(buffer)
+
+    def _ring_(self, buffer: torch.Tensor) -> CommStats:
+        raise NotImplementedError
+
+    def _recursive_doubling_(self, buffer: torch.Tensor) -> CommStats:
+        raise NotImplementedError
+
 def check_tail(numel: int, exact_tail: int) -> None:
     if not 0 <= exact_tail <= numel:
         raise ConfigError(f"exact_tail must lie in [0, {numel}] for a buffer of {numel} elements, "

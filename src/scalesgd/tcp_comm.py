@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from scalesgd import ring_schedule as rs
-from scalesgd.comm_protocol import CommStats, Option, Transport
+from scalesgd.comm_protocol import CommStats, Option, RingTransport
 from scalesgd.distributed import World
 from scalesgd.errors import ConfigError, DistributedError
 
@@ -172,7 +172,7 @@ def _bytes(t: torch.Tensor) -> memoryview:
 
 
 
-class TcpRingAllReduce(Transport):
+class TcpRingAllReduce(RingTransport):
     """``ring-tcp``: :class:`scalesgd.comm.RingAllReduce`'s algorithms (:mod:`scalesgd.ring_schedule`), with
     messages on our own TCP connections.
 
@@ -228,14 +228,6 @@ class TcpRingAllReduce(Transport):
         if self.mesh is not None:
             self.mesh.close()
         self._views.clear()
-
-    def _allreduce_flat_(self, buffer: torch.Tensor, exact_tail: int) -> CommStats:
-        n = buffer.numel()
-        if self.world_size == 1 or n == 0:
-            return CommStats(bytes_sent=0)
-        if n * buffer.element_size() <= self.doubling_max_bytes:
-            return self._recursive_doubling_(buffer)
-        return self._ring_(buffer)
 
     def _ring_(self, buffer: torch.Tensor) -> CommStats:
         P, r = self.world_size, self.rank
