@@ -1,17 +1,17 @@
 """Large-batch generalisation: test accuracy and the out-of-sample gradient norm against the global batch, and
-against the initialisation scale of a 2-layer network (the experiments of Charles & Papailiopoulos, ICML 2018,
-"Stability and generalization of learning algorithms that converge to global optima", §6).
+against the initialisation scale of a 2-layer network (after the experiments of Charles & Papailiopoulos, ICML 2018,
+"Stability and generalization of learning algorithms that converge to global optima").
 
-Command (from the repository root; about TOTAL_MIN minutes of CPU on the 2-core machine; writes report.md and two
-PNGs beside this file)::
+Command (from the repository root; about 5 minutes of CPU on one core, more wall time on a busy machine; writes
+report.md and two PNGs beside this file)::
 
     nice -n 10 .venv/bin/python experiments/generalization/generalization.py
 
 The out-of-sample gradient norm is the mean over held-out examples z of ‖∇_w f(w; z)‖ at the trained weights w
 (f the per-example cross-entropy, all parameters, Euclidean norm), from the project's exact per-example ghost norms
-(:func:`scalesgd.ghost_norms.per_example_sq_norms`). Charles & Papailiopoulos bound the generalisation gap of an
-algorithm that reaches a global optimum by its stability, and that by this norm at the output: a small norm on
-unseen examples means a flat, stable solution.
+(:func:`scalesgd.ghost_norms.per_example_sq_norms`). Charles & Papailiopoulos tie the generalisation of algorithms
+that reach a global optimum to their stability, and report this norm beside the test accuracy: a larger norm on
+unseen examples goes with a less stable solution and a larger generalisation gap.
 
 Model: the project's ``mlp`` with one hidden layer (``depth=1``) and its own initialisation, many copies trained at
 once (one batched matrix product per layer and step for every (learning rate, seed) pair; the copies are exactly
@@ -27,10 +27,14 @@ is full-batch GD.
 2. **Initialisation scale** (digits, width 256): the first layer's initial weights multiplied by c ∈ {1, 5, 10, 20,
    50} (its init std scales by c), SGD with momentum 0.9 and B = 32, trained until the full training loss is
    ≤ 0.001 (checked after every pass) or a cap of 100 passes; per c the learning rate of a grid that reaches the
-   target in the fewest passes (larger c needs a smaller step: the logits, and the curvature in the second layer,
-   grow with c).
+   target in the fewest passes (the largest c need smaller steps: the logits, and the curvature in the second
+   layer, grow with c).
 
-Expected (the committed run; see report.md): EXPECTED
+Expected (the committed run; see report.md): on digits the test accuracy falls with B, from 98.1% (B = 8) to 96.3%
+(B = n), while the out-of-sample gradient norm grows monotonically, 0.51 → 1.19; on MNIST-1D the MLP memorises
+(100% train, 61–63% test at every B ≥ 64) and only the smallest batch stands apart (66.2% test, norm 14.3 against
+17.6–21.1); over the init scale c the test accuracy falls from 97.5–97.9% (c ≤ 10) to 96.0% (c = 50) while the
+norm grows from 0.58–0.68 to 2.96 — the direction of the source's MNIST table (98.1% → 97.1%, 0.13 → 0.26).
 """
 
 from __future__ import annotations
