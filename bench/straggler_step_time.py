@@ -17,6 +17,9 @@ with the delays this run actually drew (they are a function of (seed, rank, step
 delay, or under local SGD of a period's summed delay, over H). Their difference is the sampling error of a
 finite run; what remains between the second and the measurement is the machine (sleep overshoot and wake-up,
 other jobs' load), not the formula. A fixed slow rank draws nothing at random, so the two agree there.
+Beside each case the bench times ``time.sleep`` of the case's mean delay right after it ("oversleep": mean
+overrun / requested): on a loaded machine a sleeper waits milliseconds for a time slice after waking, which
+lengthens every injected delay and which the model does not (and should not) price.
 
 The machine is shared with other jobs: timings are noisy, so delays are chosen large against compute, the
 load average is printed with each case, and ``--repeats N`` measures the baseline again right before each
@@ -34,6 +37,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from scalesgd import perf_model as pm
@@ -47,7 +51,8 @@ WARMUP_STEPS = 5
 
 
 def parse_cases(text: str) -> list[tuple[str, int | None]]:
-    """``SPEC[@H],...`` → [(spec, H or None)]; a spec's own commas are written ``;`` (``lognormal:mean=5ms;sigma=1``)."""
+    """``SPEC[@H],...`` → [(spec, H or None)]; a spec's own commas are written ``;``
+    (``lognormal:mean=5ms;sigma=1``)."""
     cases = []
     for item in text.split(","):
         spec, _, h = item.strip().partition("@")
@@ -59,6 +64,17 @@ def run(cfg: RunConfig, root: Path, name: str) -> list[dict]:
     run_dir = root / name
     train(cfg.replace(run_dir=str(run_dir)))
     return RunData.open(run_dir).steps[WARMUP_STEPS:]
+
+
+def sleep_overshoot(seconds: float, n: int = 30) -> float:
+    """Mean seconds by which ``time.sleep(seconds)`` overran here and now: an injected delay is a sleep, and on a
+    loaded machine the sleeper waits for a time slice after it (milliseconds), which no delay model prices."""
+    over = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        over.append(time.perf_counter() - t0 - seconds)
+    return statistics.fmean(over)
 
 
 def drawn_max_delay(text: str, steps: list[dict], *, seed: int, world_size: int, sync_every: int | None) -> float:
@@ -120,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 measured_base = statistics.fmean(r["step_time_s"] for r in base)
                 spec = parse_straggler(text)
                 c = c_rank1 if spec.kind == "slow" else c_wait
-                predicted = float(pm.delayed_compute(c, 2, straggler=spec, sync_every=h or 1)) + comm / (h or 1) + update
+                predicted = (float(pm.delayed_compute(c, 2, straggler=spec, sync_every=h or 1)) + comm / (h or 1)
+                             + update)
                 steps = run(cfg.replace(straggler=text, sync_every=h), root, f"{text.replace(':', '_')}-{h}-{rep}")
                 load = (load0 + os.getloadavg()[0]) / 2
                 drawn = (c * (spec.factor if spec.kind == "slow" else 1.0)
@@ -129,22 +146,28 @@ def main(argv: list[str] | None = None) -> int:
                 measured = statistics.fmean(r["step_time_s"] + r.get("average_s", 0.0) for r in steps)
                 waited = statistics.fmean(max(r["compute_s_rank0"], r["compute_s_rank1"]) for r in steps)
                 err, err_drawn = predicted / measured - 1, drawn / measured - 1
+                mean_delay = (spec.factor - 1) * c if spec.kind == "slow" else (
+                    spec.mean_s if spec.kind in ("exp", "lognormal") else spec.pause_s)
+                overshoot = sleep_overshoot(mean_delay)
                 ok = abs(err) <= args.tolerance
                 lines.append({"straggler": text, "sync_every": h or 1, "repeat": rep, "predicted_step_s": predicted,
                               "predicted_drawn_step_s": drawn, "measured_step_s": measured, "rel_error": err,
                               "rel_error_drawn": err_drawn, "within": ok, "load": load,
                               "baseline": {"step_s": measured_base, "compute_waited_s": c_wait,
                                            "compute_rank1_s": c_rank1, "comm_s": comm, "update_s": update},
-                              "compute_waited_s": waited})
+                              "compute_waited_s": waited, "sleep_s": mean_delay, "sleep_overshoot_s": overshoot})
                 if i == 0 and rep == 0:
                     print(f"baseline: step {measured_base * 1e3:.2f} ms = compute waited for {c_wait * 1e3:.2f} ms "
                           f"(rank 1 alone {c_rank1 * 1e3:.2f}) + all-reduce {comm * 1e3:.2f} ms + update "
                           f"{update * 1e3:.2f} ms + wait/other {(measured_base - c_wait - comm - update) * 1e3:.2f} ms")
                     print(f"{'straggler':<28} {'H':>2} {'predicted':>10} {'(drawn)':>9} {'measured':>9} "
-                          f"{'error':>7} {'(drawn)':>7} {'load':>5}  within  [H=1: compute waited for, predicted]")
+                          f"{'error':>7} {'(drawn)':>7} {'load':>5} {'oversleep':>13}  within  "
+                          "[H=1: compute waited for, predicted]")
                 parts = (f"  [{waited * 1e3:.2f} ms, {(predicted - comm - update) * 1e3:.2f} ms]" if not h else "")
-                print(f"{text:<28} {h or 1:>2} {predicted * 1e3:>8.2f}ms {drawn * 1e3:>7.2f}ms {measured * 1e3:>7.2f}ms "
-                      f"{err:>+7.1%} {err_drawn:>+7.1%} {load:>5.1f}  {'yes' if ok else 'NO':<6}{parts}", flush=True)
+                print(f"{text:<28} {h or 1:>2} {predicted * 1e3:>8.2f}ms {drawn * 1e3:>7.2f}ms "
+                      f"{measured * 1e3:>7.2f}ms {err:>+7.1%} {err_drawn:>+7.1%} {load:>5.1f} "
+                      f"{overshoot * 1e3:>5.2f}/{mean_delay * 1e3:<5.1f}ms  {'yes' if ok else 'NO':<6}{parts}",
+                      flush=True)
     if args.repeats > 1:
         print("median over repeats:")
         for text, h in cases:
