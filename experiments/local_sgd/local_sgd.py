@@ -1,6 +1,6 @@
 """How often to average: time, passes and final accuracy of local SGD against the period H, with the diversity.
 
-Command (from the repository root; 7.5 minutes on the shared 2-core machine at load 16, less idle; run it under
+Command (from the repository root; 3 minutes on the shared 2-core machine at load 6, 7.5 at load 16; run it under
 ``nice``; writes report.md and three PNGs beside this file, and the run directories to a temporary directory)::
 
     nice -n 10 .venv/bin/python experiments/local_sgd/local_sgd.py
@@ -21,12 +21,13 @@ final test accuracy, the mean step time, and the exact whole-data gradient diver
 (``--exact-diversity-every``, about twice a pass; between two averages it is measured at the average of the
 replicas, the model local SGD would deliver if it stopped there).
 
-Expected (the committed run, made on the shared machine at load 15–17; see report.md): passes to 93% flat in H
-at P = 2 (3.15–3.22 against sync's 3.19 ± 0.17) and up ~10% at P = 3 (4.67 ± 0.13 at H = 16 against 4.23 ± 0.22);
+Expected (the committed run, made on the shared machine at load 6; see report.md): passes to 93% flat in H at
+P = 2 (3.15–3.22 against sync's 3.19 ± 0.17) and up ~10% at P = 3 (4.67 ± 0.13 at H = 16 against 4.23 ± 0.22);
 final accuracy within about a point (H = 16 and post-local slightly higher); the step clock to 93%, at median step
-times, falls with H (about 4.5× from sync to H = 16 under that load, where an all-reduce waits for time slices;
-less on an idle machine, where the all-reduce is cheaper); B_S (about 75–110 up to the target, rising to 150–250
-late) independent of H, above the local batch of 32 the workers step with.
+times, falls with H (2.85× from sync to H = 16 at P = 2, 5.1× at P = 3, where three workers share two cores and
+every all-reduce waits for time slices); B_S (about 75–110 up to the target, rising to 150–250 late) independent
+of H, above the local batch of 32 the workers step with. Passes, accuracy and B_S are functions of the seed; the
+times grow with the machine's load (at load 16: 4.5× and 4.8×).
 """
 
 from __future__ import annotations
