@@ -7,7 +7,6 @@ ranks: ``torch.optim.SGD`` on P/(P − b) times the sum of those ranks' shard gr
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from scalesgd.data.sharding import BatchStream, Cursor, shard
 from scalesgd.errors import ConfigError
 from scalesgd.models import build_model, loss_function
 from scalesgd.run import train
+from scalesgd.rundata import RunData
 
 
 def test_backup_workers_options_are_checked():
@@ -42,8 +42,8 @@ def test_backup_workers_keep_replicas_identical_and_apply_the_rescaled_first_gra
                     eval_train_examples=64, progress=False, threads_per_worker=1, timeout_s=120, seed=2,
                     run_dir=str(run_dir))
     train(cfg)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    used = [r["backup_used_ranks"] for r in records if r["kind"] == "step"]
+    # through the project's strict reader: the list of used ranks must read back (reports, predict, sweeps)
+    used = [r["backup_used_ranks"] for r in RunData.open(run_dir).steps]
     assert len(used) == steps and all(len(u) == P - b and u[0] == 0 and len(set(u)) == P - b for u in used)
     params = torch.load(run_dir / "checkpoint.pt", weights_only=True)["train_state"]["params"]
 

@@ -144,6 +144,24 @@ def test_a_string_where_a_number_goes_names_the_key(tmp_path, key, value):
         RunData.open(run).records
 
 
+def test_local_sgd_flags_and_backup_ranks_pass_with_their_own_types(tmp_path):
+    # what the trainer writes on a local-SGD step and on a backup-workers step
+    lines = [{"kind": "step", "step": 11, "epoch": 1.1, "local_sgd": True, "averaged": False},
+             {"kind": "step", "step": 12, "epoch": 1.2, "backup_used_ranks": [0, 2]}]
+    run = fake_run(tmp_path / "run", extra_lines=lines)
+    steps = RunData.open(run).steps
+    assert steps[-2]["averaged"] is False and steps[-1]["backup_used_ranks"] == [0, 2]
+
+
+@pytest.mark.parametrize("key,value,wanted", [("averaged", "yes", "a boolean"), ("local_sgd", 1, "a boolean"),
+                                              ("backup_used_ranks", [0, "1"], "a list of ranks"),
+                                              ("backup_used_ranks", 0, "a list of ranks")])
+def test_a_flag_or_rank_list_of_the_wrong_type_names_the_key(tmp_path, key, value, wanted):
+    run = fake_run(tmp_path / "run", extra_lines=[{"kind": "step", "step": 11, "epoch": 1.1, key: value}])
+    with pytest.raises(DataError, match=rf"metrics.jsonl:13: '{key}' is .* not {wanted}"):
+        RunData.open(run).records
+
+
 def test_numbers_and_nulls_pass_and_other_kinds_are_not_checked(tmp_path):
     run = fake_run(tmp_path / "run", extra_lines=[{"kind": "step", "step": 11, "epoch": 1.1, "loss": None},
                                                   {"kind": "note", "text": "free"}])

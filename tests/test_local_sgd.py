@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 
 import pytest
@@ -23,6 +22,7 @@ from scalesgd.data import load_data
 from scalesgd.data.sharding import BatchStream, Cursor, shard
 from scalesgd.models import build_model, loss_function
 from scalesgd.run import train
+from scalesgd.rundata import RunData
 
 pytestmark = pytest.mark.spawn
 
@@ -36,9 +36,10 @@ def _run(tmp_path_factory, name, **overrides):
     run_dir = tmp_path_factory.mktemp(name) / "run"
     cfg = RunConfig(**{**BASE, "steps": STEPS, **overrides, "run_dir": str(run_dir)})
     train(cfg)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # through the project's strict reader: a local-SGD step's flags must read back (reports, predict, sweeps)
+    steps = RunData.open(run_dir).steps
     params = torch.load(run_dir / "checkpoint.pt", weights_only=True)["train_state"]["params"]
-    return cfg, [r for r in records if r["kind"] == "step"], params
+    return cfg, steps, params
 
 
 @pytest.fixture(scope="module")

@@ -515,3 +515,51 @@ def test_step_time_prices_injected_delays_and_local_sgd():
     assert rows[1].step_time_s == pytest.approx(rows[1].compute_s + rows[1].comm_s)
     with pytest.raises(ConfigError):
         step_time(64, 4, compute=compute, network=network, grad_bytes=grad_bytes, sync_every=0)
+
+
+def test_local_sgd_passes_factor_interpolates_the_measured_curve_in_log2_h():
+    from scalesgd.perf_model import local_sgd_passes_factor, parse_passes_curve
+
+    curve = parse_passes_curve("1:4.0, 4:5.0,16:8.0")
+    assert curve == {1: 4.0, 4: 5.0, 16: 8.0}
+    assert local_sgd_passes_factor(1, curve) == 1.0
+    assert local_sgd_passes_factor(4, curve) == pytest.approx(1.25)
+    # halfway between H = 1 and 4 in log2 H is H = 2: passes 4.5
+    assert local_sgd_passes_factor(2, curve) == pytest.approx(4.5 / 4.0)
+    # H = 8 is 1/2 of the way from 4 to 16 in log2: 5 + (8 - 5)/2
+    assert local_sgd_passes_factor(8, curve) == pytest.approx(6.5 / 4.0)
+    with pytest.raises(ConfigError, match="outside the measured"):
+        local_sgd_passes_factor(32, curve)
+    with pytest.raises(ConfigError, match="H = 1"):
+        local_sgd_passes_factor(4, {4: 5.0, 16: 8.0})
+    for bad in ("1:4,1:5", "0:4", "1:-2", "4", "a:b", "1:nan"):
+        with pytest.raises(ConfigError, match="--passes-vs-h"):
+            parse_passes_curve(bad)
+
+
+def test_recommend_sync_every_trades_communication_against_passes():
+    from scalesgd.perf_model import recommend_sync_every
+
+    # compute 1 ms a step, all-reduce 4 ms: averaging less often saves up to 4 ms of a 5 ms step
+    compute, network = ComputeFit(t0_s=0.001, t1_s=0.0), Network(alpha_s=0.002, beta_s_per_byte=0.0)
+    comm = float(allreduce_time(4.0, 2, network))
+    assert comm == pytest.approx(0.004)
+    kw = dict(n_train=1000, compute=compute, network=network, grad_bytes=4.0, passes=10.0)
+    rows = recommend_sync_every(100, 2, curve={1: 10.0, 4: 11.0, 16: 40.0}, **kw)
+    by_h = {h: (tpp, passes, tta) for h, tpp, passes, tta in rows}
+    # time per pass = (n/B)·(compute + comm/H); passes = 10·passes(H)/passes(1); time = their product
+    for h, passes in ((1, 10.0), (4, 11.0), (16, 40.0)):
+        assert by_h[h][0] == pytest.approx(10 * (0.001 + 0.004 / h))
+        assert by_h[h][1] == pytest.approx(passes)
+        assert by_h[h][2] == pytest.approx(by_h[h][0] * passes)
+    # H = 4: 0.02 s/pass x 11 passes = 0.22 s beats sync (0.5 s) and H = 16 (0.0125 x 40 = 0.5 s)
+    assert rows[0][0] == 4 and [r[0] for r in rows[1:]] == [1, 16]  # a tie goes to the smaller H
+    # when local SGD costs no passes, the largest measured H wins
+    assert recommend_sync_every(100, 2, curve={1: 10.0, 4: 10.0, 16: 10.0}, **kw)[0][0] == 16
+    # and the grid's passes scale by the factor
+    plain = predict_grid([100], [2], compute=compute, network=network, grad_bytes=4.0, n_train=1000, passes_min=1.0,
+                         batch_crit=100.0)[0]
+    scaled = predict_grid([100], [2], compute=compute, network=network, grad_bytes=4.0, n_train=1000, passes_min=1.0,
+                          batch_crit=100.0, passes_factor=1.1)[0]
+    assert scaled.passes == pytest.approx(1.1 * plain.passes)
+    assert scaled.time_to_accuracy_s == pytest.approx(1.1 * plain.time_to_accuracy_s)

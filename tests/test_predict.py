@@ -234,3 +234,30 @@ def test_predict_prices_stragglers_and_local_sgd(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--straggler"):
         args = parse([*common, "--straggler", "exp"])
         args.func(args)
+
+
+def test_predict_scales_local_sgd_passes_by_the_measured_curve_and_recommends_h(tmp_path, capsys):
+    common = [*FAST, "--batch-bound", "200", "--passes-at-small-batch", "10", "--batch-sizes", "64",
+              "--max-workers", "4"]
+    tables = {}
+    for name, extra in (("sync", []), ("h4", ["--sync-every", "4", "--passes-vs-h", "1:10,4:11,16:12"])):
+        args = parse([*common, *extra, "--out", str(tmp_path / name)])
+        assert args.func(args) == 0
+        tables[name] = {int(r["workers"]): r for r in csv.DictReader((tmp_path / name / "predictions.csv").open())}
+    out = capsys.readouterr().out
+    for p in (1, 2, 4):  # passes at H = 4 are the synchronous ones times 11/10
+        assert float(tables["h4"][p]["passes"]) == pytest.approx(1.1 * float(tables["sync"][p]["passes"]), rel=1e-6)
+    info = json.loads((tmp_path / "h4" / "prediction.json").read_text())
+    assert info["passes_vs_h"] == {"1": 10.0, "4": 11.0, "16": 12.0}
+    recs = info["sync_every_recommendation"]
+    assert sorted(r["sync_every"] for r in recs) == [1, 4, 16]
+    assert [r["time_to_accuracy_s"] for r in recs] == sorted(r["time_to_accuracy_s"] for r in recs)
+    for r in recs:
+        assert r["time_to_accuracy_s"] == pytest.approx(r["time_per_pass_s"] * r["passes"])
+    assert f"recommended --sync-every {recs[0]['sync_every']}" in out
+    with pytest.raises(ConfigError, match="outside the measured"):
+        args = parse([*common, "--sync-every", "32", "--passes-vs-h", "1:10,4:11,16:12"])
+        args.func(args)
+    with pytest.raises(ConfigError, match="--passes-vs-h"):
+        args = parse([*common, "--passes-vs-h", "1:10,4"])
+        args.func(args)

@@ -371,7 +371,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 _PREDICT_ARGS = ("model", "dataset", "n_train", "width", "dropout", "norm", "network", "comm", "batch_sizes",
                  "max_workers", "batch_bound", "passes_at_small_batch", "small_batch_size", "from_run", "target",
                  "profile_batch_sizes", "profile_steps", "compute_curve", "overhead_s", "tolerance", "seed", "out",
-                 "straggler", "sync_every")
+                 "straggler", "sync_every", "passes_vs_h")
 
 
 def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
@@ -431,6 +431,10 @@ def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
                         "pause:p=0.01,s=0.5 (E[max of P step times]; default: none)")
     p.add_argument("--sync-every", type=int, default=1, metavar="H",
                    help="local SGD: parameters averaged every H steps (communication / H; default 1)")
+    p.add_argument("--passes-vs-h", default=None, metavar="H:PASSES,...",
+                   help="local SGD's measured passes to accuracy against H, e.g. 1:4.2,4:4.4,16:5.1 (H = 1 "
+                        "synchronous): passes at --sync-every scale by passes(H)/passes(1), and the H of the "
+                        "curve with the least time to accuracy is recommended")
     p.set_defaults(func=cmd_predict)
     return p
 

@@ -20,8 +20,10 @@ time to accuracy = time per pass × passes to accuracy
   for the slowest worker, so ``T_compute`` becomes E[max over P of compute + delay] (μ·H_P more for i.i.d.
   exponential delays of mean μ); with parameters averaged every H steps (local SGD) the workers meet once
   per period, so compute is E[max over P of a period's sum]/H and the all-reduce costs ``T_allreduce/H``
-  per step (the parameters are as large as the gradient). Passes to accuracy are the synchronous ones:
-  local SGD's own sample efficiency is measured, not modelled.
+  per step (the parameters are as large as the gradient). Local SGD's own sample efficiency is measured,
+  not modelled: passes to accuracy at period H are the synchronous ones times passes(H)/passes(1) read off a
+  measured passes-versus-H curve (:func:`local_sgd_passes_factor`), and :func:`recommend_sync_every` picks
+  the H of that curve with the least time to accuracy.
 - time per pass = (n/B)·T_step(B, P).
 - passes to accuracy: ``passes(B) = passes_min·(1 + B/B_crit)`` (McCandlish et al. 2018, epochs form),
   with ``B_crit = B_S − 1`` from the measured diversity batch bound ``B_S = n·Δ``. The two views agree:
@@ -524,6 +526,76 @@ def fit_passes_min(batch_sizes: Sequence[float], passes: Sequence[float], batch_
     return float(r.sum() / (r ** 2).sum())
 
 
+def parse_passes_curve(text: str) -> dict[int, float]:
+    """``"1:4.2,4:4.4,16:5.1"`` → ``{1: 4.2, 4: 4.4, 16: 5.1}``: passes to accuracy measured at averaging periods H.
+
+    Raises:
+        ConfigError: not ``H:PASSES`` pairs, H not a positive integer or given twice, passes not positive.
+    """
+    curve: dict[int, float] = {}
+    for item in str(text).split(","):
+        h_text, sep, passes_text = item.partition(":")
+        try:
+            h, passes = int(h_text), float(passes_text)
+        except ValueError:
+            h, passes = 0, math.nan
+        if not sep or h < 1 or not (math.isfinite(passes) and passes > 0) or h in curve:
+            raise ConfigError(f"--passes-vs-h {text!r}: {item.strip()!r} is not H:PASSES with H a positive integer "
+                              "(each once) and PASSES > 0; write e.g. '1:4.2,4:4.4,16:5.1' (H = 1: synchronous)")
+        curve[h] = passes
+    return curve
+
+
+def local_sgd_passes_factor(sync_every: int, curve: dict[int, float]) -> float:
+    """passes(H)/passes(1) of local SGD with period H, from a measured passes-versus-H curve.
+
+    Between measured periods the passes are interpolated linearly in log2 H (the periods are usually measured
+    at powers of two, and the cost of averaging less often grows with the number of doublings of H).
+
+    Args:
+        sync_every: H, the averaging period (1: synchronous SGD).
+        curve: {H: passes to accuracy} measured at one (B, P); must contain H = 1 (the synchronous run the
+            factor is relative to).
+    Returns:
+        The factor (1 at H = 1).
+    Raises:
+        ConfigError: no H = 1 point, or H outside the measured periods (local SGD's sample efficiency beyond
+            them is unknown: holding the last value would favour ever larger H for free).
+    """
+    if 1 not in curve:
+        raise ConfigError("the passes-vs-H curve needs the synchronous run, H = 1 (e.g. '1:4.2,4:4.4,16:5.1')")
+    hs = sorted(curve)
+    if not hs[0] <= sync_every <= hs[-1]:
+        raise ConfigError(f"H = {sync_every} lies outside the measured passes-vs-H curve (H = {hs[0]}..{hs[-1]}); "
+                          f"measure passes at H = {sync_every} or predict within the curve")
+    passes = float(np.interp(math.log2(sync_every), np.log2(hs), [curve[h] for h in hs]))
+    return passes / curve[1]
+
+
+def recommend_sync_every(global_batch_size: int, workers: int, *, curve: dict[int, float], n_train: int,
+                         compute: ComputeFit, network: Network, grad_bytes: float, passes: float,
+                         overhead_s: float = 0.0, straggler: StragglerSpec | None = None
+                         ) -> list[tuple[int, float, float, float]]:
+    """Time to accuracy of local SGD at each measured period H of ``curve`` for one (B, P), fastest first.
+
+    time to accuracy(H) = (n/B)·T_step(B, P, H) · passes·factor(H), with T_step's communication divided by H
+    and its delays taken per period (:func:`step_time`) and factor(H) = passes(H)/passes(1)
+    (:func:`local_sgd_passes_factor`). Ties go to the smaller H.
+
+    Args:
+        passes: synchronous SGD's passes to accuracy at this B (:func:`passes_to_accuracy`).
+    Returns:
+        [(H, time per pass s, passes, time to accuracy s)], sorted by time to accuracy.
+    """
+    rows = []
+    for h in sorted(curve):
+        tpp = float(time_per_pass(n_train, global_batch_size, workers, compute=compute, network=network,
+                                  grad_bytes=grad_bytes, overhead_s=overhead_s, straggler=straggler, sync_every=h))
+        p = passes * local_sgd_passes_factor(h, curve)
+        rows.append((h, tpp, p, tpp * p))
+    return sorted(rows, key=lambda r: (r[3], r[0]))
+
+
 def time_to_accuracy(n_train: int, global_batch_size, workers, *, compute: ComputeFit, network: Network,
                      grad_bytes: float, passes_min: float, batch_crit: float, overhead_s: float = 0.0):
     """Seconds to the target accuracy: time per pass × passes to accuracy."""
@@ -576,12 +648,16 @@ class Prediction:
 def predict_grid(batch_sizes: Iterable[int], workers: Iterable[int], *, n_train: int, compute: ComputeFit,
                  network: Network, grad_bytes: float, passes_min: float, batch_crit: float,
                  overhead_s: float = 0.0, straggler: StragglerSpec | None = None,
-                 sync_every: int = 1) -> list[Prediction]:
+                 sync_every: int = 1, passes_factor: float = 1.0) -> list[Prediction]:
     """Predict every (B, P) with P ≤ B (a worker needs at least one example), ordered by B then P.
 
     ``straggler``, ``sync_every``: injected delays and local SGD's period (:func:`step_time`); the row's
     ``compute_s`` is then the expected compute a step waits for and ``comm_s`` the all-reduce over H.
+    ``passes_factor``: local SGD's passes over synchronous SGD's at that H (:func:`local_sgd_passes_factor`),
+    multiplying every row's passes.
     """
+    if not passes_factor > 0:
+        raise ConfigError(f"passes_factor must be positive, got {passes_factor}")
     if n_train < 1 or grad_bytes < 0 or overhead_s < 0:
         raise ConfigError(f"predict_grid needs n_train >= 1, grad_bytes >= 0 and overhead_s >= 0, got "
                           f"{n_train}, {grad_bytes}, {overhead_s}")
@@ -597,7 +673,7 @@ def predict_grid(batch_sizes: Iterable[int], workers: Iterable[int], *, n_train:
             comm = float(allreduce_time(grad_bytes, p, network)) / sync_every
             step = comp + comm + overhead_s
             tpp = n_train / b * step
-            passes = float(passes_to_accuracy(b, passes_min=passes_min, batch_crit=batch_crit))
+            passes = float(passes_to_accuracy(b, passes_min=passes_min, batch_crit=batch_crit)) * passes_factor
             eff = float(efficiency(b, p, compute=compute, network=network, grad_bytes=grad_bytes,
                                    overhead_s=overhead_s, straggler=straggler, sync_every=sync_every))
             rows.append(Prediction(global_batch_size=b, workers=p, local_batch_size=int(local_batch_size(b, p)),

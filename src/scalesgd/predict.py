@@ -407,7 +407,8 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
             small_batch_size: int = 32, from_run: str | Path | None = None, target: float | None = None,
             profile_batch_sizes: Sequence[int] = (8, 32, 128, 512, 2048), profile_steps: int = 20,
             compute_curve: str = "auto", overhead_s: float = 0.0, tolerance: float = 0.10, seed: int = 0,
-            out: str | Path | None = None, straggler: str | None = None, sync_every: int = 1) -> int:
+            out: str | Path | None = None, straggler: str | None = None, sync_every: int = 1,
+            passes_vs_h: str | None = None) -> int:
     """Measure this machine, predict time to accuracy over a (B, P) grid, print it, and write it to ``out``.
 
     time to accuracy = (n/B)·T_step(B, P)·passes(B), T_step = T_compute(⌈B/P⌉) + T_allreduce(N, P) + overhead,
@@ -430,6 +431,10 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
         straggler: injected delays priced into every step (``--straggler`` spec, :mod:`scalesgd.stragglers`).
         sync_every: local SGD's averaging period H (1: synchronous): compute waits per period, the
             all-reduce costs 1/H per step.
+        passes_vs_h: local SGD's measured passes to accuracy against H (``"1:4.2,4:4.4,16:5.1"``): passes at
+            ``sync_every`` are the synchronous ones times passes(H)/passes(1)
+            (:func:`scalesgd.perf_model.local_sgd_passes_factor`), and for the fastest (B, P) every H of the
+            curve is priced and the fastest recommended (:func:`scalesgd.perf_model.recommend_sync_every`).
     Returns:
         0 (the exit code).
     Raises:
@@ -445,6 +450,8 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
     if not isinstance(sync_every, int) or sync_every < 1:
         raise ConfigError(f"--sync-every must be a positive integer, got {sync_every!r}")
     straggler_spec = parse_straggler(straggler)
+    curve = pm.parse_passes_curve(passes_vs_h) if passes_vs_h else None
+    passes_factor = pm.local_sgd_passes_factor(sync_every, curve) if curve else 1.0
     network = pm.parse_network(network) if network else None  # fail fast on a bad string
     if network is not None:
         # our rings switch to recursive doubling for small messages on any network; the built-in is a ring
@@ -482,17 +489,28 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
     print(f"statistics: {stat_source} -> passes_min {passes_min:.3g}")
     if straggler_spec is not None or sync_every > 1:
         print(f"delays: {straggler_spec.describe() if straggler_spec else 'none'}, parameters averaged every "
-              f"{sync_every} step(s); passes to accuracy are the synchronous ones")
+              f"{sync_every} step(s); passes to accuracy are the synchronous ones"
+              + (f" x {passes_factor:.3g} (passes(H={sync_every})/passes(1) of --passes-vs-h)" if curve else ""))
     workers = [2 ** k for k in range(int(math.log2(max_workers)) + 1)]
     if workers[-1] != max_workers:
         workers.append(max_workers)
     table = pm.predict_grid(batch_sizes, workers, n_train=ds.n_train, compute=prof.fit, network=network,
                             grad_bytes=grad_bytes, passes_min=passes_min,
                             batch_crit=pm.batch_crit_from_bound(batch_bound), overhead_s=overhead_s,
-                            straggler=straggler_spec, sync_every=sync_every)
+                            straggler=straggler_spec, sync_every=sync_every, passes_factor=passes_factor)
     print(pm.format_table(table))
     rec = pm.recommend(table, tolerance=tolerance)
     print(pm.format_recommendation(rec))
+    by_h = None
+    if curve:
+        f = rec.fastest
+        by_h = pm.recommend_sync_every(f.global_batch_size, f.workers, curve=curve, n_train=ds.n_train,
+                                       compute=prof.fit, network=network, grad_bytes=grad_bytes,
+                                       passes=f.passes / passes_factor, overhead_s=overhead_s,
+                                       straggler=straggler_spec)
+        print(f"local SGD at B={f.global_batch_size}, P={f.workers}, over the measured periods: " + "; ".join(
+            f"H={h}: {pm.format_seconds(tta)} ({passes:.3g} passes)" for h, _, passes, tta in sorted(by_h)))
+        print(f"recommended --sync-every {by_h[0][0]} ({pm.format_seconds(by_h[0][3])} to accuracy)")
     goodput = {}
     for p in dict.fromkeys((rec.fastest.workers, rec.cheapest.workers)):
         choice, step_model = goodput_batch(prof, workers=p, network=network, grad_bytes=grad_bytes, batch_bound=batch_bound,
@@ -519,6 +537,10 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
                                                            "median_s": sweep.median_s},
             "batch_bound": batch_bound, "passes_min": passes_min, "overhead_s": overhead_s,
             "straggler": straggler_spec.describe() if straggler_spec else None, "sync_every": sync_every,
+            "passes_vs_h": {str(h): v for h, v in curve.items()} if curve else None,
+            "sync_every_recommendation": None if by_h is None else [
+                {"sync_every": h, "time_per_pass_s": tpp, "passes": passes, "time_to_accuracy_s": tta}
+                for h, tpp, passes, tta in by_h],
             "recommendation": {"tolerance": rec.tolerance, "fastest": asdict(rec.fastest),
                                "cheapest": asdict(rec.cheapest)},
             "goodput": {str(p): asdict(c) for p, c in goodput.items()},

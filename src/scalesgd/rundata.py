@@ -26,6 +26,10 @@ REQUIRED_KEYS = {"step": ("step", "epoch"), "eval": ("step", "epoch")}
 # otherwise be skipped as "not finite" by readers that filter with :func:`finite` (another estimator chosen
 # silently) or fail deep inside arithmetic.
 NUMERIC_KINDS = ("step", "eval", "diversity")
+# The trainer's non-numeric values in those kinds, by key, with the type each must have: local SGD's flags (a
+# step without the all-reduce, a step that ended with an average) and the ranks whose gradients a backup-workers
+# step used (:mod:`scalesgd.backup_comm`).
+NON_NUMERIC_KEYS = {"local_sgd": "a boolean", "averaged": "a boolean", "backup_used_ranks": "a list of ranks"}
 # Config keys that say nothing about what was run (where it was written, how it printed), left out when
 # runs are told apart by their differences.
 _NOT_A_DIFFERENCE = {"run_dir", "progress", "extra", "master_port", "master_addr", "checkpoint_every_steps",
@@ -89,12 +93,14 @@ class RunData:
                 raise DataError(f"{where} lacks the key {missing[0]!r}; this is not a metrics line that "
                                 "`scalesgd train` writes (kind=step/eval lines carry step and epoch)")
             if kind in NUMERIC_KINDS:
-                bad = [k for k, v in rec.items() if k != "kind" and v is not None and not _is_number(v)]
+                bad = [k for k, v in rec.items() if k != "kind" and v is not None and not _valid_value(k, v)]
                 bad += [k for k in REQUIRED_KEYS.get(kind, ()) if rec[k] is None and k not in bad]
                 if bad:
-                    raise DataError(f"{where}: {bad[0]!r} is {json.dumps(rec[bad[0]])}, not a number; a kind={kind} "
-                                    "line of `scalesgd train` holds numbers (or null) only: the file is damaged "
-                                    "or was edited, re-run it or fix that value")
+                    wanted = NON_NUMERIC_KEYS.get(bad[0], "a number")
+                    raise DataError(f"{where}: {bad[0]!r} is {json.dumps(rec[bad[0]])}, not {wanted}; a kind={kind} "
+                                    "line of `scalesgd train` holds numbers (or null) only, but for "
+                                    f"{', '.join(NON_NUMERIC_KEYS)}: the file is damaged or was edited, re-run it "
+                                    "or fix that value")
             out.append(rec)
         return out
 
@@ -237,6 +243,17 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _valid_value(key: str, value: Any) -> bool:
+    """Whether ``value`` has the type the trainer writes under ``key`` in a numeric kind (:data:`NON_NUMERIC_KEYS`,
+    else a number)."""
+    if key == "backup_used_ranks":
+        return isinstance(value, list) and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0
+                                               for r in value)
+    if key in NON_NUMERIC_KEYS:
+        return isinstance(value, bool)
+    return _is_number(value)
 
 
 def finite(value: Any) -> bool:
