@@ -140,9 +140,11 @@ def example_qsgd(grads: torch.Tensor, *, levels: int, seeds: Sequence[int], buck
     x = torch.addcmul(u.view(b, nb, bucket_size), mag, ratio).floor_().clamp_(max=levels)
     quantized = x.copysign_(v).mul_((scales / levels)[:, :, None]).view(b, -1)[:, :n]
     # The exact variance, in float64.
-    x64 = (mag.double() * (levels / safe.double())[:, :, None]).clamp_(max=levels)
-    frac = x64 - x64.floor()
-    variance = ((frac * (1 - frac)).sum(dim=2) * (scales.double() / levels) ** 2).sum(dim=1)  # (b,)
+    mag64 = mag.double()
+    scales64 = mag64.amax(dim=2) if scale == "max" else torch.linalg.vector_norm(mag64, dim=2)
+    x64 = (mag64 * (levels / torch.where(scales64 > 0, scales64, torch.ones_like(scales64)))[:, :, None])
+    frac = x64.clamp_(max=levels) - x64.floor()
+    variance = ((frac * (1 - frac)).sum(dim=2) * (scales64 / levels) ** 2).sum(dim=1)  # (b,)
     return quantized.contiguous(), variance
 
 
