@@ -87,35 +87,39 @@ def per_example_gradients(model: nn.Module, loss_fn: Callable[[torch.Tensor, tor
     return flat, losses, outputs
 
 
-def example_seeds(seed: int, step: int, first_row: int, rows: int) -> list[int]:
-    """The rounding seed of each row ``first_row …`` of the global batch at ``step``: a function of (seed, step,
-    row) only, so P workers draw for their rows what one worker draws for the whole batch."""
-    out = []
-    for row in range(first_row, first_row + rows):
-        digest = hashlib.blake2b(f"example-qsgd/{seed}/{step}/{row}".encode(), digest_size=8).digest()
-        out.append(int.from_bytes(digest, "little") >> 1)
-    return out
+def example_generator_seed(seed: int, step: int) -> int:
+    """The seed of the generator whose stream, row by row of the global batch, gives the rounding of every example
+    at ``step``: a function of (seed, step) only, so P workers draw for their rows what one worker draws."""
+    digest = hashlib.blake2b(f"example-qsgd/{seed}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
-def example_qsgd(grads: torch.Tensor, *, levels: int, seeds: Sequence[int], bucket_size: int = 512,
-                 scale: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
+def example_qsgd(grads: torch.Tensor, *, levels: int, generator_seed: int, first_row: int = 0,
+                 total_rows: int | None = None, bucket_size: int = 512, scale: str = "max",
+                 with_variance: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Quantize each row (one example's gradient) with QSGD's unbiased stochastic rounding, independently.
 
     Row i, cut into buckets of ``bucket_size`` coordinates with scale σ (‖·‖∞ for ``"max"``, ‖·‖₂ for ``"l2"``),
-    becomes σ·sign(gᵢⱼ)·⌊s·|gᵢⱼ|/σ + u⌋/s with u ~ U[0, 1) drawn from a generator seeded with ``seeds[i]``: the
-    same draw, bit for bit, as :func:`scalesgd.comm.qsgd_encode` then :func:`~scalesgd.comm.qsgd_decode` of that
-    row alone with that generator. E[Q(gᵢ)] = gᵢ, and (Alistarh et al. 2017, Lemma 3.1's proof) each coordinate
-    with x = s·|gᵢⱼ|/σ between levels ℓ = ⌊x⌋ and ℓ + 1 adds variance (ℓ + 1 − x)(x − ℓ)·(σ/s)².
+    becomes σ·sign(gᵢⱼ)·⌊s·|gᵢⱼ|/σ + u⌋/s with u ~ U[0, 1): E[Q(gᵢ)] = gᵢ, and (Alistarh et al. 2017, arXiv
+    1610.02132, Lemma 3.1's proof) each coordinate with x = s·|gᵢⱼ|/σ between levels ℓ = ⌊x⌋ and ℓ + 1 adds
+    variance (ℓ + 1 − x)(x − ℓ)·(σ/s)². The uniforms of the whole global batch of ``total_rows`` (padded rows)
+    come from one generator seeded with ``generator_seed``; these ``grads`` are its rows ``first_row …``, so a
+    shard quantizes its rows exactly as one worker holding the whole batch would (each rank draws the whole
+    batch's uniforms and keeps its rows: cheap beside the per-example gradients themselves). Row 0 of a batch
+    is bit for bit :func:`scalesgd.comm.qsgd_encode` then :func:`~scalesgd.comm.qsgd_decode` with a generator
+    seeded ``generator_seed``.
 
     Args:
         grads: (b, N) per-example gradients.
         levels: s, 1 … 127.
-        seeds: b generator seeds (:func:`example_seeds`).
+        generator_seed: the step's seed (:func:`example_generator_seed`).
+        first_row, total_rows: where these rows sit in the global batch (default: the whole batch).
         bucket_size, scale: as for :class:`scalesgd.comm.QSGDCodec`.
+        with_variance: also return the exact variances (float64 work; the trainer does not need them).
     Returns:
-        (quantized (b, N), error_variance (b,) float64): vᵢ = E‖Q(gᵢ) − gᵢ‖², exact (no draw).
+        (quantized (b, N), error_variance (b,) float64 or None): vᵢ = E‖Q(gᵢ) − gᵢ‖², exact (no draw).
     Raises:
-        ConfigError: bad levels, bucket size, scale, or a seed count that differs from b.
+        ConfigError: bad levels, bucket size, scale, or rows outside the global batch.
     """
     if not 1 <= int(levels) <= 127:
         raise ConfigError(f"example quantization levels must be in 1..127, got {levels}")
@@ -123,8 +127,9 @@ def example_qsgd(grads: torch.Tensor, *, levels: int, seeds: Sequence[int], buck
         raise ConfigError(f"example quantization needs bucket_size >= 1 and scale max or l2, got {bucket_size}, "
                           f"{scale!r}")
     b, n = grads.shape
-    if len(seeds) != b:
-        raise ConfigError(f"example_qsgd needs one seed per row: {b} rows, {len(seeds)} seeds")
+    total = b if total_rows is None else int(total_rows)
+    if first_row < 0 or first_row + b > total:
+        raise ConfigError(f"rows {first_row}..{first_row + b - 1} are outside a global batch of {total}")
     nb = -(-n // bucket_size)
     padded = grads.new_zeros(b, nb * bucket_size)
     padded[:, :n] = grads
@@ -132,20 +137,19 @@ def example_qsgd(grads: torch.Tensor, *, levels: int, seeds: Sequence[int], buck
     mag = v.abs()
     scales = mag.amax(dim=2) if scale == "max" else torch.linalg.vector_norm(v, dim=2)  # (b, nb)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    u = torch.empty_like(padded)
-    for i, s in enumerate(seeds):
-        torch.rand(nb * bucket_size, generator=torch.Generator().manual_seed(int(s)), dtype=grads.dtype, out=u[i])
-    ratio = (levels / safe)[:, :, None]
-    # The same operations, in the same order, as qsgd_encode/qsgd_decode (so one row equals the codec's result).
-    x = torch.addcmul(u.view(b, nb, bucket_size), mag, ratio).floor_().clamp_(max=levels)
-    quantized = x.copysign_(v).mul_((scales / levels)[:, :, None]).view(b, -1)[:, :n]
-    # The exact variance, in float64.
+    gen = torch.Generator().manual_seed(int(generator_seed))
+    u = torch.rand((total, nb, bucket_size), generator=gen, dtype=grads.dtype)[first_row:first_row + b]
+    # The same operations, in the same order, as qsgd_encode/qsgd_decode (so a row equals the codec's result).
+    x = torch.addcmul(u, mag, (levels / safe)[:, :, None]).floor_().clamp_(max=levels)
+    quantized = x.copysign_(v).mul_((scales / levels)[:, :, None]).view(b, -1)[:, :n].contiguous()
+    if not with_variance:
+        return quantized, None
     mag64 = mag.double()
     scales64 = mag64.amax(dim=2) if scale == "max" else torch.linalg.vector_norm(mag64, dim=2)
     x64 = (mag64 * (levels / torch.where(scales64 > 0, scales64, torch.ones_like(scales64)))[:, :, None])
     frac = x64.clamp_(max=levels) - x64.floor()
     variance = ((frac * (1 - frac)).sum(dim=2) * (scales64 / levels) ** 2).sum(dim=1)  # (b,)
-    return quantized.contiguous(), variance
+    return quantized, variance
 
 
 @dataclass(frozen=True)
@@ -163,13 +167,16 @@ class ExampleQSGD:
     scale: str = "max"
 
     def summed_gradient(self, model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, seed: int,
-                        step: int, first_row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
-        """(outputs (b, ...), loss sum (), Σᵢ Q(gᵢ) (N,), Σᵢ‖Q(gᵢ)‖², Σᵢ E‖Q(gᵢ) − gᵢ‖²) of this shard."""
+                        step: int, first_row: int, global_rows: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """(outputs (b, ...), loss sum (), Σᵢ Q(gᵢ) (N,), Σᵢ‖Q(gᵢ)‖²) of this shard, rows ``first_row …`` of a
+        global batch of ``global_rows`` at ``step``."""
         grads, losses, outputs = per_example_gradients(model, loss_fn, x, y)
-        quantized, variance = example_qsgd(grads, levels=self.levels, bucket_size=self.bucket_size, scale=self.scale,
-                                           seeds=example_seeds(seed, step, first_row, grads.shape[0]))
+        quantized, _ = example_qsgd(grads, levels=self.levels, bucket_size=self.bucket_size, scale=self.scale,
+                                    generator_seed=example_generator_seed(seed, step), first_row=first_row,
+                                    total_rows=global_rows, with_variance=False)
         sq = float(quantized.double().square().sum())
-        return outputs, losses.sum(), quantized.sum(dim=0), sq, float(variance.sum())
+        return outputs, losses.sum(), quantized.sum(dim=0), sq
 
 
 def noisy_batch_bound(batch_bound: float, mean_grad_sq_norm: float, noise_second_moment: float) -> float:

@@ -298,9 +298,8 @@ def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn:
     example_grad = None
     if example_qsgd is not None:
         def example_grad(xs, ys):
-            out, loss_sum, grad_sum, sq, _ = example_qsgd.summed_gradient(flat.model, loss_fn, xs, ys, seed=seed,
-                                                                         step=state.step, first_row=first_row)
-            return out, loss_sum, grad_sum, sq
+            return example_qsgd.summed_gradient(flat.model, loss_fn, xs, ys, seed=seed, step=state.step,
+                                                first_row=first_row, global_rows=b)
     with example_randomness(flat.model, seed=seed, step=state.step, first_row=first_row, global_rows=b):
         result, tx_state = train_step(
             flat=flat, loss_fn=loss_fn, x=x, y=y,
