@@ -44,7 +44,7 @@ _OUT_OF_RANGE = {
     "global_batch_size": ["0", "-1"], "lr": ["0", "-0.1"], "momentum": ["1.0", "-0.5"],
     "weight_decay": ["-1e-4"], "lr_schedule": ['"linear"'], "lr_milestones": ["[0]", "[5, 3]", "[-1]"],
     "lr_gamma": ["0", "1.5"], "lr_rule": ['"cubic"'], "warmup_epochs": ["-1"], "base_batch_size": ["0"],
-    "langevin_noise": ["-1"], "batch_policy": ['"random"'], "delta": ["0", "-1"], "min_batch": ["0"],
+    "langevin_noise": ["-1"], "example_qsgd_levels": ["-1", "128"], "batch_policy": ['"random"'], "delta": ["0", "-1"], "min_batch": ["0"],
     "max_batch": ["0"], "epochs": ["0", "-2"], "steps": ["0"], "target_accuracy": ["0", "1.5", "94"],
     "target_metric": ['"loss"'], "eval_every": ["0"], "eval_train_examples": ["-1"], "diversity": ['"full"'],
     "diversity_decay": ["0", "1"], "exact_diversity_every": ["-1"], "workers": ["0"], "backend": ['"mpi"'],

@@ -82,7 +82,13 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("warmup-epochs", float, "epochs of linear lr warm-up, from min(lr, a tenth of the rule's rate) to that rate "
                              "(Goyal et al.)"),
     ("base-batch-size", int, "B0 of the lr rule (default: the starting global batch)"),
-    ("langevin-noise", float, "Gaussian noise std per sqrt(lr) added to each update (SGLD-style)"),
+    ("langevin-noise", float, "sigma of SGLD-style noise: each step adds N(0, sigma^2 * lr) per coordinate to the "
+                              "weights, i.e. N(0, sigma^2 / lr) to the mean gradient (sigma^2 = 2/temperature "
+                              "gives SGLD); one draw per step, the same on every worker"),
+    ("example-qsgd-levels", int, "s > 0: quantize each example's gradient with QSGD's unbiased stochastic rounding "
+                                 "(s levels, buckets of 512, max scale) before the sum: per-example noise that "
+                                 "raises the diversity; needs per-example gradients (small models; no dropout) "
+                                 "(default: 0, off)"),
     ("batch-policy", str, "fixed, diversity (batch = delta*B_S + 1), schedule, goodput (the batch with the most "
                           "progress per second: fitted step time x statistical efficiency; lr by AdaScale)"),
     ("batch-schedule", str, "for --batch-policy schedule: epoch:batch pairs, e.g. 0:64,5:256"),

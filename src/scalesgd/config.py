@@ -57,7 +57,8 @@ class RunConfig:
     lr_rule: str | None = None  # how the lr follows the batch: constant, linear, sqrt, adascale (None: effective_lr_rule)
     warmup_epochs: float = 0.0
     base_batch_size: int | None = None  # B₀ of the lr rule; None: the starting global batch size
-    langevin_noise: float = 0.0  # std of Gaussian noise added to each update (SGLD-style), per unit lr
+    langevin_noise: float = 0.0  # σ: each step adds N(0, σ²·lr) per coordinate to the weights (SGLD-style)
+    example_qsgd_levels: int = 0  # s > 0: each example's gradient QSGD-quantized (s levels) before the sum; 0: off
     # batch-size policy
     batch_policy: str = "fixed"
     batch_schedule: str = ""  # for `schedule`: "epoch:batch,epoch:batch", e.g. "0:64,5:256"
@@ -126,6 +127,12 @@ class RunConfig:
             raise ConfigError(f"--langevin-noise must be >= 0, got {self.langevin_noise}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.example_qsgd_levels, int) and 0 <= self.example_qsgd_levels <= 127):
+            raise ConfigError(f"--example-qsgd-levels must be an integer in 0..127 (0: off), got "
+                              f"{self.example_qsgd_levels}; e.g. --example-qsgd-levels 4")
+        if self.example_qsgd_levels and self.dropout:
+            raise ConfigError("--example-qsgd-levels computes per-example gradients with torch.func, which cannot draw "
+                              "the trainer's per-example dropout masks; use one mechanism at a time (--dropout 0)")
         if self.width is not None:
             _positive_int("width", self.width)
         _positive_int("depth", self.depth)

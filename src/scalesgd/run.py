@@ -43,6 +43,7 @@ from scalesgd.goodput import GoodputObservation, LrRangeTest
 from scalesgd import lr_probe
 from scalesgd.local_sgd import NO_COMM, average_parameters_, averaged_parameters, averaging_due
 from scalesgd.lr_rules import LrConfig, LrTerms, lr_terms
+from scalesgd.mechanisms import ExampleQSGD, check_per_example_affordable
 from scalesgd.models import example_randomness
 from scalesgd.data.user import ShardReader, to_device
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
@@ -107,6 +108,9 @@ def preflight(cfg: RunConfig, ds: Dataset, *, model: nn.Module | None = None, mo
     # With --lr auto the base rate is unknown until find_base_lr has run: the range test's first rate stands in
     # (so the rule and schedule are checked now); the loop replaces it before the first training step.
     base_lr = LrRangeTest(**lr_probe.LR_PROBE).start_lr if cfg.lr == "auto" else None
+    if cfg.example_qsgd_levels:
+        largest = cfg.global_batch_size if cfg.batch_policy == "fixed" else (cfg.max_batch or ds.n_train)
+        check_per_example_affordable(model, -(-largest // cfg.workers), option="--example-qsgd-levels")
     return Prepared(model=model, torch_rng_state=torch_rng_state,
                     lr_config=LrConfig.from_run_config(cfg, base_lr=base_lr), policy=policy, loss=loss)
 
@@ -269,7 +273,8 @@ def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn:
          read: Callable[[torch.Tensor], tuple[Any, torch.Tensor]], rank: int, comm: CommStrategy,
          tx: GradientTransformation, tap: NoiseTap | None, classification: bool, seed: int, local: bool = False,
          delay: Callable[[float], float] | None = None, skip_compute: bool = False,
-         requests: tuple[bool, bool] = (False, False)) -> tuple[TrainState, StepResult]:
+         requests: tuple[bool, bool] = (False, False),
+         example_qsgd: ExampleQSGD | None = None) -> tuple[TrainState, StepResult]:
     """One step on ``part`` (:func:`scalesgd.step.train_step`); advances counters and cursor.
     ``read(indices)`` gives the (inputs, targets) of this rank's examples (:func:`_batch_reader`).
 
@@ -279,6 +284,8 @@ def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn:
     ``skip_compute``: this rank is late (backup workers: the step's result is already there), so it
     contributes nothing and takes no delay. ``requests``: this rank's (checkpoint, stop) requests, summed over
     ranks with the step's all-reduce (a local step has none: its requests wait for the next synchronous one).
+    ``example_qsgd``: each example's gradient quantized before the sum (``--example-qsgd-levels``), its
+    rounding keyed by (seed, step, row of the global batch) like the dropout masks.
     """
     b = int(part.batch.indices.numel())
     idx = part.local[:0] if skip_compute else part.local
@@ -287,14 +294,20 @@ def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn:
     # Dropout masks belong to the examples (seed, step, row of the global batch): each rank's rows get their
     # own, and P workers draw what one worker would (models.ExampleDropout). The update's randomness
     # (Langevin noise) comes from the transformation's generator, the same on every rank.
-    with example_randomness(flat.model, seed=seed, step=state.step, first_row=sum(part.shard_sizes[:rank]),
-                            global_rows=b):
+    first_row = sum(part.shard_sizes[:rank])
+    example_grad = None
+    if example_qsgd is not None:
+        def example_grad(xs, ys):
+            return example_qsgd.summed_gradient(flat.model, loss_fn, xs, ys, seed=seed, step=state.step,
+                                                first_row=first_row, global_rows=b)
+    with example_randomness(flat.model, seed=seed, step=state.step, first_row=first_row, global_rows=b):
         result, tx_state = train_step(
             flat=flat, loss_fn=loss_fn, x=x, y=y,
             global_batch_size=max(local_b, 1) if local else b, shard_sizes=[local_b] if local else part.shard_sizes,
             rank=rank, comm=NO_COMM if local else comm, tx=tx, tx_state=state.tx_state,
             hyper=Hyper(lr=lr, step=state.step), tap=None if local else tap, classification=classification,
-            delay=None if skip_compute else delay, requests=(False, False) if local else requests)
+            delay=None if skip_compute else delay, requests=(False, False) if local else requests,
+            example_grad=example_grad)
     step_s = result.compute_s + result.comm_s + result.update_s
     return state.replace(tx_state=tx_state, step=state.step + 1, examples=state.examples + b,
                          cursor=part.next_cursor, train_time_s=state.train_time_s + step_s,
@@ -635,6 +648,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     classification = ds.task == "classification"
     loss_fn = loss_for(cfg.loss, ds.task, fn=loss)
     example_loss_fn = loss_for(cfg.loss, ds.task, "none", fn=loss)
+    example_qsgd = ExampleQSGD(cfg.example_qsgd_levels) if cfg.example_qsgd_levels else None
     reader = ShardReader(ds, cfg.loader_workers)
     read = _batch_reader(ds, reader, world.device)
     stream = BatchStream(ds.n_train, cfg.seed)
@@ -685,7 +699,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                                  delay=straggler_delay(stragglers, seed=cfg.seed, rank=world.rank,
                                                        step_index=state.step),
                                  skip_compute=isinstance(comm, BackupWorkers) and comm.result_ready(),
-                                 requests=requests)
+                                 requests=requests, example_qsgd=example_qsgd)
             state, local_record = average(state, flat=flat, comm=comm, world=world, sync_every=cfg.sync_every)
             in_sync = local_record.get("averaged", True)
             if isinstance(comm, BackupWorkers):

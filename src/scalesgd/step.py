@@ -79,7 +79,7 @@ class StatsTap(Protocol):
     def backward_context(self) -> Any: ...
 
     def local_stats(self, grad: torch.Tensor, local_batch_size: int, global_batch_size: int,
-                    loss_scale: float) -> list[float]: ...
+                    loss_scale: float, example_sq_norms: float | None = None) -> list[float]: ...
 
     def after_reduce(self, grad: torch.Tensor, tap_sums: list[float], shard_sizes: list[int],
                      global_batch_size: int, codec_error_sq: float = 0.0) -> NoiseStats | None: ...
@@ -111,10 +111,14 @@ class NoiseTap:
         return self.ghost.capture() if self.ghost is not None else contextlib.nullcontext()
 
     def local_stats(self, grad: torch.Tensor, local_batch_size: int, global_batch_size: int,
-                    loss_scale: float) -> list[float]:
+                    loss_scale: float, example_sq_norms: float | None = None) -> list[float]:
+        """``example_sq_norms``: Σᵢ‖gᵢ‖² of this shard when the step computed per-example gradients itself
+        (``--example-qsgd-levels``: those of the quantized gᵢ); else the ghost norms of the captured backward."""
         if local_batch_size == 0:
             return [0.0, 0.0]
         if self.mode == "exact":
+            if example_sq_norms is not None:
+                return [example_sq_norms]
             return [float(self.ghost.sq_norms(loss_scale).sum())]
         # The buffer holds Σ_{i∈shard} gᵢ / B; the local mean gradient is that times B / B_s.
         local_sq = float(torch.dot(grad, grad)) * (global_batch_size / local_batch_size) ** 2  # ‖G_s,p‖²
@@ -165,7 +169,9 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
                comm: CommStrategy, tx: GradientTransformation, tx_state: Any, hyper: Hyper,
                tap: StatsTap | None = None, classification: bool = True,
                delay: Callable[[float], float] | None = None,
-               requests: tuple[bool, bool] = (False, False)) -> tuple[StepResult, Any]:
+               requests: tuple[bool, bool] = (False, False),
+               example_grad: Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
+               | None = None) -> tuple[StepResult, Any]:
     """Forward/backward on this rank's shard, one all-reduce, the same update on every rank.
 
     Args:
@@ -184,6 +190,10 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
             (:mod:`scalesgd.stragglers`).
         requests: this rank's (checkpoint, stop) requests; ``StepResult.checkpoint_requested`` /
             ``stop_requested`` say whether any rank raised them (they ride in the all-reduced tail).
+        example_grad: optional replacement of forward + backward that builds the gradient from per-example
+            gradients (``--example-qsgd-levels``, :class:`scalesgd.mechanisms.ExampleQSGD`): ``(x, y) ->
+            (outputs, loss sum, Σᵢ g̃ᵢ (N,), Σᵢ‖g̃ᵢ‖²)``; the step writes Σᵢ g̃ᵢ / B into the buffer, and the exact
+            noise tap uses Σᵢ‖g̃ᵢ‖² in place of ghost norms.
     Returns:
         (StepResult, new tx_state).
     """
@@ -193,7 +203,15 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     stats = flat.stats
     local_b = int(y.shape[0])  # the targets are a tensor even when the inputs are a dict
     loss_scale = 1.0 / global_batch_size
-    if local_b > 0:
+    example_sq = None
+    if local_b > 0 and example_grad is not None:
+        out, loss_sum, grad_sum, example_sq = example_grad(x, y)
+        with torch.no_grad():
+            torch.mul(grad_sum, loss_scale, out=flat.grad)
+            correct = (out.argmax(1) == y).sum() if classification else torch.zeros((), device=device)
+            stats[SLOT_LOSS:SLOT_COUNT + 1] = torch.stack([loss_sum.detach(), correct.to(stats.dtype),
+                                                           torch.tensor(float(local_b), device=device)])
+    elif local_b > 0:
         out = flat.model(x)
         loss_sum = loss_fn(out, y)
         if tap is not None:
@@ -208,7 +226,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     else:
         stats[SLOT_COUNT] = 0.0
     if tap is not None:
-        values = tap.local_stats(flat.grad, local_b, global_batch_size, loss_scale)
+        values = (tap.local_stats(flat.grad, local_b, global_batch_size, loss_scale) if example_sq is None else
+                  tap.local_stats(flat.grad, local_b, global_batch_size, loss_scale, example_sq_norms=example_sq))
         if values:
             # Through a float64 tensor: a diverging run's statistics saturate to inf instead of raising.
             stats[SLOT_TAP:SLOT_TAP + len(values)] = torch.tensor(values, dtype=torch.float64).to(stats.dtype)

@@ -78,10 +78,20 @@ class LangevinState(NamedTuple):
 
 
 def langevin(noise_std: float, seed: int) -> GradientTransformation:
-    """Gaussian noise of std ``noise_std·sqrt(lr)`` in each parameter step (SGLD-style, a diversity-inducing
-    mechanism): the direction gets noise of std ``noise_std/sqrt(lr)``, which the step's factor −lr turns
-    into ``noise_std·sqrt(lr)``. The generator is seeded from the run's seed alone, so every rank adds the
-    same noise and the replicas stay identical."""
+    """Langevin noise (SGLD-style, a diversity-inducing mechanism of Yin et al. 2018, arXiv 1706.05699, §5).
+
+    Variance convention: with σ = ``noise_std`` and learning rate η, each step adds ξ ~ N(0, σ²/η · I) to the
+    descent direction, which the step w ← w − η·d turns into N(0, σ²·η · I) on the weights: variance σ²·η per
+    coordinate and step. σ² = 2/τ gives SGLD at temperature τ (Welling & Teh 2011: N(0, 2η) for τ = 1). Added
+    after momentum, so the noise is not accumulated by it. One draw per step, from a generator seeded from the
+    run's seed alone: every rank adds the same noise and the replicas stay identical. Without momentum, in one
+    step's distribution it equals independent per-example noise of second moment v = B·N·σ²/η on the B examples'
+    gradients (N parameters; :func:`scalesgd.mechanisms.langevin_example_second_moment`).
+
+    Args:
+        noise_std: σ ≥ 0 (0: no noise, no draw).
+        seed: the run's seed.
+    """
 
     def init(params: torch.Tensor) -> LangevinState:
         return LangevinState(torch.Generator(device=params.device).manual_seed(seed + 7919))
