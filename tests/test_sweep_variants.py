@@ -10,7 +10,7 @@ import pytest
 from scalesgd.errors import ConfigError
 from scalesgd.sweep import Point, expand_grid, load_spec, plan, point_config, runs_in_sweep, spec_from_mappings
 from scalesgd.sweep.plots import Curve, final_accuracy
-from scalesgd.sweep.report import _series_label, _table_lines, rows_by_series
+from scalesgd.sweep.report import _series_label, _side_by_side_lines, _table_lines, rows_by_series
 from scalesgd.sweep.runner import Outcome, SweepResult
 
 BASE = {"dataset": "digits", "model": "mlp", "epochs": 2, "lr_schedule": "constant", "diversity": "off",
@@ -69,7 +69,7 @@ def test_stop_at_target_false_trains_the_whole_budget(tmp_path):
 
 
 def test_report_labels_series_by_variant_counts_divergence_and_draws_final_accuracy(tmp_path):
-    spec = _spec(variants=VARIANTS, seeds=[0, 1], lrs=[0.05, 0.1], tune_batch=16)
+    spec = _spec(variants=VARIANTS, seeds=[0, 1], lrs=[0.05, 0.1], tune_batch=16, stop_at_target=False)
     result = SweepResult(spec, plan(spec))
     result.chosen_lr[plan(spec)[0].key] = 0.1
     result.tuning_notes[plan(spec)[0].key] = "0.05: 3.00 passes; 0.1: 2.00 passes"
@@ -91,6 +91,11 @@ def test_report_labels_series_by_variant_counts_divergence_and_draws_final_accur
     text = "\n".join(_table_lines(result, (1, 1, "lin-warm"), rows))
     assert "| 64 | 0.1 (nan) | 1/2 (1 diverged) |" in text
     assert "at B=16 on [base], for every B: **0.1** won — 0.05: 3.00 passes" in text
+    side = "\n".join(_side_by_side_lines(spec, series))
+    assert "| B | lin-warm | sqrt |" in side and "after the budget of 2 passes" in side
+    assert "| 64 | 0.8000 ± 0.0000 (1 diverged) | 0.8050 ± 0.0071 |" in side
+    assert "| 64 | ≥ 2.00 (1/2 reached, 1 diverged) | 2.00 ± 0.00 |" in side
+    assert _side_by_side_lines(spec, {(1, 1, "sqrt"): series[(1, 1, "sqrt")]}) == []  # one series: nothing
     curve = Curve("lin-warm", (16, 64), (0.805, 0.8), (0.007, 0.0), diverged=(0, 1), seeds=2)
     path = final_accuracy([curve], tmp_path / "acc.png", budget=2, at_target=False)
     assert path.stat().st_size > 1000

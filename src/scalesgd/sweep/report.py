@@ -203,6 +203,7 @@ def write_report(result: SweepResult, out_dir: Path) -> Path:
                   "", "![(c) time to the target](time_to_target.png) ![(d) final test accuracy](final_accuracy.png)",
                   ""]
         lines += _bound_lines(result, series, bounds, out_dir)
+        lines += _side_by_side_lines(spec, series)
         for key, rows in series.items():
             lines += _table_lines(result, key, rows)
     final = {o.point for g in result.groups for o in result.final(g)}
@@ -315,6 +316,45 @@ def _bound_lines(result, series, bounds, out_dir: Path) -> list[str]:
                                        b_small=b_small, b_large=b_large, lower_bound=ratio_lb)
         lines += ["![passes ratio and B_S against r](ratio_vs_replicate.png)", ""]
     return lines
+
+
+def _side_by_side_lines(spec: SweepSpec, series: dict[tuple[int, int, str], list[Row]]) -> list[str]:
+    """With several series: final test accuracy and passes to the target, one column per series, one line per B."""
+    if len(series) < 2:
+        return []
+    by_b = {key: {row.group.global_batch_size: row for row in rows} for key, rows in series.items()}
+    head = ["| B | " + " | ".join(_series_label(spec, key) for key in series) + " |", "|---|" + "---|" * len(series)]
+
+    def table(cell) -> list[str]:
+        return head + [f"| {b} | " + " | ".join(cell(by_b[key].get(b)) for key in series) + " |"
+                       for b in sorted(spec.batch_sizes)]
+
+    def note(row: Row) -> str:
+        parts = [f"{len(row.reached)}/{len(row.outcomes)} reached"] if not row.all_reached else []
+        parts += [f"{row.diverged} diverged"] if row.diverged else []
+        not_run = sum(o.status == "missing" for o in row.outcomes)
+        parts += [f"{not_run} not run yet"] if not_run else []
+        return f" ({', '.join(parts)})" if parts else ""
+
+    def accuracy(row: Row | None) -> str:
+        if row is None:
+            return ""
+        return _pm(row.stat("final_test_accuracy"), ".4f") + (f" ({row.diverged} diverged)" if row.diverged else "")
+
+    def passes(row: Row | None) -> str:
+        if row is None:
+            return ""
+        low = row.lower_bound("passes_to_target")
+        if not row.all_reached and math.isfinite(low):
+            return f"≥ {low:.2f}{note(row)}"
+        return _pm(row.stat("passes_to_target")) + note(row)
+
+    when = "at the stop" if spec.stop_at_target else f"after the budget of {spec.base.epochs:g} passes"
+    return (["## Series side by side", "", f"Final test accuracy {when} (mean ± std over the seeds that finished):",
+             ""] + table(accuracy) +
+            ["", f"Passes to {spec.target_metric.replace('_', ' ')} {spec.target:g} (mean ± std over the seeds that "
+             "reached it; ≥: some seed missed and counts with the passes it trained, a lower bound):", ""] +
+            table(passes) + [""])
 
 
 def _table_lines(result: SweepResult, key: tuple[int, int, str], rows: Sequence[Row]) -> list[str]:
