@@ -42,7 +42,8 @@ class Outcome:
     final_test_accuracy: float = math.nan
     bound_first: tuple[float, ...] = ()  # online batch_bound_est of the steps in the first bound_epochs
     bound_to_target: tuple[float, ...] = ()  # the same up to the target (or the end)
-    lr_at_b: float = math.nan  # the lr the trainer used at this B (after warm-up, at the start of the schedule)
+    lr_at_b: float = math.nan  # the lr the trainer used at this B (after warm-up, at the start of the schedule;
+    # under the adascale rule, whose gain follows the noise estimates, the median over the steps after warm-up)
     message: str = ""
 
 
@@ -55,10 +56,14 @@ def measure(run: RunData, point: Point, spec: SweepSpec) -> Outcome:
     until = hit.passes if hit else math.inf
     bounds = [(s["epoch"], s.get("batch_bound_est")) for s in run.steps]
     bounds = [(e, v) for e, v in bounds if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
-    warmup_epochs = spec.config_for(point.variant).warmup_epochs
-    after_warmup = [s for s in run.steps if s["epoch"] >= warmup_epochs and s.get("lr") is not None]
+    cfg = spec.config_for(point.variant)
+    after_warmup = [s for s in run.steps if s["epoch"] >= cfg.warmup_epochs and s.get("lr") is not None]
+    if cfg.effective_lr_rule == "adascale":
+        lr_at_b = float(statistics.median(s["lr"] for s in after_warmup)) if after_warmup else math.nan
+    else:
+        lr_at_b = float(after_warmup[0]["lr"]) if after_warmup else math.nan
     common = dict(best_metric=max(values) if values else math.nan,
-                  lr_at_b=float(after_warmup[0]["lr"]) if after_warmup else math.nan,
+                  lr_at_b=lr_at_b,
                   bound_first=tuple(v for e, v in bounds if e <= spec.bound_epochs),
                   bound_to_target=tuple(v for e, v in bounds if e <= until))
     if summary is None:
