@@ -253,6 +253,9 @@ def _method_lines(result: SweepResult) -> list[str]:
              f"{base.diversity}) over the steps from {window} of the smallest batch's runs, pooled over seeds; "
              "the band is the interquartile range" if spec.bound != "init" else
              "exact B_S = n·Δ_S over the whole training set at the initial weights (mean ± std over seeds; band ± std)")
+    taps = {cfg.diversity for _, cfg in spec.series_configs()}
+    tap = (base.diversity if len(taps) == 1 and base.diversity in taps else
+           ", ".join(f"{v.base.diversity} ({v.name})" for v in spec.variants))
     variants = ([f"- series (variants of [base], one curve each): " + "; ".join(v.describe() for v in spec.variants)
                  + (f"; lr rules from B0 = {base.base_batch_size}" if base.base_batch_size else "") + "."]
                 if spec.variants else [])
@@ -270,7 +273,7 @@ def _method_lines(result: SweepResult) -> list[str]:
         f"- passes to target: epoch at which the metric first reaches the target, linearly interpolated between "
         f"the evaluation below and the first at or above it; evaluations {evals}.",
         "- time per pass = training time / passes trained (evaluation excluded; includes the diversity tap "
-        f"--diversity {base.diversity}); time to target = training time at the target, interpolated the same way.",
+        f"--diversity {tap}); time to target = training time at the target, interpolated the same way.",
         f"- B_S marked on (b), (c) and (d): {bound}.",
         "",
     ]
