@@ -110,7 +110,7 @@ def test_report_labels_series_by_variant_counts_divergence_and_draws_final_accur
     ({"variants": {"a": {"lr_rule": "adascale"}}}, "variant 'a': --lr-rule adascale needs the gradient"),
     ({"variants": {"a": {"learning_rate": 0.1}}}, "variant 'a': unknown key 'learning_rate'"),
     ({"variants": {"a": "sqrt"}}, "variant 'a' must be a table of run options"),
-    ({"variants": ["sqrt"]}, r"variants must be a table of named option tables, e.g. \[sweep.variants\] with sqrt = \{ "),
+    ({"variants": ["sqrt"]}, r"variants must be a table of named option tables, e.g. \[sweep.variants\] with sqrt"),
     ({"variants": {"a": {"lr_rule": "sqrt"}}, "bound": "online"}, "variant 'a' sets diversity = \"off\""),
     ({"lrs": [0.1, 0.2], "tune_batch": 32}, "tune_batch = 32 is not one of batch_sizes"),
     ({"tune_batch": 16}, "lrs has one value"),

@@ -363,8 +363,9 @@ def _side_by_side_lines(spec: SweepSpec, series: dict[tuple[int, int, str], list
 def _table_lines(result: SweepResult, key: tuple[int, int, str], rows: Sequence[Row]) -> list[str]:
     spec = result.spec
     rule = spec.config_for(key[2]).effective_lr_rule
+    lr_head = {"constant": "lr", "adascale": "lr0 (median lr at B)"}.get(rule, "lr0 (lr at B)")
     lines = [f"## {_series_label(spec, key)}", "",
-             f"| B | {'lr' if rule == 'constant' else 'lr0 (median lr at B)' if rule == 'adascale' else 'lr0 (lr at B)'} | reached | time per pass (s) | passes to target | time to target (s) | step speedup "
+             f"| B | {lr_head} | reached | time per pass (s) | passes to target | time to target (s) | step speedup "
              "(ideal B/B_min) | time speedup | final test acc |", "|---|---|---|---|---|---|---|---|---|"]
     small = rows[0]
     p0, t0 = small.stat("passes_to_target")[0], small.stat("time_to_target_s")[0]
