@@ -340,7 +340,7 @@ def test_the_sweep_report_flags_seeds_whose_times_disagree():
     # The first point paid a one-time cost: 3.2 s against 0.19 s for the same work with the other seed.
     times = {(16, 0): 3.2, (16, 1): 0.19, (64, 0): 0.08, (64, 1): 0.09}
     for g in result.groups:
-        result.chosen_lr[(1, 1, g.global_batch_size)] = 0.1
+        result.chosen_lr[g.key] = 0.1
         for seed in (0, 1):
             t = times[(g.global_batch_size, seed)]
             result.outcomes[g.at(0.1, seed)] = Outcome(g.at(0.1, seed), "done", reached=True, passes_to_target=1.0,

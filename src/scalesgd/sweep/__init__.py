@@ -2,7 +2,8 @@
 
 Time to accuracy = (time per pass) × (passes to accuracy). A sweep measures both factors
 and their product against the global batch size B — optionally also against the worker count P, the
-data replication r (which lowers gradient diversity), the learning rate and the seed — and
+data replication r (which lowers gradient diversity), named variants of the run options (an lr rule, a
+warm-up), the learning rate and the seed — with the final test accuracy, and
 marks the measured diversity bound B_S = n·Δ_S on the curves.
 
 A sweep is a TOML file with two tables (keys of ``[base]`` mirror ``scalesgd train``'s options)::
@@ -21,13 +22,20 @@ A sweep is a TOML file with two tables (keys of ``[base]`` mirror ``scalesgd tra
                                       # bound_epochs ("online") or until the target ("online-to-target"),
                                       # or "init" (exact, whole data set, initial weights)
     bound_epochs = 1.0
+    tune_batch = 16                   # optional: tune the lr once, at this B on [base], for every B and variant
+    stop_at_target = true             # false: every run trains the whole budget (final accuracy = the budget's)
+
+    [sweep.variants]                  # optional: named series, each [base] with some run options changed
+    linear-warmup = { lr_rule = "linear", warmup_epochs = 2 }
+    sqrt = { lr_rule = "sqrt" }
 
     [base]
     dataset = "digits"
     model = "mlp"
     epochs = 30                       # the budget, in passes, the same for every B
 
-Every grid point (B, P, lr, seed, r) runs in ``OUT/runs/B{B}-P{P}-lr{lr}-s{seed}-r{r}``; a point whose
+Every grid point (B, P, lr, seed, r) runs in ``OUT/runs/B{B}-P{P}-lr{lr}-s{seed}-r{r}`` (prefixed
+``{variant}-`` for a variant's runs); a point whose
 ``summary.json`` exists is skipped, a partial one is deleted and re-run, so an interrupted sweep resumes
 where it stopped. The report (``report.md`` and PNGs) reads only those run directories.
 

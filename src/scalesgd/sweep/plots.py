@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.ticker  # noqa: E402
+import matplotlib.transforms  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -27,7 +28,8 @@ class Curve:
 
     ``mean``/``std`` are over the seeds that reached the target (NaN where none did); ``missed`` holds, per
     batch size, the lower bound to draw where at least one seed missed (the budget), else NaN.
-    ``bound`` is (B_S, low, high) of the series' measured diversity bound, or None.
+    ``bound`` is (B_S, low, high) of the series' measured diversity bound, or None. ``diverged`` counts, per
+    batch size, the seeds whose run diverged (of ``seeds``); empty when not tracked.
     """
 
     label: str
@@ -36,6 +38,8 @@ class Curve:
     std: tuple[float, ...]
     missed: tuple[float, ...] = ()
     bound: tuple[float, float, float] | None = None
+    diverged: tuple[int, ...] = ()
+    seeds: int = 0
 
 
 def _draw(ax, curves: Sequence[Curve], *, bounds: bool) -> None:
@@ -99,6 +103,28 @@ def time_to_target(curves: Sequence[Curve], path: Path, *, target: str) -> Path:
     return _curve_figure(curves, path, bounds=True, xlabel="global batch size B (dashed: measured B_S)",
                          ylabel=f"training time to {target} (s)", title="(c) time to the target",
                          legend_loc="best")
+
+
+def final_accuracy(curves: Sequence[Curve], path: Path, *, budget: float, at_target: bool) -> Path:
+    """(d) Final test accuracy against B (linear y), mean ± std over the seeds that finished; a cross on the
+    bottom edge, labelled k/N, where k of a curve's N seeds diverged (those have no final accuracy)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    _draw(ax, curves, bounds=True)
+    marked = False
+    bottom = matplotlib.transforms.blended_transform_factory(ax.transData, ax.transAxes)
+    for i, c in enumerate(curves):
+        for j, (b, k) in enumerate(zip(c.batch_sizes, c.diverged)):
+            if k:
+                ax.plot([b], [0.03 + 0.05 * i], marker="x", ms=8, color=f"C{i % 10}", ls="none", transform=bottom,
+                        label=None if marked else "seeds diverged (k/N), no final accuracy")
+                ax.annotate(f"{k}/{c.seeds}", (b, 0.03 + 0.05 * i), xycoords=bottom, fontsize=7, xytext=(5, -3),
+                            textcoords="offset points", color=f"C{i % 10}")
+                marked = True
+    when = "at the target or the budget" if at_target else f"after the budget of {budget:g} passes"
+    ax.set(xlabel="global batch size B (dashed: measured B_S)", ylabel=f"final test accuracy ({when})",
+           title="(d) final test accuracy")
+    ax.legend(fontsize=8, loc="best")
+    return save_figure(fig, path)
 
 
 def ratio_vs_replicate(replicates: Sequence[float], ratio_mean: Sequence[float], ratio_std: Sequence[float],

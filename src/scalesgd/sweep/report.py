@@ -15,7 +15,7 @@ import numpy as np
 
 import scalesgd.sweep.plots as sweep_plots
 from scalesgd.sweep.runner import Outcome, SweepResult, describe
-from scalesgd.sweep.spec import Group, SweepSpec
+from scalesgd.sweep.spec import Group, SweepSpec, tuning_group_key
 from scalesgd.writer import write_atomic
 
 # Seeds of one point whose time per pass differ by more than this factor are flagged in the report.
@@ -32,7 +32,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Row:
-    """One (r, P, B) at its chosen lr, aggregated over seeds."""
+    """One (r, P, B, variant) at its chosen lr, aggregated over seeds."""
 
     group: Group
     lr: float
@@ -50,8 +50,14 @@ class Row:
     def all_reached(self) -> bool:
         return len(self.reached) == len(self.outcomes) and bool(self.outcomes)
 
+    @property
+    def diverged(self) -> int:
+        return sum(o.status == "diverged" for o in self.outcomes)
+
     def stat(self, name: str) -> tuple[float, float]:
-        pool = self.done if name == "time_per_pass_s" else self.reached
+        """Mean ± std of an :class:`Outcome` figure: over the finished seeds for the time per pass and the final
+        test accuracy, over the seeds that reached the target for the figures at the target."""
+        pool = self.done if name in ("time_per_pass_s", "final_test_accuracy") else self.reached
         return _mean_std([getattr(o, name) for o in pool])
 
     def time_spread(self) -> float:
@@ -69,12 +75,13 @@ class Row:
         return statistics.fmean(getattr(o, name) if o.reached else getattr(o, full) for o in self.done)
 
 
-def rows_by_series(result: SweepResult) -> dict[tuple[int, int], list[Row]]:
-    """Rows per (r, P) series, by ascending B; groups without a chosen lr (unfinished tuning) are left out."""
-    series: dict[tuple[int, int], list[Row]] = {}
+def rows_by_series(result: SweepResult) -> dict[tuple[int, int, str], list[Row]]:
+    """Rows per (r, P, variant) series, by ascending B; groups without a chosen lr (unfinished tuning) or
+    without seeds of their own (the tune_batch group) are left out."""
+    series: dict[tuple[int, int, str], list[Row]] = {}
     for g in result.groups:
-        lr = result.chosen_lr.get((g.replicate, g.workers, g.global_batch_size))
-        if lr is None:
+        lr = result.chosen_lr.get(g.key)
+        if lr is None or not g.seeds:
             continue
         series.setdefault(g.series, []).append(Row(g, lr, tuple(result.final(g))))
     return series
@@ -146,9 +153,9 @@ def _pm(ms: tuple[float, float], spec: str | None = None) -> str:
     return f"{mean:{spec}} ± {std:{spec}}"
 
 
-def _series_label(spec: SweepSpec, key: tuple[int, int]) -> str:
-    r, p = key
-    parts = []
+def _series_label(spec: SweepSpec, key: tuple[int, int, str]) -> str:
+    r, p, variant = key
+    parts = [variant] if variant else []
     if len(spec.replicates) > 1 or r != 1:
         parts.append(f"r={r:g}")
     if len(spec.workers) > 1 or p != 1:
@@ -156,14 +163,16 @@ def _series_label(spec: SweepSpec, key: tuple[int, int]) -> str:
     return ", ".join(parts) or "B sweep"
 
 
-def _curves(spec: SweepSpec, series: dict[tuple[int, int], list[Row]], bounds: dict, name: str):
+def _curves(spec: SweepSpec, series: dict[tuple[int, int, str], list[Row]], bounds: dict, name: str):
     curves = []
     for key, rows in series.items():
         stats = [row.stat(name) for row in rows]
-        missed = tuple(row.lower_bound(name) for row in rows) if name != "time_per_pass_s" else ()
+        at_target = name not in ("time_per_pass_s", "final_test_accuracy")
+        missed = tuple(row.lower_bound(name) for row in rows) if at_target else ()
         curves.append(sweep_plots.Curve(label=_series_label(spec, key), batch_sizes=tuple(r.group.global_batch_size for r in rows),
                             mean=tuple(m for m, _ in stats), std=tuple(s for _, s in stats), missed=missed,
-                            bound=bounds[key].marked(spec.bound)))
+                            bound=bounds[key].marked(spec.bound),
+                            diverged=tuple(row.diverged for row in rows), seeds=len(spec.seeds)))
     return curves
 
 
@@ -186,10 +195,15 @@ def write_report(result: SweepResult, out_dir: Path) -> Path:
                                      out_dir / "passes_to_target.png", target=target)
         sweep_plots.time_to_target(_curves(spec, series, bounds, "time_to_target_s"),
                                    out_dir / "time_to_target.png", target=target)
+        sweep_plots.final_accuracy(_curves(spec, series, bounds, "final_test_accuracy"),
+                                   out_dir / "final_accuracy.png", budget=spec.base.epochs,
+                                   at_target=spec.stop_at_target)
         lines += ["## Time to accuracy = time per pass × passes", "",
                   "![(a) time per pass](time_per_pass.png) ![(b) passes to the target](passes_to_target.png)",
-                  "", "![(c) time to the target](time_to_target.png)", ""]
+                  "", "![(c) time to the target](time_to_target.png) ![(d) final test accuracy](final_accuracy.png)",
+                  ""]
         lines += _bound_lines(result, series, bounds, out_dir)
+        lines += _side_by_side_lines(spec, series)
         for key, rows in series.items():
             lines += _table_lines(result, key, rows)
     final = {o.point for g in result.groups for o in result.final(g)}
@@ -219,12 +233,15 @@ def _method_lines(result: SweepResult) -> list[str]:
     seeds = ", ".join(map(str, spec.seeds))
     if spec.tuned:
         on = f"seed {spec.seeds[0]}" if spec.tune == "first-seed" else "all seeds"
-        lr = (f"constant per run, **tuned** per (B, P, r) over {{{', '.join(f'{v:g}' for v in spec.lrs)}}}: the lr "
-              f"with the fewest mean passes to the target on {on} wins (fewer seeds missing the target first, "
-              "ties by time); the other seeds then run at the winner")
+        where = (f"once per (P, r) at **B = {spec.tune_batch}** on [base]" if spec.tune_batch is not None
+                 else "per (B, P, r" + (", variant)" if spec.variants else ")"))
+        lr = (f"**tuned** {where} over {{{', '.join(f'{v:g}' for v in spec.lrs)}}}: the lr with the fewest mean "
+              f"passes to the target on {on} wins (fewer seeds missing the target first, ties by time); "
+              + ("every batch size and variant then runs at that one lr" if spec.tune_batch is not None
+                 else "the other seeds then run at the winner"))
     else:
         lr = f"**{spec.lrs[0]:g}**, not tuned"
-    if base.effective_lr_rule != "constant":
+    if not spec.variants and base.effective_lr_rule != "constant":
         lr += (f"; the trainer's **{base.effective_lr_rule}** rule scales it with B from B0 = "
                f"{base.base_batch_size or 'each run' + chr(39) + 's own B'}")
     lr += f"; base schedule {base.lr_schedule}"
@@ -236,20 +253,28 @@ def _method_lines(result: SweepResult) -> list[str]:
              f"{base.diversity}) over the steps from {window} of the smallest batch's runs, pooled over seeds; "
              "the band is the interquartile range" if spec.bound != "init" else
              "exact B_S = n·Δ_S over the whole training set at the initial weights (mean ± std over seeds; band ± std)")
-    rows = [
+    taps = {cfg.diversity for _, cfg in spec.series_configs()}
+    tap = (base.diversity if len(taps) == 1 and base.diversity in taps else
+           ", ".join(f"{v.base.diversity} ({v.name})" for v in spec.variants))
+    variants = ([f"- series (variants of [base], one curve each): " + "; ".join(v.describe() for v in spec.variants)
+                 + (f"; lr rules from B0 = {base.base_batch_size}" if base.base_batch_size else "") + "."]
+                if spec.variants else [])
+    rows = variants + [
         f"- data set `{base.dataset}`" + (f" (n_train {result.n_train})" if result.n_train else "") +
         f", model `{base.model}`, momentum {base.momentum:g}, weight decay {base.weight_decay:g}; budget "
         f"{base.epochs:g} passes per run; seeds {seeds} (mean ± sample std over seeds).",
         f"- learning rate: {lr}.",
         f"- target: **{spec.target_metric} ≥ {spec.target:g}**" +
-        (" (the trainer stops there)." if spec.target_metric == "test_accuracy" else
+        ("" if spec.target_metric == "test_accuracy" else
          f" (measured on {min(base.eval_train_examples, result.n_train or base.eval_train_examples)} training "
-         "examples at each evaluation; the trainer stops there)."),
+         "examples at each evaluation)") +
+        ("; the trainer stops there (final test accuracy is at the stop)." if spec.stop_at_target else
+         "; every run trains the whole budget (final test accuracy is the budget's)."),
         f"- passes to target: epoch at which the metric first reaches the target, linearly interpolated between "
         f"the evaluation below and the first at or above it; evaluations {evals}.",
         "- time per pass = training time / passes trained (evaluation excluded; includes the diversity tap "
-        f"--diversity {base.diversity}); time to target = training time at the target, interpolated the same way.",
-        f"- B_S marked on (b) and (c): {bound}.",
+        f"--diversity {tap}); time to target = training time at the target, interpolated the same way.",
+        f"- B_S marked on (b), (c) and (d): {bound}.",
         "",
     ]
     return rows
@@ -274,7 +299,7 @@ def _bound_lines(result, series, bounds, out_dir: Path) -> list[str]:
         online, to_target = _iqr(sb.online), _iqr(sb.online_to_target)
         ratio = ("≥ " if lower else "") + _pm((mean, std), ".2f")
         lines.append(f"| {_series_label(spec, key)} | {online} | {to_target} | {_pm(sb.init, '.1f')} | {ratio} |")
-        if key[1] == min(spec.workers):
+        if key[1] == min(spec.workers) and key[2] == spec.variant_names[0]:
             ratio_r.append(key[0])
             ratio_m.append(mean)
             ratio_s.append(std)
@@ -296,10 +321,51 @@ def _bound_lines(result, series, bounds, out_dir: Path) -> list[str]:
     return lines
 
 
-def _table_lines(result: SweepResult, key: tuple[int, int], rows: Sequence[Row]) -> list[str]:
+def _side_by_side_lines(spec: SweepSpec, series: dict[tuple[int, int, str], list[Row]]) -> list[str]:
+    """With several series: final test accuracy and passes to the target, one column per series, one line per B."""
+    if len(series) < 2:
+        return []
+    by_b = {key: {row.group.global_batch_size: row for row in rows} for key, rows in series.items()}
+    head = ["| B | " + " | ".join(_series_label(spec, key) for key in series) + " |", "|---|" + "---|" * len(series)]
+
+    def table(cell) -> list[str]:
+        return head + [f"| {b} | " + " | ".join(cell(by_b[key].get(b)) for key in series) + " |"
+                       for b in sorted(spec.batch_sizes)]
+
+    def note(row: Row) -> str:
+        parts = [f"{len(row.reached)}/{len(row.outcomes)} reached"] if not row.all_reached else []
+        parts += [f"{row.diverged} diverged"] if row.diverged else []
+        not_run = sum(o.status == "missing" for o in row.outcomes)
+        parts += [f"{not_run} not run yet"] if not_run else []
+        return f" ({', '.join(parts)})" if parts else ""
+
+    def accuracy(row: Row | None) -> str:
+        if row is None:
+            return ""
+        return _pm(row.stat("final_test_accuracy"), ".4f") + (f" ({row.diverged} diverged)" if row.diverged else "")
+
+    def passes(row: Row | None) -> str:
+        if row is None:
+            return ""
+        low = row.lower_bound("passes_to_target")
+        if not row.all_reached and math.isfinite(low):
+            return f"≥ {low:.2f}{note(row)}"
+        return _pm(row.stat("passes_to_target")) + note(row)
+
+    when = "at the stop" if spec.stop_at_target else f"after the budget of {spec.base.epochs:g} passes"
+    return (["## Series side by side", "", f"Final test accuracy {when} (mean ± std over the seeds that finished):",
+             ""] + table(accuracy) +
+            ["", f"Passes to {spec.target_metric.replace('_', ' ')} {spec.target:g} (mean ± std over the seeds that "
+             "reached it; ≥: some seed missed and counts with the passes it trained, a lower bound):", ""] +
+            table(passes) + [""])
+
+
+def _table_lines(result: SweepResult, key: tuple[int, int, str], rows: Sequence[Row]) -> list[str]:
     spec = result.spec
+    rule = spec.config_for(key[2]).effective_lr_rule
+    lr_head = {"constant": "lr", "adascale": "lr0 (median lr at B)"}.get(rule, "lr0 (lr at B)")
     lines = [f"## {_series_label(spec, key)}", "",
-             f"| B | {'lr' if spec.base.effective_lr_rule == 'constant' else 'lr0 (lr at B)'} | reached | time per pass (s) | passes to target | time to target (s) | step speedup "
+             f"| B | {lr_head} | reached | time per pass (s) | passes to target | time to target (s) | step speedup "
              "(ideal B/B_min) | time speedup | final test acc |", "|---|---|---|---|---|---|---|---|---|"]
     small = rows[0]
     p0, t0 = small.stat("passes_to_target")[0], small.stat("time_to_target_s")[0]
@@ -314,11 +380,12 @@ def _table_lines(result: SweepResult, key: tuple[int, int], rows: Sequence[Row])
         timing = " ‡" if max(row.time_spread(), small.time_spread()) > SEED_TIME_SPREAD_FLAG else ""
         acc = _mean_std([o.final_test_accuracy for o in row.done])
         lr = f"{row.lr:g}"
-        if spec.base.effective_lr_rule != "constant":
+        if rule != "constant":
             lr_b = statistics.fmean(o.lr_at_b for o in row.done) if row.done else math.nan
             lr += f" ({lr_b:.3g})"
+        diverged = f" ({row.diverged} diverged)" if row.diverged else ""
         lines.append(
-            f"| {b} | {lr} | {len(row.reached)}/{len(row.outcomes)} | {_pm(row.stat('time_per_pass_s'))}"
+            f"| {b} | {lr} | {len(row.reached)}/{len(row.outcomes)}{diverged} | {_pm(row.stat('time_per_pass_s'))}"
             f"{' ‡' if row.time_spread() > SEED_TIME_SPREAD_FLAG else ''} | "
             f"{_pm(passes)}{mark} | {_pm(secs)}{mark}{timing} | "
             f"{(f'{step_speedup:.2f} ({ideal:g})' if math.isfinite(step_speedup) else f'— ({ideal:g})')} | "
@@ -335,9 +402,12 @@ def _table_lines(result: SweepResult, key: tuple[int, int], rows: Sequence[Row])
                   "quiet machine before reading their times or time speedups.", ""]
     if spec.tuned:
         lines += ["lr tuning (mean passes to target of the tuning runs):", ""]
-        for row in rows:
+        if spec.tune_batch is not None:
+            tuned_at = tuning_group_key(spec, small.group)
+            lines.append(f"- at B={spec.tune_batch} on [base], for every B: **{small.lr:g}** won — "
+                         f"{result.tuning_notes.get(tuned_at, '')}")
+        for row in rows if spec.tune_batch is None else ():
             g = row.group
-            note = result.tuning_notes.get((g.replicate, g.workers, g.global_batch_size), "")
-            lines.append(f"- B={g.global_batch_size}: **{row.lr:g}** won — {note}")
+            lines.append(f"- B={g.global_batch_size}: **{row.lr:g}** won — {result.tuning_notes.get(g.key, '')}")
         lines.append("")
     return lines

@@ -18,7 +18,8 @@ from typing import Any, Callable
 from scalesgd.config import RunConfig
 from scalesgd.errors import ConfigError, DataError, DivergedError
 from scalesgd.rundata import RunData, passes_to_target
-from scalesgd.sweep.spec import STATUS_FILE, Group, Point, SweepSpec, plan, point_config, runs_in_sweep
+from scalesgd.sweep.spec import (STATUS_FILE, Group, Point, SweepSpec, plan, point_config, runs_in_sweep,
+                                 tuning_group_key)
 from scalesgd.writer import write_json_atomic
 
 # ---------------------------------------------------------------------------------------------------------
@@ -41,7 +42,8 @@ class Outcome:
     final_test_accuracy: float = math.nan
     bound_first: tuple[float, ...] = ()  # online batch_bound_est of the steps in the first bound_epochs
     bound_to_target: tuple[float, ...] = ()  # the same up to the target (or the end)
-    lr_at_b: float = math.nan  # the lr the trainer used at this B (after warm-up, at the start of the schedule)
+    lr_at_b: float = math.nan  # the lr the trainer used at this B (after warm-up, at the start of the schedule;
+    # under the adascale rule, whose gain follows the noise estimates, the median over the steps after warm-up)
     message: str = ""
 
 
@@ -54,9 +56,14 @@ def measure(run: RunData, point: Point, spec: SweepSpec) -> Outcome:
     until = hit.passes if hit else math.inf
     bounds = [(s["epoch"], s.get("batch_bound_est")) for s in run.steps]
     bounds = [(e, v) for e, v in bounds if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
-    after_warmup = [s for s in run.steps if s["epoch"] >= spec.base.warmup_epochs and s.get("lr") is not None]
+    cfg = spec.config_for(point.variant)
+    after_warmup = [s for s in run.steps if s["epoch"] >= cfg.warmup_epochs and s.get("lr") is not None]
+    if cfg.effective_lr_rule == "adascale":
+        lr_at_b = float(statistics.median(s["lr"] for s in after_warmup)) if after_warmup else math.nan
+    else:
+        lr_at_b = float(after_warmup[0]["lr"]) if after_warmup else math.nan
     common = dict(best_metric=max(values) if values else math.nan,
-                  lr_at_b=float(after_warmup[0]["lr"]) if after_warmup else math.nan,
+                  lr_at_b=lr_at_b,
                   bound_first=tuple(v for e, v in bounds if e <= spec.bound_epochs),
                   bound_to_target=tuple(v for e, v in bounds if e <= until))
     if summary is None:
@@ -124,14 +131,14 @@ class SweepResult:
     spec: SweepSpec
     groups: list[Group]
     outcomes: dict[Point, Outcome] = field(default_factory=dict)
-    chosen_lr: dict[tuple[int, int, int], float] = field(default_factory=dict)  # (r, P, B) -> lr
-    tuning_notes: dict[tuple[int, int, int], str] = field(default_factory=dict)
+    chosen_lr: dict[tuple[int, int, int, str], float] = field(default_factory=dict)  # Group.key -> lr
+    tuning_notes: dict[tuple[int, int, int, str], str] = field(default_factory=dict)  # Group.key -> note
     init_bounds: dict[tuple[int, int], float] = field(default_factory=dict)  # (r, seed) -> exact B_S at init
     n_train: int | None = None
 
     def final(self, g: Group) -> list[Outcome]:
         """The runs of ``g`` at its chosen lr, one per seed (missing ones as status "missing")."""
-        lr = self.chosen_lr.get((g.replicate, g.workers, g.global_batch_size))
+        lr = self.chosen_lr.get(g.key)
         if lr is None:
             return []
         return [self.outcomes.get(g.at(lr, s), Outcome(g.at(lr, s), "missing")) for s in g.seeds]
@@ -261,14 +268,18 @@ def run_points(spec: SweepSpec, out: Path, *, train_missing: bool = True,
     runner = _Runner(spec, out, log, train_missing)
     groups = plan(spec)
     result = SweepResult(spec, groups)
-    lr_how = (f"tuned per (B, P, r) over {', '.join(f'{v:g}' for v in spec.lrs)} on "
-              f"{'seed ' + str(spec.seeds[0]) if spec.tune == 'first-seed' else 'all seeds'}" if spec.tuned
-              else f"{spec.lrs[0]:g}")
+    if not spec.tuned:
+        lr_how = f"{spec.lrs[0]:g}"
+    else:
+        where = (f"once per (P, r) at B={spec.tune_batch} on [base]" if spec.tune_batch is not None
+                 else "per (B, P, r" + (", variant)" if spec.variants else ")"))
+        lr_how = (f"tuned {where} over {', '.join(f'{v:g}' for v in spec.lrs)} on "
+                  f"{'seed ' + str(spec.seeds[0]) if spec.tune == 'first-seed' else 'all seeds'}")
+    rules = ", ".join(f"{v.name}: {v.base.effective_lr_rule}" for v in spec.variants) or spec.base.effective_lr_rule
     log(f"sweep {spec.name}: {runs_in_sweep(spec)} runs in {out / 'runs'}; lr {lr_how}, lr rule "
-        f"{spec.base.effective_lr_rule}; target {spec.target_metric} {spec.target:g} within {spec.base.epochs:g} passes")
+        f"{rules}; target {spec.target_metric} {spec.target:g} within {spec.base.epochs:g} passes")
     for g in groups:
-        key = (g.replicate, g.workers, g.global_batch_size)
-        if spec.tuned:
+        if g.tuning:
             by_lr: dict[float, list[Outcome]] = {}
             for p in g.tuning:
                 result.outcomes[p] = runner.ensure(p)
@@ -276,11 +287,16 @@ def run_points(spec: SweepSpec, out: Path, *, train_missing: bool = True,
             if any(o.status == "missing" for os_ in by_lr.values() for o in os_):
                 continue  # report-only on an unfinished sweep: no winner yet
             lr, note = choose_lr(by_lr)
-            result.tuning_notes[key] = note
-            log(f"B={g.global_batch_size} P={g.workers} r={g.replicate:g}: lr {lr:g} won ({note})")
+            result.tuning_notes[g.key] = note
+            label = f" {g.variant}" if g.variant else ""
+            log(f"B={g.global_batch_size} P={g.workers} r={g.replicate:g}{label}: lr {lr:g} won ({note})")
+        elif spec.tuned:  # tuned at tune_batch, in a group that came first
+            lr = result.chosen_lr.get(tuning_group_key(spec, g))
+            if lr is None:
+                continue
         else:
             lr = spec.lrs[0]
-        result.chosen_lr[key] = lr
+        result.chosen_lr[g.key] = lr
         for s in g.seeds:
             p = g.at(lr, s)
             if p not in result.outcomes:

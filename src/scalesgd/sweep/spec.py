@@ -7,6 +7,7 @@ keys as ``scalesgd train``'s); see :mod:`scalesgd.sweep` for the format.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +22,30 @@ BOUND_MODES = ("online", "online-to-target", "init")
 GRID_OWNED = {"global_batch_size": "batch_sizes", "seed": "seeds", "workers": "workers", "lr": "lrs",
               "replicate": "replicates", "run_dir": None}
 STATUS_FILE = "sweep_status.json"  # written into a run directory whose run diverged
+# A variant changes how a run trains, not what it trains on: the sweep loads the data once per r.
+DATA_FIELDS = ("dataset", "n_train", "dim", "noise", "data_seed", "loader_workers")
+# Fields the sweep sets itself from [sweep] (target) and that make no sense per variant.
+SWEEP_OWNED = ("target_accuracy", "target_metric", "steps", "batch_policy", "eval_every")
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,39}")  # part of a run directory's name
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One named series of the sweep: ``[base]`` with some run options changed (e.g. ``lr_rule = "sqrt"``).
+
+    Attributes:
+        name: the series' label and the prefix of its run directories' names.
+        overrides: the changed options, as (field, value) pairs in the order given.
+        base: ``[base]`` with the overrides applied (validated).
+    """
+
+    name: str
+    overrides: tuple[tuple[str, Any], ...]
+    base: RunConfig
+
+    def describe(self) -> str:
+        """``name`` (key = value, ...), for the report."""
+        return f"`{self.name}` ({', '.join(f'{k} = {v!r}' for k, v in self.overrides) or 'as [base]'})"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -33,6 +58,13 @@ class SweepSpec:
 
     ``base.global_batch_size``, ``lr``, ``seed``, ``workers`` and ``replicate`` are replaced at every grid
     point; ``base.epochs`` is the budget in passes, the same for every batch size.
+
+    ``variants`` (optional) are named series, each ``[base]`` with some options changed (an lr rule, a
+    warm-up, dropout); without them the sweep has the one series of ``[base]``. ``tune_batch`` (optional)
+    tunes the lr once per (r, P), at that batch size on ``[base]``, and runs every batch size and variant at
+    the winner (the protocol of a learning-rate rule: one base lr tuned at the base batch); without it the lr
+    is tuned per (B, P, r, variant). ``stop_at_target = false`` runs every point for the whole budget (the
+    final accuracy is then the budget's; passes to target are still read from the evaluations).
     """
 
     base: RunConfig
@@ -48,6 +80,9 @@ class SweepSpec:
     bound: str = "online"
     bound_epochs: float = 1.0
     measure_init_bound: bool = False
+    variants: tuple[Variant, ...] = ()
+    tune_batch: int | None = None
+    stop_at_target: bool = True
     name: str = "sweep"
 
     def __post_init__(self) -> None:
@@ -78,21 +113,53 @@ class SweepSpec:
             raise ConfigError(f"sweep evals_per_epoch must be positive, got {self.evals_per_epoch}")
         if not self.bound_epochs > 0:
             raise ConfigError(f"sweep bound_epochs must be positive, got {self.bound_epochs}")
-        if self.bound != "init" and self.base.diversity == "off":
-            raise ConfigError(f"bound = \"{self.bound}\" reads the trainer's online B_S estimate, but [base] sets "
-                              "diversity = \"off\"; set diversity = \"exact\" (or \"cheap\" with workers > 1) "
-                              "or use bound = \"init\" (exact B_S at initialisation)")
         if self.base.steps is not None:
             raise ConfigError("a sweep's budget is epochs (passes over the data, the same for every batch size); "
                               "remove steps from [base] and set epochs")
         if self.base.batch_policy != "fixed":
             raise ConfigError(f"a sweep over the batch size needs batch_policy = \"fixed\", [base] sets "
                               f"{self.base.batch_policy!r}")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sweep variants lists a name twice: {names}")
+        for where, cfg in self.series_configs():
+            if self.bound != "init" and cfg.diversity == "off":
+                raise ConfigError(f"bound = \"{self.bound}\" reads the trainer's online B_S estimate, but {where} "
+                                  "sets diversity = \"off\"; set diversity = \"exact\" (or \"cheap\" with "
+                                  "workers > 1) or use bound = \"init\" (exact B_S at initialisation)")
+        if self.tune_batch is not None:
+            if not isinstance(self.tune_batch, int) or isinstance(self.tune_batch, bool) or \
+                    self.tune_batch not in self.batch_sizes:
+                raise ConfigError(f"sweep tune_batch = {self.tune_batch} is not one of batch_sizes "
+                                  f"{list(self.batch_sizes)}; add it there or drop tune_batch")
+            if not self.tuned:
+                raise ConfigError("sweep tune_batch tunes the lr over lrs, but lrs has one value; give several, "
+                                  "e.g. lrs = [0.01, 0.03, 0.1], or drop tune_batch")
+        if not isinstance(self.stop_at_target, bool):
+            raise ConfigError(f"sweep stop_at_target must be true or false, got {self.stop_at_target!r}")
 
     @property
     def tuned(self) -> bool:
-        """Whether the lr is tuned per (B, P, r) over :attr:`lrs`."""
+        """Whether the lr is tuned over :attr:`lrs` (per (B, P, r, variant), or at :attr:`tune_batch`)."""
         return len(self.lrs) > 1
+
+    @property
+    def variant_names(self) -> tuple[str, ...]:
+        """The series' names; ``("",)`` (the series of ``[base]``) when there are no variants."""
+        return tuple(v.name for v in self.variants) or ("",)
+
+    def config_for(self, variant: str) -> RunConfig:
+        """The run options of a variant's runs (``[base]`` for ``""``)."""
+        if not variant:
+            return self.base
+        for v in self.variants:
+            if v.name == variant:
+                return v.base
+        raise KeyError(f"sweep {self.name!r} has no variant {variant!r}")
+
+    def series_configs(self) -> list[tuple[str, RunConfig]]:
+        """(where, run options) of every series, ``where`` naming it in messages."""
+        return [(f"variant {v.name!r}", v.base) for v in self.variants] or [("[base]", self.base)]
 
     @property
     def tune_seeds(self) -> tuple[int, ...]:
@@ -106,6 +173,35 @@ def _choice(option: str, value: Any, choices: Sequence[str]) -> None:
 
 SWEEP_KEYS = {f for f in SweepSpec.__dataclass_fields__ if f != "base"}
 _LIST_KEYS = {"batch_sizes": int, "seeds": int, "workers": int, "lrs": float, "replicates": int}
+
+
+def _variants(table: Any, base_values: dict[str, Any], *, source: str) -> tuple[Variant, ...]:
+    """The ``[sweep.variants]`` table (name → table of run options) as validated :class:`Variant` s."""
+    if not isinstance(table, dict) or not table:
+        raise ConfigError(f"{source}: [sweep] variants must be a table of named option tables, e.g. "
+                          "[sweep.variants] with sqrt = { lr_rule = \"sqrt\" } on the next line")
+    variants = []
+    for name, options in table.items():
+        where = f"{source}: variant {name!r}"
+        if not VARIANT_NAME.fullmatch(str(name)):
+            raise ConfigError(f"{where}: a variant's name becomes part of run directories' names; use up to 40 "
+                              "letters, digits and _ . + - (starting with a letter or digit), e.g. linear-warmup")
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where} must be a table of run options, e.g. {{ lr_rule = \"sqrt\" }}")
+        values = config_from_mapping(options, source=where)
+        for key in values:
+            if key in GRID_OWNED or key in SWEEP_OWNED:
+                raise ConfigError(f"{where} sets {key!r}, which the sweep sets for every run; remove it from "
+                                  "the variant")
+            if key in DATA_FIELDS:
+                raise ConfigError(f"{where} sets {key!r}: variants share one data set; put it in [base] (or run "
+                                  "a second sweep)")
+        try:
+            cfg = RunConfig(**{**base_values, **values})
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        variants.append(Variant(str(name), tuple(values.items()), cfg))
+    return tuple(variants)
 
 
 def spec_from_mappings(sweep: dict[str, Any], base: dict[str, Any], *, source: str) -> SweepSpec:
@@ -145,6 +241,8 @@ def spec_from_mappings(sweep: dict[str, Any], base: dict[str, Any], *, source: s
     base_values["progress"] = False  # one line per finished run instead of a bar per run
     try:
         cfg = RunConfig(**base_values)
+        if "variants" in values:
+            values["variants"] = _variants(values["variants"], base_values, source=source)
         return SweepSpec(base=cfg, **values)
     except TypeError as e:  # a value of the wrong type reaches a comparison
         raise ConfigError(f"{source}: invalid value ({e})") from None
@@ -182,58 +280,87 @@ class Point:
     global_batch_size: int
     lr: float
     seed: int
+    variant: str = ""  # "": [base]
 
     @property
     def name(self) -> str:
         """The run directory's name: deterministic, so a second invocation finds it."""
-        return f"B{self.global_batch_size}-P{self.workers}-lr{self.lr:g}-s{self.seed}-r{self.replicate:g}"
+        prefix = f"{self.variant}-" if self.variant else ""
+        return f"{prefix}B{self.global_batch_size}-P{self.workers}-lr{self.lr:g}-s{self.seed}-r{self.replicate:g}"
 
 
 @dataclass(frozen=True)
 class Group:
-    """All runs at one (r, P, B): the lr-tuning runs, then every seed at the chosen lr."""
+    """All runs at one (r, P, B, variant): the lr-tuning runs, then every seed at the chosen lr.
+
+    With ``tune_batch`` the tuning runs form a group of their own (on ``[base]``, no seeds of its own) and the
+    other groups have none.
+    """
 
     replicate: int
     workers: int
     global_batch_size: int
-    tuning: tuple[Point, ...]  # lrs × tuning seeds; empty when the lr is given
+    tuning: tuple[Point, ...]  # lrs × tuning seeds; empty when the lr is given or tuned at tune_batch
     seeds: tuple[int, ...]
+    variant: str = ""
 
     @property
-    def series(self) -> tuple[int, int]:
-        return (self.replicate, self.workers)
+    def series(self) -> tuple[int, int, str]:
+        """(r, P, variant): one curve of the report."""
+        return (self.replicate, self.workers, self.variant)
+
+    @property
+    def key(self) -> tuple[int, int, int, str]:
+        """(r, P, B, variant): the key of its chosen lr."""
+        return (self.replicate, self.workers, self.global_batch_size, self.variant)
 
     def at(self, lr: float, seed: int) -> Point:
-        return Point(self.replicate, self.workers, self.global_batch_size, lr, seed)
+        return Point(self.replicate, self.workers, self.global_batch_size, lr, seed, self.variant)
 
 
 def plan(spec: SweepSpec) -> list[Group]:
-    """The groups of the sweep in run order (r, then P, then B ascending)."""
+    """The groups of the sweep in run order (r, then P, then the tune_batch group, then variant, then B
+    ascending)."""
     groups = []
     for r in sorted(spec.replicates):
         for p in sorted(spec.workers):
-            for b in sorted(spec.batch_sizes):
-                g = Group(r, p, b, (), spec.seeds)
-                tuning = tuple(g.at(lr, s) for lr in spec.lrs for s in spec.tune_seeds) if spec.tuned else ()
-                groups.append(Group(r, p, b, tuning, spec.seeds))
+            if spec.tune_batch is not None:
+                b0 = spec.tune_batch
+                groups.append(Group(r, p, b0, tuple(Point(r, p, b0, lr, s) for lr in spec.lrs
+                                                    for s in spec.tune_seeds), ()))
+            for v in spec.variant_names:
+                for b in sorted(spec.batch_sizes):
+                    g = Group(r, p, b, (), spec.seeds, v)
+                    if spec.tuned and spec.tune_batch is None:
+                        g = Group(r, p, b, tuple(g.at(lr, s) for lr in spec.lrs for s in spec.tune_seeds),
+                                  spec.seeds, v)
+                    groups.append(g)
     return groups
+
+
+def tuning_group_key(spec: SweepSpec, g: Group) -> tuple[int, int, int, str]:
+    """The key of the group whose tuning chooses ``g``'s lr: ``g`` itself, or the tune_batch group."""
+    if spec.tune_batch is None:
+        return g.key
+    return (g.replicate, g.workers, spec.tune_batch, "")
 
 
 def expand_grid(spec: SweepSpec) -> list[Point]:
     """Every point the sweep runs when the lr is given; with tuning, the tuning points plus the other seeds
-    at the first lr as placeholders (the winner is known only after the tuning runs)."""
+    at the first lr as placeholders (the winner is known only after the tuning runs). A seed a tuning run
+    already covers (same r, P, B, variant and seed) is not listed again."""
+    groups = plan(spec)
+    tuned = {p for g in groups for p in g.tuning}
+    covered = {(p.replicate, p.workers, p.global_batch_size, p.variant, p.seed) for p in tuned}
     points = []
-    for g in plan(spec):
+    for g in groups:
         points += list(g.tuning)
-        lr = spec.lrs[0]
-        points += [g.at(lr, s) for s in spec.seeds if not (spec.tuned and s in spec.tune_seeds)]
+        points += [g.at(spec.lrs[0], s) for s in g.seeds if (*g.key, s) not in covered]
     return points
 
 
 def runs_in_sweep(spec: SweepSpec) -> int:
-    per_group = (len(spec.lrs) * len(spec.tune_seeds) + len(spec.seeds) - len(spec.tune_seeds)
-                 if spec.tuned else len(spec.seeds))
-    return per_group * len(spec.batch_sizes) * len(spec.workers) * len(spec.replicates)
+    return len(expand_grid(spec))
 
 
 def eval_every(spec: SweepSpec, global_batch_size: int, n_train: int) -> int:
@@ -244,12 +371,14 @@ def eval_every(spec: SweepSpec, global_batch_size: int, n_train: int) -> int:
 
 
 def point_config(spec: SweepSpec, point: Point, *, n_train: int, run_root: Path) -> RunConfig:
-    """The run configuration of ``point``; the trainer stops at the first evaluation that reaches the target
-    (on test or train accuracy, as the spec says)."""
-    return spec.base.replace(
+    """The run configuration of ``point`` (its variant's options); the trainer stops at the first evaluation
+    that reaches the target (on test or train accuracy, as the spec says) unless ``stop_at_target`` is off."""
+    base = spec.config_for(point.variant)
+    extra = {**base.extra, "sweep": spec.name, "target_metric": spec.target_metric, "target": spec.target}
+    if point.variant:
+        extra["variant"] = point.variant
+    return base.replace(
         global_batch_size=point.global_batch_size, workers=point.workers, lr=point.lr, seed=point.seed,
         replicate=point.replicate, run_dir=str(run_root / point.name),
-        target_accuracy=spec.target, target_metric=spec.target_metric,
-        eval_every=eval_every(spec, point.global_batch_size, n_train), progress=False,
-        extra={**spec.base.extra, "sweep": spec.name, "target_metric": spec.target_metric,
-               "target": spec.target})
+        target_accuracy=spec.target if spec.stop_at_target else None, target_metric=spec.target_metric,
+        eval_every=eval_every(spec, point.global_batch_size, n_train), progress=False, extra=extra)
