@@ -9,6 +9,7 @@ error that names it instead of a hang.
 from __future__ import annotations
 
 import datetime as _dt
+import ipaddress
 import os
 import pickle
 import signal
@@ -19,6 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -263,8 +265,11 @@ def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World
             raise DistributedError(
                 f"rank {rdv.rank} could not join the process group at {rdv.addr}:{rdv.port} ({e}); "
                 "check that every rank uses the same address and port and that the port is free") from e
+    # A local job's own listeners (ring-tcp) bind the address its workers meet on (127.0.0.1 unless --master-addr
+    # names another), not one found from a MASTER_ADDR that a shell may have left set.
+    host = reachable_host() if rdv.from_env else rdv.addr
     return World(rank=rdv.rank, size=rdv.size, local_rank=rdv.local_rank, device=device, backend=backend,
-                 local_size=local_world_size(rdv.size), cpu_count=os.cpu_count() or 1, host=reachable_host())
+                 local_size=local_world_size(rdv.size), cpu_count=os.cpu_count() or 1, host=host)
 
 
 def shutdown_world() -> None:
@@ -289,15 +294,76 @@ def check_local_address(addr: str) -> None:
                           "meet on this machine: leave it out (127.0.0.1) or give one of its own addresses") from None
 
 
-def host_store(addr: str, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
-    """A rendezvous store served by this process on a port the system picks (``.port``); the workers join it
-    with ``Rendezvous(store_hosted=True)``. Keep it referenced until the job ends.
+def host_store(addr: str, world_size: int, timeout_s: float = 300.0, port: int = 0) -> dist.TCPStore:
+    """A rendezvous store served by this process on ``addr`` only, on ``port`` (0: one the system picks;
+    ``.port``); the workers join it with ``Rendezvous(store_hosted=True)``. Keep it referenced until the job ends.
+
+    The listening socket is bound here and handed to the store (``master_listen_fd``): a TCPStore that binds
+    its own listens on every interface of the machine, where anyone who can reach it may read and write the
+    job's keys without authentication.
 
     Raises:
         ConfigError: ``addr`` cannot be bound here (:func:`check_local_address`).
+        DistributedError: ``port`` is taken.
     """
     check_local_address(addr)
-    return dist.TCPStore(addr, 0, world_size, True, timeout=_dt.timedelta(seconds=timeout_s), wait_for_workers=False)
+    family = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((addr, port))
+        sock.listen(max(128, world_size))
+    except OSError as e:
+        sock.close()
+        raise DistributedError(f"rendezvous port {port} on {addr} is in use ({e.strerror}); pass another "
+                               "--master-port or leave it out to pick a free one") from None
+    port = int(sock.getsockname()[1])
+    fd = sock.detach()  # the store owns the descriptor from here on (it closes it when it is destroyed)
+    try:
+        return dist.TCPStore(addr, port, world_size, True, timeout=_dt.timedelta(seconds=timeout_s),
+                             wait_for_workers=False, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether ``addr`` (a name or an address) resolves to a loopback address only (127.0.0.0/8, ::1)."""
+    try:
+        infos = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback network interface (``lo`` on Linux, ``lo0`` on BSD and macOS),
+    None when there is none: Linux marks it IFF_LOOPBACK in ``/sys/class/net/NAME/flags``, elsewhere its
+    name says it."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    for name in names:
+        try:
+            flags = int(Path(f"/sys/class/net/{name}/flags").read_text(), 16)
+        except (OSError, ValueError):
+            continue
+        if flags & 0x8:  # IFF_LOOPBACK
+            return name
+    return next((name for name in names if name in ("lo", "lo0")), None)
+
+
+def worker_environment(addr: str) -> dict[str, str]:
+    """The environment local workers meeting on ``addr`` start with: this process's, and, when ``addr`` is a
+    loopback address, gloo's sockets on the loopback interface (``GLOO_SOCKET_IFNAME``; gloo otherwise
+    listens on the address this machine's hostname resolves to, often one every machine on the network can
+    reach). Every peer of a local job is on this machine, so loopback always reaches them."""
+    environ = dict(os.environ)
+    if is_loopback(addr):
+        lo = loopback_interface()
+        if lo is not None:
+            environ["GLOO_SOCKET_IFNAME"] = lo
+    return environ
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -425,10 +491,11 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
         StoppedError: a second stop signal arrived before the workers had stopped.
     """
     store = None
-    if port is None and nprocs > 1:
-        # The launcher binds the rendezvous store itself, on a port the system picks, and holds it for the whole
-        # job: a port probed free and handed on could be taken by another process before rank 0 bound it.
-        store = host_store(addr, nprocs)
+    if nprocs > 1:
+        # The launcher binds the rendezvous store itself, on ``addr`` only, and holds it for the whole job: a port
+        # probed free and handed on could be taken by another process before rank 0 bound it, and a store rank 0
+        # made itself would listen on every interface.
+        store = host_store(addr, nprocs, port=port or 0)
         port = store.port
     elif port is None:
         port = free_port(addr)  # no process group of its own; a caller that makes one uses this port
@@ -436,7 +503,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
         check_port_free(port, addr)
     ctx = worker_context()
     stdio = _Stdio() if ctx.get_start_method() == "forkserver" else None  # spawned workers inherit them
-    environ = dict(os.environ)
+    environ = worker_environment(addr)
     # Plain pickle copies tensors by value; multiprocessing's own pickler would share them through file
     # descriptors served by this process, which breaks when several jobs are spawned in a row.
     payload = pickle.dumps((fn, args))
