@@ -48,7 +48,7 @@ from scalesgd.data.user import ShardReader, to_device
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
 from scalesgd.stragglers import StragglerSpec, parse_straggler, sample_delay
 from scalesgd.train_state import LossWatch, TrainState
-from scalesgd.transforms import GradientTransformation, Hyper, sgd
+from scalesgd.transforms import GradientTransformation, Hyper, sgd, state_from_tree, state_to_tree
 from scalesgd.user_code import build_run_model, canonical, is_import_string, loss_for, short_name
 from scalesgd.writer import (RunWriter, check_run_dir_is_new, default_run_dir, environment, lock_run_dir,
                              truncate_metrics)
@@ -278,7 +278,7 @@ def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn:
     all-reduced gradient); its loss and accuracy are this rank's. ``delay``: the injected straggler delay.
     ``skip_compute``: this rank is late (backup workers: the step's result is already there), so it
     contributes nothing and takes no delay. ``requests``: this rank's (checkpoint, stop) requests, summed over
-    ranks with the step's all-reduce (a local step has none: its requests wait for the next synchronous one).
+    ranks with the step's all-reduce (a local step has none: :func:`average` carries them at the next average).
     """
     b = int(part.batch.indices.numel())
     idx = part.local[:0] if skip_compute else part.local
@@ -319,19 +319,27 @@ def local_phase(state: TrainState, *, sync_every: int | None, sync_every_after: 
     return state.replace(local_sgd_start=state.step)
 
 
-def average(state: TrainState, *, flat: FlatModel, comm: CommStrategy, world: World,
-            sync_every: int | None) -> tuple[TrainState, dict[str, Any]]:
+def average(state: TrainState, *, flat: FlatModel, comm: CommStrategy, world: World, sync_every: int | None,
+            requests: tuple[bool, bool] = (False, False)) -> tuple[TrainState, dict[str, Any], tuple[bool, bool]]:
     """After a local step: average the parameters across ranks when the schedule says so
-    (:func:`scalesgd.local_sgd.averaging_due`); returns the state and the step record's local-SGD fields."""
+    (:func:`scalesgd.local_sgd.averaging_due`); returns the state, the step record's local-SGD fields and
+    whether any rank asked for a (checkpoint, stop).
+
+    ``requests``: this rank's (checkpoint, stop) requests. A local step has no all-reduce to carry them, so they
+    are summed over ranks at the next average (a second, two-number all-reduce): a stop signal during local SGD
+    is acted on within ``sync_every`` steps, on every rank after the same step.
+    """
     if state.local_sgd_start is None or sync_every is None:
-        return state, {}
+        return state, {}, (False, False)
     if not averaging_due(state.step - 1, state.local_sgd_start, sync_every):
-        return state, {"local_sgd": True, "averaged": False}
+        return state, {"local_sgd": True, "averaged": False}, (False, False)
     t0 = time.perf_counter()
     stats = average_parameters_(flat.params, comm, world.size)
     average_s = time.perf_counter() - t0
+    summed = distributed.all_reduce_scalars([float(requests[0]), float(requests[1])], world)
     return state.replace(train_time_s=state.train_time_s + average_s), {
-        "local_sgd": True, "averaged": True, "average_s": average_s, "average_bytes_sent": stats.bytes_sent}
+        "local_sgd": True, "averaged": True, "average_s": average_s, "average_bytes_sent": stats.bytes_sent}, (
+        summed[0] > 0.5, summed[1] > 0.5)
 
 
 def warm_up(state: TrainState, part: Shard, *, flat: FlatModel, loss_fn: Callable,
@@ -513,8 +521,15 @@ def save_train_checkpoint(state: TrainState, *, flat: FlatModel, config: dict[st
                           writer: RunWriter, elapsed_s: float, last_eval: dict[str, Any], keep: int,
                           base_lr: float) -> None:
     """All ranks: gather every rank's RNG states to rank 0, which writes ``checkpoints/step-<step>.pt``
-    (:func:`scalesgd.checkpoint.save`, keeping the newest ``keep``)."""
-    ranks = distributed.gather_objects(checkpoint.rng_state(state.comm_generator), world)
+    (:func:`scalesgd.checkpoint.save`, keeping the newest ``keep``).
+
+    Under local SGD (once ``--sync-every`` has started) each rank's parameters differ between two averages and
+    its momentum always: every rank's own parameters and transformation state go in too (``ranks[r]["own"]``),
+    so a checkpoint taken at any step resumes each rank exactly where it was."""
+    own = checkpoint.rng_state(state.comm_generator)
+    if state.local_sgd_start is not None:
+        own["own"] = {"params": state.params.detach().cpu().clone(), "tx_state": state_to_tree(state.tx_state)}
+    ranks = distributed.gather_objects(own, world)
     if not world.is_main or writer.run_dir is None:
         return
     # torch's generator as it is now: an exact-diversity measurement after the step may have drawn from it
@@ -530,8 +545,21 @@ def restore(blob: dict[str, Any], *, flat: FlatModel, comm_generator: torch.Gene
     """The :class:`TrainState` of a checkpoint, with this rank's RNG states set: parameters copied into the
     flat vector the model views, buffers into the model, torch's, numpy's, Python's and the communication
     generator's states restored. A rank the checkpoint did not have (a resume on more workers) starts its
-    generators from the seed."""
+    generators from the seed. A checkpoint taken during local SGD gives each rank its own parameters and
+    transformation state (momentum).
+
+    Raises:
+        ConfigError: a local-SGD checkpoint resumed on another number of workers (each had its own model).
+    """
     saved = TrainState.from_checkpoint(blob["train_state"], device=world.device)
+    own = [r.get("own") for r in blob["ranks"]]
+    if any(o is not None for o in own):  # local SGD: every rank has parameters and momentum of its own
+        if len(own) != world.size:
+            raise ConfigError(f"the checkpoint was taken during local SGD (--sync-every) on {len(own)} workers, each "
+                              f"with parameters and momentum of its own; resume it with --workers {len(own)}")
+        mine = own[world.rank]
+        saved = saved.replace(params=mine["params"].to(world.device),
+                              tx_state=state_from_tree(mine["tx_state"], world.device))
     with torch.no_grad():
         flat.params.copy_(saved.params)
         buffers = dict(flat.model.named_buffers())
@@ -650,7 +678,10 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     ckpt = Checkpointing(cfg.checkpoint_every_steps, cfg.checkpoint_every_s, cfg.keep_checkpoints,
                          last_at=time.perf_counter())
     stragglers = parse_straggler(cfg.straggler)
-    in_sync = True  # whether every rank holds the same parameters (local SGD: only right after an average)
+    # whether every rank holds the same parameters (local SGD: only right after an average; a resume from a
+    # checkpoint taken between two averages starts out of sync)
+    in_sync = state.local_sgd_start is None or cfg.sync_every is None or state.step == 0 or averaging_due(
+        state.step - 1, state.local_sgd_start, cfg.sync_every)
 
     timing: StepTiming | None = None  # the last step's times, for the goodput policy's step-time fit
 
@@ -686,8 +717,11 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                                                        step_index=state.step),
                                  skip_compute=isinstance(comm, BackupWorkers) and comm.result_ready(),
                                  requests=requests)
-            state, local_record = average(state, flat=flat, comm=comm, world=world, sync_every=cfg.sync_every)
+            state, local_record, agreed = average(state, flat=flat, comm=comm, world=world, sync_every=cfg.sync_every,
+                                                  requests=requests)
             in_sync = local_record.get("averaged", True)
+            checkpoint_requested, stop_requested = (result.checkpoint_requested or agreed[0],
+                                                    result.stop_requested or agreed[1])
             if isinstance(comm, BackupWorkers):
                 local_record = {"backup_used_ranks": list(comm.used_ranks)}
             # estimate: fold the step's unbiased ‖G‖², tr Σ into the smoothed estimates
@@ -723,7 +757,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                     break
             # checkpoint: every k steps, when rank 0's clock says so, or on a stop signal to any rank
             done = finished(state, steps=cfg.steps, total_examples=total_examples)
-            if not done and (ckpt.step_due(state.step) or result.checkpoint_requested or result.stop_requested):
+            if not done and (ckpt.step_due(state.step) or checkpoint_requested or stop_requested):
                 t0 = time.perf_counter()
                 save_train_checkpoint(state, flat=flat, config=config, world=world, writer=writer,
                                       elapsed_s=t0 - start_s, last_eval=last_eval, keep=ckpt.keep,
@@ -732,7 +766,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 ckpt.last_save_s = ckpt.last_at - t0
                 ckpt.saves += 1
                 ckpt.save_s += ckpt.last_save_s
-                if result.stop_requested:
+                if stop_requested:
                     raise StoppedError(
                         f"stopped by {stop.name or 'a signal to another worker'} after step {state.step}; a "
                         f"checkpoint is in {checkpoint.checkpoint_dir(cfg.run_dir or '.')}. Continue with: "
