@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -318,3 +319,85 @@ def test_local_sgd_stops_at_the_next_average_on_sigterm_and_resumes_bit_identica
     out, err = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, err
     _assert_same_run(run_dir, local_reference, n_steps=LOCAL_STEPS)
+
+
+# Two machines, simulated: two torchrun agents on this machine, one worker each, meeting through c10d
+# rendezvous on loopback. The same ARGS as the single-node reference (P = 2, spawned by scalesgd itself).
+def _two_agents(args: list[str], max_restarts: int = 0) -> list[subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rdzv_id = f"scalesgd-test-{port}"
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
+                              "--max-restarts", str(max_restarts), "-m", "scalesgd", "train", *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            for _ in range(2)]
+
+
+def _finish(agents: list[subprocess.Popen], timeout_s: float = 400) -> list[tuple[int, str]]:
+    """Wait for every agent (each within ``timeout_s``); kill all that remain if one does not end."""
+    try:
+        errs = [a.communicate(timeout=timeout_s)[1] for a in agents]
+        return [(a.returncode, err) for a, err in zip(agents, errs)]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGKILL)
+                a.communicate(timeout=30)
+
+
+def _agent_worker(agent: subprocess.Popen) -> int:
+    (worker,) = [c for c in _children(agent.pid) if b"scalesgd" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return worker
+
+
+TWO_NODE_ARGS = ARGS[:ARGS.index("--workers")] + ARGS[ARGS.index("--workers") + 2:]  # torchrun sets them
+
+
+@pytest.mark.timeout(900)
+def test_two_torchrun_agents_train_as_one_node_does(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    results = _finish(_two_agents([*TWO_NODE_ARGS, "--run-dir", str(run_dir)]))
+    assert [code for code, _ in results] == [0, 0], results
+    _assert_same_run(run_dir, reference)
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.timeout(900)
+def test_two_torchrun_agents_restart_after_a_killed_worker(reference, tmp_path):
+    # Only the agent whose worker died counts a restart; the other restarts its healthy worker with
+    # TORCHELASTIC_RESTART_COUNT unchanged. Both ranks must still resume (before: that rank started afresh and
+    # was refused, "already holds a run", or the ranks disagreed on the process group's store prefix).
+    run_dir = tmp_path / "run"
+    agents = _two_agents([*TWO_NODE_ARGS, "--run-dir", str(run_dir)], max_restarts=1)
+    try:
+        _wait_for_step(agents[0], run_dir, KILL_AT)
+        os.kill(_agent_worker(agents[1]), signal.SIGKILL)
+    finally:
+        results = _finish(agents)
+    assert [code for code, _ in results] == [0, 0], [err[-3000:] for _, err in results]
+    _assert_same_run(run_dir, reference)
+
+
+@pytest.mark.timeout(900)
+def test_two_torchrun_agents_killed_stop_their_workers_and_resume(reference, tmp_path):
+    # torchrun starts workers in sessions of their own: with both agents killed -9 they trained on to the end,
+    # unsupervised. Now they stop (checkpointing on the way out) and the run resumes under two new agents.
+    run_dir = tmp_path / "run"
+    agents = _two_agents([*TWO_NODE_ARGS, "--run-dir", str(run_dir)])
+    try:
+        _wait_for_step(agents[0], run_dir, KILL_AT)
+        workers = [_agent_worker(a) for a in agents]
+    finally:
+        for a in agents:
+            os.killpg(a.pid, signal.SIGKILL)
+        _finish(agents, timeout_s=30)
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), "workers kept training after their agents died"
+    assert not (run_dir / "summary.json").exists() and list((run_dir / "checkpoints").glob("step-*.pt"))
+    results = _finish(_two_agents(["--resume", str(run_dir), "--no-progress", "--timeout-s", "300"]))
+    assert [code for code, _ in results] == [0, 0], [err[-3000:] for _, err in results]
+    _assert_same_run(run_dir, reference)

@@ -119,6 +119,61 @@ def check_workers_match(rdv: Rendezvous | None, workers: int) -> None:
                           f"(torchrun --nproc-per-node {workers})")
 
 
+# Keys of scalesgd's own in torchrun's store: where this attempt's rank 0 serves the process group's store, and
+# that the job has formed its process group once (so a later attempt is a restart, whatever its agent counts).
+_ATTEMPT_STORE_KEY = "scalesgd/attempt_store"
+_STARTED_KEY = "scalesgd/started"
+
+
+def _attempt_store(job_store: dist.Store, rdv: Rendezvous, timeout_s: float) -> dist.Store:
+    """A store of this attempt's own for the process group, served by its rank 0 and found through torchrun's.
+
+    torchrun's agents share one store across the attempts of a job, so keys an earlier attempt wrote are still
+    there: a rank reading the gloo address a dead rank published is refused. Prefixing the keys by the
+    restart count works for one agent only: with several (``--nnodes 2``), an agent whose own workers were
+    healthy restarts them without counting a restart, so the ranks of one attempt disagree on it. Instead
+    rank 0 serves a fresh store (on the address that routes to MASTER_ADDR, :func:`reachable_host`) and
+    publishes its address; the others take the published address once it accepts connections (an earlier
+    attempt's rank 0 has exited before any rank of this one starts, so a stale address refuses them).
+    """
+    if rdv.rank == 0:
+        store = host_store(reachable_host(), rdv.size, timeout_s)
+        job_store.set(_ATTEMPT_STORE_KEY, f"{reachable_host()} {store.port}")
+        return store
+    deadline = time.monotonic() + timeout_s
+    while True:
+        host, port = job_store.get(_ATTEMPT_STORE_KEY).decode().split()
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0):
+                pass
+            return dist.TCPStore(host, int(port), rdv.size, False, timeout=_dt.timedelta(seconds=timeout_s))
+        except OSError:  # an earlier attempt's rank 0, gone: this attempt's has not published yet
+            if time.monotonic() > deadline:
+                raise DistributedError(f"rank {rdv.rank} found no store of this attempt's rank 0 within "
+                                       f"{timeout_s:.0f} s (last published: {host}:{port})") from None
+            time.sleep(0.05)
+
+
+def torchrun_restarted(rdv: Rendezvous, timeout_s: float = 300.0) -> bool:
+    """Whether this torchrun job has run before (it is a restart; the run continues from its checkpoint).
+
+    True when torchrun counted a restart (``TORCHELASTIC_RESTART_COUNT`` > 0), or when the job's store says
+    an earlier attempt formed its process group: with several agents only the one whose worker failed counts
+    a restart, the others restart their healthy workers with the count unchanged. Under
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` every attempt has a fresh store, and the count is all there is.
+    """
+    if restart_count() > 0:
+        return True
+    if not rdv.from_env or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return False
+    try:
+        store = dist.TCPStore(rdv.addr, rdv.port, rdv.size, False, timeout=_dt.timedelta(seconds=timeout_s))
+        return bool(store.check([_STARTED_KEY]))
+    except RuntimeError as e:
+        raise DistributedError(f"rank {rdv.rank} could not reach torchrun's store at {rdv.addr}:{rdv.port} ({e}); "
+                               "check that every agent uses the same --rdzv-endpoint") from None
+
+
 def restart_count(environ: dict[str, str] | None = None) -> int:
     """How many times torchrun has restarted this job (``TORCHELASTIC_RESTART_COUNT``; 0 outside torchrun)."""
     env = os.environ if environ is None else environ
@@ -245,22 +300,19 @@ def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World
     if rdv.size > 1 and not dist.is_initialized():
         try:
             timeout = _dt.timedelta(seconds=timeout_s)
-            restarts = restart_count() if rdv.from_env else 0
             if rdv.store_hosted:
                 store = dist.TCPStore(rdv.addr, rdv.port, rdv.size, False, timeout=timeout)
                 dist.init_process_group(backend=backend, store=store, rank=rdv.rank, world_size=rdv.size,
                                         timeout=timeout)
-            elif restarts:
-                # A job torchrun restarted: the process group's keys go under a prefix of this attempt, so no
-                # rank reads the address a dead rank of an earlier attempt published (gloo's full-mesh connect
-                # is then refused).
-                store, _, _ = next(dist.rendezvous("env://", rdv.rank, rdv.size, timeout=timeout))
-                dist.init_process_group(backend=backend, store=dist.PrefixStore(f"scalesgd/attempt{restarts}", store),
+            elif rdv.from_env:
+                job_store, _, _ = next(dist.rendezvous("env://", rdv.rank, rdv.size, timeout=timeout))
+                dist.init_process_group(backend=backend, store=_attempt_store(job_store, rdv, timeout_s),
                                         rank=rdv.rank, world_size=rdv.size, timeout=timeout)
+                if rdv.rank == 0:  # every rank has joined, so every rank has asked torchrun_restarted already
+                    job_store.set(_STARTED_KEY, "1")
             else:
-                init_method = "env://" if rdv.from_env else f"tcp://{rdv.addr}:{rdv.port}"
-                dist.init_process_group(backend=backend, init_method=init_method, rank=rdv.rank, world_size=rdv.size,
-                                        timeout=timeout)
+                dist.init_process_group(backend=backend, init_method=f"tcp://{rdv.addr}:{rdv.port}", rank=rdv.rank,
+                                        world_size=rdv.size, timeout=timeout)
         except (RuntimeError, ValueError) as e:  # noqa: PERF203 - converted to a clear message
             raise DistributedError(
                 f"rank {rdv.rank} could not join the process group at {rdv.addr}:{rdv.port} ({e}); "

@@ -830,8 +830,9 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
     passes them) travel pickled with the spawn payload.
 
     The launcher (rank 0 under torchrun) holds a lock on the run directory for the job's life. With
-    ``resume`` (``scalesgd train --resume``), or when torchrun restarted the job (TORCHELASTIC_RESTART_COUNT
-    > 0), the run continues from the newest checkpoint in ``cfg.run_dir``. Local workers that die are
+    ``resume`` (``scalesgd train --resume``), or when torchrun restarted the job
+    (:func:`scalesgd.distributed.torchrun_restarted`), the run continues from the newest checkpoint in
+    ``cfg.run_dir``. Local workers that die are
     restarted from the newest checkpoint up to ``cfg.max_restarts`` times.
 
     Returns rank 0's summary (under torchrun: this rank's).
@@ -840,6 +841,8 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
         StoppedError: the job was stopped by a signal after writing a checkpoint.
     """
     rdv = distributed.torchrun_rendezvous()
+    if rdv is not None:  # torchrun starts its workers in sessions of their own: stop when the agent dies
+        distributed.stop_with_parent(os.getppid())
     main = rdv is None or rdv.rank == 0  # only rank 0 writes the run directory
     lock, locked = contextlib.ExitStack(), False
     if resume:
@@ -847,7 +850,7 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
             lock.enter_context(lock_run_dir(cfg.run_dir))
             locked = True
         check_resumable(cfg.run_dir)
-    elif rdv is not None and distributed.restart_count() > 0:
+    elif rdv is not None and distributed.torchrun_restarted(rdv, cfg.timeout_s):
         if not cfg.run_dir:
             raise ConfigError("torchrun restarted the job, but it has no --run-dir to resume from; give every "
                               "rank the same --run-dir so a restart continues the run")
