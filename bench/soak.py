@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         end = start + 60 * args.minutes
         while True:
             at = ready + rng.uniform(low, high)
-            if at > end - 5:  # no kill the stop signal could land on: the job must be training at the end
+            if at > end - 3:  # no kill the stop signal could land on: the job must be training at the end
                 break
             while time.perf_counter() < at:
                 time.sleep(0.05)
