@@ -124,6 +124,9 @@ def test_kill_9_every_process_then_resume_is_bit_identical(reference, tmp_path):
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt"))
     assert len(kept) == 2 and kept[-1] == "step-00000100.pt" or killed_at >= 150  # the newest --keep-checkpoints
     assert not (run_dir / "summary.json").exists()
+    # what a kill in the middle of a checkpoint's write leaves (it happened here once, at step 150): the resume
+    # removes it
+    (run_dir / "checkpoints" / ".step-00000150.pt.cut0ff.tmp").write_bytes(b"PK\x03\x04")
 
     # A resume may not contradict the run's maths, but may change what does not change it.
     bad = subprocess.run([sys.executable, "-m", "scalesgd", "train", "--resume", str(run_dir), "--lr", "0.5"],

@@ -623,6 +623,7 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
                        "base_lr": float(blob["base_lr"])}
         if world.is_main:  # the metrics the interrupted job wrote after its checkpoint are written again
             truncate_metrics(cfg.run_dir, int(blob["metrics_bytes"]) if newest is not None else 0)
+            checkpoint.remove_partial_writes(cfg.run_dir)  # a checkpoint the kill cut off mid-write
     writer = RunWriter(run_dir, enabled=world.is_main, purge_step=state.step + 1 if state.step else None)
     try:
         resolved = cfg.replace(workers=world.size, run_dir=str(run_dir) if run_dir else cfg.run_dir)
