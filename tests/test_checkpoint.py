@@ -39,6 +39,18 @@ def test_checkpoints_round_trip_and_only_the_newest_are_kept(tmp_path):
     assert not list(tmp_path.glob("**/.*.tmp"))
 
 
+def test_a_write_cut_off_by_a_kill_is_removed_and_the_checkpoints_stay(tmp_path):
+    for step in (10, 20):
+        checkpoint.save(tmp_path, _blob(step), keep=2)
+    partial = [checkpoint.checkpoint_dir(tmp_path) / ".step-00000030.pt.k1ll3d.tmp", tmp_path / ".summary.json.x.tmp"]
+    for p in partial:
+        p.write_bytes(b"PK\x03\x04 cut off")
+    assert sorted(checkpoint.remove_partial_writes(tmp_path)) == sorted(partial)
+    assert not list(tmp_path.glob("**/.*.tmp"))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000010.pt", "step-00000020.pt"]
+    assert checkpoint.load(checkpoint.latest_checkpoint(tmp_path), num_parameters=5)["step"] == 20
+
+
 @pytest.mark.parametrize("damage, words", [
     ("truncated", "cannot be read"),
     ("pickled code", "cannot be read"),

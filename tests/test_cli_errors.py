@@ -15,18 +15,21 @@ import pytest
 from scalesgd.cli import main
 
 
-def _idx_dir(tmp_path, *, magic=0x00000803, truncate=False):
+def _idx_dir(tmp_path, *, magic=0x00000803, truncate=False, train_labels=(0, 1, 2, 3), rows=28, cols=28,
+             header=None):
+    """Four IDX files of n = 4 examples; ``train_labels``, ``rows`` x ``cols`` and ``header`` (the training
+    images' three header dimensions, whatever the data) make them hostile."""
     d = tmp_path / "idx"
     d.mkdir()
     n = 4
-    images = struct.pack(">IIII", magic, n, 28, 28) + bytes(range(256)) * ((n * 28 * 28) // 256 + 1)
-    images = images[: 16 + n * 28 * 28]
+    images = struct.pack(">IIII", magic, n, rows, cols) + bytes(range(256)) * ((n * rows * cols) // 256 + 1)
+    images = images[: 16 + n * rows * cols]
     if truncate:
         images = images[: len(images) // 2]
-    labels = struct.pack(">II", 0x00000801, n) + bytes([0, 1, 2, 3])
-    for prefix in ("train", "t10k"):
-        (d / f"{prefix}-images-idx3-ubyte").write_bytes(images)
-        (d / f"{prefix}-labels-idx1-ubyte").write_bytes(labels)
+    for prefix, labels in (("train", train_labels), ("t10k", (0, 1, 2, 3))):
+        head = struct.pack(">IIII", magic, *header) if header is not None and prefix == "train" else images[:16]
+        (d / f"{prefix}-images-idx3-ubyte").write_bytes(head + images[16:])
+        (d / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x00000801, n) + bytes(labels))
     return d
 
 
@@ -45,6 +48,24 @@ CASES = [
      ["truncated"]),
     ("wrong magic number", lambda t: ["--dataset", f"idx:{_idx_dir(t, magic=0x1234)}", "--model", "mlp"],
      ["magic"]),
+    # a 250 among digit labels built a 251-class model
+    ("label out of range", lambda t: ["--dataset", f"idx:{_idx_dir(t, train_labels=(0, 1, 250, 3))}", "--model",
+                                      "mlp"], ["train-labels-idx1-ubyte", "label 250 at index 2", "0..9",
+                                               "download it again"]),
+    # 12x0 images "trained" and exited 0
+    ("images of zero pixels", lambda t: ["--dataset", f"idx:{_idx_dir(t, rows=12, cols=0)}", "--model", "mlp"],
+     ["train-images-idx3-ubyte", "12x0", "download the file again"]),
+    # dimensions whose product overflows int64 were a ValueError traceback: 27283913 * 1640088 * 824472 is
+    # 2 * 2^64 + 3136, which wrapped to the 3136 pixel bytes the file really holds
+    ("header dimensions overflow", lambda t: ["--dataset", f"idx:{_idx_dir(t, header=(27283913, 1640088, 824472))}",
+                                              "--model", "mlp"],
+     ["train-images-idx3-ubyte", "(27283913, 1640088, 824472)", "file has 3152", "download it again"]),
+    ("header dimensions at the limit", lambda t: ["--dataset", f"idx:{_idx_dir(t, header=(2**32 - 1,) * 3)}",
+                                                  "--model", "mlp"],
+     ["train-images-idx3-ubyte", "(4294967295, 4294967295, 4294967295)", "download it again"]),
+    ("header dimensions exceed the file", lambda t: ["--dataset", f"idx:{_idx_dir(t, header=(4, 28, 29))}",
+                                                     "--model", "mlp"],
+     ["train-images-idx3-ubyte", "(4, 28, 29)", "3264 bytes", "file has 3152", "download it again"]),
     ("batch smaller than workers", lambda t: ["--global-batch-size", "1", "--workers", "2"],
      ["--global-batch-size", "workers"]),
     ("batch larger than data", lambda t: ["--dataset", "digits", "--model", "mlp", "--global-batch-size", "100000"],

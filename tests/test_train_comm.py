@@ -72,7 +72,11 @@ def test_ring_tcp_reads_its_address_and_local_worker_count_from_the_environment_
     assert distributed.local_world_size(3) == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert distributed.local_world_size(3) == 8
-    # ... and hands them to the strategies in World, filled by init_world
-    world = distributed.init_world(distributed.Rendezvous("127.0.0.1", 0, rank=0, size=1, local_rank=0), "gloo")
+    # ... and hands them to the strategies in World, filled by init_world (a torchrun rank's)
+    world = distributed.init_world(distributed.Rendezvous("127.0.0.1", 0, rank=0, size=1, local_rank=0,
+                                                          from_env=True), "gloo")
     assert (world.local_size, world.host) == (8, "10.1.2.3") and world.cpu_count >= 1
     assert world.core_per_local_worker == (8 <= world.cpu_count)
+    # a local job's workers listen on the address they meet on, whatever the environment says (issue 18, 9)
+    local = distributed.init_world(distributed.Rendezvous("127.0.0.1", 0, rank=0, size=1, local_rank=0), "gloo")
+    assert local.host == "127.0.0.1"

@@ -59,6 +59,18 @@ def latest_checkpoint(run_dir: Path | str) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_partial_writes(run_dir: Path | str) -> list[Path]:
+    """Delete the temporary files (``.NAME.*.tmp``, :func:`scalesgd.writer.atomic_path`) that a writer killed
+    mid-write left in ``run_dir`` and its checkpoint directory; returns them. Only for the job that holds the
+    run directory's lock: no other process writes there then."""
+    removed = []
+    for d in (Path(run_dir), checkpoint_dir(run_dir)):
+        for tmp in d.glob(".*.tmp") if d.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 # --------------------------------------------------------------------------------------------------------
 # Per-rank RNG states, as tensors and plain Python
 

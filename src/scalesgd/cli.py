@@ -116,7 +116,10 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
                  "ring-tcp (ours, over our own sockets; CPU), ps, qsgd (over the built-in), "
                  "qsgd+ring, qsgd+ring-tcp, qsgd+ps (the QSGD codec over that transport)"),
     ("qsgd-levels", int, "quantisation levels of --comm qsgd"),
-    ("master-addr", str, "rendezvous address for local workers"),
+    ("master-addr", str, "the address of this machine that local workers meet and listen on: the rendezvous "
+                        "store, gloo's and ring-tcp's sockets bind it (loopback, the default, is reachable from "
+                        "this machine only). Several machines: launch with torchrun and name the address there "
+                        "(--rdzv-endpoint HOST:PORT)"),
     ("master-port", int, "rendezvous port for local workers (default: a free one)"),
     ("threads-per-worker", int, "torch threads per worker (default: cores / local workers, at least 1)"),
     ("timeout-s", float, "collective timeout: a worker silent this long ends the job with an error"),

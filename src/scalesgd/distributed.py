@@ -9,6 +9,7 @@ error that names it instead of a hang.
 from __future__ import annotations
 
 import datetime as _dt
+import ipaddress
 import os
 import pickle
 import signal
@@ -19,6 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -115,6 +117,61 @@ def check_workers_match(rdv: Rendezvous | None, workers: int) -> None:
         raise ConfigError(f"--workers {workers} disagrees with torchrun's WORLD_SIZE={rdv.size}: under torchrun the "
                           f"launch sets the number of workers; drop --workers, or launch {workers} processes "
                           f"(torchrun --nproc-per-node {workers})")
+
+
+# Keys of scalesgd's own in torchrun's store: where this attempt's rank 0 serves the process group's store, and
+# that the job has formed its process group once (so a later attempt is a restart, whatever its agent counts).
+_ATTEMPT_STORE_KEY = "scalesgd/attempt_store"
+_STARTED_KEY = "scalesgd/started"
+
+
+def _attempt_store(job_store: dist.Store, rdv: Rendezvous, timeout_s: float) -> dist.Store:
+    """A store of this attempt's own for the process group, served by its rank 0 and found through torchrun's.
+
+    torchrun's agents share one store across the attempts of a job, so keys an earlier attempt wrote are still
+    there: a rank reading the gloo address a dead rank published is refused. Prefixing the keys by the
+    restart count works for one agent only: with several (``--nnodes 2``), an agent whose own workers were
+    healthy restarts them without counting a restart, so the ranks of one attempt disagree on it. Instead
+    rank 0 serves a fresh store (on the address that routes to MASTER_ADDR, :func:`reachable_host`) and
+    publishes its address; the others take the published address once it accepts connections (an earlier
+    attempt's rank 0 has exited before any rank of this one starts, so a stale address refuses them).
+    """
+    if rdv.rank == 0:
+        store = host_store(reachable_host(), rdv.size, timeout_s)
+        job_store.set(_ATTEMPT_STORE_KEY, f"{reachable_host()} {store.port}")
+        return store
+    deadline = time.monotonic() + timeout_s
+    while True:
+        host, port = job_store.get(_ATTEMPT_STORE_KEY).decode().split()
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0):
+                pass
+            return dist.TCPStore(host, int(port), rdv.size, False, timeout=_dt.timedelta(seconds=timeout_s))
+        except OSError:  # an earlier attempt's rank 0, gone: this attempt's has not published yet
+            if time.monotonic() > deadline:
+                raise DistributedError(f"rank {rdv.rank} found no store of this attempt's rank 0 within "
+                                       f"{timeout_s:.0f} s (last published: {host}:{port})") from None
+            time.sleep(0.05)
+
+
+def torchrun_restarted(rdv: Rendezvous, timeout_s: float = 300.0) -> bool:
+    """Whether this torchrun job has run before (it is a restart; the run continues from its checkpoint).
+
+    True when torchrun counted a restart (``TORCHELASTIC_RESTART_COUNT`` > 0), or when the job's store says
+    an earlier attempt formed its process group: with several agents only the one whose worker failed counts
+    a restart, the others restart their healthy workers with the count unchanged. Under
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` every attempt has a fresh store, and the count is all there is.
+    """
+    if restart_count() > 0:
+        return True
+    if not rdv.from_env or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return False
+    try:
+        store = dist.TCPStore(rdv.addr, rdv.port, rdv.size, False, timeout=_dt.timedelta(seconds=timeout_s))
+        return bool(store.check([_STARTED_KEY]))
+    except RuntimeError as e:
+        raise DistributedError(f"rank {rdv.rank} could not reach torchrun's store at {rdv.addr}:{rdv.port} ({e}); "
+                               "check that every agent uses the same --rdzv-endpoint") from None
 
 
 def restart_count(environ: dict[str, str] | None = None) -> int:
@@ -243,28 +300,28 @@ def init_world(rdv: Rendezvous, backend: str, timeout_s: float = 300.0) -> World
     if rdv.size > 1 and not dist.is_initialized():
         try:
             timeout = _dt.timedelta(seconds=timeout_s)
-            restarts = restart_count() if rdv.from_env else 0
             if rdv.store_hosted:
                 store = dist.TCPStore(rdv.addr, rdv.port, rdv.size, False, timeout=timeout)
                 dist.init_process_group(backend=backend, store=store, rank=rdv.rank, world_size=rdv.size,
                                         timeout=timeout)
-            elif restarts:
-                # A job torchrun restarted: the process group's keys go under a prefix of this attempt, so no
-                # rank reads the address a dead rank of an earlier attempt published (gloo's full-mesh connect
-                # is then refused).
-                store, _, _ = next(dist.rendezvous("env://", rdv.rank, rdv.size, timeout=timeout))
-                dist.init_process_group(backend=backend, store=dist.PrefixStore(f"scalesgd/attempt{restarts}", store),
+            elif rdv.from_env:
+                job_store, _, _ = next(dist.rendezvous("env://", rdv.rank, rdv.size, timeout=timeout))
+                dist.init_process_group(backend=backend, store=_attempt_store(job_store, rdv, timeout_s),
                                         rank=rdv.rank, world_size=rdv.size, timeout=timeout)
+                if rdv.rank == 0:  # every rank has joined, so every rank has asked torchrun_restarted already
+                    job_store.set(_STARTED_KEY, "1")
             else:
-                init_method = "env://" if rdv.from_env else f"tcp://{rdv.addr}:{rdv.port}"
-                dist.init_process_group(backend=backend, init_method=init_method, rank=rdv.rank, world_size=rdv.size,
-                                        timeout=timeout)
+                dist.init_process_group(backend=backend, init_method=f"tcp://{rdv.addr}:{rdv.port}", rank=rdv.rank,
+                                        world_size=rdv.size, timeout=timeout)
         except (RuntimeError, ValueError) as e:  # noqa: PERF203 - converted to a clear message
             raise DistributedError(
                 f"rank {rdv.rank} could not join the process group at {rdv.addr}:{rdv.port} ({e}); "
                 "check that every rank uses the same address and port and that the port is free") from e
+    # A local job's own listeners (ring-tcp) bind the address its workers meet on (127.0.0.1 unless --master-addr
+    # names another), not one found from a MASTER_ADDR that a shell may have left set.
+    host = reachable_host() if rdv.from_env else rdv.addr
     return World(rank=rdv.rank, size=rdv.size, local_rank=rdv.local_rank, device=device, backend=backend,
-                 local_size=local_world_size(rdv.size), cpu_count=os.cpu_count() or 1, host=reachable_host())
+                 local_size=local_world_size(rdv.size), cpu_count=os.cpu_count() or 1, host=host)
 
 
 def shutdown_world() -> None:
@@ -289,15 +346,76 @@ def check_local_address(addr: str) -> None:
                           "meet on this machine: leave it out (127.0.0.1) or give one of its own addresses") from None
 
 
-def host_store(addr: str, world_size: int, timeout_s: float = 300.0) -> dist.TCPStore:
-    """A rendezvous store served by this process on a port the system picks (``.port``); the workers join it
-    with ``Rendezvous(store_hosted=True)``. Keep it referenced until the job ends.
+def host_store(addr: str, world_size: int, timeout_s: float = 300.0, port: int = 0) -> dist.TCPStore:
+    """A rendezvous store served by this process on ``addr`` only, on ``port`` (0: one the system picks;
+    ``.port``); the workers join it with ``Rendezvous(store_hosted=True)``. Keep it referenced until the job ends.
+
+    The listening socket is bound here and handed to the store (``master_listen_fd``): a TCPStore that binds
+    its own listens on every interface of the machine, where anyone who can reach it may read and write the
+    job's keys without authentication.
 
     Raises:
         ConfigError: ``addr`` cannot be bound here (:func:`check_local_address`).
+        DistributedError: ``port`` is taken.
     """
     check_local_address(addr)
-    return dist.TCPStore(addr, 0, world_size, True, timeout=_dt.timedelta(seconds=timeout_s), wait_for_workers=False)
+    family = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((addr, port))
+        sock.listen(max(128, world_size))
+    except OSError as e:
+        sock.close()
+        raise DistributedError(f"rendezvous port {port} on {addr} is in use ({e.strerror}); pass another "
+                               "--master-port or leave it out to pick a free one") from None
+    port = int(sock.getsockname()[1])
+    fd = sock.detach()  # the store owns the descriptor from here on (it closes it when it is destroyed)
+    try:
+        return dist.TCPStore(addr, port, world_size, True, timeout=_dt.timedelta(seconds=timeout_s),
+                             wait_for_workers=False, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def is_loopback(addr: str) -> bool:
+    """Whether ``addr`` (a name or an address) resolves to a loopback address only (127.0.0.0/8, ::1)."""
+    try:
+        infos = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback network interface (``lo`` on Linux, ``lo0`` on BSD and macOS),
+    None when there is none: Linux marks it IFF_LOOPBACK in ``/sys/class/net/NAME/flags``, elsewhere its
+    name says it."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    for name in names:
+        try:
+            flags = int(Path(f"/sys/class/net/{name}/flags").read_text(), 16)
+        except (OSError, ValueError):
+            continue
+        if flags & 0x8:  # IFF_LOOPBACK
+            return name
+    return next((name for name in names if name in ("lo", "lo0")), None)
+
+
+def worker_environment(addr: str) -> dict[str, str]:
+    """The environment local workers meeting on ``addr`` start with: this process's, and, when ``addr`` is a
+    loopback address, gloo's sockets on the loopback interface (``GLOO_SOCKET_IFNAME``; gloo otherwise
+    listens on the address this machine's hostname resolves to, often one every machine on the network can
+    reach). Every peer of a local job is on this machine, so loopback always reaches them."""
+    environ = dict(os.environ)
+    if is_loopback(addr):
+        lo = loopback_interface()
+        if lo is not None:
+            environ["GLOO_SOCKET_IFNAME"] = lo
+    return environ
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -425,10 +543,11 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
         StoppedError: a second stop signal arrived before the workers had stopped.
     """
     store = None
-    if port is None and nprocs > 1:
-        # The launcher binds the rendezvous store itself, on a port the system picks, and holds it for the whole
-        # job: a port probed free and handed on could be taken by another process before rank 0 bound it.
-        store = host_store(addr, nprocs)
+    if nprocs > 1:
+        # The launcher binds the rendezvous store itself, on ``addr`` only, and holds it for the whole job: a port
+        # probed free and handed on could be taken by another process before rank 0 bound it, and a store rank 0
+        # made itself would listen on every interface.
+        store = host_store(addr, nprocs, port=port or 0)
         port = store.port
     elif port is None:
         port = free_port(addr)  # no process group of its own; a caller that makes one uses this port
@@ -436,7 +555,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
         check_port_free(port, addr)
     ctx = worker_context()
     stdio = _Stdio() if ctx.get_start_method() == "forkserver" else None  # spawned workers inherit them
-    environ = dict(os.environ)
+    environ = worker_environment(addr)
     # Plain pickle copies tensors by value; multiprocessing's own pickler would share them through file
     # descriptors served by this process, which breaks when several jobs are spawned in a row.
     payload = pickle.dumps((fn, args))

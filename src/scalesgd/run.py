@@ -49,7 +49,7 @@ from scalesgd.data.user import ShardReader, to_device
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
 from scalesgd.stragglers import StragglerSpec, parse_straggler, sample_delay
 from scalesgd.train_state import LossWatch, TrainState
-from scalesgd.transforms import GradientTransformation, Hyper, sgd
+from scalesgd.transforms import GradientTransformation, Hyper, sgd, state_from_tree, state_to_tree
 from scalesgd.user_code import build_run_model, canonical, is_import_string, loss_for, short_name
 from scalesgd.writer import (RunWriter, check_run_dir_is_new, default_run_dir, environment, lock_run_dir,
                              truncate_metrics)
@@ -283,7 +283,7 @@ def step(state: TrainState, part: Shard, *, lr: float, flat: FlatModel, loss_fn:
     all-reduced gradient); its loss and accuracy are this rank's. ``delay``: the injected straggler delay.
     ``skip_compute``: this rank is late (backup workers: the step's result is already there), so it
     contributes nothing and takes no delay. ``requests``: this rank's (checkpoint, stop) requests, summed over
-    ranks with the step's all-reduce (a local step has none: its requests wait for the next synchronous one).
+    ranks with the step's all-reduce (a local step has none: :func:`average` carries them at the next average).
     ``example_qsgd``: each example's gradient quantized before the sum (``--example-qsgd-levels``), its
     rounding keyed by (seed, step, row of the global batch) like the dropout masks.
     """
@@ -332,19 +332,27 @@ def local_phase(state: TrainState, *, sync_every: int | None, sync_every_after: 
     return state.replace(local_sgd_start=state.step)
 
 
-def average(state: TrainState, *, flat: FlatModel, comm: CommStrategy, world: World,
-            sync_every: int | None) -> tuple[TrainState, dict[str, Any]]:
+def average(state: TrainState, *, flat: FlatModel, comm: CommStrategy, world: World, sync_every: int | None,
+            requests: tuple[bool, bool] = (False, False)) -> tuple[TrainState, dict[str, Any], tuple[bool, bool]]:
     """After a local step: average the parameters across ranks when the schedule says so
-    (:func:`scalesgd.local_sgd.averaging_due`); returns the state and the step record's local-SGD fields."""
+    (:func:`scalesgd.local_sgd.averaging_due`); returns the state, the step record's local-SGD fields and
+    whether any rank asked for a (checkpoint, stop).
+
+    ``requests``: this rank's (checkpoint, stop) requests. A local step has no all-reduce to carry them, so they
+    are summed over ranks at the next average (a second, two-number all-reduce): a stop signal during local SGD
+    is acted on within ``sync_every`` steps, on every rank after the same step.
+    """
     if state.local_sgd_start is None or sync_every is None:
-        return state, {}
+        return state, {}, (False, False)
     if not averaging_due(state.step - 1, state.local_sgd_start, sync_every):
-        return state, {"local_sgd": True, "averaged": False}
+        return state, {"local_sgd": True, "averaged": False}, (False, False)
     t0 = time.perf_counter()
     stats = average_parameters_(flat.params, comm, world.size)
     average_s = time.perf_counter() - t0
+    summed = distributed.all_reduce_scalars([float(requests[0]), float(requests[1])], world)
     return state.replace(train_time_s=state.train_time_s + average_s), {
-        "local_sgd": True, "averaged": True, "average_s": average_s, "average_bytes_sent": stats.bytes_sent}
+        "local_sgd": True, "averaged": True, "average_s": average_s, "average_bytes_sent": stats.bytes_sent}, (
+        summed[0] > 0.5, summed[1] > 0.5)
 
 
 def warm_up(state: TrainState, part: Shard, *, flat: FlatModel, loss_fn: Callable,
@@ -526,8 +534,15 @@ def save_train_checkpoint(state: TrainState, *, flat: FlatModel, config: dict[st
                           writer: RunWriter, elapsed_s: float, last_eval: dict[str, Any], keep: int,
                           base_lr: float) -> None:
     """All ranks: gather every rank's RNG states to rank 0, which writes ``checkpoints/step-<step>.pt``
-    (:func:`scalesgd.checkpoint.save`, keeping the newest ``keep``)."""
-    ranks = distributed.gather_objects(checkpoint.rng_state(state.comm_generator), world)
+    (:func:`scalesgd.checkpoint.save`, keeping the newest ``keep``).
+
+    Under local SGD (once ``--sync-every`` has started) each rank's parameters differ between two averages and
+    its momentum always: every rank's own parameters and transformation state go in too (``ranks[r]["own"]``),
+    so a checkpoint taken at any step resumes each rank exactly where it was."""
+    own = checkpoint.rng_state(state.comm_generator)
+    if state.local_sgd_start is not None:
+        own["own"] = {"params": state.params.detach().cpu().clone(), "tx_state": state_to_tree(state.tx_state)}
+    ranks = distributed.gather_objects(own, world)
     if not world.is_main or writer.run_dir is None:
         return
     # torch's generator as it is now: an exact-diversity measurement after the step may have drawn from it
@@ -543,8 +558,21 @@ def restore(blob: dict[str, Any], *, flat: FlatModel, comm_generator: torch.Gene
     """The :class:`TrainState` of a checkpoint, with this rank's RNG states set: parameters copied into the
     flat vector the model views, buffers into the model, torch's, numpy's, Python's and the communication
     generator's states restored. A rank the checkpoint did not have (a resume on more workers) starts its
-    generators from the seed."""
+    generators from the seed. A checkpoint taken during local SGD gives each rank its own parameters and
+    transformation state (momentum).
+
+    Raises:
+        ConfigError: a local-SGD checkpoint resumed on another number of workers (each had its own model).
+    """
     saved = TrainState.from_checkpoint(blob["train_state"], device=world.device)
+    own = [r.get("own") for r in blob["ranks"]]
+    if any(o is not None for o in own):  # local SGD: every rank has parameters and momentum of its own
+        if len(own) != world.size:
+            raise ConfigError(f"the checkpoint was taken during local SGD (--sync-every) on {len(own)} workers, each "
+                              f"with parameters and momentum of its own; resume it with --workers {len(own)}")
+        mine = own[world.rank]
+        saved = saved.replace(params=mine["params"].to(world.device),
+                              tx_state=state_from_tree(mine["tx_state"], world.device))
     with torch.no_grad():
         flat.params.copy_(saved.params)
         buffers = dict(flat.model.named_buffers())
@@ -608,6 +636,7 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
                        "base_lr": float(blob["base_lr"])}
         if world.is_main:  # the metrics the interrupted job wrote after its checkpoint are written again
             truncate_metrics(cfg.run_dir, int(blob["metrics_bytes"]) if newest is not None else 0)
+            checkpoint.remove_partial_writes(cfg.run_dir)  # a checkpoint the kill cut off mid-write
     writer = RunWriter(run_dir, enabled=world.is_main, purge_step=state.step + 1 if state.step else None)
     try:
         resolved = cfg.replace(workers=world.size, run_dir=str(run_dir) if run_dir else cfg.run_dir)
@@ -664,7 +693,10 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     ckpt = Checkpointing(cfg.checkpoint_every_steps, cfg.checkpoint_every_s, cfg.keep_checkpoints,
                          last_at=time.perf_counter())
     stragglers = parse_straggler(cfg.straggler)
-    in_sync = True  # whether every rank holds the same parameters (local SGD: only right after an average)
+    # whether every rank holds the same parameters (local SGD: only right after an average; a resume from a
+    # checkpoint taken between two averages starts out of sync)
+    in_sync = state.local_sgd_start is None or cfg.sync_every is None or state.step == 0 or averaging_due(
+        state.step - 1, state.local_sgd_start, cfg.sync_every)
 
     timing: StepTiming | None = None  # the last step's times, for the goodput policy's step-time fit
 
@@ -700,8 +732,11 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                                                        step_index=state.step),
                                  skip_compute=isinstance(comm, BackupWorkers) and comm.result_ready(),
                                  requests=requests, example_qsgd=example_qsgd)
-            state, local_record = average(state, flat=flat, comm=comm, world=world, sync_every=cfg.sync_every)
+            state, local_record, agreed = average(state, flat=flat, comm=comm, world=world, sync_every=cfg.sync_every,
+                                                  requests=requests)
             in_sync = local_record.get("averaged", True)
+            checkpoint_requested, stop_requested = (result.checkpoint_requested or agreed[0],
+                                                    result.stop_requested or agreed[1])
             if isinstance(comm, BackupWorkers):
                 local_record = {"backup_used_ranks": list(comm.used_ranks)}
             # estimate: fold the step's unbiased ‖G‖², tr Σ into the smoothed estimates
@@ -737,7 +772,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                     break
             # checkpoint: every k steps, when rank 0's clock says so, or on a stop signal to any rank
             done = finished(state, steps=cfg.steps, total_examples=total_examples)
-            if not done and (ckpt.step_due(state.step) or result.checkpoint_requested or result.stop_requested):
+            if not done and (ckpt.step_due(state.step) or checkpoint_requested or stop_requested):
                 t0 = time.perf_counter()
                 save_train_checkpoint(state, flat=flat, config=config, world=world, writer=writer,
                                       elapsed_s=t0 - start_s, last_eval=last_eval, keep=ckpt.keep,
@@ -746,7 +781,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 ckpt.last_save_s = ckpt.last_at - t0
                 ckpt.saves += 1
                 ckpt.save_s += ckpt.last_save_s
-                if result.stop_requested:
+                if stop_requested:
                     raise StoppedError(
                         f"stopped by {stop.name or 'a signal to another worker'} after step {state.step}; a "
                         f"checkpoint is in {checkpoint.checkpoint_dir(cfg.run_dir or '.')}. Continue with: "
@@ -810,8 +845,9 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
     passes them) travel pickled with the spawn payload.
 
     The launcher (rank 0 under torchrun) holds a lock on the run directory for the job's life. With
-    ``resume`` (``scalesgd train --resume``), or when torchrun restarted the job (TORCHELASTIC_RESTART_COUNT
-    > 0), the run continues from the newest checkpoint in ``cfg.run_dir``. Local workers that die are
+    ``resume`` (``scalesgd train --resume``), or when torchrun restarted the job
+    (:func:`scalesgd.distributed.torchrun_restarted`), the run continues from the newest checkpoint in
+    ``cfg.run_dir``. Local workers that die are
     restarted from the newest checkpoint up to ``cfg.max_restarts`` times.
 
     Returns rank 0's summary (under torchrun: this rank's).
@@ -820,6 +856,8 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
         StoppedError: the job was stopped by a signal after writing a checkpoint.
     """
     rdv = distributed.torchrun_rendezvous()
+    if rdv is not None:  # torchrun starts its workers in sessions of their own: stop when the agent dies
+        distributed.stop_with_parent(os.getppid())
     main = rdv is None or rdv.rank == 0  # only rank 0 writes the run directory
     lock, locked = contextlib.ExitStack(), False
     if resume:
@@ -827,7 +865,7 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
             lock.enter_context(lock_run_dir(cfg.run_dir))
             locked = True
         check_resumable(cfg.run_dir)
-    elif rdv is not None and distributed.restart_count() > 0:
+    elif rdv is not None and distributed.torchrun_restarted(rdv, cfg.timeout_s):
         if not cfg.run_dir:
             raise ConfigError("torchrun restarted the job, but it has no --run-dir to resume from; give every "
                               "rank the same --run-dir so a restart continues the run")

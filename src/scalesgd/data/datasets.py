@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -251,6 +252,7 @@ def load_digits(*, n_train: int | None = None, n_test: int | None = None, seed: 
 # --- MNIST / Fashion-MNIST IDX files -------------------------------------------------------------------
 IDX_IMAGES_MAGIC = 0x00000803  # two zero bytes, type 0x08 (unsigned byte), 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+IDX_NUM_CLASSES = 10  # MNIST's digits and Fashion-MNIST's clothing classes: labels 0..9
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -310,10 +312,12 @@ def read_idx(path: Path, *, expected_magic: int) -> np.ndarray:
         raise DataError(f"{path}: truncated IDX file ({len(data)} bytes, header needs {header_bytes}); "
                         f"download it again")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = header_bytes + int(np.prod(shape, dtype=np.int64))
+    # Python integers: a damaged header's dimensions (each up to 2^32 - 1) can multiply past int64
+    expected = header_bytes + math.prod(shape)
     if len(data) < expected:
         raise DataError(f"{path}: truncated IDX file: header says shape {shape} ({expected} bytes) but the "
-                        f"{'uncompressed ' if path.suffix == '.gz' else ''}file has {len(data)}; download it again")
+                        f"{'uncompressed ' if path.suffix == '.gz' else ''}file has {len(data)}; the header or the "
+                        "file is damaged, download it again")
     if len(data) > expected:
         raise DataError(f"{path}: {len(data) - expected} bytes beyond what the header's shape {shape} accounts "
                         f"for; the file is corrupt or not an IDX file, download it again")
@@ -331,6 +335,16 @@ def _read_idx_pair(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
                         f"releases or one is damaged, download both again")
     if images.shape[0] == 0:
         raise DataError(f"{images_path}: holds no images; download it again")
+    if 0 in images.shape[1:]:
+        raise DataError(f"{images_path}: its header says the images are {images.shape[1]}x{images.shape[2]} pixels, "
+                        "an image with no pixels; the header is damaged, download the file again")
+    bad = np.flatnonzero(labels >= IDX_NUM_CLASSES)
+    if bad.size:
+        i = int(bad[0])
+        more = f", nor are {bad.size - 1} more labels" if bad.size > 1 else ""
+        raise DataError(f"{labels_path}: label {int(labels[i])} at index {i} is not a class of MNIST or "
+                        f"Fashion-MNIST (0..{IDX_NUM_CLASSES - 1}){more}; "
+                        "the file is damaged or not an MNIST label file, download it again")
     return images, labels
 
 
@@ -341,6 +355,12 @@ def load_idx(path: str | os.PathLike, *, n_train: int | None = None, n_test: int
     Inputs are (1, rows, cols) float32 in [0, 1] (pixel / 255); one channel so that image models (``cnn``)
     take them as they are and ``mlp`` flattens them. ``num_outputs`` is the largest label + 1 (10 for
     MNIST and Fashion-MNIST). ``n_train`` / ``n_test`` take seeded random subsets.
+
+    Raises:
+        DataError: one line naming the file, when a file is missing, truncated, of the wrong kind, its header's
+            dimensions disagree with its size (or multiply past it) or give images of zero pixels, or a label
+            is outside 0..9 (naming the value and its index: a damaged label file would otherwise build a
+            model with that many classes).
     """
     root = Path(path).expanduser()
     if not root.is_dir():
