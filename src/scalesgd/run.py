@@ -737,9 +737,9 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 ckpt.save_s += ckpt.last_save_s
                 if result.stop_requested:
                     raise StoppedError(
-                        f"stopped by {stop.name or 'a signal to another worker'} after step {state.step}; a "
-                        f"checkpoint is in {checkpoint.checkpoint_dir(cfg.run_dir or '.')}. Continue with: "
-                        f"scalesgd train --resume {cfg.run_dir}")
+                        f"stopped by {stop.name or 'a signal to another worker'} after step {state.step}; "
+                        f"checkpoint {checkpoint.checkpoint_path(cfg.run_dir or '.', state.step)}; resume with: "
+                        f"scalesgd train --resume {cfg.run_dir}", signum=stop.signum)
     finally:
         reader.close()
         if bar is not None:
