@@ -773,8 +773,13 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
 def _progress_bar(cfg: RunConfig, world: World, total_examples: int):
     if not (cfg.progress and world.is_main):
         return None
+    import threading
+
     from tqdm.auto import tqdm
 
+    # Only rank 0 draws a bar: a thread lock does. tqdm's default lock adds a multiprocessing semaphore, which a
+    # worker leaving through os._exit never unregisters, so the resource tracker warned of a leak at exit.
+    tqdm.set_lock(threading.RLock())
     return tqdm(total=total_examples, unit="ex", unit_scale=True, dynamic_ncols=True, leave=True,
                 desc=f"train P={world.size}", mininterval=0.5)
 
