@@ -656,6 +656,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     in_sync = True  # whether every rank holds the same parameters (local SGD: only right after an average)
 
     timing: StepTiming | None = None  # the last step's times, for the goodput policy's step-time fit
+    measured_at: int | None = None  # the step of the last exact diversity measurement
 
     try:
         if cfg.lr == "auto" and "base_lr" in resumed:  # the rate the interrupted run's probe found
@@ -667,6 +668,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 world=world, comm=comm, tx=tx, classification=classification, start_s=start_s, writer=writer,
                 total_steps=cfg.steps or math.ceil(total_examples / state.global_batch_size))
         if cfg.exact_diversity_every and state.step == 0:
+            measured_at = 0
             log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world, estimate=None,
                                 start_s=start_s, writer=writer)
         while not finished(state, steps=cfg.steps, total_examples=total_examples):
@@ -705,7 +707,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
             # (between two local-SGD averages, on the average of the replicas, leaving each rank's own intact)
             measured = state.step > TIMING_WARMUP_STEPS and state.step % TIMING_EVERY == 0
             if cfg.exact_diversity_every and state.step % cfg.exact_diversity_every == 0:
-                measured = False
+                measured, measured_at = False, state.step
                 with averaged_parameters(flat.params, comm, world.size, needed=not in_sync):
                     log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world,
                                         estimate=smoothed_estimate(state, ema, ds.n_train), start_s=start_s,
@@ -746,6 +748,9 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
             bar.close()
     if not in_sync:  # local SGD ended between two averages: the run's model is the average of the replicas
         average_parameters_(flat.params, comm, world.size)
+    if cfg.exact_diversity_every and measured_at != state.step:  # the final step too, a multiple of k or not
+        log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world,
+                            estimate=smoothed_estimate(state, ema, ds.n_train), start_s=start_s, writer=writer)
     if not last_eval or last_eval["step"] != state.step:
         last_eval = log_eval(state, model=flat.model, loss_fn=loss_fn, ds=ds, eval_train_idx=eval_train_idx,
                              world=world, classification=classification, start_s=start_s, writer=writer)
