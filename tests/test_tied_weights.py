@@ -115,3 +115,23 @@ def test_tied_model_with_dropout_is_refused_with_the_fix():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             per_example_sq_norms(model, CE, x, y)
+
+
+class ReadsItsDtype(TinyGPT):
+    """Untied, but the forward reads a layer's parameter metadata outside its call (a common idiom)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert self.head.weight.dtype == self.wte.weight.dtype and self.wte.weight.shape[1] == D
+        assert self.wte.weight.size(0) == VOCAB and self.wte.weight.device == tokens.device
+        return super().forward(tokens)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_reading_a_parameters_metadata_outside_its_layer_is_not_a_tie():
+    torch.manual_seed(0)
+    model = ReadsItsDtype("none").double()
+    x, y = torch.randint(0, VOCAB, (7, T)), torch.randint(0, VOCAB, (7,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the closed forms stay
+        fast = per_example_sq_norms(model, CE, x, y)
+    torch.testing.assert_close(fast, loop_sq_norms(model, CE, x, y), rtol=1e-10, atol=0)

@@ -205,6 +205,21 @@ class _AttentionMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# What a forward may read of a parameter without using its values: attribute getters and methods that give
+# metadata only (``self.wte.weight.dtype``, ``.shape``, ``.size(0)``); reading them outside the layer is no tie.
+_METADATA = frozenset({"shape", "dtype", "device", "requires_grad", "ndim", "is_cuda", "is_leaf", "layout",
+                       "is_sparse", "is_quantized", "is_meta", "names", "itemsize", "nbytes", "size", "dim", "numel",
+                       "stride", "is_contiguous", "element_size", "data_ptr", "storage_offset", "is_floating_point",
+                       "is_complex", "nelement", "ndimension", "get_device"})
+
+
+def _metadata_only(func: Callable) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property getter: the name is its descriptor's
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    return name in _METADATA
+
+
 class _OutsideUses(TorchFunctionMode):
     """Active only during the tap's trace forward (:meth:`GhostNormTap._probe`): records the handled parameters
     that a torch function receives while the layer that owns them is not running — a weight used outside its
@@ -218,7 +233,7 @@ class _OutsideUses(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        for t in tree_leaves((args, kwargs)):
+        for t in [] if _metadata_only(func) else tree_leaves((args, kwargs)):
             if isinstance(t, torch.Tensor):
                 owner = self.owners.get(id(t))  # parameters are alive, so their ids are theirs alone
                 if owner is not None and not self.running[id(owner)]:
