@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from scalesgd.errors import ConfigError, ScalesgdError
+from scalesgd.errors import ConfigError, ScalesgdError, StoppedError
 
 
 # Option types for lists of numbers ("16,32,64"); the parsing itself is config.parse_number_list.
@@ -607,6 +607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
+    except StoppedError as e:  # a stop asked for, with a checkpoint to resume from: not an error
+        print(f"scalesgd: {e}", file=sys.stderr)
+        return e.exit_code
     except ScalesgdError as e:
         print(f"scalesgd: error: {e}", file=sys.stderr)
         return 2

@@ -590,11 +590,14 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
         rank, status, message = failure
         if status == "error":
             kind, _, message = str(message).partition(":")
-            raise _rebuild_error(kind, message)
+            error = _rebuild_error(kind, message)
+            if isinstance(error, StoppedError) and stop.signum is not None:
+                error.signum = stop.signum  # the signal this launcher was sent (it passed SIGTERM on)
+            raise error
         if status == "timeout":
             raise DistributedError(f"{message}; the workers were stopped")
         if status == "stopped":
-            raise StoppedError(message)
+            raise StoppedError(message, signum=stop.signum)
         if status == "died":
             raise WorkerFailedError(f"{message}; the other workers were stopped")
         raise WorkerFailedError(f"worker {rank} failed:\n{message}")

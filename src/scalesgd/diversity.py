@@ -331,6 +331,11 @@ class NoiseScaleEMA:
     (1+decay)/(1-decay) ~ 200 steps, which cuts the per-step noise by ~14x -- enough for +-10% at
     B_simple/b ~ 6 -- while still following the drift of the statistics over a training run of thousands of
     steps (they change on the scale of epochs, not steps). Use 0.995-0.999 for small batches or slow drift.
+
+    A fixed per-step rate lags statistics that drift within its horizon: when a run nears a minimum of its
+    training loss, ||G||^2 can fall by an order of magnitude within ~1/(1-decay) steps while tr Sigma falls
+    less, so the smoothed ||G||^2 stays too large and the estimated B_S trails the exact one (compare with
+    ``--exact-diversity-every``); a smaller decay follows faster at the price of more noise.
     """
 
     decay: float = 0.99

@@ -205,6 +205,42 @@ class _AttentionMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# What a forward may read of a parameter without using its values: attribute getters and methods that give
+# metadata only (``self.wte.weight.dtype``, ``.shape``, ``.size(0)``); reading them outside the layer is no tie.
+_METADATA = frozenset({"shape", "dtype", "device", "requires_grad", "ndim", "is_cuda", "is_leaf", "layout",
+                       "is_sparse", "is_quantized", "is_meta", "names", "itemsize", "nbytes", "size", "dim", "numel",
+                       "stride", "is_contiguous", "element_size", "data_ptr", "storage_offset", "is_floating_point",
+                       "is_complex", "nelement", "ndimension", "get_device"})
+
+
+def _metadata_only(func: Callable) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property getter: the name is its descriptor's
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    return name in _METADATA
+
+
+class _OutsideUses(TorchFunctionMode):
+    """Active only during the tap's trace forward (:meth:`GhostNormTap._probe`): records the handled parameters
+    that a torch function receives while the layer that owns them is not running — a weight used outside its
+    layer's call besides inside it, e.g. GPT's tied output layer ``h @ self.wte.weight.T`` next to
+    ``self.wte(tokens)``. Such a parameter's per-example gradient has two parts whose squared norms do not add,
+    so its layer's closed form alone would give too-small norms."""
+
+    def __init__(self, owners: dict[int, "_Handler"], running: dict[int, int], outside: set[int]):
+        super().__init__()
+        self.owners, self.running, self.outside = owners, running, outside
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        for t in [] if _metadata_only(func) else tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                owner = self.owners.get(id(t))  # parameters are alive, so their ids are theirs alone
+                if owner is not None and not self.running[id(owner)]:
+                    self.outside.add(id(t))
+        return func(*args, **kwargs)
+
+
 class GhostNormTap:
     """Per-example squared gradient norms from an ordinary backward pass ("ghost norms").
 
@@ -233,7 +269,11 @@ class GhostNormTap:
     parameters is handled, with its whole subtree, by torch.func (``vmap(grad(functional_call))``) on the
     saved inputs, with one warning per tap; its output may be any nesting of tuples, lists and dicts of
     tensors and Nones. A module called more than once per forward (weight sharing) or
-    a parameter shared by two modules is an error: per-layer norms do not add up for shared weights.
+    a parameter shared by two modules is an error: per-layer norms do not add up for shared weights. A parameter
+    used by its layer's call and also directly outside it (GPT's tied output layer ``h @ self.wte.weight.T``)
+    is found by the trace forward below (every torch function's arguments are checked against the running
+    layers); that layer's per-example part then comes from the whole-model torch.func fallback, which
+    differentiates both uses together (exact, slower; one warning naming the parameter).
 
     Layers called on an input without the batch axis (a position embedding on ``arange(T)``, a Linear on a shared
     (T, d) tensor), the model's own raw parameters (an ``nn.Parameter`` position table, a class token), parameters
@@ -282,6 +322,8 @@ class GhostNormTap:
         self._probed: dict[tuple, dict[str, bool]] = {}
         self._batched: dict[str, bool] | None = None
         self._probe_record: dict[str, bool] | None = None
+        # layer name -> its parameters the trace saw used outside the layer's call too (tied weights)
+        self._tied: dict[str, list[str]] = {}
         self._probe_batch = 0
         self._model = model
         self._param_names = {id(p): n for n, p in model.named_parameters()}
@@ -463,12 +505,31 @@ class GhostNormTap:
         call_args, call_kwargs = tree_unflatten(one, spec)
         record: dict[str, bool] = {}
         devices = sorted({v.device.index or 0 for v in leaves if isinstance(v, torch.Tensor) and v.is_cuda})
+        # Which handled parameters are also used outside their layer's call (tied weights): counted while the trace
+        # runs, with every handled layer's forward bracketed so a use inside it is known as such
+        owners = {id(p): h for h in self._handlers for p in h.params}
+        running = {id(h): 0 for h in self._handlers}
+        outside: set[int] = set()
+        brackets = []
+        for h in self._handlers:
+            brackets.append(h.module.register_forward_pre_hook(
+                lambda m, a, k=id(h): running.__setitem__(k, running[k] + 1), prepend=True))
+            brackets.append(h.module.register_forward_hook(
+                lambda m, a, o, k=id(h): running.__setitem__(k, running[k] - 1), always_call=True))
         self._probe_record, self._probe_batch, self._in_fallback = record, probe_batch, True
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), _OutsideUses(owners, running, outside):
                 model(*call_args, **call_kwargs)
         finally:
             self._probe_record, self._in_fallback = None, False
+            for handle in brackets:
+                handle.remove()
+        for h in self._handlers:
+            tied = sorted(self._param_names[id(p)] for p in h.params if id(p) in outside)
+            if tied:
+                # the whole layer goes to the shared torch.func fallback, which differentiates every use at once
+                record[h.name] = False
+                self._tied[h.name] = tied
         return record
 
     def _probe_seen(self, h: _Handler, x: Any, axis: int | None = None) -> bool:
@@ -532,12 +593,17 @@ class GhostNormTap:
             return  # nothing missed, or the forward ran with the tap disabled (sq_norms says so)
         names = sorted(self._param_names[pid] for pid in missing if pid in self._param_names)
         layers = [f"{n!r} ({type(h.module).__name__}, input of shape {h.shared_shape})"
-                  for n, h in sorted(self._shared.items())]
+                  for n, h in sorted(self._shared.items()) if n not in self._tied]
+        tied = [f"{n!r} ({type(h.module).__name__}): {self._tied[n]}" for n, h in sorted(self._shared.items())
+                if n in self._tied]
         shared = {id(p) for h in self._shared.values() for p in h.params}
         outside = sorted(self._param_names[pid] for pid in missing - shared if pid in self._param_names)
         what = "; ".join(
             ([f"layer(s) called on an input without the batch axis (B={self._batch}): " + ", ".join(layers)]
              if layers else [])
+            + ([f"tied weights: parameter(s) used both by their layer and outside its call (e.g. an output layer "
+                f"h @ wte.weight.T sharing an embedding's weight), whose per-example gradient sums both uses: "
+                + ", ".join(tied)] if tied else [])
             + ([f"parameter(s) {outside} received gradients outside the layer calls the tap handles (a raw "
                 "nn.Parameter of the model, a parameter used without calling its layer, or a layer parameter "
                 "other than weight and bias)"] if outside else []))
@@ -556,9 +622,12 @@ class GhostNormTap:
             self._warned.add(key)
             warnings.warn(
                 f"ghost norms: {what}; the per-example norms of parameter(s) {names} come from torch.func (vmap of "
-                "grad) over the whole model, which is slower. To keep the fast path, call such a layer on its input "
-                "expanded to the batch, e.g. a position embedding: self.pos(pos.expand(B, T)) instead of "
-                "self.pos(pos), and use each parameter only through its own layer's call.", stacklevel=4)
+                "grad) over the whole model, which is slower. " + " ".join(
+                    (["To keep the fast path, call such a layer on its input expanded to the batch, e.g. a position "
+                      "embedding: self.pos(pos.expand(B, T)) instead of self.pos(pos)."] if layers else [])
+                    + (["Use each parameter only through its own layer's call."] if outside else [])
+                    + (["Tied weights have no closed form: the fallback is exact, only slower; untied weights keep "
+                        "the fast path."] if tied else [])), stacklevel=4)
         self._backward_fallback(self._root_handler, root["args"], root["kwargs"], root["live_pos"], root["grads"],
                                 only={pid for pid in missing}, batch=batch)
 
@@ -1011,6 +1080,13 @@ class GhostNormTap:
             per_grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, arg_dims, kwarg_dims, grad_dims),
                                         randomness="error")(params, args, kwargs, tuple(grads))
         except RuntimeError as e:
+            if "randomness" in str(e) and h is self._root_handler and any(
+                    n in self._shared for n in self._tied):
+                raise ConfigError(
+                    f"the model draws random numbers (dropout?) in its forward, and the per-example norms of its tied "
+                    f"weights {sorted(w for n in self._tied if n in self._shared for w in self._tied[n])} need the "
+                    "whole-model torch.func fallback, whose recomputation cannot reproduce them; set the model's "
+                    "dropout to 0, untie the weights, or measure with --diversity cheap") from e
             if "randomness" in str(e) and h is self._root_handler:
                 raise ConfigError(
                     f"the model draws random numbers (dropout?) in its forward, and the per-example norms of "

@@ -127,9 +127,9 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
                     "loss_after": loss_after if math.isfinite(loss_after) else None, "verdict": trial.verdict,
                     "steps": LR_PROBE_STEPS, "global_batch_size": state.global_batch_size,
                     "trial_s": trial_s[-1], "time_s": time.perf_counter() - start_s})
-    lr, reason = _choose_probe_lr(test, search)
+    lr, reason = _choose_probe_lr(test, search, stop)
     probe_s = distributed.all_reduce_scalars([time.perf_counter() - t_start], world)[0] / world.size
-    writer.log({"kind": "lr_auto", "lr": lr, "reason": f"{reason}; stopped: {stop}", "trials": len(search.trials),
+    writer.log({"kind": "lr_auto", "lr": lr, "reason": reason, "trials": len(search.trials),
                 "probe_s": probe_s, "budget_s": budget_s, "estimated_run_s": run_est_s,
                 "time_s": time.perf_counter() - start_s})
     state = state.replace(tx_state=state_from_tree(saved_tx, world.device), base_lr=lr,
@@ -137,27 +137,38 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
     return state, dataclasses.replace(lr_config, base_lr=lr)
 
 
-def _choose_probe_lr(test: LrRangeTest, search) -> tuple[float, str]:
-    """The base rate from the range test: its pick (the steepest stable trial) divided by ``LR_PROBE_MARGIN``.
+def _choose_probe_lr(test: LrRangeTest, search, stop: str = "the range test finished") -> tuple[float, str]:
+    """The base rate from the range test, and a reason that says what happened: its pick (the steepest stable
+    trial) divided by ``LR_PROBE_MARGIN``.
 
-    When the budget stopped the ramp before any rate was unstable, the pick is only the largest rate tried,
-    not the loss minimum, so the rate is never below the ramp's start (the trainer's default ``--lr``). Before
-    any stable rate: the largest rate that did not rise (too small to show in a few steps, but safe), else the
-    next rate below the smallest unstable one, divided by the margin as well.
+    When the ramp stopped (``stop``: why, e.g. the time budget) before any rate was unstable, the pick is only
+    the largest rate tried, not the loss minimum, so the rate is never below the ramp's start (the trainer's
+    default ``--lr``); the reason then says so instead of quoting the divided pick it did not use. Before any
+    stable rate: the largest rate that did not rise (too small to show in a few steps, but safe), else the next
+    rate below the smallest unstable one, divided by the margin as well.
     """
-    stable = [t for t in search.trials if t.verdict == "stable"]
+    trials = search.trials
+    stable = [t for t in trials if t.verdict == "stable"]
     if stable:
         result = test.result(search)
         lr = result.lr / LR_PROBE_MARGIN
-        reason = f"{result.reason}; / margin {LR_PROBE_MARGIN:g} -> {lr:.4g}"
-        if not any(t.verdict in ("rose", "diverged") for t in search.trials) and lr < test.start_lr:
-            lr, reason = test.start_lr, f"{reason}; no unstable rate reached, so the ramp's start {test.start_lr:g}"
-        return lr, reason
-    flat_trials = [t for t in search.trials if t.verdict == "flat"]
+        if any(t.verdict in ("rose", "diverged") for t in trials) or lr >= test.start_lr:
+            return lr, f"{result.reason}; / margin {LR_PROBE_MARGIN:g} -> {lr:.4g}; stopped: {stop}"
+        # no unstable rate reached: the data do not bound the rate from above, so keep the ramp's start
+        if len(trials) == 1:
+            ran = f"one trial ran ({trials[0].describe()}) before the search stopped ({stop})"
+        else:
+            ran = (f"{len(trials)} trials up to lr {max(t.lr for t in trials):.4g} ran before the search stopped "
+                   f"({stop}); the steepest fall was {result.lr:.4g}'s")
+        return test.start_lr, (f"{ran}; no rate was unstable, so the base lr is the ramp's start "
+                               f"{test.start_lr:g} (the trainer's default --lr), not the steepest rate / margin "
+                               f"{LR_PROBE_MARGIN:g}")
+    flat_trials = [t for t in trials if t.verdict == "flat"]
     if flat_trials:
         best = max(flat_trials, key=lambda t: t.lr)
-        return best.lr, f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one ({best.describe()})"
-    smallest = min(search.trials, key=lambda t: t.lr)
+        return best.lr, (f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one "
+                         f"({best.describe()}); stopped: {stop}")
+    smallest = min(trials, key=lambda t: t.lr)
     lr = smallest.lr / test.factor / LR_PROBE_MARGIN
     return lr, (f"every trial was unstable; the next rate down ({smallest.lr / test.factor:.4g}, untried) / margin "
-                f"{LR_PROBE_MARGIN:g} -> {lr:.4g}; lowest: {smallest.describe()}")
+                f"{LR_PROBE_MARGIN:g} -> {lr:.4g}; lowest: {smallest.describe()}; stopped: {stop}")

@@ -67,8 +67,9 @@ def loss_and_accuracy(runs: Sequence[RunData], path: Path, *, x_axis: str,
 
 
 def time_breakdown(run: RunData, path: Path, *, label: str | None = None) -> Path:
-    """Stacked bar per worker: median compute and waiting for the slowest peer, then the all-reduce transfer
-    and optimizer update, which the metrics carry for rank 0 only (hatched: the same value on every bar)."""
+    """Stacked bar per worker: median compute, waiting for the slowest peer, all-reduce transfer and optimizer
+    update, each rank's own (runs whose metrics carry the last two for rank 0 only: hatched, rank 0's on every
+    bar)."""
     b = run.time_breakdown()
     ranks = np.arange(len(b["compute_s"]))
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(ranks) + 2), 4))
@@ -77,9 +78,11 @@ def time_breakdown(run: RunData, path: Path, *, label: str | None = None) -> Pat
         values = np.asarray(b[key]) * 1e3
         ax.bar(ranks, values, bottom=bottom, label=name)
         bottom += values
-    for key, name in (("transfer_s", "all-reduce transfer (rank 0's)"), ("update_s", "optimizer update (rank 0's)")):
-        values = np.full(len(ranks), (b[key] or 0.0) * 1e3)
-        ax.bar(ranks, values, bottom=bottom, label=name, hatch="//", alpha=0.8)
+    own = b["per_rank_comm"]
+    for key, name in (("transfer_s", "all-reduce transfer"), ("update_s", "optimizer update")):
+        values = np.asarray(b[key]) * 1e3
+        ax.bar(ranks, values, bottom=bottom, label=name if own else f"{name} (rank 0's)",
+               **({} if own else {"hatch": "//", "alpha": 0.8}))
         bottom += values
     ax.set_xticks(ranks, [f"rank {r}" for r in ranks])
     ax.set(ylabel="median time per step (ms)", title=f"where the step time goes — {label or run.label}")

@@ -416,6 +416,9 @@ def log_step(state: TrainState, result: StepResult, part: Shard, terms: LrTerms,
         "compute_s": result.compute_s, "comm_s": result.comm_s, "update_s": result.update_s,
         "wait_s": result.wait_s, "bytes_sent": result.bytes_sent,
         **{f"compute_s_rank{r}": t for r, t in enumerate(result.compute_s_per_rank)},
+        # each rank's own all-reduce and update seconds of the step before (they ride in this step's tail)
+        **{f"prev_comm_s_rank{r}": t for r, t in enumerate(result.prev_comm_s_per_rank) if t >= 0},
+        **{f"prev_update_s_rank{r}": t for r, t in enumerate(result.prev_update_s_per_rank) if t >= 0},
         **(noise.metrics() if noise is not None else {}),
         **({"injected_delay_s": result.injected_delay_s} if result.injected_delay_s else {}),
         **(extra or {}),
@@ -699,6 +702,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
         state.step - 1, state.local_sgd_start, cfg.sync_every)
 
     timing: StepTiming | None = None  # the last step's times, for the goodput policy's step-time fit
+    measured_at: int | None = None  # the step of the last exact diversity measurement
 
     try:
         if cfg.lr == "auto" and "base_lr" in resumed:  # the rate the interrupted run's probe found
@@ -710,6 +714,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 world=world, comm=comm, tx=tx, classification=classification, start_s=start_s, writer=writer,
                 total_steps=cfg.steps or math.ceil(total_examples / state.global_batch_size))
         if cfg.exact_diversity_every and state.step == 0:
+            measured_at = 0
             log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world, estimate=None,
                                 start_s=start_s, writer=writer)
         while not finished(state, steps=cfg.steps, total_examples=total_examples):
@@ -751,7 +756,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
             # (between two local-SGD averages, on the average of the replicas, leaving each rank's own intact)
             measured = state.step > TIMING_WARMUP_STEPS and state.step % TIMING_EVERY == 0
             if cfg.exact_diversity_every and state.step % cfg.exact_diversity_every == 0:
-                measured = False
+                measured, measured_at = False, state.step
                 with averaged_parameters(flat.params, comm, world.size, needed=not in_sync):
                     log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world,
                                         estimate=smoothed_estimate(state, ema, ds.n_train), start_s=start_s,
@@ -783,15 +788,18 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 ckpt.save_s += ckpt.last_save_s
                 if stop_requested:
                     raise StoppedError(
-                        f"stopped by {stop.name or 'a signal to another worker'} after step {state.step}; a "
-                        f"checkpoint is in {checkpoint.checkpoint_dir(cfg.run_dir or '.')}. Continue with: "
-                        f"scalesgd train --resume {cfg.run_dir}")
+                        f"stopped by {stop.name or 'a signal to another worker'} after step {state.step}; "
+                        f"checkpoint {checkpoint.checkpoint_path(cfg.run_dir or '.', state.step)}; resume with: "
+                        f"scalesgd train --resume {cfg.run_dir}", signum=stop.signum)
     finally:
         reader.close()
         if bar is not None:
             bar.close()
     if not in_sync:  # local SGD ended between two averages: the run's model is the average of the replicas
         average_parameters_(flat.params, comm, world.size)
+    if cfg.exact_diversity_every and measured_at != state.step:  # the final step too, a multiple of k or not
+        log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world,
+                            estimate=smoothed_estimate(state, ema, ds.n_train), start_s=start_s, writer=writer)
     if not last_eval or last_eval["step"] != state.step:
         last_eval = log_eval(state, model=flat.model, loss_fn=loss_fn, ds=ds, eval_train_idx=eval_train_idx,
                              world=world, classification=classification, start_s=start_s, writer=writer)
@@ -819,8 +827,13 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
 def _progress_bar(cfg: RunConfig, world: World, total_examples: int):
     if not (cfg.progress and world.is_main):
         return None
+    import threading
+
     from tqdm.auto import tqdm
 
+    # Only rank 0 draws a bar: a thread lock does. tqdm's default lock adds a multiprocessing semaphore, which a
+    # worker leaving through os._exit never unregisters, so the resource tracker warned of a leak at exit.
+    tqdm.set_lock(threading.RLock())
     return tqdm(total=total_examples, unit="ex", unit_scale=True, dynamic_ncols=True, leave=True,
                 desc=f"train P={world.size}", mininterval=0.5)
 

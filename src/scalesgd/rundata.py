@@ -121,30 +121,44 @@ class RunData:
         return f"{c.get('model')} B={c.get('global_batch_size')} P={c.get('workers')}"
 
     def time_breakdown(self, skip: int = 5) -> dict[str, Any]:
-        """Median per-step compute and wait per rank, and the transfer and update time (warm-up skipped).
+        """Median per-step compute, wait, all-reduce transfer and update per rank (warm-up skipped).
 
         Rank 0 logs every rank's compute time (carried in the all-reduce, ``compute_s_rank{r}``); a rank's
-        wait is the slowest rank's compute minus its own. The transfer is rank 0's all-reduce time minus
-        its wait, and the update rank 0's update time: the metrics carry them for rank 0 only, so they are
-        single numbers, not per rank (every rank leaves a synchronous all-reduce together, so the transfer
-        is shared; the update is the same arithmetic on identical parameters).
+        wait is the slowest rank's compute minus its own. Each rank's all-reduce and update times of step t
+        ride in step t+1's all-reduce (``prev_comm_s_rank{r}``, ``prev_update_s_rank{r}`` of the record of
+        step t+1); a rank's transfer at step t is its all-reduce time minus its wait. Runs written before
+        those fields existed carry rank 0's times only: their transfer and update are then rank 0's, the
+        same number for every rank, and ``per_rank_comm`` is False.
 
         Returns:
-            ``compute_s`` and ``wait_s``: lists, one median per rank (seconds); ``transfer_s`` and
-            ``update_s``: rank 0's medians (seconds), None without step records.
+            ``compute_s``, ``wait_s``, ``transfer_s``, ``update_s``: lists, one median per rank (seconds;
+            empty without step records); ``per_rank_comm``: whether transfer and update are each rank's own.
         """
         steps = self.steps[skip:] or self.steps
         if not steps:
-            return {"compute_s": [], "wait_s": [], "transfer_s": None, "update_s": None}
+            return {"compute_s": [], "wait_s": [], "transfer_s": [], "update_s": [], "per_rank_comm": False}
         ranks = sorted(int(k[len("compute_s_rank"):]) for k in steps[0] if k.startswith("compute_s_rank"))
         compute = np.array([[s[f"compute_s_rank{r}"] for r in ranks] for s in steps])  # (steps, P)
         slowest = compute.max(axis=1, keepdims=True)
         wait = slowest - compute
-        transfer = np.maximum(np.array([s["comm_s"] for s in steps]) - wait[:, 0], 0.0)
-        update = np.array([s["update_s"] for s in steps])
+        following = {s["step"] - 1: s for s in self.steps}  # step t's own times are in step t+1's record
+        keys = [(f"prev_comm_s_rank{r}", f"prev_update_s_rank{r}") for r in ranks]
+        rows = [i for i, s in enumerate(steps)
+                if all(c in following.get(s["step"], {}) and u in following[s["step"]] for c, u in keys)]
+        if rows:
+            comm = np.array([[following[steps[i]["step"]][c] for c, _ in keys] for i in rows])  # (steps, P)
+            update = np.array([[following[steps[i]["step"]][u] for _, u in keys] for i in rows])
+            transfer = np.maximum(comm - wait[rows], 0.0)
+            per_rank = True
+        else:  # rank 0's all-reduce and update only
+            rank0 = np.maximum(np.array([s["comm_s"] for s in steps]) - wait[:, 0], 0.0)
+            transfer = np.repeat(rank0[:, None], len(ranks), axis=1)
+            update = np.repeat(np.array([s["update_s"] for s in steps])[:, None], len(ranks), axis=1)
+            per_rank = False
         return {"compute_s": [float(v) for v in np.median(compute, axis=0)],
                 "wait_s": [float(v) for v in np.median(wait, axis=0)],
-                "transfer_s": float(np.median(transfer)), "update_s": float(np.median(update))}
+                "transfer_s": [float(v) for v in np.median(transfer, axis=0)],
+                "update_s": [float(v) for v in np.median(update, axis=0)], "per_rank_comm": per_rank}
 
 
 def distinct_labels(runs: Sequence[RunData]) -> list[str]:

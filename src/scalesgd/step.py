@@ -3,7 +3,8 @@
 Memory layout: every parameter is a view into one flat vector ``params`` (N,), and every ``.grad`` is a
 view into the front of one flat communication buffer ``buffer`` (N + tail,). Backward therefore writes the
 local gradient straight into the buffer; the tail carries this rank's exact statistics (loss sum, correct
-count, example count, diversity sums, its compute time) and is summed by the *same* all-reduce, so a step
+count, example count, diversity sums, its compute time, and its all-reduce and update times of the step
+before, which are only known after that step's collective) and is summed by the *same* all-reduce, so a step
 costs one collective whatever is measured.
 
 Reduction convention: rank p backpropagates ``Σ_{i∈shard_p} ℓᵢ / B`` with B the global batch, so the sum
@@ -25,6 +26,7 @@ from scalesgd.comm import CommStrategy
 from scalesgd.diversity import (NoiseStats, per_example_noise_stats, rank_averaged_two_batch_noise_stats,
                                 two_batch_rank_terms)
 from scalesgd.ghost_norms import GhostNormTap
+from scalesgd.local_sgd import NO_COMM
 from scalesgd.transforms import GradientTransformation, Hyper, apply_updates_
 
 # Fixed slots at the head of the statistics tail; per-rank compute times follow them.
@@ -36,6 +38,9 @@ SLOT_CHECKPOINT, SLOT_STOP = 4, 5
 SLOT_TAP = 6  # first of the slots a statistics tap may use
 N_TAP_SLOTS = 5
 N_FIXED_SLOTS = SLOT_TAP + N_TAP_SLOTS
+# After the fixed slots, three blocks of P per-rank slots: this step's compute time, then the previous step's
+# all-reduce time and update time as that rank measured them (UNKNOWN_TIME when it had no previous step).
+UNKNOWN_TIME = -1.0
 
 
 class FlatModel:
@@ -45,7 +50,11 @@ class FlatModel:
         self.model = model
         self.params_list = [p for p in model.parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in self.params_list)
-        self.tail = N_FIXED_SLOTS + world_size
+        self.world_size = world_size
+        self.tail = N_FIXED_SLOTS + 3 * world_size
+        # This rank's (all-reduce, update) seconds of its last step: sent with the next step's tail, so every
+        # rank's own times reach rank 0's metrics without a collective of their own.
+        self.last_times: tuple[float, float] = (UNKNOWN_TIME, UNKNOWN_TIME)
         dtype = self.params_list[0].dtype if self.params_list else torch.float32
         self.params = torch.empty(self.numel, dtype=dtype, device=device)  # (N,)
         self.buffer = torch.zeros(self.numel + self.tail, dtype=dtype, device=device)  # (N + tail,)
@@ -157,6 +166,10 @@ class StepResult:
     injected_delay_s: float = 0.0  # the straggler delay slept inside compute_s (``--straggler``), this rank
     checkpoint_requested: bool = False  # some rank asked for a checkpoint after this step
     stop_requested: bool = False  # some rank asked to checkpoint and stop after this step (a signal)
+    # The *previous* step's all-reduce and update seconds as each rank measured them (it rode in this step's
+    # tail); UNKNOWN_TIME for a rank without a previous step in this job; empty when the step had no collective.
+    prev_comm_s_per_rank: tuple[float, ...] = ()
+    prev_update_s_per_rank: tuple[float, ...] = ()
 
 
 def _sync(device: torch.device) -> None:
@@ -241,7 +254,10 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         time.sleep(injected)
         t1 = time.perf_counter()
     compute_s = t1 - t0
+    world_size = flat.world_size
     stats[N_FIXED_SLOTS + rank] = compute_s
+    stats[N_FIXED_SLOTS + world_size + rank] = flat.last_times[0]
+    stats[N_FIXED_SLOTS + 2 * world_size + rank] = flat.last_times[1]
     stats[SLOT_CHECKPOINT] = float(requests[0])
     stats[SLOT_STOP] = float(requests[1])
 
@@ -260,7 +276,12 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     _sync(device)
     t3 = time.perf_counter()
 
-    per_rank = tuple(summed[N_FIXED_SLOTS:])
+    flat.last_times = (t2 - t1, t3 - t2)
+    per_rank = tuple(summed[N_FIXED_SLOTS:N_FIXED_SLOTS + world_size])
+    # Without a collective (a local-SGD step) the tail holds this rank's values only: no per-rank times.
+    reduced = comm is not NO_COMM or world_size == 1
+    prev_comm = tuple(summed[N_FIXED_SLOTS + world_size:N_FIXED_SLOTS + 2 * world_size]) if reduced else ()
+    prev_update = tuple(summed[N_FIXED_SLOTS + 2 * world_size:]) if reduced else ()
     count = max(summed[SLOT_COUNT], 1.0)
     result = StepResult(
         loss=summed[SLOT_LOSS] / count,
@@ -276,6 +297,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         injected_delay_s=injected,
         checkpoint_requested=summed[SLOT_CHECKPOINT] > 0.5,
         stop_requested=summed[SLOT_STOP] > 0.5,
+        prev_comm_s_per_rank=prev_comm,
+        prev_update_s_per_rank=prev_update,
     )
     return result, tx_state
 
