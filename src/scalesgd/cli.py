@@ -123,6 +123,9 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("sync-every-after", float, "post-local SGD: synchronous for this many epochs, then --sync-every H"),
     ("backup-workers", int, "b backup workers: each step uses the first P-b gradients to reach rank 0, rescaled "
                            "(Chen et al. 2016); needs --comm ps and --diversity off"),
+    ("algorithm", str, "sync (synchronous SGD), async-ps (asynchronous SGD through a parameter server on rank 0, "
+                       "stale gradients; staleness logged), hogwild (lock-free updates of one model in shared "
+                       "memory); the asynchronous two need --diversity off"),
     ("checkpoint-every-steps", int, "write a checkpoint every k steps (0: by time only)"),
     ("checkpoint-every-s", float, "write a checkpoint every this many seconds (0: by steps only); stretched so "
                                   "that saving costs at most 2%% of the run (default: 300)"),

@@ -609,10 +609,17 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
         # default action ends the process at once (a rank blocked in a rendezvous would not see the request).
         try:
             with StopRequest() as stop:
-                state, summary = _loop(state, cfg=cfg, world=world, ds=ds, flat=flat, comm=comm, tx=tx, tap=tap,
-                                       ema=ema, lr_config=prepared.lr_config, policy=prepared.policy,
-                                       loss=prepared.loss, writer=writer, config=resolved.to_dict(), stop=stop,
-                                       resumed=resumed)
+                if cfg.algorithm != "sync":  # deferred: async_sgd is built on this module's stages
+                    from scalesgd import async_sgd
+
+                    state, summary = async_sgd.loop(state, cfg=cfg, world=world, ds=ds, flat=flat, tx=tx,
+                                                    lr_config=prepared.lr_config, writer=writer, stop=stop,
+                                                    loss=prepared.loss)
+                else:
+                    state, summary = _loop(state, cfg=cfg, world=world, ds=ds, flat=flat, comm=comm, tx=tx, tap=tap,
+                                           ema=ema, lr_config=prepared.lr_config, policy=prepared.policy,
+                                           loss=prepared.loss, writer=writer, config=resolved.to_dict(), stop=stop,
+                                           resumed=resumed)
         finally:
             if tap is not None:
                 tap.close()
@@ -808,6 +815,9 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
     rdv = distributed.torchrun_rendezvous()
     main = rdv is None or rdv.rank == 0  # only rank 0 writes the run directory
     lock, locked = contextlib.ExitStack(), False
+    if resume and cfg.algorithm != "sync":
+        raise ConfigError(f"--algorithm {cfg.algorithm} writes no checkpoints, so there is nothing to --resume; "
+                          "start the run again")
     if resume:
         if main and cfg.run_dir and Path(cfg.run_dir).is_dir():  # a run still going is named before anything
             lock.enter_context(lock_run_dir(cfg.run_dir))
