@@ -240,6 +240,9 @@ def _print_summary(s: dict[str, Any]) -> None:
             lines.append(f"reached target {s['target_accuracy']:.4f} after {s['time_to_target_s']:.1f} s")
         else:
             lines.append(f"did not reach target {s['target_accuracy']:.4f}")
+    if s.get("staleness_mean") is not None:  # --algorithm async-ps / hogwild
+        lines.append(f"{s['algorithm']}: {s['updates']} updates, staleness mean {s['staleness_mean']:.2f}, "
+                     f"max {s['staleness_max']}")
     lines.append(f"run directory: {s['run_dir']}")
     print("\n".join(lines))
 
