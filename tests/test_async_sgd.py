@@ -186,12 +186,14 @@ def test_an_asynchronous_run_cannot_be_resumed(tmp_path):
 
 # --- P = 2 ----------------------------------------------------------------------------------------------------
 
+EPOCHS = 8  # both reached 0.94-0.97 test accuracy in trial runs; the tests ask for > 0.85
+
 
 @pytest.mark.spawn
 @pytest.mark.timeout(600)
 def test_two_workers_async_ps_is_stale_converges_and_replays_serially(tmp_path):
     # rank 1 three times slower: rank 0's updates land while rank 1 computes, so rank 1's gradients are stale
-    cfg, summary, records, params = _run(tmp_path, "aps", workers=2, epochs=4, algorithm="async-ps",
+    cfg, summary, records, params = _run(tmp_path, "aps", workers=2, epochs=EPOCHS, algorithm="async-ps",
                                          straggler="rank1x3")
     ds = load_data(cfg)
     updates = [r for r in records if r["kind"] == "update"]
@@ -205,7 +207,7 @@ def test_two_workers_async_ps_is_stale_converges_and_replays_serially(tmp_path):
     per_epoch = Counter()
     for r in updates:
         per_epoch[int(r["epoch"])] += r["local_batch_size"]
-    assert per_epoch == {e: ds.n_train for e in range(4)}
+    assert per_epoch == {e: ds.n_train for e in range(EPOCHS)}
     assert summary["final_test_accuracy"] > 0.85
     # the server's semantics, replayed: update v applies the gradient taken at version v - 1 - staleness
     ref = _sgd_reference(cfg, ds, [(r["step"] - 1, r["rank"], 2, r["version"] - 1 - r["staleness"])
@@ -216,7 +218,7 @@ def test_two_workers_async_ps_is_stale_converges_and_replays_serially(tmp_path):
 @pytest.mark.spawn
 @pytest.mark.timeout(600)
 def test_two_workers_hogwild_converges_with_every_example_once_per_epoch(tmp_path):
-    cfg, summary, records, _ = _run(tmp_path, "hw", workers=2, epochs=4, algorithm="hogwild",
+    cfg, summary, records, _ = _run(tmp_path, "hw", workers=2, epochs=EPOCHS, algorithm="hogwild",
                                     exact_diversity_every=23)
     ds = load_data(cfg)
     updates = [r for r in records if r["kind"] == "update"]
@@ -225,9 +227,9 @@ def test_two_workers_hogwild_converges_with_every_example_once_per_epoch(tmp_pat
     per_epoch = Counter()
     for r in updates:
         per_epoch[int(r["epoch"])] += r["local_batch_size"]
-    assert per_epoch == {e: ds.n_train for e in range(4)}
+    assert per_epoch == {e: ds.n_train for e in range(EPOCHS)}
     assert summary["final_test_accuracy"] > 0.85
-    assert [r["step"] for r in records if r["kind"] == "diversity"] == [0, 23, 46, 69, 92]
+    assert [r["step"] for r in records if r["kind"] == "diversity"] == list(range(0, summary["steps"] + 1, 23))
     assert all(r["batch_bound"] > 1 for r in records if r["kind"] == "diversity")
 
 

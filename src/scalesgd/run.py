@@ -609,17 +609,10 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
         # default action ends the process at once (a rank blocked in a rendezvous would not see the request).
         try:
             with StopRequest() as stop:
-                if cfg.algorithm != "sync":  # deferred: async_sgd is built on this module's stages
-                    from scalesgd import async_sgd
-
-                    state, summary = async_sgd.loop(state, cfg=cfg, world=world, ds=ds, flat=flat, tx=tx,
-                                                    lr_config=prepared.lr_config, writer=writer, stop=stop,
-                                                    loss=prepared.loss)
-                else:
-                    state, summary = _loop(state, cfg=cfg, world=world, ds=ds, flat=flat, comm=comm, tx=tx, tap=tap,
-                                           ema=ema, lr_config=prepared.lr_config, policy=prepared.policy,
-                                           loss=prepared.loss, writer=writer, config=resolved.to_dict(), stop=stop,
-                                           resumed=resumed)
+                state, summary = _loop(state, cfg=cfg, world=world, ds=ds, flat=flat, comm=comm, tx=tx, tap=tap,
+                                       ema=ema, lr_config=prepared.lr_config, policy=prepared.policy,
+                                       loss=prepared.loss, writer=writer, config=resolved.to_dict(), stop=stop,
+                                       resumed=resumed)
         finally:
             if tap is not None:
                 tap.close()
@@ -639,6 +632,11 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     """Train until the step or epoch budget is spent or the target is reached; returns the final state and
     the run summary. Checkpoints when due; after a stop signal, checkpoints and raises :class:`StoppedError`.
     ``resumed``: ``elapsed_s`` and ``last_eval`` of the checkpoint the state came from ({} on a fresh start)."""
+    if cfg.algorithm != "sync":  # deferred: async_sgd is built on this module's stages
+        from scalesgd import async_sgd
+
+        return async_sgd.loop(state, cfg=cfg, world=world, ds=ds, flat=flat, tx=tx, lr_config=lr_config,
+                              writer=writer, stop=stop, loss=loss)
     classification = ds.task == "classification"
     loss_fn = loss_for(cfg.loss, ds.task, fn=loss)
     example_loss_fn = loss_for(cfg.loss, ds.task, "none", fn=loss)
