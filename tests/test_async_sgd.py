@@ -79,6 +79,7 @@ def _sgd_reference(cfg, ds, updates):
 # --- P = 1: no staleness, serial SGD ------------------------------------------------------------------------
 
 
+@pytest.mark.spawn  # a run records its git commit (a subprocess)
 @pytest.mark.timeout(300)
 def test_one_worker_async_ps_and_hogwild_are_serial_sgd(tmp_path):
     cfg, _, sync_records, sync_params = _run(tmp_path, "sync", workers=1, epochs=2)
