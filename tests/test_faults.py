@@ -52,7 +52,7 @@ _OUT_OF_RANGE = {
     "threads_per_worker": ["0"], "timeout_s": ["0", "0.001", "-5"], "check_replicas_every": ["-1"],
     "seed": ["-1"], "batch_schedule": ['"5:x"'], "loader_workers": ["-1"], "loss": ['"not-an-import-string"'],
     "straggler": ['"rank1x0.5"', '"exp"', '"exp:mean=-1"'], "sync_every": ["0"], "sync_every_after": ["-1"],
-    "backup_workers": ["-1", "5"],
+    "backup_workers": ["-1", "5"], "algorithm": ['"downpour"'],
     "checkpoint_every_steps": ["-1"], "checkpoint_every_s": ["-5"], "keep_checkpoints": ["0"],
     "max_restarts": ["-1"],
 }

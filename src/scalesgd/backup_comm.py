@@ -32,11 +32,12 @@ from scalesgd.errors import ConfigError, DistributedError
 class _Watched:
     """A point-to-point operation waited for on a thread of its own: gloo marks a request complete only in
     ``wait()``, so arrival order is learnt from these threads, which set ``done`` (and put ``key`` on
-    ``arrivals``) as each completes."""
+    ``arrivals``) as each completes. ``what``: the user of the transfer, named in its error
+    (:mod:`scalesgd.async_sgd` uses these too)."""
 
     def __init__(self, work: dist.Work, tensor: torch.Tensor, timeout: timedelta, key: int | None = None,
-                 arrivals: queue.SimpleQueue | None = None):
-        self.work, self.tensor, self.done = work, tensor, threading.Event()
+                 arrivals: queue.SimpleQueue | None = None, what: str = "backup workers"):
+        self.work, self.tensor, self.done, self.what = work, tensor, threading.Event(), what
         self.error: BaseException | None = None
 
         def wait() -> None:
@@ -54,7 +55,7 @@ class _Watched:
     def join(self) -> torch.Tensor:
         self.thread.join()
         if self.error is not None:
-            raise DistributedError(f"backup workers: a point-to-point transfer failed ({self.error}); a peer "
+            raise DistributedError(f"{self.what}: a point-to-point transfer failed ({self.error}); a peer "
                                    "has died or --timeout-s is too short") from self.error
         return self.tensor
 

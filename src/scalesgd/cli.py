@@ -132,6 +132,9 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("sync-every-after", float, "post-local SGD: synchronous for this many epochs, then --sync-every H"),
     ("backup-workers", int, "b backup workers: each step uses the first P-b gradients to reach rank 0, rescaled "
                            "(Chen et al. 2016); needs --comm ps and --diversity off"),
+    ("algorithm", str, "sync (synchronous SGD), async-ps (asynchronous SGD through a parameter server on rank 0, "
+                       "stale gradients; staleness logged), hogwild (lock-free updates of one model in shared "
+                       "memory); the asynchronous two need --diversity off"),
     ("checkpoint-every-steps", int, "write a checkpoint every k steps (0: by time only)"),
     ("checkpoint-every-s", float, "write a checkpoint every this many seconds (0: by steps only); stretched so "
                                   "that saving costs at most 2%% of the run (default: 300)"),
@@ -246,6 +249,9 @@ def _print_summary(s: dict[str, Any]) -> None:
             lines.append(f"reached target {s['target_accuracy']:.4f} after {s['time_to_target_s']:.1f} s")
         else:
             lines.append(f"did not reach target {s['target_accuracy']:.4f}")
+    if s.get("staleness_mean") is not None:  # --algorithm async-ps / hogwild
+        lines.append(f"{s['algorithm']}: {s['updates']} updates, staleness mean {s['staleness_mean']:.2f}, "
+                     f"max {s['staleness_max']}")
     lines.append(f"run directory: {s['run_dir']}")
     print("\n".join(lines))
 

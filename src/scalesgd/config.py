@@ -24,6 +24,9 @@ from scalesgd.stragglers import parse_straggler
 from scalesgd.user_code import OBJECT_PREFIX, is_import_string
 
 DIVERSITY_MODES = ("off", "cheap", "exact")
+# sync: synchronous data-parallel SGD; async-ps: asynchronous SGD through a parameter server (stale gradients);
+# hogwild: lock-free updates of one model in shared memory (scalesgd.async_sgd)
+ALGORITHMS = ("sync", "async-ps", "hogwild")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class RunConfig:
     sync_every: int | None = None  # local SGD: average the parameters every H steps; None: synchronous SGD
     sync_every_after: float = 0.0  # post-local SGD: synchronous for this many epochs, then every H steps
     backup_workers: int = 0  # b: each step uses the first P − b gradients to reach rank 0 (--comm ps)
+    algorithm: str = "sync"  # sync, async-ps or hogwild (ALGORITHMS)
     # fault tolerance (none of these changes the maths: a resume may change them)
     checkpoint_every_steps: int = 0  # 0: by time only
     checkpoint_every_s: float = 300.0  # 0: by steps only; stretched so that saving costs <= 2% of the time
@@ -242,6 +246,7 @@ class RunConfig:
         if not (isinstance(self.max_restarts, int) and self.max_restarts >= 0):
             raise ConfigError("--max-restarts must be an integer >= 0")
         self._check_local_sgd()
+        self._check_algorithm()
 
     def _check_local_sgd(self) -> None:
         parse_straggler(self.straggler)
@@ -270,6 +275,37 @@ class RunConfig:
             raise ConfigError("--sync-every: local steps all-reduce no gradient, so there is no noise estimate "
                               "for --lr-rule adascale or --batch-policy diversity/goodput; use them without local "
                               "SGD")
+
+    def _check_algorithm(self) -> None:
+        """The asynchronous algorithms have no all-reduced gradient and no synchronous step: refuse what needs
+        either, one line each."""
+        _choice("algorithm", self.algorithm, ALGORITHMS)
+        if self.algorithm == "sync":
+            return
+        a = f"--algorithm {self.algorithm}"
+        refusals = [
+            (self.diversity != "off", "has no all-reduced gradient for the online diversity estimate; add "
+                                      "--diversity off (--exact-diversity-every still measures B_S exactly)"),
+            (self.comm not in ("allreduce", "ps"),
+             f"sends gradients to its own server or none; drop --comm {self.comm}"),
+            (self.algorithm == "hogwild" and self.comm != "allreduce", "communicates through shared memory; drop "
+                                                                       "--comm"),
+            (self.backend == "nccl", "runs on the CPU over gloo; use --backend gloo"),
+            (self.sync_every is not None, "and --sync-every are two different algorithms; choose one"),
+            (self.backup_workers > 0, "applies every gradient as it arrives; drop --backup-workers"),
+            (self.batch_policy != "fixed", "keeps the global batch fixed; use --batch-policy fixed"),
+            (self.effective_lr_rule == "adascale", "has no noise estimate for --lr-rule adascale; choose another rule"),
+            (self.lr == "auto", "cannot run the synchronous --lr auto range test; give --lr a number"),
+            (self.check_replicas_every > 0, "keeps no identical replicas between evaluations; drop "
+                                            "--check-replicas-every"),
+            (self.checkpoint_every_steps > 0 or self.max_restarts > 0, "writes no checkpoints to restart from; drop "
+                                                                       "--checkpoint-every-steps/--max-restarts"),
+            (self.algorithm == "hogwild" and self.langevin_noise > 0, "would add the same Langevin noise in every "
+                                                                      "process; drop --langevin-noise"),
+        ]
+        for refused, why in refusals:
+            if refused:
+                raise ConfigError(f"{a} {why}")
 
     @property
     def effective_lr_rule(self) -> str:

@@ -677,6 +677,11 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     """Train until the step or epoch budget is spent or the target is reached; returns the final state and
     the run summary. Checkpoints when due; after a stop signal, checkpoints and raises :class:`StoppedError`.
     ``resumed``: ``elapsed_s`` and ``last_eval`` of the checkpoint the state came from ({} on a fresh start)."""
+    if cfg.algorithm != "sync":  # deferred: async_sgd is built on this module's stages
+        from scalesgd import async_sgd
+
+        return async_sgd.loop(state, cfg=cfg, world=world, ds=ds, flat=flat, tx=tx, lr_config=lr_config,
+                              writer=writer, stop=stop, loss=loss)
     classification = ds.task == "classification"
     loss_fn = loss_for(cfg.loss, ds.task, fn=loss)
     example_loss_fn = loss_for(cfg.loss, ds.task, "none", fn=loss)
@@ -873,6 +878,9 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
         distributed.stop_with_parent(os.getppid())
     main = rdv is None or rdv.rank == 0  # only rank 0 writes the run directory
     lock, locked = contextlib.ExitStack(), False
+    if resume and cfg.algorithm != "sync":
+        raise ConfigError(f"--algorithm {cfg.algorithm} writes no checkpoints, so there is nothing to --resume; "
+                          "start the run again")
     if resume:
         if main and cfg.run_dir and Path(cfg.run_dir).is_dir():  # a run still going is named before anything
             lock.enter_context(lock_run_dir(cfg.run_dir))
