@@ -37,6 +37,15 @@ def test_efficiency_by_hand_and_one_definition():
         assert efficiency(b, 16, 40.0) == pytest.approx(statistical_efficiency(0.5, 20.0, b, 16))
         assert efficiency(b, 16, 40.0) == pytest.approx(adascale_gain(0.5, 20.0, b, 16) / (b / 16))
     np.testing.assert_allclose(efficiency(np.array([10, 50]), 10, 100.0), [1.0, 110 / 150])
+    # an array of batches (the chooser's candidates) gives exactly the lr rule's number, element by element,
+    # across the clip at S = 1, no noise, tiny and huge noise
+    batches = np.array([1, 2, 3, 7, 16, 17, 100, 128, 999, 4096, 10**6])
+    for b_noise in (0.0, 1e-9, 0.7, 40.0, 3e3, 1e12):
+        for base in (1, 16, 128):
+            got = efficiency(batches, base, b_noise)
+            want = [statistical_efficiency(1.0, b_noise, int(b), base) for b in batches]
+            assert got.shape == batches.shape and got.tolist() == want
+    assert efficiency(np.array([[16, 32]]), 16, 8.0).shape == (1, 2)
 
 
 def test_noise_scale_sources():

@@ -276,14 +276,22 @@ def noise_scale(grad_sq_norm_est: float | None = None, trace_cov_est: float | No
 def efficiency(global_batch_size, base_batch_size: int, b_noise: float):
     """Statistical efficiency ``E(B) = (B_noise + B₀)/(B_noise + B)`` (scalar or array B).
 
-    One definition: this evaluates :func:`scalesgd.lr_rules.statistical_efficiency` (the AdaScale gain r
-    over S = B/B₀) with ‖G‖² = 1, tr Σ = B_noise, so it matches the learning-rate rule exactly.
+    One definition: this is :func:`scalesgd.lr_rules.statistical_efficiency` (the AdaScale gain r over
+    S = B/B₀) with ‖G‖² = 1, tr Σ = B_noise, so it matches the learning-rate rule exactly: a scalar B calls
+    it; an array B runs the same float64 operations in the same order elementwise (the chooser evaluates
+    hundreds of candidates at every step, one Python call each would dominate the policy's cost).
     """
     if not (math.isfinite(b_noise) and b_noise >= 0):
         raise ValueError(f"b_noise must be a finite number >= 0, got {b_noise}")
     arr = np.asarray(global_batch_size, dtype=np.float64)
-    out = np.array([statistical_efficiency(1.0, b_noise, float(b), base_batch_size) for b in arr.ravel()])
-    return out.reshape(arr.shape) if arr.ndim else float(out[0])
+    if not arr.ndim:
+        return statistical_efficiency(1.0, b_noise, float(arr), base_batch_size)
+    # adascale_gain's arithmetic with ‖G‖² = 1 (so never the both-zero case), clipped alike, over S
+    scale = arr / base_batch_size
+    var = max(b_noise, 0.0) / base_batch_size
+    gain = (var + 1.0) / (var / scale + 1.0)
+    gain = np.minimum(np.maximum(gain, np.minimum(1.0, scale)), np.maximum(1.0, scale))
+    return gain / scale
 
 
 def goodput(global_batch_size, *, model: StepTimeModel, world_size: int, base_batch_size: int,
