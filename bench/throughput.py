@@ -170,7 +170,11 @@ def loop_worker(rdv, dataset: str, model: str, batches: list[int], steps: int, r
                             distributed.barrier(world)
                             c0, t0 = time.process_time(), time.perf_counter()
                             if who == "ours":
-                                cfg = RunConfig(**common, batch_policy=batch_policy, run_dir=f"{tmp}/B{b}-r{r}-{n}")
+                                # goodput held at b (min = max): its per-step work (timings, fit, estimate) is
+                                # measured at the batch DDP runs, though its search then has one candidate
+                                pin = dict(min_batch=b, max_batch=b) if batch_policy == "goodput" else {}
+                                cfg = RunConfig(**common, batch_policy=batch_policy, **pin,
+                                                run_dir=f"{tmp}/B{b}-r{r}-{n}")
                                 run._train(cfg, world, ds, run.preflight(cfg, ds))
                             else:
                                 ddp_train(world, RunConfig(**common, diversity="off"), ds, eval_every_epoch=False)
@@ -230,7 +234,7 @@ def main() -> int:
     loop.add_argument("--steps", type=int, default=300, help="steps per loop run")
     loop.add_argument("--repeats", type=int, default=4, help="(scalesgd, DDP) pairs per batch")
     loop.add_argument("--batch-policy", default="fixed", choices=["fixed", "goodput"],
-                      help="scalesgd's batch policy (goodput: the batch may move away from --batches)")
+                      help="scalesgd's batch policy (goodput: held at each batch by --min-batch = --max-batch)")
     args = p.parse_args()
     if args.loop:
         if args.quick:

@@ -304,6 +304,44 @@ def test_warm_up_holds_and_skips_the_step_after_a_change():
     assert s3.n_timings == 2
 
 
+def test_timings_that_arrive_a_step_late_are_fitted_to_the_batch_they_were_measured_at():
+    # The trainer learns step k's agreed times with step k + 1, so at the decision for step k + 2: a timing from
+    # before the last change (the old batch) or of the first step at the new batch must stay out of the fit.
+    policy = GoodputPolicy(min_timed_steps=1, min_estimates=1, min_interval_steps=0, max_batch=4096)
+    from dataclasses import replace
+    state = replace(policy.init_state(), last_change_step=10)
+    late = dict(epoch=0.0, global_batch_size=64, world_size=4, compute_s=0.5, comm_s=0.001)
+    _, s = policy.next(state, GoodputObservation(step=11, timed_step=9, **late))  # measured at the old batch
+    assert s.n_timings == 0
+    _, s = policy.next(state, GoodputObservation(step=12, timed_step=10, **late))  # the first step at the new one
+    assert s.n_timings == 0
+    _, s = policy.next(state, GoodputObservation(step=13, timed_step=11, **late))
+    assert s.n_timings == 1 and s.times.bins[0].local_batch_size == 16
+    with pytest.raises(ValueError, match="timed_step"):
+        GoodputObservation(step=5, timed_step=5, **late)
+
+    # A simulated trainer with exact step times, each learned one step late, where the first step at a new batch
+    # is 3x slow (allocator warm-up): every bin holds exactly the steady time of its own local batch, and the
+    # policy still finds the optimum.
+    state, batch, ran = policy.init_state(), 32, {}
+    timed: dict[int, float] = {}
+    for step in range(1, 600):
+        ran[step - 1] = batch  # step - 1 ran at `batch`
+        first = step == 1 or ran[step - 2] != batch
+        timed[step - 1] = float(TRUE.compute_s(batch // 4)) * (3.0 if first else 1.0)
+        k = step - 2  # the trainer's own warm-up leaves out the first steps (k < 2)
+        obs = GoodputObservation(step=step, epoch=0.0, global_batch_size=batch, world_size=4,
+                                 compute_s=timed[k] if k >= 2 else None, comm_s=TRUE.alpha_n_s if k >= 2 else None,
+                                 timed_step=k if k >= 2 else None, grad_sq_norm_est=1.0, trace_cov_est=500.0)
+        decision, state = policy.next(state, obs)
+        batch = decision.global_batch_size
+    assert state.n_changes >= 2
+    for b in state.times.bins:
+        assert b.compute_s == pytest.approx(float(TRUE.compute_s(b.local_batch_size)), rel=1e-12)
+    best = choose_global_batch(model=TRUE, b_noise=500.0, world_size=4, base_batch_size=32, max_batch=4096)
+    assert true_goodput(batch, 500.0) >= 0.93 * best.goodput
+
+
 def test_state_round_trips_through_plain_dict_and_policy_is_pure():
     policy = GoodputPolicy(min_interval_steps=10, min_estimates=5, max_batch=4096)
     _, state, _ = simulate(policy, [500.0] * 120)

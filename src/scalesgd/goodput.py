@@ -413,6 +413,10 @@ class GoodputObservation:
         grad_sq_norm_est, trace_cov_est: the trainer's smoothed ‖G‖² and per-example tr Σ (None early).
         batch_bound_est: the smoothed B_S = B_noise + 1, used when the two above are missing.
         max_batch_memory: largest global batch that fits in memory on P workers, or None.
+        timed_step: the step the timings were measured at; None: the step just completed (``step − 1``). A
+            trainer that learns a step's agreed times one step late passes an older step; a timing from
+            before the last change of batch, or from the first ``skip_after_change`` steps after it, is left
+            out (it is not a timing of the current batch in its steady state).
     """
 
     step: int
@@ -426,6 +430,7 @@ class GoodputObservation:
     trace_cov_est: float | None = None
     batch_bound_est: float | None = None
     max_batch_memory: int | None = None
+    timed_step: int | None = None
 
     def __post_init__(self):
         if self.step < 0 or not (self.epoch >= 0):
@@ -435,6 +440,9 @@ class GoodputObservation:
                              f"{self.world_size}")
         if self.max_batch_memory is not None and self.max_batch_memory < 1:
             raise ValueError(f"max_batch_memory must be >= 1 or None, got {self.max_batch_memory}")
+        if self.timed_step is not None and not 0 <= self.timed_step < self.step:
+            raise ValueError(f"timed_step must be a completed step (0 <= timed_step < step={self.step}), got "
+                             f"{self.timed_step}")
 
 
 @dataclass(frozen=True)
@@ -499,7 +507,7 @@ class GoodputPolicy:
     Extrapolation: the fit is trusted only up to ``max_extrapolation``× beyond the measured local batch
     sizes, so a change is at most that factor past what was measured; with one size measured the slope is
     AdaptDL's prior (:func:`fit_step_time`), so the policy explores by at most that factor, measures, and
-    refits. The first ``skip_after_change`` timed steps after a change are left out of the fit (allocator
+    refits. The first ``skip_after_change`` steps at a new batch are left out of the fit (allocator
     and autotuner warm-up at the new shape). A current batch that is illegal (not a multiple of P, above
     a limit, e.g. after resuming on other workers) is corrected at once.
 
@@ -513,7 +521,7 @@ class GoodputPolicy:
         max_extrapolation: factor ≥ 1 (see above).
         gamma: compute/all-reduce overlap exponent of :func:`combine_times` (1: our trainer).
         single_size_slope_share: the one-size prior of :func:`fit_step_time`.
-        skip_after_change: timed steps ignored after each change (≥ 0).
+        skip_after_change: steps at a new batch whose timings are ignored (≥ 0).
         timing_window, timing_horizon: :func:`update_step_times` options.
     """
 
@@ -576,7 +584,10 @@ class GoodputPolicy:
         if state.base_batch_size == 0:
             state = replace(state, base_batch_size=self.base_batch_size or current)
         since = None if state.last_change_step is None else obs.step - state.last_change_step
-        if obs.compute_s is not None and (since is None or since > self.skip_after_change):
+        # steps the timed step ran after the last change (the first step at a new batch is step last_change_step)
+        timed_at = obs.step - 1 if obs.timed_step is None else obs.timed_step
+        settled = state.last_change_step is None or timed_at - state.last_change_step >= self.skip_after_change
+        if obs.compute_s is not None and settled:
             local = current // p if current % p == 0 else -(-current // p)
             state = replace(state, n_timings=state.n_timings + 1, times=update_step_times(
                 state.times, local_batch_size=max(local, 1), world_size=p,

@@ -3,7 +3,8 @@
 Memory layout: every parameter is a view into one flat vector ``params`` (N,), and every ``.grad`` is a
 view into the front of one flat communication buffer ``buffer`` (N + tail,). Backward therefore writes the
 local gradient straight into the buffer; the tail carries this rank's exact statistics (loss sum, correct
-count, example count, diversity sums, its compute time) and is summed by the *same* all-reduce, so a step
+count, example count, diversity sums, its compute time and its previous step's all-reduce and update times)
+and is summed by the *same* all-reduce, so a step
 costs one collective whatever is measured.
 
 Reduction convention: rank p backpropagates ``Σ_{i∈shard_p} ℓᵢ / B`` with B the global batch, so the sum
@@ -33,7 +34,11 @@ SLOT_CODEC_VAR = 3  # E‖Q(g) − g‖² a lossy codec adds to this rank's grad
 # Requests any rank may raise (a signal, a checkpoint falling due): summed with the step, so every rank
 # learns of them at the same step, at no extra collective.
 SLOT_CHECKPOINT, SLOT_STOP = 4, 5
-SLOT_TAP = 6  # first of the slots a statistics tap may use
+# This rank's all-reduce and update times of its previous step, summed with this step: every rank learns their
+# mean over ranks (what the goodput policy's step-time fit needs, alike on every rank) one step late, at no
+# collective of its own.
+SLOT_PREV_COMM, SLOT_PREV_UPDATE = 6, 7
+SLOT_TAP = 8  # first of the slots a statistics tap may use
 N_TAP_SLOTS = 5
 N_FIXED_SLOTS = SLOT_TAP + N_TAP_SLOTS
 
@@ -153,6 +158,8 @@ class StepResult:
     injected_delay_s: float = 0.0  # the straggler delay slept inside compute_s (``--straggler``), this rank
     checkpoint_requested: bool = False  # some rank asked for a checkpoint after this step
     stop_requested: bool = False  # some rank asked to checkpoint and stop after this step (a signal)
+    previous_comm_s: float = 0.0  # the previous step's all-reduce time, mean over ranks (their ``previous_times``)
+    previous_update_s: float = 0.0  # the previous step's update time, mean over ranks
 
 
 def _sync(device: torch.device) -> None:
@@ -165,7 +172,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
                comm: CommStrategy, tx: GradientTransformation, tx_state: Any, hyper: Hyper,
                tap: StatsTap | None = None, classification: bool = True,
                delay: Callable[[float], float] | None = None,
-               requests: tuple[bool, bool] = (False, False)) -> tuple[StepResult, Any]:
+               requests: tuple[bool, bool] = (False, False),
+               previous_times: tuple[float, float] = (0.0, 0.0)) -> tuple[StepResult, Any]:
     """Forward/backward on this rank's shard, one all-reduce, the same update on every rank.
 
     Args:
@@ -184,6 +192,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
             (:mod:`scalesgd.stragglers`).
         requests: this rank's (checkpoint, stop) requests; ``StepResult.checkpoint_requested`` /
             ``stop_requested`` say whether any rank raised them (they ride in the all-reduced tail).
+        previous_times: this rank's (comm_s, update_s) of its previous step; their means over ranks come back
+            as ``StepResult.previous_comm_s`` / ``previous_update_s`` (they ride in the tail too).
     Returns:
         (StepResult, new tx_state).
     """
@@ -225,6 +235,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
     stats[N_FIXED_SLOTS + rank] = compute_s
     stats[SLOT_CHECKPOINT] = float(requests[0])
     stats[SLOT_STOP] = float(requests[1])
+    stats[SLOT_PREV_COMM] = previous_times[0]
+    stats[SLOT_PREV_UPDATE] = previous_times[1]
 
     comm_stats = comm.allreduce_(flat.buffer, exact_tail=flat.tail)
     _sync(device)
@@ -257,6 +269,8 @@ def train_step(*, flat: FlatModel, loss_fn: Callable[[torch.Tensor, torch.Tensor
         injected_delay_s=injected,
         checkpoint_requested=summed[SLOT_CHECKPOINT] > 0.5,
         stop_requested=summed[SLOT_STOP] > 0.5,
+        previous_comm_s=summed[SLOT_PREV_COMM] / max(len(per_rank), 1),
+        previous_update_s=summed[SLOT_PREV_UPDATE] / max(len(per_rank), 1),
     )
     return result, tx_state
 
