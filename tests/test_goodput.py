@@ -454,3 +454,13 @@ def test_range_test_options_are_checked():
         LrRangeTest(pick="best")
     with pytest.raises(ValueError, match="saved state"):
         LrRangeTest().observe(LrRangeTest().init_state(), 0.1, float("nan"), 1.0)
+
+
+def test_window_median_is_numpys():
+    from scalesgd.goodput import _median
+
+    rng = random.Random(3)
+    for n in range(1, 9):
+        for _ in range(200):
+            values = [rng.choice([rng.random(), rng.expovariate(1e3), 0.0, 1e300]) for _ in range(n)]
+            assert _median(values) == float(np.median(np.asarray(values, dtype=np.float64)))
