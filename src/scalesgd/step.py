@@ -3,9 +3,8 @@
 Memory layout: every parameter is a view into one flat vector ``params`` (N,), and every ``.grad`` is a
 view into the front of one flat communication buffer ``buffer`` (N + tail,). Backward therefore writes the
 local gradient straight into the buffer; the tail carries this rank's exact statistics (loss sum, correct
-count, example count, diversity sums, its compute time and its previous step's all-reduce and update times)
-and is summed by the *same* all-reduce, so a step
-costs one collective whatever is measured.
+count, example count, diversity sums, its compute time, its previous step's all-reduce and update times) and
+is summed by the *same* all-reduce, so a step costs one collective whatever is measured.
 
 Reduction convention: rank p backpropagates ``Σ_{i∈shard_p} ℓᵢ / B`` with B the global batch, so the sum
 over ranks is exactly the gradient of the mean loss over the global batch (DDP's averaging of per-rank
