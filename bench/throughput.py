@@ -197,8 +197,9 @@ def loop_main(args) -> int:
         for b in args.batches:
             ranks = [o[b] for o in out]
             med = {k: statistics.median(v for rank in ranks for v in rank[k]) for k in ranks[0]}
-            # a pair whose DDP difference is not positive (a stall in the shorter run) has no ratio
-            pairs = {key: [o / d for rank in ranks for o, d in zip(rank[f"ours_{key}"], rank[f"ddp_{key}"]) if d > 0]
+            # a pair with a difference that is not positive (a stall in the shorter run) has no ratio
+            pairs = {key: [o / d for rank in ranks for o, d in zip(rank[f"ours_{key}"], rank[f"ddp_{key}"])
+                           if o > 0 and d > 0]
                      for key in ("wall", "cpu")}
             ratio = {key: statistics.median(v) if v else math.nan for key, v in pairs.items()}
             print(f"loop {task:14s} B={b:<4d} P={args.workers} --batch-policy {args.batch_policy}: per step scalesgd "
