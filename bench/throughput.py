@@ -4,16 +4,29 @@ Same model, same data, same global batch, P processes (default 2), in the same r
 alternate in blocks of steps on the same processes, warm-up excluded, and the medians over blocks are
 compared. Target: scalesgd ≥ 0.95× DDP for the MLP and the CNN (stretch ≥ 1.0×).
 
-    python bench/throughput.py                 # MLP (784-256-256-10, B=128) and CNN (3x32x32, B=64)
-    python bench/throughput.py --quick --json out.json
-    python bench/throughput.py --comm ring-tcp  # scalesgd's step with another communication strategy
+``--loop`` compares the whole training loops instead of the step alone: ``scalesgd train``'s loop
+(:func:`scalesgd.run._train`: batch policy, sharding, the step with its statistics tail, the cheap noise
+estimate, the metrics line, loss watch, checkpoint polling) against the DDP baseline's loop
+(:func:`scalesgd.baselines.ddp_train`), both on a built-in task with its real data, at a few global batches,
+alternating on the same processes (the order flips every repeat). Each loop runs ``--steps`` and then
+2 × ``--steps`` steps; the difference of the two runs' times over ``--steps`` is the steady per-step cost, free
+of each loop's set-up (model, files, DDP's broadcast and first-iteration work; scalesgd's warm-up step and its
+one evaluation at the end), which is printed apart. Both the wall time and the CPU time of the process
+(``time.process_time``: what the loop itself costs, less sensitive than the wall clock to other jobs on a
+shared machine) are reported, with the medians of the paired scalesgd/DDP ratios.
+
+    python bench/throughput.py --loop                                   # mnist1d/cnn1d and digits/mlp, B 128 512
+    python bench/throughput.py --loop --batch-policy goodput --batches 128
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from pathlib import Path
 import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -21,7 +34,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scalesgd import distributed
+from scalesgd.baselines import ddp_train
 from scalesgd.comm import make_comm
+from scalesgd.config import RunConfig
+from scalesgd.data import load_data
 from scalesgd.comm_registry import COMM_NAMES
 from scalesgd.models import MODELS
 from scalesgd.models import loss_function
@@ -35,6 +51,7 @@ CASES = {
     "cnn1d": dict(model="cnn1d", input_shape=(40,), width=32, batch=128),
 }
 LR, MOMENTUM, WD = 0.01, 0.9, 5e-4
+LOOP_TASKS = {"mnist1d-cnn1d": ("mnist1d", "cnn1d"), "digits-mlp": ("digits", "mlp")}
 
 
 def _build(case: dict, seed: int = 0) -> torch.nn.Module:
@@ -122,6 +139,84 @@ def bench_worker(rdv, case_name: str, blocks: int, steps_per_block: int, warmup_
         distributed.shutdown_world()
 
 
+def loop_worker(rdv, dataset: str, model: str, batches: list[int], steps: int, repeats: int,
+                batch_policy: str) -> dict:
+    """One rank: for every global batch, ``repeats`` pairs of (scalesgd's loop, DDP's loop), each run for
+    ``steps`` and for 2·``steps`` steps, the order flipped every repeat. Returns, by batch, per repeat: the
+    steady per-step wall and CPU time (s) of each loop (the two runs' difference over ``steps``) and its
+    set-up (the shorter run less ``steps`` steady steps)."""
+    from scalesgd import run
+
+    world = distributed.init_world(rdv, "gloo", timeout_s=600)
+    out: dict[int, dict[str, list[float]]] = {}
+    try:
+        torch.set_num_threads(1)
+        ds = None
+        with tempfile.TemporaryDirectory(prefix="loop-bench-") as tmp:
+            # untimed: the first DDP model of a process pays a one-time start-up of seconds
+            warm = dict(dataset=dataset, model=model, global_batch_size=batches[0], lr=0.1, steps=2,
+                        workers=world.size, threads_per_worker=1, progress=False, eval_train_examples=0)
+            ds = load_data(RunConfig(**warm))
+            ddp_train(world, RunConfig(**warm, diversity="off"), ds, eval_every_epoch=False)
+            for b in batches:
+                rows = out.setdefault(b, {})
+                for r in range(repeats):
+                    for who in (("ours", "ddp") if r % 2 == 0 else ("ddp", "ours")):
+                        spent = []
+                        for n in (steps, 2 * steps):
+                            common = dict(dataset=dataset, model=model, global_batch_size=b, lr=0.1, steps=n,
+                                          workers=world.size, threads_per_worker=1, progress=False,
+                                          eval_train_examples=0, eval_every=n + 1)
+                            distributed.barrier(world)
+                            c0, t0 = time.process_time(), time.perf_counter()
+                            if who == "ours":
+                                # goodput held at b (min = max): its per-step work (timings, fit, estimate) is
+                                # measured at the batch DDP runs, though its search then has one candidate
+                                pin = dict(min_batch=b, max_batch=b) if batch_policy == "goodput" else {}
+                                cfg = RunConfig(**common, batch_policy=batch_policy, **pin,
+                                                run_dir=f"{tmp}/B{b}-r{r}-{n}")
+                                run._train(cfg, world, ds, run.preflight(cfg, ds))
+                            else:
+                                ddp_train(world, RunConfig(**common, diversity="off"), ds, eval_every_epoch=False)
+                            spent.append((time.perf_counter() - t0, time.process_time() - c0))
+                        (wall1, cpu1), (wall2, cpu2) = spent
+                        for key, value in (("wall", (wall2 - wall1) / steps), ("cpu", (cpu2 - cpu1) / steps)):
+                            rows.setdefault(f"{who}_{key}", []).append(value)
+                        rows.setdefault(f"{who}_setup_wall", []).append(wall1 - (wall2 - wall1))
+        return out
+    finally:
+        distributed.shutdown_world()
+
+
+def loop_main(args) -> int:
+    results = {}
+    for task in args.tasks:
+        dataset, model = LOOP_TASKS[task]
+        out = distributed.spawn(loop_worker, args.workers, (dataset, model, args.batches, args.steps, args.repeats,
+                                                            args.batch_policy), timeout_s=3600)
+        for b in args.batches:
+            ranks = [o[b] for o in out]
+            med = {k: statistics.median(v for rank in ranks for v in rank[k]) for k in ranks[0]}
+            # a pair with a difference that is not positive (a stall in the shorter run) has no ratio
+            pairs = {key: [o / d for rank in ranks for o, d in zip(rank[f"ours_{key}"], rank[f"ddp_{key}"])
+                           if o > 0 and d > 0]
+                     for key in ("wall", "cpu")}
+            ratio = {key: statistics.median(v) if v else math.nan for key, v in pairs.items()}
+            print(f"loop {task:14s} B={b:<4d} P={args.workers} --batch-policy {args.batch_policy}: per step scalesgd "
+                  f"{med['ours_wall'] * 1e3:6.2f} ms wall {med['ours_cpu'] * 1e3:6.2f} ms CPU, DDP "
+                  f"{med['ddp_wall'] * 1e3:6.2f} ms wall {med['ddp_cpu'] * 1e3:6.2f} ms CPU; scalesgd/DDP paired "
+                  f"medians: wall {ratio['wall']:.2f}, CPU {ratio['cpu']:.2f}; set-up {med['ours_setup_wall']:.2f} s "
+                  f"vs {med['ddp_setup_wall']:.2f} s ({args.repeats} repeats of {args.steps} and {2 * args.steps} "
+                  f"steps, load {os.getloadavg()[0]:.1f})", flush=True)
+            results[f"{task} B={b}"] = {"task": task, "global_batch_size": b, "workers": args.workers,
+                                        "batch_policy": args.batch_policy, "steps": args.steps,
+                                        **{f"{key}_ratio": v if math.isfinite(v) else None for key, v in ratio.items()},
+                                        **{f"{k}_s": v for k, v in med.items()}, "per_rank": ranks}
+    if args.json:
+        write_json_atomic(Path(args.json), results)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=sorted(CASES))
@@ -134,7 +229,19 @@ def main() -> int:
                    help="scalesgd's communication strategy (DDP keeps its own)")
     p.add_argument("--quick", action="store_true", help="few short blocks (smoke test)")
     p.add_argument("--json", metavar="FILE")
+    loop = p.add_argument_group("--loop: the whole training loops on a built-in task")
+    loop.add_argument("--loop", action="store_true", help="compare scalesgd's training loop with DDP's")
+    loop.add_argument("--tasks", nargs="+", default=list(LOOP_TASKS), choices=sorted(LOOP_TASKS))
+    loop.add_argument("--batches", nargs="+", type=int, default=[128, 512], help="global batches")
+    loop.add_argument("--steps", type=int, default=300, help="steps per loop run")
+    loop.add_argument("--repeats", type=int, default=4, help="(scalesgd, DDP) pairs per batch")
+    loop.add_argument("--batch-policy", default="fixed", choices=["fixed", "goodput"],
+                      help="scalesgd's batch policy (goodput: held at each batch by --min-batch = --max-batch)")
     args = p.parse_args()
+    if args.loop:
+        if args.quick:
+            args.steps, args.repeats = 30, 2
+        return loop_main(args)
     if args.quick:
         args.blocks, args.steps_per_block, args.warmup_steps = 4, 10, 5
     results = {}

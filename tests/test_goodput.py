@@ -37,6 +37,15 @@ def test_efficiency_by_hand_and_one_definition():
         assert efficiency(b, 16, 40.0) == pytest.approx(statistical_efficiency(0.5, 20.0, b, 16))
         assert efficiency(b, 16, 40.0) == pytest.approx(adascale_gain(0.5, 20.0, b, 16) / (b / 16))
     np.testing.assert_allclose(efficiency(np.array([10, 50]), 10, 100.0), [1.0, 110 / 150])
+    # an array of batches (the chooser's candidates) gives exactly the lr rule's number, element by element,
+    # across the clip at S = 1, no noise, tiny and huge noise
+    batches = np.array([1, 2, 3, 7, 16, 17, 100, 128, 999, 4096, 10**6])
+    for b_noise in (0.0, 1e-9, 0.7, 40.0, 3e3, 1e12):
+        for base in (1, 16, 128):
+            got = efficiency(batches, base, b_noise)
+            want = [statistical_efficiency(1.0, b_noise, int(b), base) for b in batches]
+            assert got.shape == batches.shape and got.tolist() == want
+    assert efficiency(np.array([[16, 32]]), 16, 8.0).shape == (1, 2)
 
 
 def test_noise_scale_sources():
@@ -295,6 +304,44 @@ def test_warm_up_holds_and_skips_the_step_after_a_change():
     assert s3.n_timings == 2
 
 
+def test_timings_that_arrive_a_step_late_are_fitted_to_the_batch_they_were_measured_at():
+    # The trainer learns step k's agreed times with step k + 1, so at the decision for step k + 2: a timing from
+    # before the last change (the old batch) or of the first step at the new batch must stay out of the fit.
+    policy = GoodputPolicy(min_timed_steps=1, min_estimates=1, min_interval_steps=0, max_batch=4096)
+    from dataclasses import replace
+    state = replace(policy.init_state(), last_change_step=10)
+    late = dict(epoch=0.0, global_batch_size=64, world_size=4, compute_s=0.5, comm_s=0.001)
+    _, s = policy.next(state, GoodputObservation(step=11, timed_step=9, **late))  # measured at the old batch
+    assert s.n_timings == 0
+    _, s = policy.next(state, GoodputObservation(step=12, timed_step=10, **late))  # the first step at the new one
+    assert s.n_timings == 0
+    _, s = policy.next(state, GoodputObservation(step=13, timed_step=11, **late))
+    assert s.n_timings == 1 and s.times.bins[0].local_batch_size == 16
+    with pytest.raises(ValueError, match="timed_step"):
+        GoodputObservation(step=5, timed_step=5, **late)
+
+    # A simulated trainer with exact step times, each learned one step late, where the first step at a new batch
+    # is 3x slow (allocator warm-up): every bin holds exactly the steady time of its own local batch, and the
+    # policy still finds the optimum.
+    state, batch, ran = policy.init_state(), 32, {}
+    timed: dict[int, float] = {}
+    for step in range(1, 600):
+        ran[step - 1] = batch  # step - 1 ran at `batch`
+        first = step == 1 or ran[step - 2] != batch
+        timed[step - 1] = float(TRUE.compute_s(batch // 4)) * (3.0 if first else 1.0)
+        k = step - 2  # the trainer's own warm-up leaves out the first steps (k < 2)
+        obs = GoodputObservation(step=step, epoch=0.0, global_batch_size=batch, world_size=4,
+                                 compute_s=timed[k] if k >= 2 else None, comm_s=TRUE.alpha_n_s if k >= 2 else None,
+                                 timed_step=k if k >= 2 else None, grad_sq_norm_est=1.0, trace_cov_est=500.0)
+        decision, state = policy.next(state, obs)
+        batch = decision.global_batch_size
+    assert state.n_changes >= 2
+    for b in state.times.bins:
+        assert b.compute_s == pytest.approx(float(TRUE.compute_s(b.local_batch_size)), rel=1e-12)
+    best = choose_global_batch(model=TRUE, b_noise=500.0, world_size=4, base_batch_size=32, max_batch=4096)
+    assert true_goodput(batch, 500.0) >= 0.93 * best.goodput
+
+
 def test_state_round_trips_through_plain_dict_and_policy_is_pure():
     policy = GoodputPolicy(min_interval_steps=10, min_estimates=5, max_batch=4096)
     _, state, _ = simulate(policy, [500.0] * 120)
@@ -407,3 +454,13 @@ def test_range_test_options_are_checked():
         LrRangeTest(pick="best")
     with pytest.raises(ValueError, match="saved state"):
         LrRangeTest().observe(LrRangeTest().init_state(), 0.1, float("nan"), 1.0)
+
+
+def test_window_median_is_numpys():
+    from scalesgd.goodput import _median
+
+    rng = random.Random(3)
+    for n in range(1, 9):
+        for _ in range(200):
+            values = [rng.choice([rng.random(), rng.expovariate(1e3), 0.0, 1e300]) for _ in range(n)]
+            assert _median(values) == float(np.median(np.asarray(values, dtype=np.float64)))

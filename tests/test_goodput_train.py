@@ -157,6 +157,31 @@ def test_lr_auto_backs_off_from_diverging_trials_and_restores_the_state(tmp_path
     assert summary["final_test_accuracy"] >= 0.85
 
 
+@pytest.mark.spawn
+@pytest.mark.timeout(600)
+def test_goodput_times_every_step_even_when_every_step_evaluates(tmp_path):
+    """The step times reach the policy through the next step's all-reduce tail, not a collective of their own:
+    every step after the warm-up is timed, whatever comes after it (here an evaluation after every step, as on a
+    small data set evaluated every tenth of an epoch), and the all-reduce times are the ranks' real ones."""
+    from scalesgd.run import TIMING_WARMUP_STEPS
+
+    cfg = RunConfig(dataset="digits", model="mlp", width=32, global_batch_size=32, epochs=1, lr=0.05,
+                    lr_schedule="constant", batch_policy="goodput", workers=2, eval_every=1, eval_train_examples=16,
+                    progress=False, threads_per_worker=1, timeout_s=120, run_dir=str(tmp_path / "run"), seed=1)
+    summary = train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert len([r for r in records if r["kind"] == "eval"]) >= len(steps) == summary["steps"]
+    policy = TrainState.from_checkpoint(torch.load(f"{summary['run_dir']}/checkpoint.pt",
+                                                   weights_only=True)["train_state"]).policy
+    full = [r for r in steps if r["global_batch_size"] == START_BATCH]  # an epoch's cut-short tail is not timed
+    changes = [r for r in records if r["kind"] == "batch_change"]
+    # steps 3.. are timed, each learned at the decision two steps later; the last step's times never arrive, and
+    # the first step at a changed batch is left out
+    assert policy.n_timings >= len(full) - TIMING_WARMUP_STEPS - 2 - 2 * len(changes) > 0
+    assert all(b.comm_s > 0 and b.compute_s > 0 for b in policy.times.bins)
+
+
 def test_goodput_defaults_the_lr_rule_to_adascale_and_refuses_another():
     assert RunConfig(batch_policy="goodput").effective_lr_rule == "adascale"
     assert RunConfig().effective_lr_rule == "constant" and RunConfig(lr_rule="sqrt").effective_lr_rule == "sqrt"

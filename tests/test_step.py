@@ -85,3 +85,46 @@ def test_step_without_tap_reports_no_noise_estimate():
                            shard_sizes=[4], rank=0, comm=make_comm("allreduce", World(rank=0, size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")), tx=tx,
                            tx_state=tx.init(flat.params), hyper=Hyper(lr=0.1, step=0))
     assert result.noise is None and result.global_batch_size == 4
+
+
+class _TailOfPeer:
+    """Two ranks' tail all-reduce, written out: the statistics tail of this rank's buffer plus a recorded one of
+    the other rank (the gradient part is left alone: only the tail is under test)."""
+
+    def __init__(self, peer_tail: torch.Tensor | None = None):
+        self.peer_tail, self.seen = peer_tail, None
+
+    def allreduce_(self, buffer, exact_tail=0):
+        from scalesgd.comm_protocol import CommStats
+
+        self.seen = buffer[-exact_tail:].clone()
+        if self.peer_tail is not None:
+            buffer[-exact_tail:] += self.peer_tail
+        return CommStats(bytes_sent=0)
+
+
+def test_previous_step_times_ride_in_the_tail_and_come_back_as_means_over_ranks():
+    loss_fn = loss_function("classification")
+    x, y = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0, 1, 1, 0])
+    results = []
+    peer = _TailOfPeer()
+    for rank, times, comm in ((1, (0.25, 0.125), peer), (0, (0.5, 0.0625), None)):
+        torch.manual_seed(0)
+        flat = FlatModel(mlp(input_shape=(3,), num_outputs=2, width=4), 2, torch.device("cpu"))
+        tx = sgd()
+        tap = NoiseTap("cheap", flat.model, world_size=2)
+        flat.last_times = times  # as if this rank had taken a step before
+        result, _ = train_step(flat=flat, loss_fn=loss_fn, x=x[3 * rank:3 * rank + 3], y=y[3 * rank:3 * rank + 3],
+                               global_batch_size=6, shard_sizes=[3, 3], rank=rank,
+                               comm=comm or _TailOfPeer(peer.seen), tx=tx, tx_state=tx.init(flat.params),
+                               hyper=Hyper(lr=0.1, step=0), tap=tap, classification=True)
+        results.append(result)
+    alone, summed = results  # rank 1 saw only its own tail; rank 0 the sum of both
+    assert alone.previous_comm_s == pytest.approx(0.25 / 2) and alone.previous_update_s == pytest.approx(0.125 / 2)
+    assert summed.previous_comm_s == pytest.approx((0.5 + 0.25) / 2)
+    assert summed.previous_update_s == pytest.approx((0.0625 + 0.125) / 2)
+    # the slots do not touch their neighbours: both ranks' compute times, the loss over the 6 examples, no requests
+    assert summed.compute_s_per_rank[1] == pytest.approx(alone.compute_s, rel=1e-6)
+    assert summed.compute_s_per_rank[0] == pytest.approx(summed.compute_s, rel=1e-6)
+    assert summed.global_batch_size == 6 and not summed.checkpoint_requested and not summed.stop_requested
+    assert summed.noise is not None and alone.noise is not None

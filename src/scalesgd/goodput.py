@@ -82,7 +82,11 @@ class StepTimeState:
 
 
 def _median(values: Sequence[float]) -> float:
-    return float(np.median(np.asarray(values, dtype=np.float64)))
+    """The median of a timing window (a handful of floats, at every step): numpy's definition (the mean of the
+    two middle values of an even count), without numpy's per-call cost on tiny inputs."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return float(ordered[mid]) if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
 
 
 def update_step_times(state: StepTimeState, *, local_batch_size: int, world_size: int, compute_s: float,
@@ -276,14 +280,22 @@ def noise_scale(grad_sq_norm_est: float | None = None, trace_cov_est: float | No
 def efficiency(global_batch_size, base_batch_size: int, b_noise: float):
     """Statistical efficiency ``E(B) = (B_noise + B₀)/(B_noise + B)`` (scalar or array B).
 
-    One definition: this evaluates :func:`scalesgd.lr_rules.statistical_efficiency` (the AdaScale gain r
-    over S = B/B₀) with ‖G‖² = 1, tr Σ = B_noise, so it matches the learning-rate rule exactly.
+    One definition: this is :func:`scalesgd.lr_rules.statistical_efficiency` (the AdaScale gain r over
+    S = B/B₀) with ‖G‖² = 1, tr Σ = B_noise, so it matches the learning-rate rule exactly: a scalar B calls
+    it; an array B runs the same float64 operations in the same order elementwise (the chooser evaluates
+    hundreds of candidates at every step, one Python call each would dominate the policy's cost).
     """
     if not (math.isfinite(b_noise) and b_noise >= 0):
         raise ValueError(f"b_noise must be a finite number >= 0, got {b_noise}")
     arr = np.asarray(global_batch_size, dtype=np.float64)
-    out = np.array([statistical_efficiency(1.0, b_noise, float(b), base_batch_size) for b in arr.ravel()])
-    return out.reshape(arr.shape) if arr.ndim else float(out[0])
+    if not arr.ndim:
+        return statistical_efficiency(1.0, b_noise, float(arr), base_batch_size)
+    # adascale_gain's arithmetic with ‖G‖² = 1 (so never the both-zero case), clipped alike, over S
+    scale = arr / base_batch_size
+    var = max(b_noise, 0.0) / base_batch_size
+    gain = (var + 1.0) / (var / scale + 1.0)
+    gain = np.minimum(np.maximum(gain, np.minimum(1.0, scale)), np.maximum(1.0, scale))
+    return gain / scale
 
 
 def goodput(global_batch_size, *, model: StepTimeModel, world_size: int, base_batch_size: int,
@@ -405,6 +417,10 @@ class GoodputObservation:
         grad_sq_norm_est, trace_cov_est: the trainer's smoothed ‖G‖² and per-example tr Σ (None early).
         batch_bound_est: the smoothed B_S = B_noise + 1, used when the two above are missing.
         max_batch_memory: largest global batch that fits in memory on P workers, or None.
+        timed_step: the step the timings were measured at; None: the step just completed (``step − 1``). A
+            trainer that learns a step's agreed times one step late passes an older step; a timing from
+            before the last change of batch, or from the first ``skip_after_change`` steps after it, is left
+            out (it is not a timing of the current batch in its steady state).
     """
 
     step: int
@@ -418,6 +434,7 @@ class GoodputObservation:
     trace_cov_est: float | None = None
     batch_bound_est: float | None = None
     max_batch_memory: int | None = None
+    timed_step: int | None = None
 
     def __post_init__(self):
         if self.step < 0 or not (self.epoch >= 0):
@@ -427,6 +444,9 @@ class GoodputObservation:
                              f"{self.world_size}")
         if self.max_batch_memory is not None and self.max_batch_memory < 1:
             raise ValueError(f"max_batch_memory must be >= 1 or None, got {self.max_batch_memory}")
+        if self.timed_step is not None and not 0 <= self.timed_step < self.step:
+            raise ValueError(f"timed_step must be a completed step (0 <= timed_step < step={self.step}), got "
+                             f"{self.timed_step}")
 
 
 @dataclass(frozen=True)
@@ -491,7 +511,7 @@ class GoodputPolicy:
     Extrapolation: the fit is trusted only up to ``max_extrapolation``× beyond the measured local batch
     sizes, so a change is at most that factor past what was measured; with one size measured the slope is
     AdaptDL's prior (:func:`fit_step_time`), so the policy explores by at most that factor, measures, and
-    refits. The first ``skip_after_change`` timed steps after a change are left out of the fit (allocator
+    refits. The first ``skip_after_change`` steps at a new batch are left out of the fit (allocator
     and autotuner warm-up at the new shape). A current batch that is illegal (not a multiple of P, above
     a limit, e.g. after resuming on other workers) is corrected at once.
 
@@ -505,7 +525,7 @@ class GoodputPolicy:
         max_extrapolation: factor ≥ 1 (see above).
         gamma: compute/all-reduce overlap exponent of :func:`combine_times` (1: our trainer).
         single_size_slope_share: the one-size prior of :func:`fit_step_time`.
-        skip_after_change: timed steps ignored after each change (≥ 0).
+        skip_after_change: steps at a new batch whose timings are ignored (≥ 0).
         timing_window, timing_horizon: :func:`update_step_times` options.
     """
 
@@ -568,7 +588,10 @@ class GoodputPolicy:
         if state.base_batch_size == 0:
             state = replace(state, base_batch_size=self.base_batch_size or current)
         since = None if state.last_change_step is None else obs.step - state.last_change_step
-        if obs.compute_s is not None and (since is None or since > self.skip_after_change):
+        # steps the timed step ran after the last change (the first step at a new batch is step last_change_step)
+        timed_at = obs.step - 1 if obs.timed_step is None else obs.timed_step
+        settled = state.last_change_step is None or timed_at - state.last_change_step >= self.skip_after_change
+        if obs.compute_s is not None and settled:
             local = current // p if current % p == 0 else -(-current // p)
             state = replace(state, n_timings=state.n_timings + 1, times=update_step_times(
                 state.times, local_batch_size=max(local, 1), world_size=p,

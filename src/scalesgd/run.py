@@ -193,27 +193,33 @@ def smoothed_estimate(state: TrainState, ema: NoiseScaleEMA | None, n_train: int
 
 @dataclass(frozen=True)
 class StepTiming:
-    """The last step's timings as every rank sees them (seconds): compute is the slowest rank's, all-reduce and
-    update the mean over ranks, so a decision made from them is the same on every rank."""
+    """A step's timings as every rank sees them (seconds): compute is the slowest rank's, all-reduce and update
+    the mean over ranks, so a decision made from them is the same on every rank. ``step``: the step timed."""
 
+    step: int
     global_batch_size: int
     compute_s: float
     comm_s: float
     update_s: float
 
 
-def measured_timing(state: TrainState, result: StepResult, part: Shard, *, world: World, usable: bool
-                    ) -> StepTiming | None:
-    """The step's :class:`StepTiming` for the goodput policy's step-time fit, or None when it must not be fitted:
-    ``usable`` False (a warm-up step, a step that ran an evaluation, or one between the sampled steps: the
-    caller decides, the same on every rank) or a batch cut short by the end of an epoch (not the size the
-    policy chose). All ranks call this on the same steps: the all-reduce of the local comm/update times is a
-    collective (only on usable steps)."""
-    if not usable or int(part.batch.indices.numel()) != state.global_batch_size:
+def pending_timing(state: TrainState, result: StepResult, part: Shard) -> StepTiming | None:
+    """The step just taken as far as every rank knows its times yet, for the goodput policy's step-time fit: the
+    slowest rank's compute time (from the step's own tail); its all-reduce and update times, means over ranks,
+    ride in the next step's tail (:func:`completed_timing`), so agreeing on them costs no collective. None for
+    a step the fit must not see: one of the first TIMING_WARMUP_STEPS, or a batch cut short by the end of an
+    epoch (not the size the policy chose)."""
+    if state.step <= TIMING_WARMUP_STEPS or int(part.batch.indices.numel()) != state.global_batch_size:
         return None
-    comm_s, update_s = distributed.all_reduce_scalars([result.comm_s, result.update_s], world)
-    return StepTiming(state.global_batch_size, max(result.compute_s_per_rank, default=result.compute_s),
-                      comm_s / world.size, update_s / world.size)
+    return StepTiming(state.step - 1, state.global_batch_size,
+                      max(result.compute_s_per_rank, default=result.compute_s), math.nan, math.nan)
+
+
+def completed_timing(pending: StepTiming | None, result: StepResult) -> StepTiming | None:
+    """``pending`` (the step before ``result``'s) with its all-reduce and update times from ``result``'s tail."""
+    if pending is None:
+        return None
+    return dataclasses.replace(pending, comm_s=result.previous_comm_s, update_s=result.previous_update_s)
 
 
 def adapt(state: TrainState, *, policy: BatchPolicy, lr_config: LrConfig, estimate: DiversityEstimate | None,
@@ -228,6 +234,7 @@ def adapt(state: TrainState, *, policy: BatchPolicy, lr_config: LrConfig, estima
             compute_s=timing.compute_s if timing is not None else None,
             comm_s=timing.comm_s if timing is not None else None,
             update_s=timing.update_s if timing is not None else 0.0,
+            timed_step=timing.step if timing is not None else None,
             grad_sq_norm_est=estimate.grad_sq_norm_est if estimate is not None else None,
             trace_cov_est=estimate.trace_cov_est if estimate is not None else None,
             batch_bound_est=estimate.batch_bound_est if estimate is not None else None))
@@ -245,8 +252,6 @@ def adapt(state: TrainState, *, policy: BatchPolicy, lr_config: LrConfig, estima
 
 
 TIMING_WARMUP_STEPS = 2  # goodput's step-time fit skips the first steps (allocator and thread-pool warm-up)
-# ... and times every TIMING_EVERY-th step only: agreeing on a step's times costs a collective of its own
-TIMING_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -706,7 +711,10 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     in_sync = state.local_sgd_start is None or cfg.sync_every is None or state.step == 0 or averaging_due(
         state.step - 1, state.local_sgd_start, cfg.sync_every)
 
-    timing: StepTiming | None = None  # the last step's times, for the goodput policy's step-time fit
+    # the goodput policy's step-time fit: the timing of the step before last, complete (its all-reduce and update
+    # times came with the last step), and the last step's, waiting for those
+    timing: StepTiming | None = None
+    pending: StepTiming | None = None
     measured_at: int | None = None  # the step of the last exact diversity measurement
 
     try:
@@ -742,6 +750,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                                                        step_index=state.step),
                                  skip_compute=isinstance(comm, BackupWorkers) and comm.result_ready(),
                                  requests=requests, example_qsgd=example_qsgd)
+            if policy.name == "goodput":  # step times for its fit, agreed one step late through the step's tail
+                timing, pending = completed_timing(pending, result), pending_timing(state, result, part)
             state, local_record, agreed = average(state, flat=flat, comm=comm, world=world, sync_every=cfg.sync_every,
                                                   requests=requests)
             in_sync = local_record.get("averaged", True)
@@ -759,9 +769,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 _advance_bar(bar, part, result, last_eval)
             # evaluate: exact diversity, replica check and test accuracy when due
             # (between two local-SGD averages, on the average of the replicas, leaving each rank's own intact)
-            measured = state.step > TIMING_WARMUP_STEPS and state.step % TIMING_EVERY == 0
             if cfg.exact_diversity_every and state.step % cfg.exact_diversity_every == 0:
-                measured, measured_at = False, state.step
+                measured_at = state.step
                 with averaged_parameters(flat.params, comm, world.size, needed=not in_sync):
                     log_exact_diversity(state, model=flat.model, loss_fn=example_loss_fn, ds=ds, world=world,
                                         estimate=smoothed_estimate(state, ema, ds.n_train), start_s=start_s,
@@ -770,8 +779,6 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                 verify_replicas(flat.params, world, state.step)
             due = (cfg.eval_every is not None and state.step % cfg.eval_every == 0) or (
                 cfg.eval_every is None and part.batch.epoch_end)
-            if policy.name == "goodput":  # before any evaluation: it is a collective on every rank alike
-                timing = measured_timing(state, result, part, world=world, usable=measured and not due)
             if due or finished(state, steps=cfg.steps, total_examples=total_examples):
                 with averaged_parameters(flat.params, comm, world.size, needed=not in_sync):
                     last_eval = log_eval(state, model=flat.model, loss_fn=loss_fn, ds=ds,

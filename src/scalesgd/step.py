@@ -15,6 +15,7 @@ means would weight unequal shards wrongly).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -170,6 +171,22 @@ class StepResult:
     # tail); UNKNOWN_TIME for a rank without a previous step in this job; empty when the step had no collective.
     prev_comm_s_per_rank: tuple[float, ...] = ()
     prev_update_s_per_rank: tuple[float, ...] = ()
+
+    @property
+    def previous_comm_s(self) -> float:
+        """The previous step's all-reduce seconds, mean over the ranks that had one (NaN when none did): what
+        the goodput policy's step-time fit uses, alike on every rank, one step late at no collective of its own."""
+        return _mean_known(self.prev_comm_s_per_rank)
+
+    @property
+    def previous_update_s(self) -> float:
+        """The previous step's update seconds, mean over the ranks that had one (NaN when none did)."""
+        return _mean_known(self.prev_update_s_per_rank)
+
+
+def _mean_known(times: tuple[float, ...]) -> float:
+    known = [t for t in times if t >= 0.0]  # UNKNOWN_TIME (< 0): that rank had no previous step in this job
+    return sum(known) / len(known) if known else math.nan
 
 
 def _sync(device: torch.device) -> None:
