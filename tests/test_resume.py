@@ -312,7 +312,7 @@ def test_local_sgd_stops_at_the_next_average_on_sigterm_and_resumes_bit_identica
     _wait_for_step(proc, run_dir, 200)
     os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2, err
+    assert proc.returncode == 128 + signal.SIGTERM, err  # a stop, not a failure
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "stopped by SIGTERM after step" in lines[0], err
     stopped_at = int(lines[0].split("after step ")[1].split(";")[0])
