@@ -35,16 +35,24 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="valid")
 
 
+def loss_points(run: RunData, x_axis: str) -> tuple[np.ndarray, np.ndarray]:
+    """The training loss against ``x_axis`` ("step" or "time_s"), two float arrays of one length: one point
+    per step, or for an asynchronous run (``--algorithm async-ps|hogwild``) one per applied update, put in
+    order of the axis (they are written as they arrive; the workers' updates of one round share its step)."""
+    points = run.steps or sorted(run.updates, key=lambda r: r[x_axis])
+    x = np.array([r[x_axis] for r in points], dtype=float)
+    loss = np.array([np.nan if r["loss"] is None else r["loss"] for r in points], dtype=float)
+    return x, loss
+
+
 def loss_and_accuracy(runs: Sequence[RunData], path: Path, *, x_axis: str,
                       labels: Sequence[str] | None = None) -> Path:
     """Training loss (smoothed) and test/train accuracy against ``x_axis`` ("step" or "time_s"); ``labels``
     name the runs in the legend (default: each run's own label)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for run, label in zip(runs, labels or [run.label for run in runs]):
-        steps = run.steps
-        if steps:
-            x = np.array([r[x_axis] for r in steps], dtype=float)
-            loss = np.array([np.nan if r["loss"] is None else r["loss"] for r in steps], dtype=float)
+        x, loss = loss_points(run, x_axis)
+        if len(x):
             window = max(1, len(loss) // 100)
             ax_loss.plot(x[window - 1:], _smooth(loss, window), label=label, lw=1.2)
         evals = run.evals
@@ -62,7 +70,8 @@ def loss_and_accuracy(runs: Sequence[RunData], path: Path, *, x_axis: str,
     ax_acc.set(xlabel=xlabel, ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from scalesgd import plots
 from scalesgd.rundata import RunData, distinct_labels
@@ -35,7 +35,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
     for run in runs:
         c, s = run.config, run.summary or {}
         lines.append(f"| `{run.path.name}` | {c.get('model')} | {c.get('dataset')} | {c.get('global_batch_size')} "
-                     f"| {c.get('workers')} | {c.get('comm')} | {_fmt(s.get('steps'), 'd')} | "
+                     f"| {c.get('workers')} | {_transport(c)} | {_fmt(s.get('steps'), 'd')} | "
                      f"{_fmt(s.get('epochs'), '.2f')} | {_fmt(s.get('final_test_accuracy'))} | "
                      f"{_fmt(s.get('wall_s'), '.1f')} | {_fmt(s.get('time_to_target_s'), '.1f')} |")
         if not run.summary:
@@ -71,6 +71,18 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
                      f"{b['update_s'][0] * 1e3:.3f} ms per step, measured on rank 0 (this run's metrics carry them "
                      "for rank 0 only).")
         lines.append("")
+    stale = [(run, label) for run, label in zip(runs, labels) if (run.summary or {}).get("staleness_mean") is not None]
+    if stale:  # asynchronous runs: how old the parameters were that each applied gradient was computed on
+        lines += ["## Staleness", "", "τ: updates applied between the version a gradient was computed on and "
+                  "its own.", "", "| run | algorithm | updates | mean τ | max τ | histogram τ: count |",
+                  "|---|---|---|---|---|---|"]
+        for run, label in stale:
+            s = run.summary
+            hist = ", ".join(f"{k}: {v}" for k, v in sorted(s.get("staleness_histogram", {}).items(),
+                                                             key=lambda kv: int(kv[0])))
+            lines.append(f"| {label} | {s.get('algorithm')} | {_fmt(s.get('updates'), 'd')} | "
+                         f"{_fmt(s.get('staleness_mean'), '.2f')} | {_fmt(s.get('staleness_max'), 'd')} | {hist} |")
+        lines.append("")
     extra = [r for r in runs if any("batch_bound_est" in s for s in r.steps[-1:])]
     if extra:
         lines += ["## Gradient diversity (online estimate)", ""]
@@ -82,3 +94,9 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
     path = out_dir / "report.md"
     write_atomic(path, "\n".join(lines))
     return path
+
+
+def _transport(config: dict[str, Any]) -> str:
+    """The comm column: the all-reduce strategy, or the asynchronous algorithm that replaces it."""
+    algorithm = config.get("algorithm") or "sync"
+    return str(config.get("comm")) if algorithm == "sync" else str(algorithm)

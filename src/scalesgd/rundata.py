@@ -113,6 +113,12 @@ class RunData:
         return [r for r in self.records if r["kind"] == "eval"]
 
     @property
+    def updates(self) -> list[dict[str, Any]]:
+        """An asynchronous run's applied updates (``--algorithm async-ps|hogwild``), in the order written; a
+        synchronous run has none (its lines are :attr:`steps`)."""
+        return [r for r in self.records if r["kind"] == "update"]
+
+    @property
     def label(self) -> str:
         """``model B=… P=…`` from config.json (the directory name when there is none)."""
         c = self.config
