@@ -69,7 +69,7 @@ from scalesgd.local_sgd import NO_COMM
 from scalesgd.lr_rules import LrConfig, lr_terms
 from scalesgd.models import example_randomness
 from scalesgd.run import (Shard, _batch_reader, divergence_advice, finished, log_eval, log_exact_diversity,
-                          reached_target, warm_up)
+                          reached_target, run_summary, warm_up)
 from scalesgd.step import FlatModel
 from scalesgd.stragglers import parse_straggler, sample_delay
 from scalesgd.train_state import TrainState
@@ -512,24 +512,6 @@ def loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat: 
         state = state.replace(tx_state=server.tx_state)
     elif hogwild:
         state = state.replace(tx_state=tx_state)
-    return state, {
-        "final_test_accuracy": last_eval.get("test_accuracy"),
-        "final_train_accuracy": last_eval.get("train_accuracy"),
-        "final_test_loss": last_eval.get("test_loss"),
-        "steps": state.step,
-        "epochs": state.epoch(ds.n_train),
-        "examples": state.examples,
-        "wall_s": time.perf_counter() - start_s,
-        "train_time_s": state.train_time_s,
-        "target_accuracy": cfg.target_accuracy,
-        "target_metric": cfg.target_metric,
-        "time_to_target_s": state.time_to_target_s,
-        "train_time_to_target_s": state.train_time_to_target_s,
-        "world_size": world.size,
-        "backend": world.backend,
-        "num_parameters": flat.numel,
-        "checkpoints": 0,
-        "checkpoint_s": 0.0,
-        "algorithm": cfg.algorithm,
-        **staleness_summary(counts),
-    }
+    return state, {**run_summary(state, last_eval, cfg=cfg, world=world, n_train=ds.n_train, num_parameters=flat.numel,
+                                 start_s=start_s, checkpoints=0, checkpoint_s=0.0),
+                   "algorithm": cfg.algorithm, **staleness_summary(counts)}

@@ -509,6 +509,32 @@ def log_eval(state: TrainState, *, model: nn.Module, loss_fn: Callable, ds: Data
     return rec
 
 
+def run_summary(state: TrainState, last_eval: dict[str, Any], *, cfg: RunConfig, world: World, n_train: int,
+                num_parameters: int, start_s: float, checkpoints: int, checkpoint_s: float) -> dict[str, Any]:
+    """The run's ``summary.json`` fields common to every algorithm: the final evaluation, counters, clocks
+    (seconds) and time to target. ``checkpoints``/``checkpoint_s``: those written by this job (a resumed run
+    counts from its resume) and the seconds they took."""
+    return {
+        "final_test_accuracy": last_eval.get("test_accuracy"),
+        "final_train_accuracy": last_eval.get("train_accuracy"),
+        "final_test_loss": last_eval.get("test_loss"),
+        "steps": state.step,
+        "epochs": state.epoch(n_train),
+        "examples": state.examples,
+        "wall_s": time.perf_counter() - start_s,
+        "train_time_s": state.train_time_s,
+        "target_accuracy": cfg.target_accuracy,
+        "target_metric": cfg.target_metric,
+        "time_to_target_s": state.time_to_target_s,
+        "train_time_to_target_s": state.train_time_to_target_s,
+        "world_size": world.size,
+        "backend": world.backend,
+        "num_parameters": num_parameters,
+        "checkpoints": checkpoints,
+        "checkpoint_s": checkpoint_s,
+    }
+
+
 def reached_target(state: TrainState, eval_record: dict[str, Any], *, target: float | None,
                    metric: str) -> TrainState:
     """Record the time to target the first time the evaluated ``metric`` reaches ``target``."""
@@ -815,25 +841,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     if not last_eval or last_eval["step"] != state.step:
         last_eval = log_eval(state, model=flat.model, loss_fn=loss_fn, ds=ds, eval_train_idx=eval_train_idx,
                              world=world, classification=classification, start_s=start_s, writer=writer)
-    return state, {
-        "final_test_accuracy": last_eval.get("test_accuracy"),
-        "final_train_accuracy": last_eval.get("train_accuracy"),
-        "final_test_loss": last_eval.get("test_loss"),
-        "steps": state.step,
-        "epochs": state.epoch(ds.n_train),
-        "examples": state.examples,
-        "wall_s": time.perf_counter() - start_s,
-        "train_time_s": state.train_time_s,
-        "target_accuracy": cfg.target_accuracy,
-        "target_metric": cfg.target_metric,
-        "time_to_target_s": state.time_to_target_s,
-        "train_time_to_target_s": state.train_time_to_target_s,
-        "world_size": world.size,
-        "backend": world.backend,
-        "num_parameters": flat.numel,
-        "checkpoints": ckpt.saves,  # written by this job (a resumed run counts from its resume)
-        "checkpoint_s": ckpt.save_s,
-    }
+    return state, run_summary(state, last_eval, cfg=cfg, world=world, n_train=ds.n_train, num_parameters=flat.numel,
+                              start_s=start_s, checkpoints=ckpt.saves, checkpoint_s=ckpt.save_s)
 
 
 def _progress_bar(cfg: RunConfig, world: World, total_examples: int):
