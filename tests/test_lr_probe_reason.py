@@ -7,7 +7,7 @@ import re
 import pytest
 
 from scalesgd.goodput import LrRangeTest
-from scalesgd.lr_probe import LR_PROBE, LR_PROBE_MARGIN, _choose_probe_lr
+from scalesgd.lr_probe import LR_PROBE, LR_PROBE_COLD_MARGIN, LR_PROBE_MARGIN, _choose_probe_lr
 
 BUDGET = "the time budget 0.2 s would be passed by the next trial"
 
@@ -58,3 +58,15 @@ def test_an_unstable_rate_bounds_the_pick_and_the_reason_ends_at_the_chosen_rate
     assert lr == pytest.approx(0.15 / LR_PROBE["safety_factor"] / LR_PROBE_MARGIN) and lr < test.start_lr
     assert re.findall(r"-> ([0-9.e-]+)", reason)[-1] == f"{lr:.4g}"
     assert "first unstable lr 0.45" in reason and reason.endswith("stopped: the range test finished")
+
+
+def test_a_start_that_was_unstable_divides_the_pick_by_the_cold_margin_too():
+    """Backing off from an unstable start finds the edge of the barely trained model: the pick is divided by
+    LR_PROBE_COLD_MARGIN as well, and the reason says why."""
+    test, state = _search((0.05, 2.3, 2.5), (0.05 / 3, 2.3, 2.0))
+    lr, reason = _choose_probe_lr(test, state)
+    assert lr == pytest.approx(0.05 / 3 / LR_PROBE["safety_factor"] / LR_PROBE_MARGIN / LR_PROBE_COLD_MARGIN)
+    assert "the start was unstable" in reason and re.findall(r"-> ([0-9.e-]+)", reason)[-1] == f"{lr:.4g}"
+    # a start that was stable is not divided by it
+    test, state = _search((0.05, 2.3, 2.0), (0.15, 2.0, 2.5))
+    assert _choose_probe_lr(test, state)[0] == pytest.approx(0.05 / LR_PROBE["safety_factor"] / LR_PROBE_MARGIN)

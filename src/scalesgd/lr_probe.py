@@ -39,6 +39,11 @@ from scalesgd.writer import RunWriter
 # the probe-loss evaluations; the kept trials' steps are training).
 LR_PROBE = dict(start_lr=0.05, factor=3.0, max_trials=10, refine_trials=2, pick="stable", safety_factor=4.0)
 LR_PROBE_MARGIN = 1.0
+# When the start itself was unstable, the search backs off from it, and the edge it finds is that of the barely
+# trained model (one kept trial at most), which is higher than a trained model's (curvature grows early in
+# training: Cohen et al., arXiv 2103.00065): the pick is divided by this as well, so by 10 in all, the "loss
+# minimum / 10" convention of range tests that start from initialisation.
+LR_PROBE_COLD_MARGIN = 2.5
 LR_PROBE_STEPS = 5
 LR_PROBE_LOSS_EXAMPLES = 512
 LR_PROBE_BUDGET = 0.05
@@ -172,7 +177,7 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
 def _choose_probe_lr(test: LrRangeTest, search, stop: str = "the range test finished") -> tuple[float, str]:
     """The base rate from the range test, and a reason that says what happened: its pick
     (:meth:`LrRangeTest.result`: with ``LR_PROBE``, the largest stable rate / its safety factor) divided by
-    ``LR_PROBE_MARGIN``.
+    ``LR_PROBE_MARGIN``, and by ``LR_PROBE_COLD_MARGIN`` too when the first trial (the start) was unstable.
 
     When the ramp stopped (``stop``: why, e.g. the time budget) before any rate was unstable, the data bound the
     rate only from below, so the rate is never below the ramp's start (the trainer's default ``--lr``): the
@@ -183,11 +188,14 @@ def _choose_probe_lr(test: LrRangeTest, search, stop: str = "the range test fini
     """
     trials = search.trials
     stable = [t for t in trials if t.verdict == "stable"]
+    cold = bool(trials) and trials[0].verdict in ("rose", "diverged")  # the start was unstable: backed off
+    margin = LR_PROBE_MARGIN * (LR_PROBE_COLD_MARGIN if cold else 1.0)
+    why = " (the start was unstable: the edge is the barely trained model's)" if cold else ""
     if stable:
         result = test.result(search)
-        lr = result.lr / LR_PROBE_MARGIN
+        lr = result.lr / margin
         if any(t.verdict in ("rose", "diverged") for t in trials) or lr >= test.start_lr:
-            return lr, f"{result.reason}; / margin {LR_PROBE_MARGIN:g} -> {lr:.4g}; stopped: {stop}"
+            return lr, f"{result.reason}; / margin {margin:g}{why} -> {lr:.4g}; stopped: {stop}"
         # no unstable rate reached: the data do not bound the rate from above, so keep the ramp's start
         if len(trials) == 1:
             ran = f"one trial ran ({trials[0].describe()}) before the search stopped ({stop})"
@@ -203,6 +211,6 @@ def _choose_probe_lr(test: LrRangeTest, search, stop: str = "the range test fini
         return best.lr, (f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one "
                          f"({best.describe()}); stopped: {stop}")
     smallest = min(trials, key=lambda t: t.lr)
-    lr = smallest.lr / test.factor / LR_PROBE_MARGIN
+    lr = smallest.lr / test.factor / margin
     return lr, (f"every trial was unstable; the next rate down ({smallest.lr / test.factor:.4g}, untried) / margin "
-                f"{LR_PROBE_MARGIN:g} -> {lr:.4g}; lowest: {smallest.describe()}; stopped: {stop}")
+                f"{margin:g}{why} -> {lr:.4g}; lowest: {smallest.describe()}; stopped: {stop}")
