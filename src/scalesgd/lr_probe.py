@@ -27,17 +27,18 @@ from scalesgd.transforms import GradientTransformation, Hyper, state_from_tree, 
 from scalesgd.writer import RunWriter
 
 
-# --lr auto: the range test's ramp (from the trainer's default --lr, x3 per trial, two refinements between the
-# last stable and the first unstable rate) and its pick: the largest stable rate / 4. The trials continue the
-# training (each from where the last stable one left off, as Smith's range test is one run with a rising rate,
-# arXiv 1506.01186 §3.3), so the edge it finds is the edge of the model being trained, not of its
+# --lr auto: the range test's ramp (from the trainer's default --lr, x3 per trial, one refinement between the
+# last stable and the first unstable rate: a factor sqrt(3) of precision, where a second would mostly cost one
+# more undone trial) and its pick: the largest stable rate / 4. The trials continue the training (each from
+# where the last stable one left off, as Smith's range test is one run with a rising rate, arXiv 1506.01186
+# §3.3), so the edge it finds is the edge of the model being trained, not of its
 # initialisation; a constant rate a quarter of that edge is Smith's "base_lr = 1/3 to 1/4 of max_lr" (ibid.),
 # below the quadratic's optimum of half the edge (LrRangeTest's docstring) because a whole run's gradient noise
 # and growing curvature tolerate less than five steps do. LR_PROBE_MARGIN divides the pick further (1: none).
 # Then the trial length, the probe batch (the same examples before and after a trial: a paired comparison) and
 # the share of the run's estimated wall time the probe may cost (the time of trials that were not kept and of
 # the probe-loss evaluations; the kept trials' steps are training).
-LR_PROBE = dict(start_lr=0.05, factor=3.0, max_trials=10, refine_trials=2, pick="stable", safety_factor=4.0)
+LR_PROBE = dict(start_lr=0.05, factor=3.0, max_trials=10, refine_trials=1, pick="stable", safety_factor=4.0)
 LR_PROBE_MARGIN = 1.0
 # When the start itself was unstable, the search backs off from it, and the edge it finds is that of the barely
 # trained model (one kept trial at most), which is higher than a trained model's (curvature grows early in
@@ -112,7 +113,8 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
     saved_params = flat.params.detach().clone()
     saved_tx = state_to_tree(state.tx_state)
     saved_rng, saved_comm_rng = torch.get_rng_state(), state.comm_generator.get_state()
-    loss_before = _probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification)
+    loss_before = start_loss = _probe_loss(flat, loss_fn, x_probe, y_probe, world=world,
+                                           classification=classification)
     budget_s, run_est_s, trial_s, stop = None, None, [], "the range test finished"
     kept_s, kept_examples = 0.0, 0
     while (lr := test.propose(search)) is not None:
@@ -132,9 +134,15 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
                 shard_sizes=sizes, rank=world.rank, comm=comm, tx=tx, tx_state=tx_state,
                 hyper=Hyper(lr=lr, step=i), tap=None, classification=classification)
             step_times.append(result.compute_s + result.comm_s + result.update_s)
-            if not math.isfinite(result.loss):  # the all-reduced loss: every rank stops here
+            # the all-reduced batch loss (the same on every rank): past the range test's divergence threshold the
+            # trial is called diverged at once, its remaining steps and the probe-loss evaluation not spent
+            if not math.isfinite(result.loss) or result.loss > test.diverge_factor * abs(start_loss):
+                aborted = result.loss
                 break
-        loss_after = _probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification)
+        else:
+            aborted = None
+        loss_after = (_probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification)
+                      if aborted is None else aborted)
         verdict = test.verdict(search, loss_before, loss_after)
         keep = verdict in ("stable", "flat")
         if keep:
