@@ -412,7 +412,7 @@ def run_kept_range_test(test, h, k=5):
 
 
 @pytest.mark.parametrize("h", [0.3, 5.0, 1234.0])
-@pytest.mark.parametrize("start_lr", [1e-3, 1.0])  # from below (within its 10 trials), and from inside the unstable range
+@pytest.mark.parametrize("start_lr", [1e-3, 1.0])  # from below (within 10 trials), and from above the edge
 def test_kept_trials_search_as_undone_ones_where_the_stable_range_does_not_move(h, start_lr):
     """On ½hw² the stable range (0, 2/h) is the same from every point and the relative fall (1 − lr·h)^(2k) too,
     so keeping the stable trials must not change the rates tried nor the choice: the trainer's continuing ramp
