@@ -1,7 +1,8 @@
 """``--lr auto``: the trainer finds its own base learning rate with a short range test before training.
 
 The search itself is the pure state machine :class:`scalesgd.goodput.LrRangeTest`; this module runs its trials
-on the real model (each from the same saved state, restored after it) inside the run's clock.
+on the real model inside the run's clock: a trial that lowered the probe loss is kept (training continues from
+it), one that raised it is undone (the state saved before it restored).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from scalesgd.writer import RunWriter
 # last stable and the first unstable rate: a factor sqrt(3) of precision, where a second would mostly cost one
 # more undone trial) and its pick: the largest stable rate / 4. The trials continue the training (each from
 # where the last stable one left off, as Smith's range test is one run with a rising rate, arXiv 1506.01186
-# §3.3), so the edge it finds is the edge of the model being trained, not of its
-# initialisation; a constant rate a quarter of that edge is Smith's "base_lr = 1/3 to 1/4 of max_lr" (ibid.),
+# §3.3), so the edge it finds is the edge of the model being trained, not of its initialisation; a constant
+# rate a quarter of that edge is Smith's "base_lr = 1/3 to 1/4 of max_lr" (ibid.),
 # below the quadratic's optimum of half the edge (LrRangeTest's docstring) because a whole run's gradient noise
 # and growing curvature tolerate less than five steps do. LR_PROBE_MARGIN divides the pick further (1: none).
 # Then the trial length, the probe batch (the same examples before and after a trial: a paired comparison) and
@@ -190,9 +191,8 @@ def _choose_probe_lr(test: LrRangeTest, search, stop: str = "the range test fini
     When the ramp stopped (``stop``: why, e.g. the time budget) before any rate was unstable, the data bound the
     rate only from below, so the rate is never below the ramp's start (the trainer's default ``--lr``): the
     divided pick when it is above the start, else the start, and the reason then says so instead of quoting the
-    divided pick it did not use. Before any
-    stable rate: the largest rate that did not rise (too small to show in a few steps, but safe), else the next
-    rate below the smallest unstable one, divided by the margin as well.
+    divided pick it did not use. Before any stable rate: the largest rate that did not rise (too small to show
+    in a few steps, but safe), else the next rate below the smallest unstable one, divided by the margin(s).
     """
     trials = search.trials
     stable = [t for t in trials if t.verdict == "stable"]
