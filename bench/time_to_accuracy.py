@@ -12,8 +12,10 @@ The contestants:
   starting batch as the floor, the policy's own warm-up and hysteresis); nothing tuned. ``--min-batch 1``
   runs it without the floor (it then follows δ·B̂_S + 1 below the start, too).
 * ``goodput``: the trainer with ``--batch-policy goodput --lr auto`` and every other default (starting batch
-  128; the base lr found by the trainer's range test within 5% of the run's time, which counts in its clock;
-  the lr follows the AdaScale gain as the batch changes); nothing tuned.
+  128; the base lr found by the trainer's range test, whose trials continue the training and whose cost, the
+  time not spent on kept trials, stays within 5% of the run's estimated time; all of it counts in its clock,
+  while the kept trials' examples are not in its epoch count: the seed line prints them; the lr follows the
+  AdaScale gain as the batch changes); nothing tuned.
 * ``fixed``: DDP + torch.optim.SGD (momentum 0.9, weight decay 5e-4) at every (B, lr) of the declared grid
   B ∈ {32, 64, 128, 256, 512} × lr ∈ {0.025, 0.05, 0.1, 0.2}. The grid is run on seed 0; the TOP_K
   fastest configurations are then run on every seed, and the best fixed baseline is the one with the
@@ -125,6 +127,8 @@ class RunResult:
     bench_s: float = 0.0  # this run's wall time in the bench, spawn and set-up included
     final_test_accuracy: float | None = None  # at the run's end (the target, or the epoch budget)
     lr_probe_s: float | None = None  # --lr auto: the range test's time (inside every clock above)
+    lr_probe_cost_s: float | None = None  # of which not spent on the kept trials' training steps
+    lr_probe_epochs: float | None = None  # the kept trials' examples / n_train (not in the run's epoch count)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -269,6 +273,9 @@ def run_policy(task: Task, ds: Dataset, seed: int, workdir: Path, min_batch: int
     result = RunResult(kind, seed, cfg.global_batch_size, auto[0]["lr"] if auto else cfg.lr, evals, batches,
                        steps=len(steps), final_test_accuracy=summary["final_test_accuracy"],
                        lr_probe_s=auto[0]["probe_s"] if auto else None,
+                       lr_probe_cost_s=auto[0].get("cost_s") if auto else None,
+                       lr_probe_epochs=auto[0]["kept_examples"] / ds.n_train if auto and "kept_examples" in auto[0]
+                       else None,
                        train_wall_s=(evals[-1]["time_s"] if evals else 0.0) - sum(e["eval_s"] for e in evals),
                        step_wall_by_batch={b: statistics.median(w) for b, w in sorted(walls.items())
                                            if len(w) >= MIN_STEPS_PER_BATCH},
@@ -436,6 +443,9 @@ def bench_task(name: str, task: Task, grid: list[tuple[int, float]], seeds: tupl
             r = run_policy(task, ds, seed, workdir, min_batch if kind == "diversity" else None, kind)
             policies[kind].append(r)
             probe = f", lr probe {r.lr_probe_s:.2f}s" if r.lr_probe_s is not None else ""
+            if r.lr_probe_cost_s is not None and r.lr_probe_epochs is not None:
+                probe += (f" (cost {r.lr_probe_cost_s:.2f}s; its kept trials trained {r.lr_probe_epochs:.2f} epochs "
+                          f"more)")
             print(f"  seed {seed} {kind:<9s} B0={r.global_batch_size:<4d} lr={r.lr:<6.3g}: {_fmt_run(r)}  batch at "
                   f"target {r.batch_at_target}, settled {r.settled_batch:g}{probe}; load {os.getloadavg()[0]:.1f}",
                   flush=True)

@@ -399,6 +399,37 @@ def test_range_test_picks_a_stable_lr_near_the_optimum(h, start_lr, pick):
     assert "lr" in result.reason
 
 
+def run_kept_range_test(test, h, k=5):
+    """The trainer's way (``scalesgd.lr_probe``): a stable or flat trial is kept (the next starts where it ended),
+    a trial that rose or diverged is undone."""
+    state, w = test.init_state(), 1.0
+    while (lr := test.propose(state)) is not None:
+        before, after = gd_quadratic(h, lr, k, w0=w)
+        state = test.observe(state, lr, before, after)
+        if state.trials[-1].verdict in ("stable", "flat"):
+            w = w * (1 - lr * h) ** k
+    return test.result(state), state
+
+
+@pytest.mark.parametrize("h", [0.3, 5.0, 1234.0])
+@pytest.mark.parametrize("start_lr", [1e-3, 1.0])  # from below (within 10 trials), and from above the edge
+def test_kept_trials_search_as_undone_ones_where_the_stable_range_does_not_move(h, start_lr):
+    """On ½hw² the stable range (0, 2/h) is the same from every point and the relative fall (1 − lr·h)^(2k) too,
+    so keeping the stable trials must not change the rates tried nor the choice: the trainer's continuing ramp
+    is the range test, only cheaper. With the trainer's settings (×3, one refinement, a quarter of the largest
+    stable rate) the choice is within [1/(4·√3), 1/4] of the edge 2/h."""
+    from scalesgd.lr_probe import LR_PROBE
+
+    test = LrRangeTest(**{**LR_PROBE, "start_lr": start_lr})
+    kept, kept_state = run_kept_range_test(test, h)
+    undone, undone_state = run_range_test(test, h)
+    assert [t.lr for t in kept_state.trials] == pytest.approx([t.lr for t in undone_state.trials])
+    assert kept.lr == pytest.approx(undone.lr)
+    largest = max(t.lr for t in kept_state.trials if t.verdict == "stable")
+    assert largest < 2 / h and kept.lr == pytest.approx(largest / LR_PROBE["safety_factor"])
+    assert 2 / h / (4 * 3 ** 0.5) <= kept.lr < 2 / h / 4
+
+
 def test_range_test_detects_divergence_and_refines():
     test = LrRangeTest(start_lr=1e-3, factor=10 ** 0.5, refine_trials=3)
     state = test.init_state()

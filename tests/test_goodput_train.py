@@ -37,6 +37,16 @@ def run(tmp_path_factory):
     return cfg, summary, records
 
 
+def _assert_trials_continue_from_the_kept_ones(probes: list[dict]) -> None:
+    """A kept (stable or flat) trial's loss after is the next trial's loss before; an undone one (rose or
+    diverged) leaves the loss before as it was: the state was restored."""
+    before = probes[0]["loss_before"]
+    for p in probes:
+        assert p["loss_before"] == before and p["kept"] == (p["verdict"] in ("stable", "flat"))
+        if p["kept"]:
+            before = p["loss_after"]
+
+
 def _adascale_gain(g2: float, tr: float, batch: int, base_batch: int) -> float:
     """AdaScale's r = (σ² + ‖G‖²)/(σ²/S + ‖G‖²), σ² = tr Σ / B₀, S = B/B₀ (Johnson et al. 2020), written out
     here: negative estimates clamped to 0, r clipped to [min(1, S), max(1, S)]."""
@@ -53,12 +63,15 @@ def test_lr_auto_logs_its_trials_and_choice_within_five_percent_of_the_wall_time
     (auto,) = [r for r in records if r["kind"] == "lr_auto"]
     assert probes and [p["trial"] for p in probes] == list(range(1, len(probes) + 1)) == list(range(1, auto["trials"] + 1))
     assert all(p["verdict"] in ("stable", "flat", "rose", "diverged") and p["lr"] > 0 for p in probes)
-    assert all(p["loss_before"] == probes[0]["loss_before"] for p in probes)  # every trial from the same state
+    _assert_trials_continue_from_the_kept_ones(probes)
     assert math.isfinite(auto["lr"]) and auto["lr"] > 0 and auto["reason"]
-    # The probe counts in the run's clock and stays within its budget of the run's estimated time (the run at
-    # its starting batch; goodput then grows the batch, so this run can end faster than that estimate: the
-    # share of its actual wall time is asserted on a fixed-batch run below).
-    assert auto["probe_s"] <= LR_PROBE_BUDGET * auto["estimated_run_s"]
+    # The probe counts in the run's clock and its cost (all but the kept trials' training steps) stays within
+    # its budget of the run's estimated time (the run at its starting batch; goodput then grows the batch, so
+    # this run can end faster than that estimate: the share of its actual wall time is asserted on a
+    # fixed-batch run below).
+    assert auto["cost_s"] == pytest.approx(auto["probe_s"] - auto["kept_s"]) and 0 <= auto["kept_s"] < auto["probe_s"]
+    assert auto["cost_s"] <= LR_PROBE_BUDGET * auto["estimated_run_s"]
+    assert auto["kept_examples"] == START_BATCH * probes[0]["steps"] * sum(p["kept"] for p in probes)
     assert summary["train_time_s"] >= auto["probe_s"]
     # It all came before the first training step.
     first_step = next(i for i, r in enumerate(records) if r["kind"] == "step")
@@ -129,8 +142,9 @@ def test_a_too_large_lr_fails_where_lr_auto_trains(tmp_path):
     assert 0 < auto["lr"] < 20 and summary["final_test_accuracy"] >= 0.85
     probes = [r for r in records if r["kind"] == "lr_probe"]
     assert len(probes) == auto["trials"] >= 1 and all(p["verdict"] for p in probes)
-    # at a fixed batch the estimate holds: the whole probe is within 5% of the run's wall time, and inside it
-    assert auto["probe_s"] <= LR_PROBE_BUDGET * summary["wall_s"] and summary["train_time_s"] >= auto["probe_s"]
+    # at a fixed batch the estimate holds: the probe's cost is within 5% of the run's wall time, and all of the
+    # probe is inside it
+    assert auto["cost_s"] <= LR_PROBE_BUDGET * summary["wall_s"] and summary["train_time_s"] >= auto["probe_s"]
 
 
 @pytest.mark.spawn  # env.json asks git
@@ -151,8 +165,11 @@ def test_lr_auto_backs_off_from_diverging_trials_and_restores_the_state(tmp_path
     assert probes[0]["lr"] == 20.0 and probes[0]["verdict"] in ("rose", "diverged")
     assert [p["lr"] for p in probes[:3]] == pytest.approx([20.0, 20.0 / 3, 20.0 / 9])  # backing off by the factor
     assert any(p["verdict"] == "stable" for p in probes)
-    # every trial started from the same restored state: the same loss before, and a finite run after them
-    assert len({p["loss_before"] for p in probes}) == 1
+    # every undone trial was restored from: the unstable ones all started from the initial state, and later
+    # trials from the last kept one; a finite run after them
+    first_kept = next(i for i, p in enumerate(probes) if p["kept"])
+    assert len({p["loss_before"] for p in probes[:first_kept + 1]}) == 1
+    _assert_trials_continue_from_the_kept_ones(probes)
     assert auto["lr"] < min(p["lr"] for p in probes if p["verdict"] in ("rose", "diverged"))
     assert summary["final_test_accuracy"] >= 0.85
 

@@ -17,8 +17,8 @@ Pollux (Qiao et al., OSDI 2021, arXiv 2008.12260; petuum/adaptdl ``adaptdl/goodp
 - :func:`choose_global_batch` maximises goodput over the legal global batches (multiples of P within the
   limits); :class:`GoodputPolicy` wraps it in the batch-policy protocol of :mod:`scalesgd.batch_policy`
   with warm-up and hysteresis, its memory in a plain-data :class:`GoodputState`.
-- :class:`LrRangeTest` is the pure state machine behind ``--lr auto``: a geometric learning-rate ramp from a
-  saved copy of the training state, stopped at the first unstable rate (Smith, "Cyclical learning rates",
+- :class:`LrRangeTest` is the pure state machine behind ``--lr auto``: a geometric learning-rate ramp, each
+  trial from a saved copy of the training state, stopped at the first unstable rate (Smith, "Cyclical learning rates",
   arXiv 1506.01186), refined, and the base rate chosen from the largest stable one.
 
 numpy only; every function is pure and every state is a frozen dataclass of numbers and tuples.
@@ -696,13 +696,15 @@ class LrSearchResult:
 
 @dataclass(frozen=True)
 class LrRangeTest:
-    """Find a base learning rate by trying a geometric ramp of rates from one saved training state.
+    """Find a base learning rate by trying a geometric ramp of rates, each trial from a saved training state.
 
     The trainer saves its state, then repeatedly: asks :meth:`propose` for a rate, measures the loss on a
-    fixed probe batch, runs ``k`` steps at that rate, measures the loss on the same batch again, feeds the
-    two to :meth:`observe`, and restores the saved state (always, so every trial starts from the same
-    point; a diverged trial leaves nothing behind). When :meth:`propose` returns None, :meth:`result` gives
-    the rate to train with.
+    fixed probe batch, runs ``k`` steps at that rate, measures the loss on the same batch again and feeds the
+    two to :meth:`observe`. A trial that rose or diverged is undone (the saved state restored: it leaves
+    nothing behind). A stable or flat one is either undone too (every trial from the same point) or kept, its
+    state saved for the next trial (the ramp then trains as it searches, as Smith's one-run range test does;
+    ``scalesgd.lr_probe`` keeps them). The search is the same either way: it sees only the two losses. When
+    :meth:`propose` returns None, :meth:`result` gives the rate to train with.
 
     Verdict of a trial (``start`` = the first trial's loss before):
 
