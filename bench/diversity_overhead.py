@@ -414,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap of attention: no batch rule
     blocks = args.blocks or (2 if args.quick else 10)
-    print(f"torch {torch.__version__}, {args.threads} threads, {blocks} interleaved blocks; "
-          "shared machine: timings are noisy, compare the ratios")
+    load_before = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {args.threads} threads, {blocks} interleaved blocks; load average "
+          f"{load_before:.1f} on {os.cpu_count()} cores; shared machine: timings are noisy, compare the ratios")
     g = torch.Generator().manual_seed(args.seed)
     results: dict = {"torch": torch.__version__, "threads": args.threads, "blocks": blocks, "models": {}}
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -452,6 +453,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown model {key!r}; choose from {', '.join(names)}")
         results["models"][key] = run_model(key.split("-")[0], desc, model, x, y, blocks, reps, not args.no_memory,
                                            args.vmap_max_gib * 2**30)
+    load_after = os.getloadavg()[0]
+    print(f"\nload average {load_before:.1f} at the start, {load_after:.1f} at the end, on {os.cpu_count()} cores")
+    if max(load_before, load_after) > (os.cpu_count() or 1):
+        # a thread pool on cores that others hold waits for its slowest thread: the multi-threaded compute
+        # steps (plain, exact) slow down more than vmap's per-example loop, so vmap/exact reads low
+        print("the machine was oversubscribed: threads waited on each other unevenly across variants; rerun "
+              "on an idle machine, or with --threads 1")
     print("\nsummary (paired ratios; targets: exact/plain <= the model's target, vmap/exact >= its target):")
     for key, result in results["models"].items():
         print(summary_line(key, result))
