@@ -162,6 +162,7 @@ def test_the_server_applies_each_gradient_with_its_staleness():
     ({"lr": "auto"}, "--lr a number"),
     ({"check_replicas_every": 1}, "--check-replicas-every"),
     ({"max_restarts": 1}, "--max-restarts"),
+    ({"example_qsgd_levels": 4}, "drop --example-qsgd-levels"),  # its workers would ignore it silently
 ])
 @pytest.mark.parametrize("algorithm", ["async-ps", "hogwild"])
 def test_combinations_without_meaning_are_refused_in_one_line(algorithm, options, words):

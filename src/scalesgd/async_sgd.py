@@ -38,7 +38,7 @@ Both follow the synchronous trainer's rules, so the three differ only in how upd
 
 Not supported (refused by :class:`scalesgd.config.RunConfig`): the online diversity estimators and what needs
 them (they ride on an all-reduced gradient there is none of), batch-size policies, ``--lr auto``, local SGD,
-backup workers, checkpoints and restarts; CPU and gloo only.
+backup workers, checkpoints and restarts, ``--example-qsgd-levels``; CPU and gloo only.
 """
 
 from __future__ import annotations
