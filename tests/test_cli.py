@@ -143,6 +143,16 @@ def test_report_per_worker_times_leave_out_local_sgd_steps(tmp_path):
     assert not (tmp_path / "rep" / "time_breakdown_1.png").exists()
 
 
+def test_a_target_accuracy_on_a_regression_task_is_refused(tmp_path, capsys):
+    # a regression run's evaluations have no accuracy: it used to train and end "did not reach target"
+    argv = ["train", "--dataset", "synthetic-linreg", "--n-train", "64", "--model", "mlp", "--workers", "2",
+            "--steps", "2", "--global-batch-size", "8", "--target-accuracy", "0.5", "--run-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--target-accuracy needs a classification data set" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_train_help_gives_one_default_per_option():
     import argparse
 

@@ -93,6 +93,9 @@ def preflight(cfg: RunConfig, ds: Dataset, *, model: nn.Module | None = None, mo
         ConfigError: the model cannot take the data or its options; the lr rule or policy rejects theirs;
             a user's model or loss fails on two examples.
     """
+    if cfg.target_accuracy is not None and ds.task != "classification":
+        raise ConfigError(f"--target-accuracy needs a classification data set; {cfg.dataset} is a {ds.task} task, "
+                          "whose evaluations have no accuracy to reach: drop --target-accuracy")
     if model is None:
         model = build_run_model(cfg, input_shape=ds.input_shape, num_outputs=ds.num_outputs, factory=model_factory)
     else:
