@@ -30,7 +30,7 @@ from scalesgd.config import RunConfig
 from scalesgd.data import load_data
 from scalesgd.data.sharding import BatchStream, Cursor, shard
 from scalesgd.distributed import World
-from scalesgd.errors import ConfigError
+from scalesgd.errors import ConfigError, DivergedError
 from scalesgd.models import build_model, loss_function
 from scalesgd.run import train
 from scalesgd.step import FlatModel
@@ -100,6 +100,21 @@ def test_one_worker_async_ps_and_hogwild_are_serial_sgd(tmp_path):
         assert evals == [(r["step"], r["test_accuracy"]) for r in sync_records if r["kind"] == "eval"]
 
 
+@pytest.mark.spawn
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("algorithm", ["sync", "async-ps", "hogwild"])
+def test_an_exploding_loss_stops_every_algorithm_in_one_line(tmp_path, algorithm):
+    # lr 20 on digits: the loss grows by orders of magnitude but stays finite; the asynchronous runs used to train
+    # on to the end (final accuracy at chance) where the synchronous trainer stops with its advice. Hogwild's
+    # racing writes can also make it overflow first, which stops it as well.
+    words = r"the training loss exploded: smoothed .* at step \d+ " + (
+        r"|the loss became (nan|inf|-inf) on rank \d at step \d+ " if algorithm == "hogwild" else "")
+    with pytest.raises(DivergedError, match=words) as e:
+        _run(tmp_path, algorithm, workers=2, steps=30, lr=20.0, algorithm=algorithm)
+    assert "\n" not in str(e.value) and "(e.g. --lr 2)" in str(e.value)
+    assert not (tmp_path / algorithm / "summary.json").exists()
+
+
 # --- the plan: every example once per epoch, meetings where the synchronous trainer evaluates ----------------
 
 
@@ -162,6 +177,7 @@ def test_the_server_applies_each_gradient_with_its_staleness():
     ({"lr": "auto"}, "--lr a number"),
     ({"check_replicas_every": 1}, "--check-replicas-every"),
     ({"max_restarts": 1}, "--max-restarts"),
+    ({"example_qsgd_levels": 4}, "drop --example-qsgd-levels"),  # its workers would ignore it silently
 ])
 @pytest.mark.parametrize("algorithm", ["async-ps", "hogwild"])
 def test_combinations_without_meaning_are_refused_in_one_line(algorithm, options, words):

@@ -96,12 +96,15 @@ def test_public_api_is_exported():
         scalesgd.no_such_thing  # noqa: B018
 
 
-def _fake_run(path, comm, *, ranks=2, steps=12):
+def _fake_run(path, comm, *, ranks=2, steps=12, local_from=None):
     path.mkdir(parents=True)
     lines = []
     for i in range(1, steps + 1):
         rec = {"kind": "step", "step": i, "epoch": i / steps, "time_s": 0.01 * i, "loss": 1.0 / i,
                "comm_s": 0.004, "update_s": 0.001, **{f"compute_s_rank{r}": 0.002 * (r + 1) for r in range(ranks)}}
+        if local_from is not None and i >= local_from:  # a local-SGD step: its tail holds rank 0's values only
+            rec.update({f"compute_s_rank{r}": 0.003 if r == 0 else 0.0 for r in range(ranks)}, local_sgd=True,
+                       averaged=i % 4 == 0)
         lines.append(json.dumps(rec))
     lines.append(json.dumps({"kind": "eval", "step": steps, "epoch": 1.0, "time_s": 0.2, "test_accuracy": 0.9,
                              "train_accuracy": 0.95}))
@@ -122,6 +125,32 @@ def test_report_labels_runs_by_what_differs_and_shows_shared_times_once(tmp_path
     # rank 1 computes 4 ms, rank 0 2 ms: rank 0 waits 2 ms; transfer = rank 0's 4 ms all-reduce - 2 ms wait
     assert "| 0 | 2.000 | 2.000 |" in text and "| 1 | 4.000 | 0.000 |" in text
     assert text.count("All-reduce transfer 2.000 ms and optimizer update 1.000 ms") == 3
+
+
+def test_report_per_worker_times_leave_out_local_sgd_steps(tmp_path):
+    """A local-SGD step all-reduces nothing: its record holds rank 0's compute and zeros for the others, which
+    read as rank 1 computing nothing and waiting for rank 0. The table comes from the synchronous steps only
+    (post-local SGD), and a run that was local throughout says it has no per-worker times."""
+    post, local = tmp_path / "post", tmp_path / "local"
+    _fake_run(post, "allreduce", steps=40, local_from=11)  # 10 synchronous steps (5 skipped as warm-up), 30 local
+    _fake_run(local, "ring", steps=20, local_from=1)
+    assert main(["report", str(post), str(local), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| 0 | 2.000 | 2.000 |" in text and "| 1 | 4.000 | 0.000 |" in text  # the synchronous steps' times
+    assert "| 1 | 0.000 |" not in text
+    assert "comm=ring: local SGD steps all-reduce nothing, so they carry no per-worker times." in text
+    assert (tmp_path / "rep" / "time_breakdown_0.png").is_file()
+    assert not (tmp_path / "rep" / "time_breakdown_1.png").exists()
+
+
+def test_a_target_accuracy_on_a_regression_task_is_refused(tmp_path, capsys):
+    # a regression run's evaluations have no accuracy: it used to train and end "did not reach target"
+    argv = ["train", "--dataset", "synthetic-linreg", "--n-train", "64", "--model", "mlp", "--workers", "2",
+            "--steps", "2", "--global-batch-size", "8", "--target-accuracy", "0.5", "--run-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--target-accuracy needs a classification data set" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_train_help_gives_one_default_per_option():

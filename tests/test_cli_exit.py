@@ -38,7 +38,7 @@ def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout_s: 
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("workers, sig", [(2, signal.SIGTERM), (1, signal.SIGINT)])
+@pytest.mark.parametrize("workers, sig", [(2, signal.SIGTERM), (1, signal.SIGINT), (2, signal.SIGINT)])
 def test_a_stop_signal_is_reported_as_a_stop_with_the_checkpoint_and_the_resume_command(tmp_path, workers, sig):
     run_dir = tmp_path / "run"
     proc = _launch([*LONG, "--workers", str(workers), "--run-dir", str(run_dir)])

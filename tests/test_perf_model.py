@@ -563,3 +563,9 @@ def test_recommend_sync_every_trades_communication_against_passes():
                           batch_crit=100.0, passes_factor=1.1)[0]
     assert scaled.passes == pytest.approx(1.1 * plain.passes)
     assert scaled.time_to_accuracy_s == pytest.approx(1.1 * plain.time_to_accuracy_s)
+    # one worker's local SGD is synchronous SGD: neither the grid nor the H recommendation scales its passes
+    one, one_scaled = (predict_grid([100], [1], compute=compute, network=network, grad_bytes=4.0, n_train=1000,
+                                    passes_min=1.0, batch_crit=100.0, passes_factor=f)[0] for f in (1.0, 1.1))
+    assert one_scaled.passes == one.passes == plain.passes
+    rows = recommend_sync_every(100, 1, curve={1: 10.0, 4: 11.0, 16: 40.0}, **kw)
+    assert [r[0] for r in rows] == [1, 4, 16] and all(r[2] == pytest.approx(10.0) for r in rows)

@@ -245,8 +245,10 @@ def test_predict_scales_local_sgd_passes_by_the_measured_curve_and_recommends_h(
         assert args.func(args) == 0
         tables[name] = {int(r["workers"]): r for r in csv.DictReader((tmp_path / name / "predictions.csv").open())}
     out = capsys.readouterr().out
-    for p in (1, 2, 4):  # passes at H = 4 are the synchronous ones times 11/10
+    for p in (2, 4):  # passes at H = 4 are the synchronous ones times 11/10
         assert float(tables["h4"][p]["passes"]) == pytest.approx(1.1 * float(tables["sync"][p]["passes"]), rel=1e-6)
+    # one worker's local SGD is synchronous SGD: its passes are not scaled
+    assert float(tables["h4"][1]["passes"]) == pytest.approx(float(tables["sync"][1]["passes"]), rel=1e-6)
     info = json.loads((tmp_path / "h4" / "prediction.json").read_text())
     assert info["passes_vs_h"] == {"1": 10.0, "4": 11.0, "16": 12.0}
     recs = info["sync_every_recommendation"]
@@ -255,6 +257,7 @@ def test_predict_scales_local_sgd_passes_by_the_measured_curve_and_recommends_h(
     for r in recs:
         assert r["time_to_accuracy_s"] == pytest.approx(r["time_per_pass_s"] * r["passes"])
     assert f"recommended --sync-every {recs[0]['sync_every']}" in out
+    assert "local SGD at B=64, P=1," not in out  # H is chosen among several workers, where it changes anything
     with pytest.raises(ConfigError, match="outside the measured"):
         args = parse([*common, "--sync-every", "32", "--passes-vs-h", "1:10,4:11,16:12"])
         args.func(args)

@@ -46,3 +46,6 @@ def test_report_names_the_algorithm_and_tabulates_staleness(tmp_path):
     assert "| async-ps |" in row and "allreduce" not in row
     staleness = text.split("## Staleness", 1)[1]
     assert "| 0.80 | 2 | 0: 1, 1: 2, 2: 1, 10: 1 |" in staleness  # histogram in numeric order of τ
+    # no step lines: the step-time section says why it has no table instead of staying empty
+    breakdown = text.split("## Where the step time goes", 1)[1].split("## Staleness", 1)[0]
+    assert "async-ps has no synchronous steps" in breakdown

@@ -48,6 +48,16 @@ def test_bad_spec_through_the_cli_exits_2(capsys):
     assert len(err.splitlines()) == 1 and "--straggler" in err and "not a time" in err
 
 
+def test_a_slow_rank_the_job_lacks_is_refused_before_anything_starts(tmp_path, capsys):
+    # rank 5 of 2 workers would delay no one: refused in one line, exit 2, before any worker is spawned
+    argv = ["train", "--dataset", "synthetic-linreg", "--n-train", "64", "--model", "logreg", "--workers", "2",
+            "--steps", "1", "--global-batch-size", "8", "--straggler", "rank5x2", "--run-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rank 5" in err and "ranks 0..1" in err and "rank1x2" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_local_sgd_options_are_checked():
     with pytest.raises(ConfigError, match="--sync-every-after needs --sync-every"):
         RunConfig(sync_every_after=1.0)

@@ -106,6 +106,18 @@ def test_call_with_accepted_passes_only_what_the_signature_takes():
         call_with_accepted(lambda *, num_outputs: None, num_outputs=None)
 
 
+def test_a_model_option_the_factory_does_not_take_is_refused_not_dropped(user_file):
+    # make_model takes width but no dropout: --dropout 0.1 would train without dropout, silently
+    with pytest.raises(ConfigError, match="takes no 'dropout' argument, so --dropout 0.1 would be ignored") as e:
+        build_run_model(RunConfig(model=f"{user_file}:make_model", dropout=0.1), input_shape=(5,), num_outputs=2)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="takes no 'norm' argument"):
+        build_run_model(RunConfig(model=f"{user_file}:make_model", norm="group"), input_shape=(5,), num_outputs=2)
+    build_run_model(RunConfig(model=f"{user_file}:make_model", width=6), input_shape=(5,), num_outputs=2)  # taken
+    with pytest.raises(ConfigError, match="returned a list"):  # **kwargs takes dropout: past the check
+        build_run_model(RunConfig(model=f"{user_file}:not_a_model", dropout=0.1), input_shape=(5,), num_outputs=2)
+
+
 def test_build_run_model_import_string_seeded_and_typed(user_file):
     cfg = RunConfig(model=f"{user_file}:make_model", width=6, seed=3)
     a = build_run_model(cfg, input_shape=(5,), num_outputs=2)

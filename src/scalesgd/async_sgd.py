@@ -38,7 +38,7 @@ Both follow the synchronous trainer's rules, so the three differ only in how upd
 
 Not supported (refused by :class:`scalesgd.config.RunConfig`): the online diversity estimators and what needs
 them (they ride on an all-reduced gradient there is none of), batch-size policies, ``--lr auto``, local SGD,
-backup workers, checkpoints and restarts; CPU and gloo only.
+backup workers, checkpoints and restarts, ``--example-qsgd-levels``; CPU and gloo only.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from scalesgd.local_sgd import NO_COMM
 from scalesgd.lr_rules import LrConfig, lr_terms
 from scalesgd.models import example_randomness
 from scalesgd.run import (Shard, _batch_reader, divergence_advice, finished, log_eval, log_exact_diversity,
-                          reached_target, run_summary, warm_up)
+                          reached_target, run_summary, warm_up, watch_loss)
 from scalesgd.step import FlatModel
 from scalesgd.stragglers import parse_straggler, sample_delay
 from scalesgd.train_state import TrainState
@@ -379,7 +379,8 @@ def loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat: 
     (the synchronous trainer's keys, plus ``algorithm`` and :func:`staleness_summary`'s).
 
     Raises:
-        DivergedError: a worker's loss stopped being finite.
+        DivergedError: a worker's loss stopped being finite or exploded (:func:`scalesgd.run.watch_loss` on its own
+            updates).
         DistributedError: a worker fell silent for ``--timeout-s`` (the server or a peer names it).
         StoppedError: a stop signal reached a worker (asynchronous runs keep no checkpoint to resume from).
     """
@@ -442,6 +443,10 @@ def loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat: 
                     raise DivergedError(f"the loss became {g.loss_sum / max(g.count, 1)} on rank {world.rank} at "
                                         f"step {rnd.step + 1} (lr {lr:.4g}); training stopped. "
                                         f"{divergence_advice(cfg).capitalize()}")
+                if g.count:  # an exploding loss stops the run as the synchronous trainer's does, on this rank's
+                    # own updates (the first rank to see it ends the job); named by the update's step
+                    state = watch_loss(state.replace(step=rnd.step + 1), g.loss_sum / g.count, lr=lr, cfg=cfg,
+                                       writer=writer).replace(step=state.step)
                 meta = [float(version), lr, float(rnd.step), rnd.epoch, g.loss_sum, g.correct, float(g.count)]
                 if hogwild:
                     if g.count:

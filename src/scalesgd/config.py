@@ -302,6 +302,9 @@ class RunConfig:
                                                                        "--checkpoint-every-steps/--max-restarts"),
             (self.algorithm == "hogwild" and self.langevin_noise > 0, "would add the same Langevin noise in every "
                                                                       "process; drop --langevin-noise"),
+            # its workers compute plain mean gradients (async_sgd.local_gradient): the option would be ignored
+            (self.example_qsgd_levels > 0, "computes plain mean gradients, without per-example quantization; drop "
+                                           "--example-qsgd-levels (or use --algorithm sync)"),
         ]
         for refused, why in refusals:
             if refused:

@@ -12,6 +12,7 @@ import datetime as _dt
 import ipaddress
 import os
 import pickle
+import re
 import signal
 import socket
 import sys
@@ -592,7 +593,9 @@ def spawn(fn: Callable[..., Any], nprocs: int, args: tuple = (), *, port: int | 
             kind, _, message = str(message).partition(":")
             error = _rebuild_error(kind, message)
             if isinstance(error, StoppedError) and stop.signum is not None:
-                error.signum = stop.signum  # the signal this launcher was sent (it passed SIGTERM on)
+                # the signal this launcher was sent: the workers name the SIGTERM it passed on to them
+                error = StoppedError(re.sub(r"stopped by SIG[A-Z]+", f"stopped by {stop.name}", str(error), count=1),
+                                     signum=stop.signum)
             raise error
         if status == "timeout":
             raise DistributedError(f"{message}; the workers were stopped")

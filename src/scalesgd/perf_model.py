@@ -580,7 +580,8 @@ def recommend_sync_every(global_batch_size: int, workers: int, *, curve: dict[in
 
     time to accuracy(H) = (n/B)·T_step(B, P, H) · passes·factor(H), with T_step's communication divided by H
     and its delays taken per period (:func:`step_time`) and factor(H) = passes(H)/passes(1)
-    (:func:`local_sgd_passes_factor`). Ties go to the smaller H.
+    (:func:`local_sgd_passes_factor`), except at P = 1, whose local SGD is synchronous SGD (factor 1 at every
+    H). Ties go to the smaller H.
 
     Args:
         passes: synchronous SGD's passes to accuracy at this B (:func:`passes_to_accuracy`).
@@ -591,7 +592,7 @@ def recommend_sync_every(global_batch_size: int, workers: int, *, curve: dict[in
     for h in sorted(curve):
         tpp = float(time_per_pass(n_train, global_batch_size, workers, compute=compute, network=network,
                                   grad_bytes=grad_bytes, overhead_s=overhead_s, straggler=straggler, sync_every=h))
-        p = passes * local_sgd_passes_factor(h, curve)
+        p = passes * (local_sgd_passes_factor(h, curve) if workers > 1 else 1.0)
         rows.append((h, tpp, p, tpp * p))
     return sorted(rows, key=lambda r: (r[3], r[0]))
 
@@ -654,7 +655,8 @@ def predict_grid(batch_sizes: Iterable[int], workers: Iterable[int], *, n_train:
     ``straggler``, ``sync_every``: injected delays and local SGD's period (:func:`step_time`); the row's
     ``compute_s`` is then the expected compute a step waits for and ``comm_s`` the all-reduce over H.
     ``passes_factor``: local SGD's passes over synchronous SGD's at that H (:func:`local_sgd_passes_factor`),
-    multiplying every row's passes.
+    multiplying the passes of every row with P > 1 (one worker's local SGD is synchronous SGD: there is no other
+    replica to drift from).
     """
     if not passes_factor > 0:
         raise ConfigError(f"passes_factor must be positive, got {passes_factor}")
@@ -673,7 +675,8 @@ def predict_grid(batch_sizes: Iterable[int], workers: Iterable[int], *, n_train:
             comm = float(allreduce_time(grad_bytes, p, network)) / sync_every
             step = comp + comm + overhead_s
             tpp = n_train / b * step
-            passes = float(passes_to_accuracy(b, passes_min=passes_min, batch_crit=batch_crit)) * passes_factor
+            passes = float(passes_to_accuracy(b, passes_min=passes_min, batch_crit=batch_crit)) * (
+                passes_factor if p > 1 else 1.0)
             eff = float(efficiency(b, p, compute=compute, network=network, grad_bytes=grad_bytes,
                                    overhead_s=overhead_s, straggler=straggler, sync_every=sync_every))
             rows.append(Prediction(global_batch_size=b, workers=p, local_batch_size=int(local_batch_size(b, p)),

@@ -502,8 +502,13 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
     rec = pm.recommend(table, tolerance=tolerance)
     print(pm.format_recommendation(rec))
     by_h = None
-    if curve:
-        f = rec.fastest
+    # H is chosen where it matters: at one worker averaging is a no-op (every H is synchronous SGD), so at the
+    # fastest configuration with several workers
+    several = [r for r in table if r.workers > 1]
+    if curve and not several:
+        print("local SGD: every configuration has one worker, where --sync-every changes nothing")
+    elif curve:
+        f = rec.fastest if rec.fastest.workers > 1 else min(several, key=lambda r: r.time_to_accuracy_s)
         by_h = pm.recommend_sync_every(f.global_batch_size, f.workers, curve=curve, n_train=ds.n_train,
                                        compute=prof.fit, network=network, grad_bytes=grad_bytes,
                                        passes=f.passes / passes_factor, overhead_s=overhead_s,

@@ -48,10 +48,17 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
               "transfer bar means the network limits scaling.", ""]
     for i, (run, label) in enumerate(zip(runs, labels)):
         if not run.steps:
+            algorithm = run.config.get("algorithm") or "sync"
+            if algorithm != "sync":  # updates applied as they arrive: no step at which the ranks meet
+                lines += [f"{label}: {algorithm} has no synchronous steps, so no rank waits for a peer; see its "
+                          "staleness below.", ""]
+            continue
+        b = run.time_breakdown()
+        if not b["compute_s"]:  # local SGD throughout: no step all-reduces the ranks' times
+            lines += [f"{label}: local SGD steps all-reduce nothing, so they carry no per-worker times.", ""]
             continue
         name = f"time_breakdown_{i}.png"
         plots.time_breakdown(run, out_dir / name, label=label)
-        b = run.time_breakdown()
         lines.append(f"![time breakdown {label}]({name})")
         lines.append("")
         if b["per_rank_comm"]:

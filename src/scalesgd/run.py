@@ -47,7 +47,7 @@ from scalesgd.mechanisms import ExampleQSGD, check_per_example_affordable
 from scalesgd.models import example_randomness
 from scalesgd.data.user import ShardReader, to_device
 from scalesgd.step import FlatModel, NoiseTap, StepResult, evaluate, train_step
-from scalesgd.stragglers import StragglerSpec, parse_straggler, sample_delay
+from scalesgd.stragglers import StragglerSpec, check_ranks, parse_straggler, sample_delay
 from scalesgd.train_state import LossWatch, TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, sgd, state_from_tree, state_to_tree
 from scalesgd.user_code import build_run_model, canonical, is_import_string, loss_for, short_name
@@ -93,6 +93,9 @@ def preflight(cfg: RunConfig, ds: Dataset, *, model: nn.Module | None = None, mo
         ConfigError: the model cannot take the data or its options; the lr rule or policy rejects theirs;
             a user's model or loss fails on two examples.
     """
+    if cfg.target_accuracy is not None and ds.task != "classification":
+        raise ConfigError(f"--target-accuracy needs a classification data set; {cfg.dataset} is a {ds.task} task, "
+                          "whose evaluations have no accuracy to reach: drop --target-accuracy")
     if model is None:
         model = build_run_model(cfg, input_shape=ds.input_shape, num_outputs=ds.num_outputs, factory=model_factory)
     else:
@@ -890,6 +893,7 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
         StoppedError: the job was stopped by a signal after writing a checkpoint.
     """
     rdv = distributed.torchrun_rendezvous()
+    check_ranks(parse_straggler(cfg.straggler), rdv.size if rdv is not None else cfg.workers)
     if rdv is not None:  # torchrun starts its workers in sessions of their own: stop when the agent dies
         distributed.stop_with_parent(os.getppid())
     main = rdv is None or rdv.rank == 0  # only rank 0 writes the run directory

@@ -134,13 +134,16 @@ class RunData:
         ride in step t+1's all-reduce (``prev_comm_s_rank{r}``, ``prev_update_s_rank{r}`` of the record of
         step t+1); a rank's transfer at step t is its all-reduce time minus its wait. Runs written before
         those fields existed carry rank 0's times only: their transfer and update are then rank 0's, the
-        same number for every rank, and ``per_rank_comm`` is False.
+        same number for every rank, and ``per_rank_comm`` is False. Local-SGD steps (``local_sgd``) are left out:
+        they all-reduce nothing, so their records hold rank 0's compute only (the other ranks' slots are 0).
 
         Returns:
             ``compute_s``, ``wait_s``, ``transfer_s``, ``update_s``: lists, one median per rank (seconds;
-            empty without step records); ``per_rank_comm``: whether transfer and update are each rank's own.
+            empty without synchronous step records); ``per_rank_comm``: whether transfer and update are each
+            rank's own.
         """
-        steps = self.steps[skip:] or self.steps
+        synchronous = [s for s in self.steps if not s.get("local_sgd")]
+        steps = synchronous[skip:] or synchronous
         if not steps:
             return {"compute_s": [], "wait_s": [], "transfer_s": [], "update_s": [], "per_rank_comm": False}
         ranks = sorted(int(k[len("compute_s_rank"):]) for k in steps[0] if k.startswith("compute_s_rank"))

@@ -140,6 +140,20 @@ def parse_straggler(text: str | None) -> StragglerSpec | None:
     return StragglerSpec(kind="pause", p=p, pause_s=pause)
 
 
+def check_ranks(spec: StragglerSpec | None, world_size: int) -> None:
+    """Refuse a slow rank the job does not have (``rank5x2`` on 2 workers would delay no one, silently).
+
+    Args:
+        spec: the parsed ``--straggler`` spec (None: no delay).
+        world_size: the job's number of ranks P.
+    Raises:
+        ConfigError: ``spec`` slows rank r >= P.
+    """
+    if spec is not None and spec.kind == "slow" and spec.rank >= world_size:
+        raise ConfigError(f"--straggler {spec.describe()} slows rank {spec.rank}, but the job has ranks "
+                          f"0..{world_size - 1}; name one of them, e.g. --straggler rank{world_size - 1}x{spec.factor:g}")
+
+
 def step_generator(seed: int, rank: int, step: int) -> np.random.Generator:
     """The generator of one worker's delay at one step: a function of (seed, rank, step) alone (numpy's
     SeedSequence of the three and a stream tag), so a rerun, a resume or another machine draws the same."""

@@ -240,6 +240,32 @@ def model_options(cfg: Any) -> dict[str, Any]:
     return opts
 
 
+def check_model_options_taken(fn: Callable[..., Any], options: dict[str, Any], *, what: str) -> None:
+    """Refuse model options the user set that ``fn`` does not take: :func:`call_with_accepted` would drop them,
+    and the run would train without the ``--dropout`` (say) it was asked for.
+
+    Args:
+        fn: the model factory.
+        options: what :func:`model_options` offers it (only options set away from the trainer's defaults).
+        what: how the factory is named in the message.
+    Raises:
+        ConfigError: ``fn`` takes neither one of ``options`` by name nor ``**kwargs``; the first such option named.
+    """
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read: call_with_accepted passes everything
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    named = {n for n, p in params.items() if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    for name in options:
+        if name not in named:
+            flag = f"--{name.replace('_', '-')}"
+            raise ConfigError(f"{what} takes no {name!r} argument, so {flag} {options[name]} would be ignored; add "
+                              f"{name!r} to its signature (and use it) or drop {flag}")
+
+
 def build_run_model(cfg: Any, *, input_shape: Any, num_outputs: int | None,
                     factory: Callable[..., Any] | None = None) -> nn.Module:
     """The model a run's config names, initialised from ``cfg.seed``: a factory object (``scalesgd.fit``), an
@@ -257,8 +283,10 @@ def build_run_model(cfg: Any, *, input_shape: Any, num_outputs: int | None,
     if factory is not None or is_import_string(cfg.model):
         fn = factory if factory is not None else resolve(cfg.model, option="--model")
         what = f"--model {cfg.model}" if factory is None else "the model factory"
+        options = model_options(cfg)
+        check_model_options_taken(fn, options, what=what)
         kwargs = {"input_shape": tuple(input_shape) if input_shape is not None else None,
-                  "num_outputs": num_outputs, **model_options(cfg)}
+                  "num_outputs": num_outputs, **options}
         return build_user_model(fn, what=what, seed=cfg.seed, **kwargs)
     if input_shape is None or num_outputs is None:
         raise ConfigError(f"model {cfg.model!r} needs tensor inputs and a known number of outputs; this data set "
