@@ -229,7 +229,10 @@ def test_two_workers_async_ps_is_stale_converges_and_replays_serially(tmp_path):
     # the server's semantics, replayed: update v applies the gradient taken at version v - 1 - staleness
     ref = _sgd_reference(cfg, ds, [(r["step"] - 1, r["rank"], 2, r["version"] - 1 - r["staleness"])
                                    for r in updates])
-    torch.testing.assert_close(params, ref, rtol=1e-4, atol=1e-5)
+    # float32 over ~100 updates with momentum: the replay's gradients are summed in another order (one process,
+    # not the workers' shards), a few 1e-5 apart at worst; one update applied at the wrong version moves
+    # parameters by lr·‖g‖ ~ 1e-3 and more
+    torch.testing.assert_close(params, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.spawn
