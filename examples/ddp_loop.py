@@ -57,6 +57,7 @@ def train(rank: int, world_size: int, args: argparse.Namespace) -> None:
             est = ab.estimate()
             print(f"epoch {epoch}: loss {loss.item():.3f}, {len(sizes)} steps, global batch sizes used "
                   f"{sorted(set(sizes))}, B_S estimate {est['batch_bound_est']:.1f}, lr {ab.lr:.4f}", flush=True)
+    dist.barrier()  # every rank done with its collectives before any tears its connections down
     dist.destroy_process_group()
 
 
