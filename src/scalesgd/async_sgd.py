@@ -62,19 +62,17 @@ from scalesgd.backup_comm import _Watched
 from scalesgd.config import RunConfig
 from scalesgd.data import Dataset
 from scalesgd.data.sharding import BatchStream, Cursor, GlobalBatch, shard
-from scalesgd.data.user import ShardReader
 from scalesgd.distributed import StopRequest, World
 from scalesgd.errors import ConfigError, DistributedError, DivergedError, StoppedError
 from scalesgd.local_sgd import NO_COMM
 from scalesgd.lr_rules import LrConfig, lr_terms
 from scalesgd.models import example_randomness
-from scalesgd.run import (Shard, _batch_reader, divergence_advice, finished, log_eval, log_exact_diversity,
+from scalesgd.run import (Shard, divergence_advice, finished, log_eval, log_exact_diversity, loop_inputs,
                           reached_target, run_summary, warm_up, watch_loss)
 from scalesgd.step import FlatModel
 from scalesgd.stragglers import parse_straggler, sample_delay
 from scalesgd.train_state import TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, apply_updates_
-from scalesgd.user_code import loss_for
 from scalesgd.writer import RunWriter
 
 # What a push carries after the gradient (float32 slots): the version it was computed on, its learning rate,
@@ -386,14 +384,7 @@ def loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat: 
     """
     hogwild = cfg.algorithm == "hogwild"
     classification = ds.task == "classification"
-    loss_fn = loss_for(cfg.loss, ds.task, fn=loss)
-    example_loss_fn = loss_for(cfg.loss, ds.task, "none", fn=loss)
-    reader = ShardReader(ds, cfg.loader_workers)
-    read = _batch_reader(ds, reader, world.device)
-    stream = BatchStream(ds.n_train, cfg.seed)
-    total_examples = cfg.steps * cfg.global_batch_size if cfg.steps else int(math.ceil(cfg.epochs * ds.n_train))
-    eval_train_idx = torch.randperm(ds.n_train, generator=torch.Generator().manual_seed(cfg.seed + 17))[
-        : cfg.eval_train_examples]
+    loss_fn, example_loss_fn, reader, read, stream, total_examples, eval_train_idx = loop_inputs(cfg, ds, world, loss)
     stragglers = parse_straggler(cfg.straggler)
     counter = share_parameters_(flat, world) if hogwild else None
     state = state.replace(params=flat.params)

@@ -400,6 +400,21 @@ def _batch_reader(ds: Dataset, reader: ShardReader,
     return read
 
 
+def loop_inputs(cfg: RunConfig, ds: Dataset, world: World, loss: Callable | None = None) -> tuple[
+        Callable, Callable, ShardReader, Callable[[torch.Tensor], tuple[Any, torch.Tensor]], BatchStream, int,
+        torch.Tensor]:
+    """What every training loop (synchronous, or :mod:`scalesgd.async_sgd`'s) reads the run through:
+    ``(loss_fn, example_loss_fn, reader, read, stream, total_examples, eval_train_idx)`` — the mean and
+    per-example losses, the shard reader (close it) and ``read(indices)``, the global-batch order, the run's
+    length in examples, and the fixed training subset evaluated (its indices, (eval_train_examples,))."""
+    reader = ShardReader(ds, cfg.loader_workers)
+    total_examples = cfg.steps * cfg.global_batch_size if cfg.steps else int(math.ceil(cfg.epochs * ds.n_train))
+    eval_train_idx = torch.randperm(ds.n_train, generator=torch.Generator().manual_seed(cfg.seed + 17))[
+        : cfg.eval_train_examples]
+    return (loss_for(cfg.loss, ds.task, fn=loss), loss_for(cfg.loss, ds.task, "none", fn=loss), reader,
+            _batch_reader(ds, reader, world.device), BatchStream(ds.n_train, cfg.seed), total_examples, eval_train_idx)
+
+
 def estimate(state: TrainState, result: StepResult, *, ema: NoiseScaleEMA | None,
              n_train: int) -> tuple[TrainState, NoiseEstimate | None]:
     """Fold the step's unbiased ‖G‖², tr Σ into the EMA carried in the state (:meth:`NoiseScaleEMA.fold`)."""
@@ -717,15 +732,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
         return async_sgd.loop(state, cfg=cfg, world=world, ds=ds, flat=flat, tx=tx, lr_config=lr_config,
                               writer=writer, stop=stop, loss=loss)
     classification = ds.task == "classification"
-    loss_fn = loss_for(cfg.loss, ds.task, fn=loss)
-    example_loss_fn = loss_for(cfg.loss, ds.task, "none", fn=loss)
+    loss_fn, example_loss_fn, reader, read, stream, total_examples, eval_train_idx = loop_inputs(cfg, ds, world, loss)
     example_qsgd = ExampleQSGD(cfg.example_qsgd_levels) if cfg.example_qsgd_levels else None
-    reader = ShardReader(ds, cfg.loader_workers)
-    read = _batch_reader(ds, reader, world.device)
-    stream = BatchStream(ds.n_train, cfg.seed)
-    total_examples = cfg.steps * cfg.global_batch_size if cfg.steps else int(math.ceil(cfg.epochs * ds.n_train))
-    eval_train_idx = torch.randperm(ds.n_train, generator=torch.Generator().manual_seed(cfg.seed + 17))[
-        : cfg.eval_train_examples]
     bar = _progress_bar(cfg, world, total_examples)
     warm_up(state, shard_batch(state, stream=stream, world=world,
                                examples_left=None if cfg.steps else total_examples - state.examples),
