@@ -9,10 +9,13 @@ mislabelled test cannot hide in the fast tier.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import multiprocessing.process
 import multiprocessing.util
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -56,3 +59,23 @@ def pytest_runtest_protocol(item, nextitem):
         # starts them, and is caught above.
         mp.setattr(scalesgd.launch, "prestart", lambda: None)
         yield
+
+
+@contextlib.contextmanager
+def _load_script(path, name: str):
+    """A bench or experiment script imported from its file as module ``name`` (registered in sys.modules while
+    in use: dataclasses look their module up there as the file executes)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``with load_script(path, name) as module:`` — see :func:`_load_script`."""
+    return _load_script

@@ -3,8 +3,6 @@ the vmap memory guard, and the summary line's verdicts."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +16,10 @@ CE = nn.CrossEntropyLoss()
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("diversity_overhead_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+def bench(load_script):
+    with load_script(BENCH, "diversity_overhead_bench") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
+
 
 
 def headline(bench, batch: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -4,8 +4,6 @@ script at a tiny size (report and figures written)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +16,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "generalization" 
 
 
 @pytest.fixture(scope="module")
-def gen():
-    spec = importlib.util.spec_from_file_location("generalization_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(module)
+def gen(load_script):
+    with load_script(SCRIPT, "generalization_experiment") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+
 
 
 def _data(n=40, d=6, classes=3, seed=0):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,15 +12,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "mechanisms" / "m
 
 
 @pytest.fixture(scope="module")
-def mech():
-    spec = importlib.util.spec_from_file_location("mechanisms_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+def mech(load_script):
+    with load_script(SCRIPT, "mechanisms_experiment") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+
 
 
 def test_quick_run_writes_the_report_and_its_checks_hold(mech, tmp_path):
