@@ -148,6 +148,8 @@ def test_resume_config_keeps_the_maths_and_allows_the_rest(tmp_path):
     assert back.to_dict() == cfg.replace(workers=4, timeout_s=30.0).to_dict()  # (the lr rule saved resolved)
     for given, words in (({"lr": 0.2}, "--lr 0.2 contradicts the resumed run's lr = 0.1"),
                          ({"seed": 1}, "--seed 1 contradicts"),
+                         ({"target_accuracy": 0.9}, "--target-accuracy 0.9 contradicts the resumed run's unset "
+                                                    "--target-accuracy ("),
                          ({"run_dir": str(tmp_path / "other")}, "leave out --run-dir")):
         with pytest.raises(ConfigError, match=words.replace("(", "\\(")):
             checkpoint.resume_config(tmp_path, given)

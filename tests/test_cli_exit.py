@@ -96,3 +96,17 @@ def test_a_finished_run_leaves_no_semaphore_to_the_resource_tracker(tmp_path):
     held = {line.split()[1] for line in events if line.startswith("register") and line.endswith("semaphore")}
     held -= {line.split()[1] for line in events if line.startswith("unregister")}
     assert not held, events
+
+
+def test_a_resumed_runs_progress_bar_starts_where_the_run_was():
+    from scalesgd.config import RunConfig
+    from scalesgd.run import _progress_bar
+
+    class _Main:
+        is_main, size = True, 2
+
+    bar = _progress_bar(RunConfig(progress=True), _Main(), total_examples=1000, done_examples=400)
+    try:
+        assert (bar.n, bar.total) == (400, 1000)
+    finally:
+        bar.close()

@@ -221,6 +221,8 @@ def resume_config(run_dir: Path | str, given: dict[str, Any]) -> RunConfig:
             changes[name] = value
         elif value != getattr(cfg, name):
             option = name.replace("_", "-")
-            raise ConfigError(f"--{option} {value} contradicts the resumed run's {option} = {getattr(cfg, name)} "
+            was = getattr(cfg, name)
+            raise ConfigError(f"--{option} {value} contradicts the resumed run's "
+                              f"{f'{option} = {was}' if was is not None else f'unset --{option}'} "
                               f"({path}); leave --{option} out, or start a new run to change it")
     return cfg.replace(**changes)

@@ -734,7 +734,7 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
     classification = ds.task == "classification"
     loss_fn, example_loss_fn, reader, read, stream, total_examples, eval_train_idx = loop_inputs(cfg, ds, world, loss)
     example_qsgd = ExampleQSGD(cfg.example_qsgd_levels) if cfg.example_qsgd_levels else None
-    bar = _progress_bar(cfg, world, total_examples)
+    bar = _progress_bar(cfg, world, total_examples, state.examples)
     warm_up(state, shard_batch(state, stream=stream, world=world,
                                examples_left=None if cfg.steps else total_examples - state.examples),
             flat=flat, loss_fn=loss_fn, read=read, comm=comm)
@@ -856,7 +856,8 @@ def _loop(state: TrainState, *, cfg: RunConfig, world: World, ds: Dataset, flat:
                               start_s=start_s, checkpoints=ckpt.saves, checkpoint_s=ckpt.save_s)
 
 
-def _progress_bar(cfg: RunConfig, world: World, total_examples: int):
+def _progress_bar(cfg: RunConfig, world: World, total_examples: int, done_examples: int = 0):
+    """Rank 0's tqdm bar over the run's examples, starting at ``done_examples`` (a resumed run's progress)."""
     if not (cfg.progress and world.is_main):
         return None
     import threading
@@ -866,7 +867,7 @@ def _progress_bar(cfg: RunConfig, world: World, total_examples: int):
     # Only rank 0 draws a bar: a thread lock does. tqdm's default lock adds a multiprocessing semaphore, which a
     # worker leaving through os._exit never unregisters, so the resource tracker warned of a leak at exit.
     tqdm.set_lock(threading.RLock())
-    return tqdm(total=total_examples, unit="ex", unit_scale=True, dynamic_ncols=True, leave=True,
+    return tqdm(total=total_examples, initial=done_examples, unit="ex", unit_scale=True, dynamic_ncols=True, leave=True,
                 desc=f"train P={world.size}", mininterval=0.5)
 
 
