@@ -12,7 +12,7 @@ The contestants:
   starting batch as the floor, the policy's own warm-up and hysteresis); nothing tuned. ``--min-batch 1``
   runs it without the floor (it then follows δ·B̂_S + 1 below the start, too).
 * ``goodput``: the trainer with ``--batch-policy goodput --lr auto`` and every other default (starting batch
-  128; the base lr found by the trainer's range test, whose trials continue the training and whose cost, the
+  128; ``--comm auto``, which on these CPU workers is our ``ring-tcp`` all-reduce, while DDP keeps gloo's; the base lr found by the trainer's range test, whose trials continue the training and whose cost, the
   time not spent on kept trials, stays within 5% of the run's estimated time; all of it counts in its clock,
   while the kept trials' examples are not in its epoch count: the seed line prints them; the lr follows the
   AdaScale gain as the batch changes); nothing tuned.
@@ -129,6 +129,7 @@ class RunResult:
     lr_probe_s: float | None = None  # --lr auto: the range test's time (inside every clock above)
     lr_probe_cost_s: float | None = None  # of which not spent on the kept trials' training steps
     lr_probe_epochs: float | None = None  # the kept trials' examples / n_train (not in the run's epoch count)
+    comm: str | None = None  # the all-reduce the run used (policy runs: what --comm auto resolved to)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -279,7 +280,8 @@ def run_policy(task: Task, ds: Dataset, seed: int, workdir: Path, min_batch: int
                        train_wall_s=(evals[-1]["time_s"] if evals else 0.0) - sum(e["eval_s"] for e in evals),
                        step_wall_by_batch={b: statistics.median(w) for b, w in sorted(walls.items())
                                            if len(w) >= MIN_STEPS_PER_BATCH},
-                       batch_bound_settled=statistics.median(bounds) if bounds else None, bench_s=bench_s)
+                       batch_bound_settled=statistics.median(bounds) if bounds else None, bench_s=bench_s,
+                       comm=RunData.open(run_dir).config.get("comm_used"))
     return finish(result, task.target_accuracy)
 
 
@@ -447,7 +449,8 @@ def bench_task(name: str, task: Task, grid: list[tuple[int, float]], seeds: tupl
                 probe += (f" (cost {r.lr_probe_cost_s:.2f}s; its kept trials trained {r.lr_probe_epochs:.2f} epochs "
                           f"more)")
             print(f"  seed {seed} {kind:<9s} B0={r.global_batch_size:<4d} lr={r.lr:<6.3g}: {_fmt_run(r)}  batch at "
-                  f"target {r.batch_at_target}, settled {r.settled_batch:g}{probe}; load {os.getloadavg()[0]:.1f}",
+                  f"target {r.batch_at_target}, settled {r.settled_batch:g}{probe}; --comm {r.comm}; "
+                  f"load {os.getloadavg()[0]:.1f}",
                   flush=True)
         for b, lr in candidates:
             f = run_fixed(task, ds, b, lr, seed)

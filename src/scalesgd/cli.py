@@ -71,7 +71,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("norm", str, "normalisation: none or group (GroupNorm/LayerNorm; BatchNorm is not offered)"),
     ("global-batch-size", int, "examples per step, summed over all workers"),
     ("lr", _lr, "learning rate (of the mean loss) at the base batch size, or 'auto': a learning-rate range test "
-                "on the first steps picks it, in at most 5%% of the run's time"),
+                "on the first steps picks it, in at most 5%% of the run's time (default: auto for synchronous "
+                "SGD without --sync-every or --backup-workers, else 0.05)"),
     ("momentum", float, "heavy-ball momentum"),
     ("weight-decay", float, "L2 weight decay"),
     ("lr-schedule", str, "base schedule: constant, cosine, step"),
@@ -90,7 +91,9 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
                                  "raises the diversity; needs per-example gradients (small models; no dropout) "
                                  "(default: 0, off)"),
     ("batch-policy", str, "fixed, diversity (batch = delta*B_S + 1), schedule, goodput (the batch with the most "
-                          "progress per second: fitted step time x statistical efficiency; lr by AdaScale)"),
+                          "progress per second: fitted step time x statistical efficiency; lr by AdaScale) "
+                          "(default: goodput where it can run: synchronous SGD with --diversity on, --lr-rule unset "
+                          "or adascale, no --batch-schedule; else fixed)"),
     ("batch-schedule", str, "for --batch-policy schedule: epoch:batch pairs, e.g. 0:64,5:256"),
     ("delta", float, "for --batch-policy diversity: batch = delta * B_S + 1"),
     ("min-batch", int, "smallest global batch the diversity/goodput policy may choose; 1 lets diversity shrink "
@@ -112,7 +115,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("workers", int, "local worker processes (under torchrun the launch sets them: a different --workers is an "
                      "error)"),
     ("backend", str, "auto (nccl with CUDA, else gloo), gloo, nccl"),
-    ("comm", str, "gradient communication: allreduce (built-in), ring (ours, over torch.distributed), "
+    ("comm", str, "gradient communication: auto (ring-tcp on CPU, allreduce on GPUs), allreduce (built-in), "
+                 "ring (ours, over torch.distributed), "
                  "ring-tcp (ours, over our own sockets; CPU), ps, qsgd (over the built-in), "
                  "qsgd+ring, qsgd+ring-tcp, qsgd+ps (the QSGD codec over that transport)"),
     ("qsgd-levels", int, "quantisation levels of --comm qsgd"),
@@ -180,11 +184,15 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | None = None):
-    """defaults < TOML file < command line → a validated RunConfig."""
-    from scalesgd.config import RunConfig
+def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | None = None, *,
+                     train: bool = False):
+    """defaults < TOML file < command line → a validated RunConfig. ``train``: ``scalesgd train``'s defaults
+    (:func:`scalesgd.config.train_defaults`: goodput and ``--lr auto``) replace RunConfig's where they apply."""
+    from scalesgd.config import RunConfig, train_defaults
 
     values = given_options(args)
+    if train:
+        values = {**train_defaults(values), **values}
     try:
         return RunConfig(**values)
     except TypeError as e:  # a TOML value of the wrong type reaches a comparison
@@ -228,7 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         cfg = resume_config(Path(args.resume), given_options(args))
     else:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, train=True)
     check_launch(args, cfg)
     summary = train(cfg, resume=bool(getattr(args, "resume", None)))
     rdv = torchrun_rendezvous()
@@ -391,7 +399,7 @@ _PREDICT_ARGS = ("model", "dataset", "n_train", "width", "dropout", "norm", "net
 
 def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
     from scalesgd import perf_model as pm
-    from scalesgd.comm_registry import COMM_NAMES
+    from scalesgd.comm_registry import COMM_CHOICES
     from scalesgd.models import MODELS
 
     p = subparsers.add_parser(
@@ -410,10 +418,11 @@ def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--norm", default=None, help="normalisation (default: none, or the run's own)")
     p.add_argument("--network", default=None, metavar="'BW, LATENCY'",
                    help="target network, e.g. '25 Gbit/s, 10 us' (default: measured here with gloo)")
-    p.add_argument("--comm", default="allreduce", choices=COMM_NAMES,
+    p.add_argument("--comm", default="auto", choices=COMM_CHOICES,
                    help="communication strategy: its alpha and beta are measured here when --network is not "
                         "given, and ring/ring-tcp are modelled with their recursive doubling for small messages "
-                        "(default: allreduce)")
+                        "(default: auto: the --from-run run's own, else what `scalesgd train` runs: ring-tcp "
+                        "measured here, the built-in allreduce on a --network)")
     p.add_argument("--batch-sizes", type=_positive_int_list, default=[2 ** k for k in range(4, 17)],
                    help="global batch sizes to predict (default: 16,32,...,65536)")
     p.add_argument("--max-workers", type=int, default=1024, help="largest P; the grid is 1,2,4,... (default 1024)")

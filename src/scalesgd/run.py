@@ -33,6 +33,7 @@ from scalesgd import checkpoint, distributed
 from scalesgd.backup_comm import BackupWorkers
 from scalesgd.batch_policy import BatchPolicy, StepObservation, run_batch_policy
 from scalesgd.comm import CommStrategy, comm_settings, make_comm
+from scalesgd.comm_registry import resolve_comm
 from scalesgd.config import RunConfig
 from scalesgd.data import Dataset, load_data
 from scalesgd.data.sharding import BatchStream, Cursor, GlobalBatch, shard
@@ -149,8 +150,15 @@ def _comm(cfg: RunConfig, world: World, generator: torch.Generator) -> CommStrat
     ``--backup-workers`` the parameter-server path that drops the slowest b (:mod:`scalesgd.backup_comm`)."""
     if cfg.backup_workers:
         return BackupWorkers(world, backups=cfg.backup_workers, timeout_s=cfg.timeout_s)
-    return make_comm(cfg.comm, world, generator=generator,
-                     **comm_settings(cfg.comm, levels=cfg.qsgd_levels, timeout_s=cfg.timeout_s))
+    name = comm_name(cfg, world)
+    return make_comm(name, world, generator=generator,
+                     **comm_settings(name, levels=cfg.qsgd_levels, timeout_s=cfg.timeout_s))
+
+
+def comm_name(cfg: RunConfig, world: World) -> str:
+    """The strategy the run uses: ``--comm``, with ``auto`` resolved for this job's backend, device and size
+    (:func:`scalesgd.comm_registry.resolve_comm`); the run's config.json records it as ``comm_used``."""
+    return resolve_comm(cfg.comm, backend=world.backend, device_type=world.device.type, world_size=world.size)
 
 
 def verify_replicas(params: torch.Tensor, world: World, step: int) -> None:
@@ -692,7 +700,8 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
     writer = RunWriter(run_dir, enabled=world.is_main, purge_step=state.step + 1 if state.step else None)
     try:
         resolved = cfg.replace(workers=world.size, run_dir=str(run_dir) if run_dir else cfg.run_dir)
-        writer.write_json("config.json", {**resolved.to_dict(), "n_train": ds.n_train, "n_test": ds.n_test,
+        writer.write_json("config.json", {**resolved.to_dict(), "comm_used": comm_name(cfg, world),
+                                          "n_train": ds.n_train, "n_test": ds.n_test,
                                           "input_shape": list(ds.input_shape), "num_outputs": ds.num_outputs,
                                           "num_parameters": flat.numel})
         if writer.enabled:
