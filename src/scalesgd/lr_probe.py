@@ -17,6 +17,7 @@ import torch
 
 from scalesgd import distributed
 from scalesgd.comm import CommStrategy
+from scalesgd.comm_protocol import RingTransport
 from scalesgd.config import RunConfig
 from scalesgd.data.sharding import BatchStream, Cursor, shard
 from scalesgd.distributed import World
@@ -51,13 +52,28 @@ LR_PROBE_LOSS_EXAMPLES = 512
 LR_PROBE_BUDGET = 0.05
 
 
-def _probe_loss(flat: FlatModel, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, world: World,
-                classification: bool) -> float:
-    """Mean loss on the fixed probe batch, summed over ranks (the same number on every rank)."""
+def _scalar_sum(comm: CommStrategy, world: World) -> Callable[[list[float]], list[float]]:
+    """``sum(values) -> values summed over ranks`` for the probe's few numbers a trial: through the run's own ring
+    when it is one (an exact ring gives every rank the same bytes; ring-tcp's round trips cost tens of µs where a
+    gloo collective costs about a millisecond on a small host, and the probe runs one per trial inside the run's
+    clock), else the engine's all-reduce."""
+    if not isinstance(comm, RingTransport) or world.device.type != "cpu":
+        return lambda values: distributed.all_reduce_scalars(values, world)
+
+    def ring_sum(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        comm.allreduce_(t)
+        return t.tolist()
+
+    return ring_sum
+
+
+def _local_probe_loss(flat: FlatModel, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, world: World,
+                      classification: bool) -> tuple[float, float]:
+    """This rank's (loss sum, example count) on its part of the fixed probe batch; sum over ranks outside."""
     loss_sum, _, count = evaluate(flat.model, loss_fn, x, y, rank=world.rank, world_size=world.size,
                                   device=world.device, classification=classification)
-    total, n = distributed.all_reduce_scalars([loss_sum, count], world)
-    return total / max(n, 1.0)
+    return loss_sum, count
 
 
 def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat: FlatModel, loss_fn: Callable,
@@ -114,8 +130,10 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
     saved_params = flat.params.detach().clone()
     saved_tx = state_to_tree(state.tx_state)
     saved_rng, saved_comm_rng = torch.get_rng_state(), state.comm_generator.get_state()
-    loss_before = start_loss = _probe_loss(flat, loss_fn, x_probe, y_probe, world=world,
-                                           classification=classification)
+    total = _scalar_sum(comm, world)
+    loss_sum, count = total(list(_local_probe_loss(flat, loss_fn, x_probe, y_probe, world=world,
+                                                   classification=classification)))
+    loss_before = start_loss = loss_sum / max(count, 1.0)
     budget_s, run_est_s, trial_s, stop = None, None, [], "the range test finished"
     kept_s, kept_examples = 0.0, 0
     while (lr := test.propose(search)) is not None:
@@ -142,8 +160,12 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
                 break
         else:
             aborted = None
-        loss_after = (_probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification)
-                      if aborted is None else aborted)
+        # one reduction a trial: the probe loss (none after an aborted trial) with the trial's times
+        local_loss = ((0.0, 0.0) if aborted is not None else
+                      _local_probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification))
+        loss_sum, count, elapsed, median_step, steps_s = total(
+            [*local_loss, time.perf_counter() - t0, sorted(step_times)[len(step_times) // 2], sum(step_times)])
+        loss_after = loss_sum / max(count, 1.0) if aborted is None else aborted
         verdict = test.verdict(search, loss_before, loss_after)
         keep = verdict in ("stable", "flat")
         if keep:
@@ -155,8 +177,6 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
                 flat.params.copy_(saved_params)
             torch.set_rng_state(saved_rng)
             state.comm_generator.set_state(saved_comm_rng)
-        elapsed, median_step, steps_s = distributed.all_reduce_scalars(
-            [time.perf_counter() - t0, sorted(step_times)[len(step_times) // 2], sum(step_times)], world)
         trial_s.append(elapsed / world.size)
         if keep:
             kept_s += steps_s / world.size
@@ -173,7 +193,7 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
         if keep:
             loss_before, batches = loss_after, next_batches()
     lr, reason = _choose_probe_lr(test, search, stop)
-    probe_s = distributed.all_reduce_scalars([time.perf_counter() - t_start], world)[0] / world.size
+    probe_s = total([time.perf_counter() - t_start])[0] / world.size
     writer.log({"kind": "lr_auto", "lr": lr, "reason": reason, "trials": len(search.trials),
                 "probe_s": probe_s, "kept_s": kept_s, "cost_s": probe_s - kept_s, "kept_examples": kept_examples,
                 "budget_s": budget_s, "estimated_run_s": run_est_s,
