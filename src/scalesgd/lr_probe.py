@@ -192,7 +192,9 @@ def _choose_probe_lr(test: LrRangeTest, search, stop: str = "the range test fini
     rate only from below, so the rate is never below the ramp's start (the trainer's default ``--lr``): the
     divided pick when it is above the start, else the start, and the reason then says so instead of quoting the
     divided pick it did not use. Before any stable rate: the largest rate that did not rise (too small to show
-    in a few steps, but safe), else the next rate below the smallest unstable one, divided by the margin(s).
+    in a few steps, but safe), divided by the safety factor and margin(s) when an unstable rate lies above it
+    (the edge is then within a ramp factor of it), else the next rate below the smallest unstable one, divided
+    by the margin(s).
     """
     trials = search.trials
     stable = [t for t in trials if t.verdict == "stable"]
@@ -216,8 +218,17 @@ def _choose_probe_lr(test: LrRangeTest, search, stop: str = "the range test fini
     flat_trials = [t for t in trials if t.verdict == "flat"]
     if flat_trials:
         best = max(flat_trials, key=lambda t: t.lr)
+        above = [t for t in trials if t.verdict in ("rose", "diverged") and t.lr > best.lr]
+        if above:
+            # an unstable rate a ramp factor above bounds the edge: the flat rate is near it, not merely too small
+            # to show (a small batch's few examples barely move the probe loss), so it is divided as a stable pick
+            lr = best.lr / test.safety_factor / margin
+            return lr, (f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one "
+                        f"({best.describe()}) / safety factor {test.safety_factor:g} / margin {margin:g}{why}, as "
+                        f"the first unstable {min(above, key=lambda t: t.lr).describe()} bounds it -> {lr:.4g}; "
+                        f"stopped: {stop}")
         return best.lr, (f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one "
-                         f"({best.describe()}); stopped: {stop}")
+                         f"({best.describe()}), with no unstable rate above it; stopped: {stop}")
     smallest = min(trials, key=lambda t: t.lr)
     lr = smallest.lr / test.factor / margin
     return lr, (f"every trial was unstable; the next rate down ({smallest.lr / test.factor:.4g}, untried) / margin "
