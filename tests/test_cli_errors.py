@@ -80,6 +80,9 @@ CASES = [
     ("step schedule without milestones", lambda t: ["--lr-schedule", "step"], ["--lr-milestones"]),
     ("bad batch schedule", lambda t: ["--batch-policy", "schedule", "--batch-schedule", "5:x"], ["schedule"]),
     ("target accuracy as percent", lambda t: ["--target-accuracy", "94"], ["fraction"]),
+    # goodput (train's default) clips to --max-batch: below P the workers started, wrote a run directory and
+    # failed in the policy with "max_batch=1 ..."
+    ("max batch below workers", lambda t: ["--max-batch", "1", "--workers", "2"], ["--max-batch 1", "--workers 2"]),
 ]
 
 
