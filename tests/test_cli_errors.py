@@ -83,6 +83,11 @@ CASES = [
     # goodput (train's default) clips to --max-batch: below P the workers started, wrote a run directory and
     # failed in the policy with "max_batch=1 ..."
     ("max batch below workers", lambda t: ["--max-batch", "1", "--workers", "2"], ["--max-batch 1", "--workers 2"]),
+    # under goodput (train's default) the per-example gradients are sized for the largest batch it may choose (the
+    # training set): the advice said "a smaller batch", which the user's --global-batch-size 128 already was
+    ("per-example quantization under goodput", lambda t: ["--example-qsgd-levels", "4"],
+     ["--example-qsgd-levels", "--max-batch", "--batch-policy goodput may grow the global batch to",
+      "--batch-policy fixed"]),
 ]
 
 
