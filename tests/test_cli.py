@@ -195,6 +195,25 @@ def test_train_help_gives_one_default_per_option():
     assert "(default: None)" not in text and "(default: the model's own)" in text
 
 
+
+def test_each_commands_help_shows_the_lr_and_batch_policy_defaults_it_runs_with():
+    """train defaults to --lr auto and goodput; diversity (and sweep's [base]) keep RunConfig's 0.05 and fixed,
+    and their help said train's defaults. Each help is checked against the config that command builds."""
+    import argparse
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    built = {"train": config_from_args(parser.parse_args(["train"]), train=True),
+             "diversity": config_from_args(parser.parse_args(["diversity"]))}
+    for command, cfg in built.items():
+        helps = {a.dest: " ".join((a.help or "").split()) for a in sub.choices[command]._actions}
+        assert f"(default: {cfg.lr}" in helps["lr"], (command, helps["lr"])
+        assert f"(default: {cfg.batch_policy}" in helps["batch_policy"], (command, helps["batch_policy"])
+    assert (built["diversity"].lr, built["diversity"].batch_policy) == (0.05, "fixed")
+    sweep_help = " ".join(" ".join((a.help or "").split()) for a in sub.choices["sweep"]._actions)
+    assert "fitted step time x statistical efficiency" in sweep_help  # its [base] --batch-policy is there
+    assert "goodput where it can run" not in sweep_help and "auto for synchronous SGD" not in sweep_help
+
 @pytest.mark.spawn
 @pytest.mark.timeout(200)
 def test_diversity_command_measures_along_training_and_at_the_checkpoint(tmp_path, capsys):

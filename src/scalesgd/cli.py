@@ -71,8 +71,7 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("norm", str, "normalisation: none or group (GroupNorm/LayerNorm; BatchNorm is not offered)"),
     ("global-batch-size", int, "examples per step, summed over all workers"),
     ("lr", _lr, "learning rate (of the mean loss) at the base batch size, or 'auto': a learning-rate range test "
-                "on the first steps picks it, in at most 5%% of the run's time (default: auto for synchronous "
-                "SGD without --sync-every or --backup-workers, else 0.05)"),
+                "on the first steps picks it, in at most 5%% of the run's time"),
     ("momentum", float, "heavy-ball momentum"),
     ("weight-decay", float, "L2 weight decay"),
     ("lr-schedule", str, "base schedule: constant, cosine, step"),
@@ -91,9 +90,7 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
                                  "raises the diversity; needs per-example gradients (small models; no dropout) "
                                  "(default: 0, off)"),
     ("batch-policy", str, "fixed, diversity (batch = delta*B_S + 1), schedule, goodput (the batch with the most "
-                          "progress per second: fitted step time x statistical efficiency; lr by AdaScale) "
-                          "(default: goodput where it can run: synchronous SGD with --diversity on, --lr-rule unset "
-                          "or adascale, no --batch-schedule; else fixed)"),
+                          "progress per second: fitted step time x statistical efficiency; lr by AdaScale)"),
     ("batch-schedule", str, "for --batch-policy schedule: epoch:batch pairs, e.g. 0:64,5:256"),
     ("delta", float, "for --batch-policy diversity: batch = delta * B_S + 1"),
     ("min-batch", int, "smallest global batch the diversity/goodput policy may choose; 1 lets diversity shrink "
@@ -148,19 +145,30 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("run-dir", str, "where to write the run (default: runs/<time>-<model>-<data>-B<b>-P<p>-s<seed>)"),
 ]
 
+# `scalesgd train`'s own defaults where they differ from RunConfig's (config.train_defaults); the other commands
+# that take the run options (diversity, sweep) keep RunConfig's, and their help shows those.
+TRAIN_DEFAULT_HELP = {
+    "lr": "(default: auto for synchronous SGD without --sync-every or --backup-workers, else 0.05)",
+    "batch-policy": "(default: goodput where it can run: synchronous SGD with --diversity on, --lr-rule unset or "
+                    "adascale, no --batch-schedule; else fixed)",
+}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other input error
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_train_options(p: argparse.ArgumentParser) -> None:
+def add_train_options(p: argparse.ArgumentParser, *, train: bool = False) -> None:
+    """The run options; ``train``: with ``scalesgd train``'s own defaults in their help (TRAIN_DEFAULT_HELP)."""
     from scalesgd.config import FIELDS
 
     p.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys mirror these options; "
                    "options given on the command line win")
     for option, typ, help_text in TRAIN_OPTIONS:
         default = FIELDS[option.replace("-", "_")].default
+        if train and option in TRAIN_DEFAULT_HELP:
+            help_text = f"{help_text} {TRAIN_DEFAULT_HELP[option]}"
         if "(default:" not in help_text:  # one default per option: the help's own, else RunConfig's
             shown = (", ".join(map(str, default)) or "none") if isinstance(default, tuple) else default
             help_text = f"{help_text} (default: {shown})"
@@ -564,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     p = sub.add_parser("train", help="train a model with synchronous data-parallel SGD",
                        description="Train with P synchronous workers (spawned locally, or as torchrun's ranks).")
-    add_train_options(p)
+    add_train_options(p, train=True)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint, "
                    "with its own config.json; only options that do not change the maths (--workers, --timeout-s, "
                    "--no-progress, the checkpoint and restart options) may be given")

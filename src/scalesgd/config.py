@@ -200,6 +200,10 @@ class RunConfig:
                 _positive_int(name.replace("_", "-"), value)
         if self.min_batch and self.max_batch and self.min_batch > self.max_batch:
             raise ConfigError(f"--min-batch {self.min_batch} exceeds --max-batch {self.max_batch}")
+        adaptive = self.batch_policy in ("diversity", "goodput")  # the policies that clip to --max-batch
+        if adaptive and self.max_batch is not None and self.max_batch < self.workers:
+            raise ConfigError(f"--max-batch {self.max_batch} is below --workers {self.workers}: every worker needs at "
+                              f"least one example; raise --max-batch to at least {self.workers} or use fewer workers")
         if self.steps is not None:
             _positive_int("steps", self.steps)
         elif not (math.isfinite(self.epochs) and self.epochs > 0):

@@ -22,7 +22,7 @@ from scalesgd.config import RunConfig
 from scalesgd.data.sharding import BatchStream, Cursor, shard
 from scalesgd.distributed import World
 from scalesgd.goodput import LrRangeTest
-from scalesgd.lr_rules import LrConfig
+from scalesgd.lr_rules import LrConfig, lr_terms
 from scalesgd.step import FlatModel, evaluate, train_step
 from scalesgd.train_state import TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, state_from_tree, state_to_tree
@@ -90,7 +90,9 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
     parameters, optimizer state and RNGs it left), so the probe trains the model while it searches, as Smith's
     range test is one run with a rising rate. A trial that rose or diverged is undone: the state saved before it
     is restored, so a divergence leaves nothing behind and the search backs off or refines from there. Training
-    then starts from the last kept state at the chosen rate.
+    then starts from the last kept state at the chosen rate. The trials run at the starting global batch, so the
+    chosen rate is the lr rule's rate there: the base lr (at ``--base-batch-size``) is it divided by the rule's
+    factor at the starting batch, and the run's first step trains at the chosen rate whatever B₀ is.
 
     Budget: the probe's cost is its wall time minus the kept trials' training steps (so: the evaluations of
     the probe loss, saving and restoring, and every undone trial). The first trial's median step time × the
@@ -192,9 +194,20 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
                     "trial_s": trial_s[-1], "time_s": time.perf_counter() - start_s})
         if keep:
             loss_before, batches = loss_after, next_batches()
-    lr, reason = _choose_probe_lr(test, search, stop)
+    lr_at_start, reason = _choose_probe_lr(test, search, stop)
+    # The trials ran at the starting batch, so their rate is the rule's rate there; the base lr is that at B₀
+    # (--base-batch-size): divided by the rule's factor at the starting batch (linear B/B₀, sqrt √(B/B₀); 1 for
+    # constant and for AdaScale, whose gain is 1 before any noise estimate).
+    rule_factor = lr_terms(dataclasses.replace(lr_config, base_lr=1.0), step=0, epoch=0.0,
+                           global_batch_size=state.global_batch_size).rule_factor
+    lr = lr_at_start / rule_factor
+    if rule_factor != 1.0:
+        reason += (f"; at the starting batch {state.global_batch_size}: the base lr at --base-batch-size "
+                   f"{lr_config.base_batch_size} is {lr_at_start:.4g} / the {lr_config.rule} rule's factor "
+                   f"{rule_factor:.4g} = {lr:.4g}")
     probe_s = total([time.perf_counter() - t_start])[0] / world.size
-    writer.log({"kind": "lr_auto", "lr": lr, "reason": reason, "trials": len(search.trials),
+    writer.log({"kind": "lr_auto", "lr": lr, "lr_at_start_batch": lr_at_start, "reason": reason,
+                "trials": len(search.trials),
                 "probe_s": probe_s, "kept_s": kept_s, "cost_s": probe_s - kept_s, "kept_examples": kept_examples,
                 "budget_s": budget_s, "estimated_run_s": run_est_s,
                 "time_s": time.perf_counter() - start_s})
@@ -212,7 +225,9 @@ def _choose_probe_lr(test: LrRangeTest, search, stop: str = "the range test fini
     rate only from below, so the rate is never below the ramp's start (the trainer's default ``--lr``): the
     divided pick when it is above the start, else the start, and the reason then says so instead of quoting the
     divided pick it did not use. Before any stable rate: the largest rate that did not rise (too small to show
-    in a few steps, but safe), else the next rate below the smallest unstable one, divided by the margin(s).
+    in a few steps, but safe), divided by the safety factor and margin(s) when an unstable rate lies above it
+    (the edge is then within a ramp factor of it), else the next rate below the smallest unstable one, divided
+    by the margin(s).
     """
     trials = search.trials
     stable = [t for t in trials if t.verdict == "stable"]
@@ -236,8 +251,17 @@ def _choose_probe_lr(test: LrRangeTest, search, stop: str = "the range test fini
     flat_trials = [t for t in trials if t.verdict == "flat"]
     if flat_trials:
         best = max(flat_trials, key=lambda t: t.lr)
+        above = [t for t in trials if t.verdict in ("rose", "diverged") and t.lr > best.lr]
+        if above:
+            # an unstable rate a ramp factor above bounds the edge: the flat rate is near it, not merely too small
+            # to show (a small batch's few examples barely move the probe loss), so it is divided as a stable pick
+            lr = best.lr / test.safety_factor / margin
+            return lr, (f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one "
+                        f"({best.describe()}) / safety factor {test.safety_factor:g} / margin {margin:g}{why}, as "
+                        f"the first unstable {min(above, key=lambda t: t.lr).describe()} bounds it -> {lr:.4g}; "
+                        f"stopped: {stop}")
         return best.lr, (f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one "
-                         f"({best.describe()}); stopped: {stop}")
+                         f"({best.describe()}), with no unstable rate above it; stopped: {stop}")
     smallest = min(trials, key=lambda t: t.lr)
     lr = smallest.lr / test.factor / margin
     return lr, (f"every trial was unstable; the next rate down ({smallest.lr / test.factor:.4g}, untried) / margin "

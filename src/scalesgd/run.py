@@ -114,7 +114,12 @@ def preflight(cfg: RunConfig, ds: Dataset, *, model: nn.Module | None = None, mo
     base_lr = LrRangeTest(**lr_probe.LR_PROBE).start_lr if cfg.lr == "auto" else None
     if cfg.example_qsgd_levels:
         largest = cfg.global_batch_size if cfg.batch_policy == "fixed" else (cfg.max_batch or ds.n_train)
-        check_per_example_affordable(model, -(-largest // cfg.workers), option="--example-qsgd-levels")
+        # an adaptive policy (goodput is train's default) may grow the batch to --max-batch, else the training set
+        smaller = ("batch" if cfg.batch_policy == "fixed" else
+                   f"--max-batch (--batch-policy {cfg.batch_policy} may grow the global batch to {largest}), or "
+                   f"--batch-policy fixed")
+        check_per_example_affordable(model, -(-largest // cfg.workers), option="--example-qsgd-levels",
+                                     smaller_batch=smaller)
     return Prepared(model=model, torch_rng_state=torch_rng_state,
                     lr_config=LrConfig.from_run_config(cfg, base_lr=base_lr), policy=policy, loss=loss)
 
