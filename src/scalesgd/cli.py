@@ -112,7 +112,8 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("workers", int, "local worker processes (under torchrun the launch sets them: a different --workers is an "
                      "error)"),
     ("backend", str, "auto (nccl with CUDA, else gloo), gloo, nccl"),
-    ("comm", str, "gradient communication: auto (ring-tcp on CPU, allreduce on GPUs), allreduce (built-in), "
+    ("comm", str, "gradient communication: auto (ring-tcp for several CPU workers, else allreduce: GPUs, one "
+                 "worker), allreduce (built-in), "
                  "ring (ours, over torch.distributed), "
                  "ring-tcp (ours, over our own sockets; CPU), ps, qsgd (over the built-in), "
                  "qsgd+ring, qsgd+ring-tcp, qsgd+ps (the QSGD codec over that transport)"),

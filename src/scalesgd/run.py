@@ -155,14 +155,18 @@ def _comm(cfg: RunConfig, world: World, generator: torch.Generator) -> CommStrat
     ``--backup-workers`` the parameter-server path that drops the slowest b (:mod:`scalesgd.backup_comm`)."""
     if cfg.backup_workers:
         return BackupWorkers(world, backups=cfg.backup_workers, timeout_s=cfg.timeout_s)
-    name = comm_name(cfg, world)
+    # an asynchronous run reduces nothing through it (evaluation only): the engine's, with no connections to make
+    name = comm_name(cfg, world) or "allreduce"
     return make_comm(name, world, generator=generator,
                      **comm_settings(name, levels=cfg.qsgd_levels, timeout_s=cfg.timeout_s))
 
 
-def comm_name(cfg: RunConfig, world: World) -> str:
+def comm_name(cfg: RunConfig, world: World) -> str | None:
     """The strategy the run uses: ``--comm``, with ``auto`` resolved for this job's backend, device and size
-    (:func:`scalesgd.comm_registry.resolve_comm`); the run's config.json records it as ``comm_used``."""
+    (:func:`scalesgd.comm_registry.resolve_comm`); the run's config.json records it as ``comm_used``. None for
+    the asynchronous algorithms, which send their gradients their own way (:mod:`scalesgd.async_sgd`)."""
+    if cfg.algorithm != "sync":
+        return None
     return resolve_comm(cfg.comm, backend=world.backend, device_type=world.device.type, world_size=world.size)
 
 
