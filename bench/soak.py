@@ -36,8 +36,9 @@ import time
 from pathlib import Path
 
 TRAIN = ["--model", "mlp", "--dataset", "synthetic-logreg", "--global-batch-size", "32", "--dropout", "0.2",
-         "--momentum", "0.9", "--lr", "0.05", "--lr-schedule", "constant", "--eval-every", "500",
-         "--threads-per-worker", "1", "--no-progress", "--timeout-s", "60", "--keep-checkpoints", "2"]
+         "--momentum", "0.9", "--lr", "0.05", "--lr-schedule", "constant", "--batch-policy", "fixed",
+         "--eval-every", "500", "--threads-per-worker", "1", "--no-progress", "--timeout-s", "60",
+         "--keep-checkpoints", "2"]
 HUGE_STEPS = 10**9  # the soak's budget: it is stopped by SIGTERM long before
 
 

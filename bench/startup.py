@@ -42,7 +42,8 @@ def scalesgd_command() -> list[str]:
 
 def commands(workdir: Path) -> dict[str, Callable[[int], list[str]]]:
     """name -> function(rep) giving the argv of that command for repetition ``rep``."""
-    base = [*scalesgd_command(), "train", "--dataset", "digits", "--model", "mlp", "--steps", "1", "--no-progress"]
+    base = [*scalesgd_command(), "train", "--dataset", "digits", "--model", "mlp", "--steps", "1", "--no-progress",
+            "--batch-policy", "fixed", "--lr", "0.05"]  # start-up alone: no --lr auto range test
 
     def train(workers: int):
         return lambda rep: [*base, "--workers", str(workers), "--run-dir", str(workdir / f"run-{rep}-P{workers}")]

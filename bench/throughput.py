@@ -36,9 +36,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scalesgd import distributed
 from scalesgd.baselines import ddp_train
 from scalesgd.comm import make_comm
+from scalesgd.comm_registry import COMM_CHOICES, resolve_comm
 from scalesgd.config import RunConfig
 from scalesgd.data import load_data
-from scalesgd.comm_registry import COMM_NAMES
 from scalesgd.models import MODELS
 from scalesgd.models import loss_function
 from scalesgd.step import FlatModel, train_step
@@ -61,13 +61,14 @@ def _build(case: dict, seed: int = 0) -> torch.nn.Module:
 
 def compare_steps(world, build_model: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor,
                   global_batch_size: int, shard_sizes: list[int], *, blocks: int, steps_per_block: int,
-                  warmup_steps: int, comm_name: str = "allreduce", wrap_ddp: bool | None = None) -> dict:
+                  warmup_steps: int, comm_name: str = "auto", wrap_ddp: bool | None = None) -> dict:
     """examples/s of scalesgd's train_step and of DDP + torch.optim.SGD on this rank's shard ``x, y``.
 
     Both loops run on the same process, alternating in blocks (the order flips every block), after
     ``warmup_steps`` untimed steps each. ``build_model()`` must give the same initial model on every call.
     ``wrap_ddp``: wrap the reference in DDP (needs an initialised default process group); None: when P > 1.
-    Returns ``{"ours": [ex/s per block], "ddp": [...], "device": str}``.
+    ``comm_name``: scalesgd's strategy, ``auto`` resolved as the trainer resolves it (ring-tcp on CPU workers).
+    Returns ``{"ours": [ex/s per block], "ddp": [...], "device": str, "comm": the strategy that ran}``.
     """
     B = global_batch_size
     loss_fn = loss_function("classification")
@@ -75,6 +76,8 @@ def compare_steps(world, build_model: Callable[[], torch.nn.Module], x: torch.Te
     # scalesgd
     model = build_model().to(world.device)
     flat = FlatModel(model, world.size, world.device)
+    comm_name = resolve_comm(comm_name, backend=world.backend, device_type=world.device.type,
+                             world_size=world.size)
     comm = make_comm(comm_name, world)
     tx = sgd(momentum=MOMENTUM, weight_decay=WD)
     state = {"tx": tx.init(flat.params), "step": 0}
@@ -118,11 +121,11 @@ def compare_steps(world, build_model: Callable[[], torch.nn.Module], x: torch.Te
         for name, fn in order:
             rate = B * steps_per_block / timed(fn, steps_per_block)
             (ours_rates if name == "ours" else ddp_rates).append(rate)
-    return {"ours": ours_rates, "ddp": ddp_rates, "device": str(world.device)}
+    return {"ours": ours_rates, "ddp": ddp_rates, "device": str(world.device), "comm": comm_name}
 
 
 def bench_worker(rdv, case_name: str, blocks: int, steps_per_block: int, warmup_steps: int,
-                 backend: str, comm_name: str = "allreduce") -> dict:
+                 backend: str, comm_name: str = "auto") -> dict:
     world = distributed.init_world(rdv, backend, timeout_s=300)
     try:
         torch.set_num_threads(1)
@@ -225,8 +228,9 @@ def main() -> int:
     p.add_argument("--steps-per-block", type=int, default=30)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--comm", default="allreduce", choices=COMM_NAMES,
-                   help="scalesgd's communication strategy (DDP keeps its own)")
+    p.add_argument("--comm", default="auto", choices=COMM_CHOICES,
+                   help="scalesgd's communication strategy (DDP keeps its own); auto: what the trainer runs, "
+                        "ring-tcp on CPU workers")
     p.add_argument("--quick", action="store_true", help="few short blocks (smoke test)")
     p.add_argument("--json", metavar="FILE")
     loop = p.add_argument_group("--loop: the whole training loops on a built-in task")
@@ -254,11 +258,11 @@ def main() -> int:
         ratio = ours / ddp
         verdict = "MET (stretch met)" if ratio >= 1.0 else "MET" if ratio >= 0.95 else "MISSED"
         case = CASES[name]
-        print(f"throughput {name:6s} B={case['batch']:<4d} P={args.workers} {out['device']} --comm {args.comm}: "
+        print(f"throughput {name:6s} B={case['batch']:<4d} P={args.workers} {out['device']} --comm {out['comm']}: "
               f"scalesgd {ours:10.0f} ex/s   DDP {ddp:10.0f} ex/s   ratio {ratio:.3f}  "
               f"(target >= 0.95, stretch >= 1.0: {verdict})", flush=True)
         results[name] = {"global_batch_size": case["batch"], "workers": args.workers, "device": out["device"],
-                         "comm": args.comm,
+                         "comm": out["comm"],
                          "scalesgd_examples_per_s": ours, "ddp_examples_per_s": ddp, "ratio": ratio,
                          "blocks_scalesgd": out["ours"], "blocks_ddp": out["ddp"], "verdict": verdict}
     if args.json:

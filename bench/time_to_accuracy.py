@@ -12,7 +12,7 @@ The contestants:
   starting batch as the floor, the policy's own warm-up and hysteresis); nothing tuned. ``--min-batch 1``
   runs it without the floor (it then follows δ·B̂_S + 1 below the start, too).
 * ``goodput``: the trainer with ``--batch-policy goodput --lr auto`` and every other default (starting batch
-  128; the base lr found by the trainer's range test, whose trials continue the training and whose cost, the
+  128; ``--comm auto``, which on these CPU workers is our ``ring-tcp`` all-reduce, while DDP keeps gloo's; the base lr found by the trainer's range test, whose trials continue the training and whose cost, the
   time not spent on kept trials, stays within 5% of the run's estimated time; all of it counts in its clock,
   while the kept trials' examples are not in its epoch count: the seed line prints them; the lr follows the
   AdaScale gain as the batch changes); nothing tuned.
@@ -23,8 +23,9 @@ The contestants:
 
 Shared protocol: the same data, models and seeds; the base learning-rate schedule is ``constant`` for
 both (a run stops at the target, so a decaying schedule would make its horizon a hidden knob); the final
-phase interleaves the contestants seed by seed so that load from other jobs on this shared machine falls
-on all of them alike.
+phase interleaves the contestants seed by seed, ``--repeats`` rounds per seed (3 by default; a seed's time is
+its median run's), so that load from other jobs on this shared machine falls on all of them alike and one stall
+does not decide a sub-second run.
 
 Clock: wall time from the start of training to where the test accuracy reaches the target, interpolated
 between the last evaluation below it and the first at or above it (``scalesgd.rundata.passes_to_target``,
@@ -76,6 +77,10 @@ GRID_LR = (0.025, 0.05, 0.1, 0.2)
 QUICK_BATCH = (64, 128)
 QUICK_LR = (0.05, 0.1)
 SEEDS = (0, 1, 2)
+# The final phase runs every configuration this many times per seed and keeps the median run: a run to a target
+# here takes well under a second on the digits tasks, where one stall of a shared 2-core machine moved a seed's
+# time by a third (the same goodput trajectory, 81 steps, took 0.24 s in one full run and 0.32 s in the next).
+REPEATS = 3
 TOP_K = 3
 EVAL_EPOCHS = 0.1
 MIN_STEPS_PER_BATCH = 10  # a batch size the policy used for fewer steps (an epoch's tail) is too noisy to time
@@ -129,6 +134,7 @@ class RunResult:
     lr_probe_s: float | None = None  # --lr auto: the range test's time (inside every clock above)
     lr_probe_cost_s: float | None = None  # of which not spent on the kept trials' training steps
     lr_probe_epochs: float | None = None  # the kept trials' examples / n_train (not in the run's epoch count)
+    comm: str | None = None  # the all-reduce the run used (policy runs: what --comm auto resolved to)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -279,7 +285,8 @@ def run_policy(task: Task, ds: Dataset, seed: int, workdir: Path, min_batch: int
                        train_wall_s=(evals[-1]["time_s"] if evals else 0.0) - sum(e["eval_s"] for e in evals),
                        step_wall_by_batch={b: statistics.median(w) for b, w in sorted(walls.items())
                                            if len(w) >= MIN_STEPS_PER_BATCH},
-                       batch_bound_settled=statistics.median(bounds) if bounds else None, bench_s=bench_s)
+                       batch_bound_settled=statistics.median(bounds) if bounds else None, bench_s=bench_s,
+                       comm=RunData.open(run_dir).config.get("comm_used"))
     return finish(result, task.target_accuracy)
 
 
@@ -305,6 +312,14 @@ def run_fixed(task: Task, ds: Dataset, batch: int, lr: float, seed: int,
 
 def _ddp_job(rdv, cfg: RunConfig, ds: Dataset, max_wall_s: float | None) -> dict[str, Any]:
     return ddp_worker(rdv, cfg, ds, eval_every_epochs=EVAL_EPOCHS, max_wall_s=max_wall_s)
+
+
+def median_run(tries: list[RunResult]) -> RunResult:
+    """Of repeated runs of one configuration and seed, the one with the median time to target (a missed target
+    counts as infinite; with an even count, the slower of the middle two): the seed's representative, so that
+    one stall of the machine in one run does not decide a ratio."""
+    ordered = sorted(tries, key=lambda r: r.time_to_target_s)
+    return ordered[len(ordered) // 2]
 
 
 def median_time(results: list[RunResult]) -> float:
@@ -419,9 +434,10 @@ def accuracy_at_budget(goodput: list[RunResult], fixed: list[RunResult]) -> dict
 
 def bench_task(name: str, task: Task, grid: list[tuple[int, float]], seeds: tuple[int, ...], top_k: int,
                workdir: Path, min_batch: int | None = None,
-               contestants: tuple[str, ...] = CONTESTANTS) -> dict[str, Any]:
-    """Tune the fixed baseline on seed ``seeds[0]``, then run the policies and the top-k baselines on all seeds;
-    with goodput, then the epoch-budget accuracy runs of goodput and the best fixed configuration."""
+               contestants: tuple[str, ...] = CONTESTANTS, repeats: int = 1) -> dict[str, Any]:
+    """Tune the fixed baseline on seed ``seeds[0]``, then run the policies and the top-k baselines on all seeds,
+    each ``repeats`` times in rotation, a seed's time being its median run's (:func:`median_run`); with goodput,
+    then the epoch-budget accuracy runs of goodput and the best fixed configuration."""
     ds = load_data(RunConfig(dataset=task.dataset, model=task.model))
     print(f"\n== {name}: {task.model} on {task.dataset} to {task.target_accuracy:.0%} test accuracy, P=2, "
           f"n_train={ds.n_train}, eval every {EVAL_EPOCHS:g} epoch (excluded from the clock), load average "
@@ -439,20 +455,26 @@ def bench_task(name: str, task: Task, grid: list[tuple[int, float]], seeds: tupl
     policies: dict[str, list[RunResult]] = {kind: [] for kind in contestants}
     fixed: dict[tuple[int, float], list[RunResult]] = {k: [] for k in candidates}
     for seed in seeds:
+        tries: dict[Any, list[RunResult]] = {}
+        for rep in range(repeats):  # every contestant once per round: load from other jobs falls on all alike
+            for kind in contestants:
+                r = run_policy(task, ds, seed, workdir, min_batch if kind == "diversity" else None, kind)
+                tries.setdefault(kind, []).append(r)
+                probe = f", lr probe {r.lr_probe_s:.2f}s" if r.lr_probe_s is not None else ""
+                if r.lr_probe_cost_s is not None and r.lr_probe_epochs is not None:
+                    probe += (f" (cost {r.lr_probe_cost_s:.2f}s; its kept trials trained {r.lr_probe_epochs:.2f} "
+                              f"epochs more)")
+                print(f"  seed {seed} {kind:<9s} B0={r.global_batch_size:<4d} lr={r.lr:<6.3g}: {_fmt_run(r)}  batch "
+                      f"at target {r.batch_at_target}, settled {r.settled_batch:g}{probe}; --comm {r.comm}; "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+            for b, lr in candidates:
+                f = run_fixed(task, ds, b, lr, seed)
+                tries.setdefault((b, lr), []).append(f)
+                print(f"  seed {seed} fixed     B={b:<4d} lr={lr:<6g}: {_fmt_run(f)}", flush=True)
         for kind in contestants:
-            r = run_policy(task, ds, seed, workdir, min_batch if kind == "diversity" else None, kind)
-            policies[kind].append(r)
-            probe = f", lr probe {r.lr_probe_s:.2f}s" if r.lr_probe_s is not None else ""
-            if r.lr_probe_cost_s is not None and r.lr_probe_epochs is not None:
-                probe += (f" (cost {r.lr_probe_cost_s:.2f}s; its kept trials trained {r.lr_probe_epochs:.2f} epochs "
-                          f"more)")
-            print(f"  seed {seed} {kind:<9s} B0={r.global_batch_size:<4d} lr={r.lr:<6.3g}: {_fmt_run(r)}  batch at "
-                  f"target {r.batch_at_target}, settled {r.settled_batch:g}{probe}; load {os.getloadavg()[0]:.1f}",
-                  flush=True)
-        for b, lr in candidates:
-            f = run_fixed(task, ds, b, lr, seed)
-            fixed[(b, lr)].append(f)
-            print(f"  seed {seed} fixed     B={b:<4d} lr={lr:<6g}: {_fmt_run(f)}", flush=True)
+            policies[kind].append(median_run(tries[kind]))
+        for key in candidates:
+            fixed[key].append(median_run(tries[key]))
     summaries = {kind: compare(runs, fixed) for kind, runs in policies.items()}
     first = summaries[contestants[0]]
     best_key = (first["best_fixed_batch"], first["best_fixed_lr"])
@@ -507,20 +529,26 @@ def main() -> int:
     p.add_argument("--min-batch", type=int, default=None,
                    help="the policy's --min-batch (default: the trainer's, the starting batch; 1 lets it shrink)")
     p.add_argument("--contestants", nargs="+", default=list(CONTESTANTS), choices=CONTESTANTS)
+    p.add_argument("--repeats", type=int, default=REPEATS,
+                   help=f"runs of every final configuration per seed, in rotation; a seed's time is its median run's "
+                        f"(default {REPEATS}; 1 with --quick)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     batches, lrs = (QUICK_BATCH, QUICK_LR) if args.quick else (GRID_BATCH, GRID_LR)
     seeds = (0,) if args.quick else tuple(range(args.seeds))
     top_k = 1 if args.quick else args.top_k
     grid = [(b, lr) for b in batches for lr in lrs]
     print(f"grid: B in {list(batches)} x lr in {list(lrs)} (momentum 0.9, weight decay 5e-4, constant lr), "
-          f"seeds {list(seeds)}, top {top_k} re-run on every seed; {os.cpu_count()} cores", flush=True)
+          f"seeds {list(seeds)}, top {top_k} re-run on every seed, {1 if args.quick else args.repeats} time(s) each "
+          f"(a seed's time: its median run's); {os.cpu_count()} cores", flush=True)
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
         for name in args.tasks:
             results[name] = bench_task(name, TASKS[name], grid, seeds, top_k, Path(tmp), args.min_batch,
-                                       tuple(args.contestants))
+                                       tuple(args.contestants), 1 if args.quick else args.repeats)
     print(f"\nbench wall time {time.perf_counter() - t0:.0f} s", flush=True)
     if args.json:
         write_json_atomic(Path(args.json), results)

@@ -81,7 +81,8 @@ def train(run_dir: Path, *, workers: int, batch: int, epochs: float | None, args
            "--dataset", "mnist1d", "--model", args.model, *length, "--run-dir", str(run_dir),
            "--no-progress", "--threads-per-worker", "1", "--seed", str(args.seed), "--lr", str(args.lr),
            "--lr-rule", args.lr_rule, "--base-batch-size", str(args.base_batch_size),
-           "--lr-schedule", "constant", "--diversity", diversity or args.diversity, "--comm", args.comm]
+           "--lr-schedule", "constant", "--batch-policy", "fixed", "--diversity", diversity or args.diversity,
+           "--comm", args.comm]
     if target is not None:
         cmd += ["--target-accuracy", str(target)]
     if eval_every is not None:

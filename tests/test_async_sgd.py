@@ -229,6 +229,8 @@ def test_two_workers_async_ps_is_stale_converges_and_replays_serially(tmp_path):
         per_epoch[int(r["epoch"])] += r["local_batch_size"]
     assert per_epoch == {e: ds.n_train for e in range(EPOCHS)}
     assert summary["final_test_accuracy"] > 0.85
+    # no all-reduce carries its gradients: --comm auto resolves to none in the run's record
+    assert json.loads((tmp_path / "aps" / "config.json").read_text())["comm_used"] is None
     # the server's semantics, replayed: update v applies the gradient taken at version v - 1 - staleness
     ref = _sgd_reference(cfg, ds, [(r["step"] - 1, r["rank"], 2, r["version"] - 1 - r["staleness"])
                                    for r in updates])

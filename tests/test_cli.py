@@ -19,6 +19,32 @@ def test_defaults_are_runconfig_defaults():
     assert cfg == RunConfig()
 
 
+def test_scalesgd_train_defaults_to_goodput_and_lr_auto_where_they_can_run(tmp_path):
+    parser = build_parser()
+
+    def train_cfg(*argv: str) -> RunConfig:
+        return config_from_args(parser.parse_args(["train", *argv]), train=True)
+
+    assert train_cfg() == RunConfig(batch_policy="goodput", lr="auto")
+    assert (train_cfg("--lr", "0.1").batch_policy, train_cfg("--lr", "0.1").lr) == ("goodput", 0.1)
+    assert (train_cfg("--batch-policy", "fixed").lr, train_cfg("--batch-policy", "diversity").lr) == ("auto", "auto")
+    # where goodput cannot run, the library's defaults stay and the command is valid as it stands
+    for argv, policy, lr in ((("--diversity", "off"), "fixed", "auto"),
+                             (("--lr-rule", "linear"), "fixed", "auto"),
+                             (("--lr-rule", "adascale"), "goodput", "auto"),
+                             (("--batch-policy", "schedule", "--batch-schedule", "0:64,1:128"), "schedule", "auto"),
+                             (("--sync-every", "4"), "fixed", 0.05),
+                             (("--comm", "ps", "--backup-workers", "1", "--diversity", "off"), "fixed", 0.05),
+                             (("--algorithm", "hogwild", "--diversity", "off"), "fixed", 0.05),
+                             (("--algorithm", "async-ps", "--diversity", "off"), "fixed", 0.05)):
+        cfg = train_cfg(*argv)
+        assert (cfg.batch_policy, cfg.lr) == (policy, lr), argv
+    # a TOML file's values count as given
+    toml = tmp_path / "run.toml"
+    toml.write_text('lr = 0.2\nbatch-policy = "fixed"\n')
+    assert (train_cfg("--config", str(toml)).batch_policy, train_cfg("--config", str(toml)).lr) == ("fixed", 0.2)
+
+
 def test_toml_then_command_line(tmp_path):
     p = tmp_path / "run.toml"
     p.write_text('dataset = "digits"\nmodel = "mlp"\nlr = 0.3\nglobal-batch-size = 64\nlr_milestones = [1, 2]\n')
@@ -71,7 +97,8 @@ def test_python_dash_m_and_help():
 
 @pytest.mark.spawn
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("comm", ["allreduce", "ring-tcp"])  # ring-tcp finds its peers from torchrun's env
+# ring-tcp (what the default, --comm auto, runs on CPU) finds its peers from torchrun's environment
+@pytest.mark.parametrize("comm", ["allreduce", None])
 def test_same_command_under_torchrun(tmp_path, comm):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     assert torchrun, "torchrun ships with torch"
@@ -79,12 +106,14 @@ def test_same_command_under_torchrun(tmp_path, comm):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "scalesgd", "train", "--dataset", "digits", "--model", "mlp", "--steps", "5", "--no-progress",
-         "--threads-per-worker", "1", "--timeout-s", "60", "--comm", comm, "--run-dir", str(run)],
+         "--threads-per-worker", "1", "--timeout-s", "60", *(["--comm", comm] if comm else []),
+         "--run-dir", str(run)],
         capture_output=True, text=True, timeout=170, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
     assert json.loads((run / "summary.json").read_text())["steps"] == 5
-    assert json.loads((run / "config.json").read_text())["comm"] == comm
+    config = json.loads((run / "config.json").read_text())
+    assert (config["comm"], config["comm_used"]) == ((comm, comm) if comm else ("auto", "ring-tcp"))
     assert proc.stdout.count("run directory:") == 1  # rank 0 alone prints the summary
 
 
@@ -165,6 +194,25 @@ def test_train_help_gives_one_default_per_option():
     text = sub.choices["train"].format_help()
     assert "(default: None)" not in text and "(default: the model's own)" in text
 
+
+
+def test_each_commands_help_shows_the_lr_and_batch_policy_defaults_it_runs_with():
+    """train defaults to --lr auto and goodput; diversity (and sweep's [base]) keep RunConfig's 0.05 and fixed,
+    and their help said train's defaults. Each help is checked against the config that command builds."""
+    import argparse
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    built = {"train": config_from_args(parser.parse_args(["train"]), train=True),
+             "diversity": config_from_args(parser.parse_args(["diversity"]))}
+    for command, cfg in built.items():
+        helps = {a.dest: " ".join((a.help or "").split()) for a in sub.choices[command]._actions}
+        assert f"(default: {cfg.lr}" in helps["lr"], (command, helps["lr"])
+        assert f"(default: {cfg.batch_policy}" in helps["batch_policy"], (command, helps["batch_policy"])
+    assert (built["diversity"].lr, built["diversity"].batch_policy) == (0.05, "fixed")
+    sweep_help = " ".join(" ".join((a.help or "").split()) for a in sub.choices["sweep"]._actions)
+    assert "fitted step time x statistical efficiency" in sweep_help  # its [base] --batch-policy is there
+    assert "goodput where it can run" not in sweep_help and "auto for synchronous SGD" not in sweep_help
 
 @pytest.mark.spawn
 @pytest.mark.timeout(200)

@@ -80,6 +80,14 @@ CASES = [
     ("step schedule without milestones", lambda t: ["--lr-schedule", "step"], ["--lr-milestones"]),
     ("bad batch schedule", lambda t: ["--batch-policy", "schedule", "--batch-schedule", "5:x"], ["schedule"]),
     ("target accuracy as percent", lambda t: ["--target-accuracy", "94"], ["fraction"]),
+    # goodput (train's default) clips to --max-batch: below P the workers started, wrote a run directory and
+    # failed in the policy with "max_batch=1 ..."
+    ("max batch below workers", lambda t: ["--max-batch", "1", "--workers", "2"], ["--max-batch 1", "--workers 2"]),
+    # under goodput (train's default) the per-example gradients are sized for the largest batch it may choose (the
+    # training set): the advice said "a smaller batch", which the user's --global-batch-size 128 already was
+    ("per-example quantization under goodput", lambda t: ["--example-qsgd-levels", "4"],
+     ["--example-qsgd-levels", "--max-batch", "--batch-policy goodput may grow the global batch to",
+      "--batch-policy fixed"]),
 ]
 
 

@@ -301,6 +301,23 @@ def test_registry_names_and_errors():
         make_comm("qsgd+ring-tcp", World(rank=0, size=1, local_rank=0, device=torch.device("cuda"), backend="nccl"))
 
 
+def test_comm_auto_resolves_to_an_exact_strategy_that_serves_the_device():
+    from scalesgd.comm_registry import resolve_comm
+    from scalesgd.config import RunConfig
+
+    assert RunConfig().comm == "auto"
+    cases = {("gloo", "cpu", 2): "ring-tcp", ("gloo", "cpu", 8): "ring-tcp", ("gloo", "cpu", 1): "allreduce",
+             ("nccl", "cuda", 4): "allreduce", ("gloo", "cuda", 2): "allreduce"}
+    for (backend, device, size), want in cases.items():
+        got = resolve_comm("auto", backend=backend, device_type=device, world_size=size)
+        assert got == want, (backend, device, size)
+        assert device in strategy_info(got).devices and strategy_info(got).exact
+    for name in COMM_NAMES:  # a named strategy is never replaced
+        assert resolve_comm(name, backend="nccl", device_type="cuda", world_size=4) == name
+    with pytest.raises(ConfigError, match="unknown communication strategy"):
+        make_comm("auto", _world(1))  # resolved by the trainer, never built by that name
+
+
 def test_every_strategy_describes_itself():
     """Each name is a transport, a codec over the built-in, or a codec over another transport; its class
     declares exact/devices/options, and the declared options are exactly its constructor's keywords."""

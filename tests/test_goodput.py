@@ -244,15 +244,31 @@ def test_policy_follows_the_noise_scale():
 
 def test_hysteresis_never_thrashes_on_oscillating_estimates():
     # B_noise flips ±25% every step around a value: the best batch flips, the goodput at either barely differs
+    # (a decision at every step: with one every decide_every steps an even period would hide the oscillation)
     osc = [800.0 * (1.25 if i % 2 else 0.8) for i in range(1200)]
-    policy = GoodputPolicy(min_interval_steps=0, min_estimates=5, max_batch=4096)
+    policy = GoodputPolicy(min_interval_steps=0, min_estimates=5, max_batch=4096, decide_every=1)
     batches, _, _ = simulate(policy, osc)
     changes = [i for i in range(1, len(batches)) if batches[i] != batches[i - 1]]
     assert not [i for i in changes if i >= 400]  # settled: no change in the last 800 steps
     # without the threshold the same estimates do flip it back and forth
-    eager = GoodputPolicy(min_interval_steps=0, min_estimates=5, max_batch=4096, rel_gain=0.0)
+    eager = GoodputPolicy(min_interval_steps=0, min_estimates=5, max_batch=4096, rel_gain=0.0, decide_every=1)
     batches, _, _ = simulate(eager, osc)
     assert sum(batches[i] != batches[i - 1] for i in range(400, len(batches))) > 20
+
+
+def test_decisions_only_every_decide_every_steps_reach_the_same_batch():
+    every, each = (GoodputPolicy(min_interval_steps=20, min_estimates=5, max_batch=4096, decide_every=k)
+                   for k in (10, 1))
+    batches, _, reasons = simulate(every, [500.0] * 600)
+    changed_at = [i + 1 for i in range(1, len(batches)) if batches[i] != batches[i - 1]]  # the steps (from 1)
+    assert changed_at and all(step % 10 == 0 for step in changed_at)
+    reference, _, _ = simulate(each, [500.0] * 600)
+    assert true_goodput(batches[-1], 500.0) >= 0.97 * true_goodput(reference[-1], 500.0)
+    d, _ = every.next(every.init_state(), GoodputObservation(step=3, epoch=0.0, global_batch_size=30, world_size=4,
+                                                             compute_s=None))
+    assert d.changed and d.reason.startswith("forced")  # an illegal batch is corrected at once, due or not
+    with pytest.raises(ConfigError, match="decide_every"):
+        GoodputPolicy(decide_every=0)
 
 
 def test_min_interval_between_changes():
@@ -264,7 +280,8 @@ def test_min_interval_between_changes():
 
 
 def test_with_one_batch_size_measured_the_policy_explores_by_the_extrapolation_limit():
-    policy = GoodputPolicy(min_interval_steps=0, min_estimates=1, min_timed_steps=5, max_batch=1 << 16)
+    policy = GoodputPolicy(min_interval_steps=0, min_estimates=1, min_timed_steps=5, max_batch=1 << 16,
+                           decide_every=1)
     batches, state, reasons = simulate(policy, [1e5] * 6)  # a huge noise scale: it wants a huge batch
     assert fit_step_time(StepTimeState(4, state.times.bins[:1])).how == "prior"
     assert batches[:4] == [32] * 4 and batches[4] == 64  # local 8 -> 16: max_extrapolation 2

@@ -233,3 +233,24 @@ def test_lr_auto_from_the_command_line_and_toml(tmp_path):
         parser.parse_args(["train", "--lr", "fast"])
     with pytest.raises(ConfigError, match="auto"):
         RunConfig(lr="fast")
+
+
+@pytest.mark.spawn  # env.json asks git
+@pytest.mark.timeout(600)
+def test_lr_auto_with_a_base_batch_size_trains_at_the_rate_it_found(tmp_path):
+    """The range test's trials run at the starting batch (32); with --lr-rule linear --base-batch-size 8 the rate
+    found there is the rule's rate at 32, so the base lr is it / (32/8). Stored as the base lr itself, it was
+    multiplied by 4 (mnist1d/cnn1d: trained at 0.9 past a diverged 1.35 probe, chance accuracy). One worker,
+    in process; the first step's lr is the rate found, below every rate the probe saw rise or diverge."""
+    cfg = RunConfig(dataset="digits", model="mlp", width=32, global_batch_size=32, lr="auto", lr_rule="linear",
+                    base_batch_size=8, lr_schedule="constant", epochs=2, workers=1, progress=False,
+                    run_dir=str(tmp_path / "run"), seed=1)
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (auto,) = [r for r in records if r["kind"] == "lr_auto"]
+    first = next(r for r in records if r["kind"] == "step")
+    assert first["global_batch_size"] == 32
+    assert first["lr"] == pytest.approx(auto["lr_at_start_batch"]) == pytest.approx(auto["lr"] * 32 / 8)
+    unstable = [p["lr"] for p in records if p["kind"] == "lr_probe" and p["verdict"] in ("rose", "diverged")]
+    assert all(first["lr"] < u for u in unstable)
+    assert "the linear rule's factor 4" in auto["reason"]

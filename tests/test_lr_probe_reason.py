@@ -70,3 +70,19 @@ def test_a_start_that_was_unstable_divides_the_pick_by_the_cold_margin_too():
     # a start that was stable is not divided by it
     test, state = _search((0.05, 2.3, 2.0), (0.15, 2.0, 2.5))
     assert _choose_probe_lr(test, state)[0] == pytest.approx(0.05 / LR_PROBE["safety_factor"] / LR_PROBE_MARGIN)
+
+
+def test_flat_trials_below_an_unstable_rate_are_divided_like_a_stable_pick():
+    """At a small batch (digits, B=8: 40 examples a trial) no rate lowers the probe loss by 1%: 0.05 and 0.15 are
+    flat and 0.45 rose. The rose trial puts the edge within a factor 3 above 0.15, so 0.15 is no "safe, merely
+    slow" rate: used as is it trained mnist1d/cnn1d at B=8 to chance accuracy. The largest flat rate below an
+    unstable one is divided by the safety factor and margin, as the largest stable one is."""
+    test, state = _search((0.05, 2.3076, 2.3045), (0.15, 2.3045, 2.3000), (0.45, 2.3000, 2.4347))
+    assert [t.verdict for t in state.trials] == ["flat", "flat", "rose"] and test.propose(state) is None
+    lr, reason = _choose_probe_lr(test, state)
+    assert lr == pytest.approx(0.15 / LR_PROBE["safety_factor"] / LR_PROBE_MARGIN) and lr < 0.15
+    assert "largest flat" in reason and "first unstable lr 0.45" in reason
+    assert re.findall(r"-> ([0-9.e-]+)", reason)[-1] == f"{lr:.4g}"
+    # without an unstable rate above, the largest flat rate is still taken as it is (nothing bounds it above)
+    test, state = _search((0.05, 2.3076, 2.3045), (0.15, 2.3045, 2.3000))
+    assert _choose_probe_lr(test, state, BUDGET)[0] == pytest.approx(0.15)

@@ -128,6 +128,25 @@ def test_reader_names_a_truncated_summary_and_no_run_dir(tmp_path):
         RunData.open(tmp_path / "nowhere")
 
 
+def test_time_breakdown_of_a_run_resumed_with_fewer_workers_uses_the_last_world(tmp_path):
+    """``--resume --workers 1`` of a 2-worker run: the steps before the resume carry two ranks' times, those after
+    one. The breakdown is the current world's (config.json's workers), from its steps alone; it used to take the
+    ranks of the first step and fail with KeyError 'compute_s_rank1' on the later ones."""
+    def step(i, ranks):
+        return json.dumps({"kind": "step", "step": i, "epoch": i / 40, "time_s": 0.01 * i, "loss": 1.0, "comm_s": 0.0,
+                           "update_s": 0.001, **{f"compute_s_rank{r}": 0.002 * (r + 1) for r in range(ranks)},
+                           **{f"prev_comm_s_rank{r}": 0.0 for r in range(ranks)},
+                           **{f"prev_update_s_rank{r}": 0.001 for r in range(ranks)}})
+    lines = [step(i, 2) for i in range(1, 21)] + [step(i, 1) for i in range(21, 41)]
+    run = RunData.open(_run_dir(tmp_path, lines, config={"model": "mlp", "global_batch_size": 64, "workers": 1}))
+    times = run.time_breakdown()
+    assert times["compute_s"] == pytest.approx([0.002]) and times["wait_s"] == [0.0]
+    assert times["update_s"] == pytest.approx([0.001]) and times["per_rank_comm"]
+    # the run before the resume, alone: both ranks (rank 0 waits 2 ms for rank 1)
+    before = RunData.open(_run_dir(tmp_path / "before", lines[:20]))
+    assert before.time_breakdown()["wait_s"] == pytest.approx([0.002, 0.0])
+
+
 def test_labels_say_what_differs_between_runs(tmp_path):
     base = {"model": "mlp", "global_batch_size": 64, "workers": 2, "comm": "allreduce", "lr": 0.1,
             "run_dir": "x", "master_port": 1}

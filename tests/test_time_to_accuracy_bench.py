@@ -40,6 +40,16 @@ def test_time_to_target_interpolates_and_excludes_every_evaluation_up_to_the_hit
     assert tta.time_to_target(evals, 0.93)[2] == 1.0  # reaching the target exactly counts
 
 
+def test_a_seed_is_represented_by_its_median_run(tta):
+    def run(t):
+        return tta.RunResult("goodput", 0, 128, 0.1, [], time_to_target_s=t)
+
+    assert tta.median_run([run(3.0), run(1.0), run(2.0)]).time_to_target_s == 2.0
+    assert tta.median_run([run(1.0), run(math.inf), run(2.0)]).time_to_target_s == 2.0  # one miss is outvoted
+    assert math.isinf(tta.median_run([run(math.inf), run(1.0), run(math.inf)]).time_to_target_s)
+    assert tta.median_run([run(1.0), run(2.0)]).time_to_target_s == 2.0  # even count: the slower middle one
+
+
 def test_settled_batch_is_the_median_over_the_last_half_of_the_examples(tta):
     # 1 epoch at 128 (10 steps), then 1 epoch at 32 (40 steps): the last half is all at 32.
     batches = [((i + 1) * 0.1, 128) for i in range(10)] + [(1.0 + (i + 1) * 0.025, 32) for i in range(40)]

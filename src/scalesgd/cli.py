@@ -112,7 +112,9 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("workers", int, "local worker processes (under torchrun the launch sets them: a different --workers is an "
                      "error)"),
     ("backend", str, "auto (nccl with CUDA, else gloo), gloo, nccl"),
-    ("comm", str, "gradient communication: allreduce (built-in), ring (ours, over torch.distributed), "
+    ("comm", str, "gradient communication: auto (ring-tcp for several CPU workers, else allreduce: GPUs, one "
+                 "worker), allreduce (built-in), "
+                 "ring (ours, over torch.distributed), "
                  "ring-tcp (ours, over our own sockets; CPU), ps, qsgd (over the built-in), "
                  "qsgd+ring, qsgd+ring-tcp, qsgd+ps (the QSGD codec over that transport)"),
     ("qsgd-levels", int, "quantisation levels of --comm qsgd"),
@@ -144,19 +146,30 @@ TRAIN_OPTIONS: list[tuple[str, Any, str]] = [
     ("run-dir", str, "where to write the run (default: runs/<time>-<model>-<data>-B<b>-P<p>-s<seed>)"),
 ]
 
+# `scalesgd train`'s own defaults where they differ from RunConfig's (config.train_defaults); the other commands
+# that take the run options (diversity, sweep) keep RunConfig's, and their help shows those.
+TRAIN_DEFAULT_HELP = {
+    "lr": "(default: auto for synchronous SGD without --sync-every or --backup-workers, else 0.05)",
+    "batch-policy": "(default: goodput where it can run: synchronous SGD with --diversity on, --lr-rule unset or "
+                    "adascale, no --batch-schedule; else fixed)",
+}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other input error
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_train_options(p: argparse.ArgumentParser) -> None:
+def add_train_options(p: argparse.ArgumentParser, *, train: bool = False) -> None:
+    """The run options; ``train``: with ``scalesgd train``'s own defaults in their help (TRAIN_DEFAULT_HELP)."""
     from scalesgd.config import FIELDS
 
     p.add_argument("--config", metavar="FILE.toml", help="TOML file whose keys mirror these options; "
                    "options given on the command line win")
     for option, typ, help_text in TRAIN_OPTIONS:
         default = FIELDS[option.replace("-", "_")].default
+        if train and option in TRAIN_DEFAULT_HELP:
+            help_text = f"{help_text} {TRAIN_DEFAULT_HELP[option]}"
         if "(default:" not in help_text:  # one default per option: the help's own, else RunConfig's
             shown = (", ".join(map(str, default)) or "none") if isinstance(default, tuple) else default
             help_text = f"{help_text} (default: {shown})"
@@ -180,11 +193,15 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | None = None):
-    """defaults < TOML file < command line → a validated RunConfig."""
-    from scalesgd.config import RunConfig
+def config_from_args(args: argparse.Namespace, option_names: Sequence[str] | None = None, *,
+                     train: bool = False):
+    """defaults < TOML file < command line → a validated RunConfig. ``train``: ``scalesgd train``'s defaults
+    (:func:`scalesgd.config.train_defaults`: goodput and ``--lr auto``) replace RunConfig's where they apply."""
+    from scalesgd.config import RunConfig, train_defaults
 
     values = given_options(args)
+    if train:
+        values = {**train_defaults(values), **values}
     try:
         return RunConfig(**values)
     except TypeError as e:  # a TOML value of the wrong type reaches a comparison
@@ -228,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         cfg = resume_config(Path(args.resume), given_options(args))
     else:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, train=True)
     check_launch(args, cfg)
     summary = train(cfg, resume=bool(getattr(args, "resume", None)))
     rdv = torchrun_rendezvous()
@@ -391,7 +408,7 @@ _PREDICT_ARGS = ("model", "dataset", "n_train", "width", "dropout", "norm", "net
 
 def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
     from scalesgd import perf_model as pm
-    from scalesgd.comm_registry import COMM_NAMES
+    from scalesgd.comm_registry import COMM_CHOICES
     from scalesgd.models import MODELS
 
     p = subparsers.add_parser(
@@ -410,10 +427,11 @@ def _add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--norm", default=None, help="normalisation (default: none, or the run's own)")
     p.add_argument("--network", default=None, metavar="'BW, LATENCY'",
                    help="target network, e.g. '25 Gbit/s, 10 us' (default: measured here with gloo)")
-    p.add_argument("--comm", default="allreduce", choices=COMM_NAMES,
+    p.add_argument("--comm", default="auto", choices=COMM_CHOICES,
                    help="communication strategy: its alpha and beta are measured here when --network is not "
                         "given, and ring/ring-tcp are modelled with their recursive doubling for small messages "
-                        "(default: allreduce)")
+                        "(default: auto: the --from-run run's own, else what `scalesgd train` runs: ring-tcp "
+                        "measured here, the built-in allreduce on a --network)")
     p.add_argument("--batch-sizes", type=_positive_int_list, default=[2 ** k for k in range(4, 17)],
                    help="global batch sizes to predict (default: 16,32,...,65536)")
     p.add_argument("--max-workers", type=int, default=1024, help="largest P; the grid is 1,2,4,... (default 1024)")
@@ -555,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     p = sub.add_parser("train", help="train a model with synchronous data-parallel SGD",
                        description="Train with P synchronous workers (spawned locally, or as torchrun's ranks).")
-    add_train_options(p)
+    add_train_options(p, train=True)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint, "
                    "with its own config.json; only options that do not change the maths (--workers, --timeout-s, "
                    "--no-progress, the checkpoint and restart options) may be given")

@@ -30,6 +30,23 @@ COMM_NAMES: tuple[str, ...] = (*TRANSPORTS, *CODECS, *(f"{c}{SEPARATOR}{t}" for 
                                                       if t != DEFAULT_TRANSPORT))
 
 
+# ``--comm auto`` (the trainer's default): the fastest exact strategy for the job's backend and device, decided
+# when the job is up (:func:`resolve_comm`). On CPU (gloo) that is our ring over our own sockets: gloo's
+# collectives pay a latency of about a millisecond for a gradient of any size on a small host, where ring-tcp's
+# recursive doubling pays a few TCP round trips (``scalesgd allreduce-bench`` prints both, side by side).
+# On GPUs (NCCL) the engine's all-reduce: ring-tcp moves CPU tensors only.
+AUTO = "auto"
+COMM_CHOICES: tuple[str, ...] = (AUTO, *COMM_NAMES)
+
+
+def resolve_comm(name: str, *, backend: str, device_type: str, world_size: int) -> str:
+    """The strategy ``--comm name`` runs: ``name`` itself, except that ``auto`` is ``ring-tcp`` for a job of
+    several processes on CPU tensors over gloo, else ``allreduce`` (NCCL's, or nothing to reduce with one)."""
+    if name != AUTO:
+        return name
+    return "ring-tcp" if backend == "gloo" and device_type == "cpu" and world_size > 1 else "allreduce"
+
+
 def parse_comm_name(name: str) -> tuple[str | None, str]:
     """``(codec or None, transport)`` for a name in :data:`COMM_NAMES`; :class:`ConfigError` otherwise."""
     if name not in COMM_NAMES:

@@ -15,7 +15,7 @@ from typing import Any
 from scalesgd.errors import ConfigError
 
 from scalesgd.batch_policy import BATCH_POLICY_NAMES, parse_schedule
-from scalesgd.comm_registry import COMM_NAMES
+from scalesgd.comm_registry import COMM_CHOICES
 from scalesgd.distributed import BACKENDS
 from scalesgd.models import MODELS, NORMS
 from scalesgd.lr_rules import BASE_SCHEDULES as LR_SCHEDULES
@@ -83,7 +83,7 @@ class RunConfig:
     # engine
     workers: int = 2
     backend: str = "auto"
-    comm: str = "allreduce"
+    comm: str = "auto"  # auto: ring-tcp on CPU (gloo), allreduce on GPUs (comm_registry.resolve_comm)
     qsgd_levels: int = 7
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
@@ -159,7 +159,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value}")
-        _choice("comm", self.comm, COMM_NAMES)
+        _choice("comm", self.comm, COMM_CHOICES)
         if self.comm == "ring-tcp" and self.backend == "nccl":
             raise ConfigError("--comm ring-tcp moves CPU tensors through sockets; with --backend nccl use "
                               "--comm allreduce or ring")
@@ -200,6 +200,10 @@ class RunConfig:
                 _positive_int(name.replace("_", "-"), value)
         if self.min_batch and self.max_batch and self.min_batch > self.max_batch:
             raise ConfigError(f"--min-batch {self.min_batch} exceeds --max-batch {self.max_batch}")
+        adaptive = self.batch_policy in ("diversity", "goodput")  # the policies that clip to --max-batch
+        if adaptive and self.max_batch is not None and self.max_batch < self.workers:
+            raise ConfigError(f"--max-batch {self.max_batch} is below --workers {self.workers}: every worker needs at "
+                              f"least one example; raise --max-batch to at least {self.workers} or use fewer workers")
         if self.steps is not None:
             _positive_int("steps", self.steps)
         elif not (math.isfinite(self.epochs) and self.epochs > 0):
@@ -286,9 +290,9 @@ class RunConfig:
         refusals = [
             (self.diversity != "off", "has no all-reduced gradient for the online diversity estimate; add "
                                       "--diversity off (--exact-diversity-every still measures B_S exactly)"),
-            (self.comm not in ("allreduce", "ps"),
+            (self.comm not in ("auto", "allreduce", "ps"),
              f"sends gradients to its own server or none; drop --comm {self.comm}"),
-            (self.algorithm == "hogwild" and self.comm != "allreduce", "communicates through shared memory; drop "
+            (self.algorithm == "hogwild" and self.comm not in ("auto", "allreduce"), "communicates through shared memory; drop "
                                                                        "--comm"),
             (self.backend == "nccl", "runs on the CPU over gloo; use --backend gloo"),
             (self.sync_every is not None, "and --sync-every are two different algorithms; choose one"),
@@ -400,6 +404,37 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+# What ``scalesgd train`` adds to the options given when they leave the batch policy and the learning rate unset:
+# the batch with the most progress per second and a learning rate found by a range test (``bench/
+# time_to_accuracy.py`` measures this pair, untuned, against a tuned grid of fixed-batch DDP runs). RunConfig's
+# own defaults (fixed batch, lr 0.05) stay those of the library (``scalesgd.fit``, sweeps, tests): a run there is
+# a function of its seed, where goodput's batch follows the step times it measures.
+TRAIN_DEFAULTS = {"batch_policy": "goodput", "lr": "auto"}
+
+
+def train_defaults(given: dict[str, Any]) -> dict[str, Any]:
+    """The entries of :data:`TRAIN_DEFAULTS` that ``scalesgd train`` adds to the options ``given`` (by field name).
+
+    Each is added only when ``given`` leaves it unset and it can run with the rest: both need the synchronous
+    algorithm without local SGD or backup workers (the asynchronous ones keep a fixed batch and a numeric lr, and
+    local steps all-reduce no gradient); goodput also needs the online noise estimate (``--diversity`` not
+    off) and the AdaScale rule it prices (``--lr-rule`` unset or adascale), and no ``--batch-schedule``.
+
+    Returns:
+        ``{field: value}`` to merge under ``given`` (``{**train_defaults(given), **given}``).
+    """
+    def value(name: str) -> Any:
+        return given.get(name, FIELDS[name].default)
+
+    synchronous = (value("algorithm") == "sync" and value("sync_every") is None and not value("backup_workers"))
+    out: dict[str, Any] = {}
+    if "lr" not in given and synchronous:
+        out["lr"] = TRAIN_DEFAULTS["lr"]
+    if ("batch_policy" not in given and synchronous and value("diversity") != "off"
+            and value("lr_rule") in (None, "adascale") and not value("batch_schedule")):
+        out["batch_policy"] = TRAIN_DEFAULTS["batch_policy"]
+    return out
 
 
 def load_toml(path: Path | str, *, what: str) -> dict[str, Any]:

@@ -504,6 +504,9 @@ class GoodputPolicy:
 
     - at least ``min_timed_steps`` timed steps and ``min_estimates`` usable noise estimates (warm-up);
     - at least ``min_interval_steps`` steps since the last change;
+    - the step is a multiple of ``decide_every`` (the fit and the search over batches cost about as much as a
+      small model's step in Python, and the inputs move slowly: a decision every few steps loses nothing but
+      that cost, as Pollux re-optimises periodically rather than per step);
     - the predicted goodput at the best batch exceeds the current batch's by more than ``rel_gain``
       (hysteresis: an estimate wandering across the point where two batches tie predicts a gain near 0
       there, so it never flips the batch back and forth).
@@ -521,7 +524,7 @@ class GoodputPolicy:
         base_batch_size: B₀ of the efficiency (the batch the base lr was tuned at); None: the first batch seen.
             B₀ scales every E(B) by the same factor, so it changes the reported goodput, never the choice.
         rel_gain: hysteresis threshold (0.05 = 5% predicted gain needed).
-        min_interval_steps, min_timed_steps, min_estimates: see above.
+        min_interval_steps, min_timed_steps, min_estimates, decide_every: see above (decide_every ≥ 1).
         max_extrapolation: factor ≥ 1 (see above).
         gamma: compute/all-reduce overlap exponent of :func:`combine_times` (1: our trainer).
         single_size_slope_share: the one-size prior of :func:`fit_step_time`.
@@ -537,6 +540,7 @@ class GoodputPolicy:
     min_interval_steps: int = 50
     min_timed_steps: int = 5
     min_estimates: int = 20
+    decide_every: int = 10
     max_extrapolation: float = 2.0
     gamma: float = 1.0
     single_size_slope_share: float = 0.5
@@ -560,6 +564,8 @@ class GoodputPolicy:
             bad(f"rel_gain must be >= 0 (e.g. 0.05 for 5%), got {self.rel_gain}")
         if min(self.min_interval_steps, self.min_timed_steps, self.min_estimates, self.skip_after_change) < 0:
             bad("min_interval_steps, min_timed_steps, min_estimates and skip_after_change must be >= 0")
+        if not (isinstance(self.decide_every, int) and self.decide_every >= 1):
+            bad(f"decide_every must be an integer >= 1 (1: a decision every step), got {self.decide_every!r}")
         if not (math.isfinite(self.max_extrapolation) and self.max_extrapolation >= 1):
             bad(f"max_extrapolation must be a finite number >= 1 (e.g. 2), got {self.max_extrapolation}")
         if not (math.isfinite(self.gamma) and self.gamma >= 1):
@@ -611,6 +617,11 @@ class GoodputPolicy:
             return BatchDecision(current, False, f"hold: warm-up ({state.n_timings}/{self.min_timed_steps} timed "
                                                  f"steps, {state.n_estimates}/{self.min_estimates} noise "
                                                  f"estimates)"), state
+        if obs.step % self.decide_every:
+            return BatchDecision(current, False, f"hold: decisions every {self.decide_every} steps"), state
+        if since is not None and since < self.min_interval_steps:
+            return BatchDecision(current, False, f"hold: last change {since} steps ago "
+                                                 f"(< {self.min_interval_steps})"), state
         model = self.model(state, obs.step)
         # The fit is trusted up to max_extrapolation beyond the measured local batch sizes.
         lo_ex = max(int(model.min_local_batch / self.max_extrapolation), 1) * p
@@ -626,9 +637,6 @@ class GoodputPolicy:
                 f"B_noise {b_noise:,.1f}, {model.describe()}")
         if new == current or choice.goodput <= cur_gp * (1.0 + self.rel_gain):
             return BatchDecision(current, False, f"hold: {what} (gain below {self.rel_gain:.0%})"), state
-        if since is not None and since < self.min_interval_steps:
-            return BatchDecision(current, False, f"hold: last change {since} steps ago (< {self.min_interval_steps})"
-                                                 f": {what}"), state
         return self._change(state, obs, new, f"{'grow' if new > current else 'shrink'}: {what}")
 
     @staticmethod

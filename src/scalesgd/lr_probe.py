@@ -17,11 +17,12 @@ import torch
 
 from scalesgd import distributed
 from scalesgd.comm import CommStrategy
+from scalesgd.comm_protocol import RingTransport
 from scalesgd.config import RunConfig
 from scalesgd.data.sharding import BatchStream, Cursor, shard
 from scalesgd.distributed import World
 from scalesgd.goodput import LrRangeTest
-from scalesgd.lr_rules import LrConfig
+from scalesgd.lr_rules import LrConfig, lr_terms
 from scalesgd.step import FlatModel, evaluate, train_step
 from scalesgd.train_state import TrainState
 from scalesgd.transforms import GradientTransformation, Hyper, state_from_tree, state_to_tree
@@ -51,13 +52,28 @@ LR_PROBE_LOSS_EXAMPLES = 512
 LR_PROBE_BUDGET = 0.05
 
 
-def _probe_loss(flat: FlatModel, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, world: World,
-                classification: bool) -> float:
-    """Mean loss on the fixed probe batch, summed over ranks (the same number on every rank)."""
+def _scalar_sum(comm: CommStrategy, world: World) -> Callable[[list[float]], list[float]]:
+    """``sum(values) -> values summed over ranks`` for the probe's few numbers a trial: through the run's own ring
+    when it is one (an exact ring gives every rank the same bytes; ring-tcp's round trips cost tens of µs where a
+    gloo collective costs about a millisecond on a small host, and the probe runs one per trial inside the run's
+    clock), else the engine's all-reduce."""
+    if not isinstance(comm, RingTransport) or world.device.type != "cpu":
+        return lambda values: distributed.all_reduce_scalars(values, world)
+
+    def ring_sum(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        comm.allreduce_(t)
+        return t.tolist()
+
+    return ring_sum
+
+
+def _local_probe_loss(flat: FlatModel, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, world: World,
+                      classification: bool) -> tuple[float, float]:
+    """This rank's (loss sum, example count) on its part of the fixed probe batch; sum over ranks outside."""
     loss_sum, _, count = evaluate(flat.model, loss_fn, x, y, rank=world.rank, world_size=world.size,
                                   device=world.device, classification=classification)
-    total, n = distributed.all_reduce_scalars([loss_sum, count], world)
-    return total / max(n, 1.0)
+    return loss_sum, count
 
 
 def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat: FlatModel, loss_fn: Callable,
@@ -74,7 +90,9 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
     parameters, optimizer state and RNGs it left), so the probe trains the model while it searches, as Smith's
     range test is one run with a rising rate. A trial that rose or diverged is undone: the state saved before it
     is restored, so a divergence leaves nothing behind and the search backs off or refines from there. Training
-    then starts from the last kept state at the chosen rate.
+    then starts from the last kept state at the chosen rate. The trials run at the starting global batch, so the
+    chosen rate is the lr rule's rate there: the base lr (at ``--base-batch-size``) is it divided by the rule's
+    factor at the starting batch, and the run's first step trains at the chosen rate whatever B₀ is.
 
     Budget: the probe's cost is its wall time minus the kept trials' training steps (so: the evaluations of
     the probe loss, saving and restoring, and every undone trial). The first trial's median step time × the
@@ -114,8 +132,10 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
     saved_params = flat.params.detach().clone()
     saved_tx = state_to_tree(state.tx_state)
     saved_rng, saved_comm_rng = torch.get_rng_state(), state.comm_generator.get_state()
-    loss_before = start_loss = _probe_loss(flat, loss_fn, x_probe, y_probe, world=world,
-                                           classification=classification)
+    total = _scalar_sum(comm, world)
+    loss_sum, count = total(list(_local_probe_loss(flat, loss_fn, x_probe, y_probe, world=world,
+                                                   classification=classification)))
+    loss_before = start_loss = loss_sum / max(count, 1.0)
     budget_s, run_est_s, trial_s, stop = None, None, [], "the range test finished"
     kept_s, kept_examples = 0.0, 0
     while (lr := test.propose(search)) is not None:
@@ -142,8 +162,12 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
                 break
         else:
             aborted = None
-        loss_after = (_probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification)
-                      if aborted is None else aborted)
+        # one reduction a trial: the probe loss (none after an aborted trial) with the trial's times
+        local_loss = ((0.0, 0.0) if aborted is not None else
+                      _local_probe_loss(flat, loss_fn, x_probe, y_probe, world=world, classification=classification))
+        loss_sum, count, elapsed, median_step, steps_s = total(
+            [*local_loss, time.perf_counter() - t0, sorted(step_times)[len(step_times) // 2], sum(step_times)])
+        loss_after = loss_sum / max(count, 1.0) if aborted is None else aborted
         verdict = test.verdict(search, loss_before, loss_after)
         keep = verdict in ("stable", "flat")
         if keep:
@@ -155,8 +179,6 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
                 flat.params.copy_(saved_params)
             torch.set_rng_state(saved_rng)
             state.comm_generator.set_state(saved_comm_rng)
-        elapsed, median_step, steps_s = distributed.all_reduce_scalars(
-            [time.perf_counter() - t0, sorted(step_times)[len(step_times) // 2], sum(step_times)], world)
         trial_s.append(elapsed / world.size)
         if keep:
             kept_s += steps_s / world.size
@@ -172,9 +194,20 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
                     "trial_s": trial_s[-1], "time_s": time.perf_counter() - start_s})
         if keep:
             loss_before, batches = loss_after, next_batches()
-    lr, reason = _choose_probe_lr(test, search, stop)
-    probe_s = distributed.all_reduce_scalars([time.perf_counter() - t_start], world)[0] / world.size
-    writer.log({"kind": "lr_auto", "lr": lr, "reason": reason, "trials": len(search.trials),
+    lr_at_start, reason = _choose_probe_lr(test, search, stop)
+    # The trials ran at the starting batch, so their rate is the rule's rate there; the base lr is that at B₀
+    # (--base-batch-size): divided by the rule's factor at the starting batch (linear B/B₀, sqrt √(B/B₀); 1 for
+    # constant and for AdaScale, whose gain is 1 before any noise estimate).
+    rule_factor = lr_terms(dataclasses.replace(lr_config, base_lr=1.0), step=0, epoch=0.0,
+                           global_batch_size=state.global_batch_size).rule_factor
+    lr = lr_at_start / rule_factor
+    if rule_factor != 1.0:
+        reason += (f"; at the starting batch {state.global_batch_size}: the base lr at --base-batch-size "
+                   f"{lr_config.base_batch_size} is {lr_at_start:.4g} / the {lr_config.rule} rule's factor "
+                   f"{rule_factor:.4g} = {lr:.4g}")
+    probe_s = total([time.perf_counter() - t_start])[0] / world.size
+    writer.log({"kind": "lr_auto", "lr": lr, "lr_at_start_batch": lr_at_start, "reason": reason,
+                "trials": len(search.trials),
                 "probe_s": probe_s, "kept_s": kept_s, "cost_s": probe_s - kept_s, "kept_examples": kept_examples,
                 "budget_s": budget_s, "estimated_run_s": run_est_s,
                 "time_s": time.perf_counter() - start_s})
@@ -192,7 +225,9 @@ def _choose_probe_lr(test: LrRangeTest, search, stop: str = "the range test fini
     rate only from below, so the rate is never below the ramp's start (the trainer's default ``--lr``): the
     divided pick when it is above the start, else the start, and the reason then says so instead of quoting the
     divided pick it did not use. Before any stable rate: the largest rate that did not rise (too small to show
-    in a few steps, but safe), else the next rate below the smallest unstable one, divided by the margin(s).
+    in a few steps, but safe), divided by the safety factor and margin(s) when an unstable rate lies above it
+    (the edge is then within a ramp factor of it), else the next rate below the smallest unstable one, divided
+    by the margin(s).
     """
     trials = search.trials
     stable = [t for t in trials if t.verdict == "stable"]
@@ -216,8 +251,17 @@ def _choose_probe_lr(test: LrRangeTest, search, stop: str = "the range test fini
     flat_trials = [t for t in trials if t.verdict == "flat"]
     if flat_trials:
         best = max(flat_trials, key=lambda t: t.lr)
+        above = [t for t in trials if t.verdict in ("rose", "diverged") and t.lr > best.lr]
+        if above:
+            # an unstable rate a ramp factor above bounds the edge: the flat rate is near it, not merely too small
+            # to show (a small batch's few examples barely move the probe loss), so it is divided as a stable pick
+            lr = best.lr / test.safety_factor / margin
+            return lr, (f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one "
+                        f"({best.describe()}) / safety factor {test.safety_factor:g} / margin {margin:g}{why}, as "
+                        f"the first unstable {min(above, key=lambda t: t.lr).describe()} bounds it -> {lr:.4g}; "
+                        f"stopped: {stop}")
         return best.lr, (f"no trial lowered the loss by {test.min_rel_decrease:.0%}; the largest flat one "
-                         f"({best.describe()}); stopped: {stop}")
+                         f"({best.describe()}), with no unstable rate above it; stopped: {stop}")
     smallest = min(trials, key=lambda t: t.lr)
     lr = smallest.lr / test.factor / margin
     return lr, (f"every trial was unstable; the next rate down ({smallest.lr / test.factor:.4g}, untried) / margin "

@@ -34,8 +34,10 @@ from scalesgd.errors import ConfigError
 MAX_PER_EXAMPLE_ELEMENTS = 2 ** 26
 
 
-def check_per_example_affordable(model: nn.Module, local_batch_size: int, *, option: str) -> None:
+def check_per_example_affordable(model: nn.Module, local_batch_size: int, *, option: str,
+                                 smaller_batch: str = "batch") -> None:
     """Raise if per-example gradients of ``local_batch_size`` examples would not fit, or the model draws dropout.
+    ``smaller_batch``: how to ask for a smaller batch, in the message's advice (an adaptive batch policy's limit).
 
     Raises:
         ConfigError: b·N > :data:`MAX_PER_EXAMPLE_ELEMENTS`, or the model has an active dropout layer (torch.func
@@ -45,8 +47,8 @@ def check_per_example_affordable(model: nn.Module, local_batch_size: int, *, opt
     if local_batch_size * numel > MAX_PER_EXAMPLE_ELEMENTS:
         raise ConfigError(f"{option} materialises per-example gradients: {local_batch_size} examples x {numel:,} "
                           f"parameters = {local_batch_size * numel:,} floats per worker, more than "
-                          f"{MAX_PER_EXAMPLE_ELEMENTS:,}; use a smaller model or batch, more --workers, or --comm "
-                          f"qsgd (quantizes each worker's sum instead)")
+                          f"{MAX_PER_EXAMPLE_ELEMENTS:,}; use a smaller model or {smaller_batch}, more --workers, or "
+                          f"--comm qsgd (quantizes each worker's sum instead)")
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
         raise ConfigError(f"{option} computes per-example gradients with torch.func, which cannot draw the trainer's "
                           f"per-example dropout masks; use one mechanism at a time (--dropout 0)")

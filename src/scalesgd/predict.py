@@ -27,6 +27,7 @@ from torch import nn
 from scalesgd import goodput as gp
 from scalesgd import perf_model as pm
 from scalesgd.comm import strategy_info
+from scalesgd.comm_registry import AUTO
 from scalesgd.diversity import batch_bound_over_run
 from scalesgd.errors import ConfigError
 from scalesgd.rundata import RunData, finite, passes_to_target
@@ -402,7 +403,7 @@ def model_config(from_run: str | Path | None, *, model: str | None, dataset: str
 
 def predict(*, model: str | None = None, dataset: str | None = None, n_train: int | None = None,
             width: int | None = None, dropout: float | None = None, norm: str | None = None, network: str | None = None,
-            comm: str = "allreduce", batch_sizes: Sequence[int] = tuple(2 ** k for k in range(4, 17)),
+            comm: str = "auto", batch_sizes: Sequence[int] = tuple(2 ** k for k in range(4, 17)),
             max_workers: int = 1024, batch_bound: float | None = None, passes_at_small_batch: float | None = None,
             small_batch_size: int = 32, from_run: str | Path | None = None, target: float | None = None,
             profile_batch_sizes: Sequence[int] = (8, 32, 128, 512, 2048), profile_steps: int = 20,
@@ -420,7 +421,10 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
             own model and data (its config.json, import strings and loss included). With ``from_run`` a value
             that contradicts the run's is an error.
         network: the target network, e.g. ``"25 Gbit/s, 10 us"``; None measures ``comm`` here.
-        comm: the communication strategy measured or modelled (our rings add recursive doubling).
+        comm: the communication strategy measured or modelled (our rings add recursive doubling); ``auto``:
+            the ``from_run`` run's own (its config.json's ``comm_used``: what ``auto`` resolved to), else what
+            ``scalesgd train`` runs on CPU workers (``ring-tcp``) when the network is measured here, and the
+            built-in all-reduce on a given ``network`` (a cluster's engine collective, NCCL's on GPUs).
         batch_sizes: global batch sizes of the grid; ``max_workers``: P = 1, 2, 4, … up to it.
         batch_bound, passes_at_small_batch, small_batch_size, from_run, target: the statistics
             (see :func:`statistical_inputs`).
@@ -453,12 +457,15 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
     curve = pm.parse_passes_curve(passes_vs_h) if passes_vs_h else None
     passes_factor = pm.local_sgd_passes_factor(sync_every, curve) if curve else 1.0
     network = pm.parse_network(network) if network else None  # fail fast on a bad string
+    cfg = model_config(from_run, model=model, dataset=dataset, n_train=n_train, width=width, dropout=dropout,
+                       norm=norm, seed=seed)
+    if comm == AUTO:
+        run_comm = (RunData.open(from_run).config.get("comm_used") or cfg.comm) if from_run else AUTO
+        comm = run_comm if run_comm != AUTO else ("allreduce" if network is not None else "ring-tcp")
     if network is not None:
         # our rings switch to recursive doubling for small messages on any network; the built-in is a ring
         doubling = strategy_info(comm).doubling_p2_bytes
         network = replace(network, doubling_max_bytes=doubling)
-    cfg = model_config(from_run, model=model, dataset=dataset, n_train=n_train, width=width, dropout=dropout,
-                       norm=norm, seed=seed)
     batch_bound, passes_min, stat_source = statistical_inputs(
         batch_bound=batch_bound, passes_at_small_batch=passes_at_small_batch, small_batch_size=small_batch_size,
         from_run=from_run, target=target)

@@ -106,4 +106,5 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Path:
 def _transport(config: dict[str, Any]) -> str:
     """The comm column: the all-reduce strategy, or the asynchronous algorithm that replaces it."""
     algorithm = config.get("algorithm") or "sync"
-    return str(config.get("comm")) if algorithm == "sync" else str(algorithm)
+    # comm_used: what --comm auto resolved to in that job (older runs have only the option)
+    return str(config.get("comm_used") or config.get("comm")) if algorithm == "sync" else str(algorithm)

@@ -33,6 +33,7 @@ from scalesgd import checkpoint, distributed
 from scalesgd.backup_comm import BackupWorkers
 from scalesgd.batch_policy import BatchPolicy, StepObservation, run_batch_policy
 from scalesgd.comm import CommStrategy, comm_settings, make_comm
+from scalesgd.comm_registry import resolve_comm
 from scalesgd.config import RunConfig
 from scalesgd.data import Dataset, load_data
 from scalesgd.data.sharding import BatchStream, Cursor, GlobalBatch, shard
@@ -113,7 +114,12 @@ def preflight(cfg: RunConfig, ds: Dataset, *, model: nn.Module | None = None, mo
     base_lr = LrRangeTest(**lr_probe.LR_PROBE).start_lr if cfg.lr == "auto" else None
     if cfg.example_qsgd_levels:
         largest = cfg.global_batch_size if cfg.batch_policy == "fixed" else (cfg.max_batch or ds.n_train)
-        check_per_example_affordable(model, -(-largest // cfg.workers), option="--example-qsgd-levels")
+        # an adaptive policy (goodput is train's default) may grow the batch to --max-batch, else the training set
+        smaller = ("batch" if cfg.batch_policy == "fixed" else
+                   f"--max-batch (--batch-policy {cfg.batch_policy} may grow the global batch to {largest}), or "
+                   f"--batch-policy fixed")
+        check_per_example_affordable(model, -(-largest // cfg.workers), option="--example-qsgd-levels",
+                                     smaller_batch=smaller)
     return Prepared(model=model, torch_rng_state=torch_rng_state,
                     lr_config=LrConfig.from_run_config(cfg, base_lr=base_lr), policy=policy, loss=loss)
 
@@ -149,8 +155,19 @@ def _comm(cfg: RunConfig, world: World, generator: torch.Generator) -> CommStrat
     ``--backup-workers`` the parameter-server path that drops the slowest b (:mod:`scalesgd.backup_comm`)."""
     if cfg.backup_workers:
         return BackupWorkers(world, backups=cfg.backup_workers, timeout_s=cfg.timeout_s)
-    return make_comm(cfg.comm, world, generator=generator,
-                     **comm_settings(cfg.comm, levels=cfg.qsgd_levels, timeout_s=cfg.timeout_s))
+    # an asynchronous run reduces nothing through it (evaluation only): the engine's, with no connections to make
+    name = comm_name(cfg, world) or "allreduce"
+    return make_comm(name, world, generator=generator,
+                     **comm_settings(name, levels=cfg.qsgd_levels, timeout_s=cfg.timeout_s))
+
+
+def comm_name(cfg: RunConfig, world: World) -> str | None:
+    """The strategy the run uses: ``--comm``, with ``auto`` resolved for this job's backend, device and size
+    (:func:`scalesgd.comm_registry.resolve_comm`); the run's config.json records it as ``comm_used``. None for
+    the asynchronous algorithms, which send their gradients their own way (:mod:`scalesgd.async_sgd`)."""
+    if cfg.algorithm != "sync":
+        return None
+    return resolve_comm(cfg.comm, backend=world.backend, device_type=world.device.type, world_size=world.size)
 
 
 def verify_replicas(params: torch.Tensor, world: World, step: int) -> None:
@@ -692,7 +709,8 @@ def _train(cfg: RunConfig, world: World, ds: Dataset | None, prepared: Prepared 
     writer = RunWriter(run_dir, enabled=world.is_main, purge_step=state.step + 1 if state.step else None)
     try:
         resolved = cfg.replace(workers=world.size, run_dir=str(run_dir) if run_dir else cfg.run_dir)
-        writer.write_json("config.json", {**resolved.to_dict(), "n_train": ds.n_train, "n_test": ds.n_test,
+        writer.write_json("config.json", {**resolved.to_dict(), "comm_used": comm_name(cfg, world),
+                                          "n_train": ds.n_train, "n_test": ds.n_test,
                                           "input_shape": list(ds.input_shape), "num_outputs": ds.num_outputs,
                                           "num_parameters": flat.numel})
         if writer.enabled:

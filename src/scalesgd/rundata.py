@@ -134,8 +134,10 @@ class RunData:
         ride in step t+1's all-reduce (``prev_comm_s_rank{r}``, ``prev_update_s_rank{r}`` of the record of
         step t+1); a rank's transfer at step t is its all-reduce time minus its wait. Runs written before
         those fields existed carry rank 0's times only: their transfer and update are then rank 0's, the
-        same number for every rank, and ``per_rank_comm`` is False. Local-SGD steps (``local_sgd``) are left out:
-        they all-reduce nothing, so their records hold rank 0's compute only (the other ranks' slots are 0).
+        same number for every rank, and ``per_rank_comm`` is False. A run resumed with another worker count is
+        described by its last world's steps (those that carry its ranks). Local-SGD steps (``local_sgd``) are
+        left out: they all-reduce nothing, so their records hold rank 0's compute only (the other ranks' slots
+        are 0).
 
         Returns:
             ``compute_s``, ``wait_s``, ``transfer_s``, ``update_s``: lists, one median per rank (seconds;
@@ -143,10 +145,16 @@ class RunData:
             rank's own.
         """
         synchronous = [s for s in self.steps if not s.get("local_sgd")]
-        steps = synchronous[skip:] or synchronous
-        if not steps:
+        if not synchronous:
             return {"compute_s": [], "wait_s": [], "transfer_s": [], "update_s": [], "per_rank_comm": False}
-        ranks = sorted(int(k[len("compute_s_rank"):]) for k in steps[0] if k.startswith("compute_s_rank"))
+
+        def ranks_of(step: dict[str, Any]) -> list[int]:
+            return sorted(int(k[len("compute_s_rank"):]) for k in step if k.startswith("compute_s_rank"))
+
+        # the last world's ranks: a run resumed with another --workers logs another set after the resume
+        ranks = ranks_of(synchronous[-1])
+        current = [s for s in synchronous if ranks_of(s) == ranks]
+        steps = current[skip:] or current
         compute = np.array([[s[f"compute_s_rank{r}"] for r in ranks] for s in steps])  # (steps, P)
         slowest = compute.max(axis=1, keepdims=True)
         wait = slowest - compute
