@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from scalesgd import ring_schedule as rs
-from scalesgd.comm import (QSGDCodec, RingAllReduce, make_comm, qsgd_decode, qsgd_encode, strategy_info)
+from scalesgd.comm import (QSGDCodec, RingAllReduce, make_comm, qsgd_decode, qsgd_encode, scalar_sum,
+                           strategy_info)
 from scalesgd.comm_registry import CODECS, COMM_NAMES, TRANSPORTS
-from scalesgd.distributed import World, init_world, shutdown_world, spawn
+from scalesgd.distributed import World, all_reduce_scalars, init_world, shutdown_world, spawn
 from scalesgd.errors import ConfigError
 
 EXACT_STRATEGIES = ("allreduce", "ring", "ring-tcp", "ps")
@@ -132,6 +133,11 @@ def _exactness_checks(world) -> dict:
             buf = xs[r].clone()
             comm.allreduce_(buf)
             out["int_exact"][f"{name}/{size}/f64"] = bool(torch.equal(buf, sum(xs)))
+    # a few float64 scalars through the strategy (scalar_sum) equal the engine's all-reduce of them, bit for bit
+    values = [r + 0.5, 2.0 ** -30 * (r + 1), 7.0, -3.25 * r]
+    reference = all_reduce_scalars(values, world)
+    for name, comm in comms.items():
+        out["int_exact"][f"{name}/scalar_sum"] = scalar_sum(comm, world)(values) == reference
     out["edge_groups"] = {name: len(comms[name]._edge_groups) for name in ("ring_split", "ring_one_group")}
     for comm in comms.values():
         comm.close()

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from scalesgd import distributed
 from scalesgd import ring_schedule as rs
 from scalesgd.comm_protocol import CommStats, CommStrategy, Option, RingTransport, Transport
 from scalesgd.comm_registry import CODECS, DEFAULT_TRANSPORT, TRANSPORTS, parse_comm_name
@@ -123,6 +124,25 @@ def make_comm(name: str, world: World, *, generator: torch.Generator | None = No
 # --------------------------------------------------------------------------------------------------------------
 # Transports. Each one sums in place and leaves bit-identical buffers on every rank.
 # --------------------------------------------------------------------------------------------------------------
+
+
+def scalar_sum(comm: CommStrategy, world: World) -> Callable[[list[float]], list[float]]:
+    """``total(values) -> values summed over ranks`` (float64): a few numbers, such as a loss and some timings.
+
+    Through ``comm`` when it is one of our exact rings (every rank gets the same bytes; on CPU ring-tcp's round
+    trips cost tens of µs where a gloo collective costs about a millisecond on a small host), else the engine's
+    all-reduce (:func:`scalesgd.distributed.all_reduce_scalars`, the reference the tests compare it with).
+    Collective: every rank calls ``total`` with as many values at the same point.
+    """
+    if not isinstance(comm, RingTransport) or world.device.type != "cpu":
+        return lambda values: distributed.all_reduce_scalars(values, world)
+
+    def ring_sum(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)  # (len(values),)
+        comm.allreduce_(t)
+        return t.tolist()
+
+    return ring_sum
 
 
 class BuiltinAllReduce(Transport):

@@ -16,8 +16,7 @@ from typing import Any, Callable
 import torch
 
 from scalesgd import distributed
-from scalesgd.comm import CommStrategy
-from scalesgd.comm_protocol import RingTransport
+from scalesgd.comm import CommStrategy, scalar_sum
 from scalesgd.config import RunConfig
 from scalesgd.data.sharding import BatchStream, Cursor, shard
 from scalesgd.distributed import World
@@ -50,22 +49,6 @@ LR_PROBE_COLD_MARGIN = 2.5
 LR_PROBE_STEPS = 5
 LR_PROBE_LOSS_EXAMPLES = 512
 LR_PROBE_BUDGET = 0.05
-
-
-def _scalar_sum(comm: CommStrategy, world: World) -> Callable[[list[float]], list[float]]:
-    """``sum(values) -> values summed over ranks`` for the probe's few numbers a trial: through the run's own ring
-    when it is one (an exact ring gives every rank the same bytes; ring-tcp's round trips cost tens of µs where a
-    gloo collective costs about a millisecond on a small host, and the probe runs one per trial inside the run's
-    clock), else the engine's all-reduce."""
-    if not isinstance(comm, RingTransport) or world.device.type != "cpu":
-        return lambda values: distributed.all_reduce_scalars(values, world)
-
-    def ring_sum(values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        comm.allreduce_(t)
-        return t.tolist()
-
-    return ring_sum
 
 
 def _local_probe_loss(flat: FlatModel, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, world: World,
@@ -132,7 +115,7 @@ def find_base_lr(state: TrainState, *, cfg: RunConfig, lr_config: LrConfig, flat
     saved_params = flat.params.detach().clone()
     saved_tx = state_to_tree(state.tx_state)
     saved_rng, saved_comm_rng = torch.get_rng_state(), state.comm_generator.get_state()
-    total = _scalar_sum(comm, world)
+    total = scalar_sum(comm, world)  # one reduction a trial, through the run's own ring when it is one
     loss_sum, count = total(list(_local_probe_loss(flat, loss_fn, x_probe, y_probe, world=world,
                                                    classification=classification)))
     loss_before = start_loss = loss_sum / max(count, 1.0)
