@@ -101,6 +101,14 @@ def resolve(spec: str, *, option: str) -> Callable[..., Any]:
     return fn
 
 
+def _keywords_taken(params: Any) -> set[str] | None:
+    """The names a signature's ``params`` take by keyword; None when it takes ``**kwargs`` (any name)."""
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {n for n, p in params.items() if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+
+
 def call_with_accepted(fn: Callable[..., Any], *, what: str = "the function", **kwargs: Any) -> Any:
     """``fn(**k)`` with only the keywords ``fn``'s signature accepts (all of them if it takes ``**kwargs``).
 
@@ -112,9 +120,8 @@ def call_with_accepted(fn: Callable[..., Any], *, what: str = "the function", **
     except (TypeError, ValueError):  # builtins without a signature: call as is
         return fn(**kwargs)
     params = sig.parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        names = {n for n, p in params.items() if p.kind in (inspect.Parameter.KEYWORD_ONLY,
-                                                               inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    names = _keywords_taken(params)
+    if names is not None:
         kwargs = {k: v for k, v in kwargs.items() if k in names}
     for name, p in params.items():
         if p.default is inspect.Parameter.empty and p.kind not in (inspect.Parameter.VAR_POSITIONAL,
@@ -252,13 +259,11 @@ def check_model_options_taken(fn: Callable[..., Any], options: dict[str, Any], *
         ConfigError: ``fn`` takes neither one of ``options`` by name nor ``**kwargs``; the first such option named.
     """
     try:
-        params = inspect.signature(fn).parameters
+        named = _keywords_taken(inspect.signature(fn).parameters)
     except (TypeError, ValueError):  # no signature to read: call_with_accepted passes everything
         return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    if named is None:  # **kwargs: every option reaches it
         return
-    named = {n for n, p in params.items() if p.kind in (inspect.Parameter.KEYWORD_ONLY,
-                                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)}
     for name in options:
         if name not in named:
             flag = f"--{name.replace('_', '-')}"
