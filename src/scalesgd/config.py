@@ -292,8 +292,8 @@ class RunConfig:
                                       "--diversity off (--exact-diversity-every still measures B_S exactly)"),
             (self.comm not in ("auto", "allreduce", "ps"),
              f"sends gradients to its own server or none; drop --comm {self.comm}"),
-            (self.algorithm == "hogwild" and self.comm not in ("auto", "allreduce"), "communicates through shared memory; drop "
-                                                                       "--comm"),
+            (self.algorithm == "hogwild" and self.comm not in ("auto", "allreduce"),
+             "communicates through shared memory; drop --comm"),
             (self.backend == "nccl", "runs on the CPU over gloo; use --backend gloo"),
             (self.sync_every is not None, "and --sync-every are two different algorithms; choose one"),
             (self.backup_workers > 0, "applies every gradient as it arrives; drop --backup-workers"),

@@ -27,7 +27,7 @@ from torch import nn
 from scalesgd import goodput as gp
 from scalesgd import perf_model as pm
 from scalesgd.comm import strategy_info
-from scalesgd.comm_registry import AUTO
+from scalesgd.comm_registry import AUTO, resolve_comm
 from scalesgd.diversity import batch_bound_over_run
 from scalesgd.errors import ConfigError
 from scalesgd.rundata import RunData, finite, passes_to_target
@@ -461,7 +461,9 @@ def predict(*, model: str | None = None, dataset: str | None = None, n_train: in
                        norm=norm, seed=seed)
     if comm == AUTO:
         run_comm = (RunData.open(from_run).config.get("comm_used") or cfg.comm) if from_run else AUTO
-        comm = run_comm if run_comm != AUTO else ("allreduce" if network is not None else "ring-tcp")
+        # measured here: what the trainer resolves auto to for CPU workers on this machine (gloo, several)
+        here = resolve_comm(AUTO, backend="gloo", device_type="cpu", world_size=2)
+        comm = run_comm if run_comm != AUTO else ("allreduce" if network is not None else here)
     if network is not None:
         # our rings switch to recursive doubling for small messages on any network; the built-in is a ring
         doubling = strategy_info(comm).doubling_p2_bytes
