@@ -43,6 +43,12 @@ def _toml(tmp_path, text):
 CASES = [
     ("unknown data set", lambda t: ["--dataset", "imagenet"], ["imagenet", "mnist1d"]),
     ("unknown model", lambda t: ["--model", "resnet"], ["resnet", "mlp"]),
+    # a user's model file without its function: the refusal listed only the built-in names, not the
+    # MODULE:FUNCTION form the file needs
+    ("own model without its function", lambda t: ["--model", "examples/own.py"],
+     ["examples/own.py", "mlp", "MODULE:FUNCTION", "examples/own.py:make_model"]),
+    ("own data without its function", lambda t: ["--dataset", "examples/own.py"],
+     ["examples/own.py", "digits", "MODULE:FUNCTION", "examples/own.py:make_data"]),
     ("missing data file", lambda t: ["--dataset", f"idx:{t / 'nowhere'}"], ["nowhere"]),
     ("truncated data file", lambda t: ["--dataset", f"idx:{_idx_dir(t, truncate=True)}", "--model", "mlp"],
      ["truncated"]),
