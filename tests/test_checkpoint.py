@@ -14,7 +14,7 @@ import torch
 from scalesgd import checkpoint
 from scalesgd.config import RunConfig
 from scalesgd.errors import CheckpointError, ConfigError
-from scalesgd.writer import lock_run_dir, truncate_metrics
+from scalesgd.writer import check_run_dir_is_new, lock_run_dir, truncate_metrics
 
 
 def _blob(step: int, n: int = 5) -> dict:
@@ -127,6 +127,26 @@ def test_a_locked_run_dir_names_its_holder(tmp_path):
     with pytest.raises(ConfigError, match="is a file"):
         with lock_run_dir(tmp_path / "file"):
             pass
+
+
+def test_a_new_run_in_a_live_run_dir_names_the_holder_not_delete(tmp_path):
+    # a second `scalesgd train --run-dir D` while the first still trains there was told to "delete the old
+    # directory first": the live run's directory, under it. It must name the holder, as the lock does.
+    run_dir = tmp_path / "run"
+    with lock_run_dir(run_dir):
+        (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+        with pytest.raises(ConfigError, match=f"in use by another scalesgd run \\(pid {os.getpid()}\\)") as e:
+            check_run_dir_is_new(str(run_dir))
+        assert "delete" not in str(e.value)
+        # the launcher's own second check, under the lock it holds, is not fooled by that lock
+        with pytest.raises(ConfigError, match="already holds a run"):
+            check_run_dir_is_new(str(run_dir), locked=True)
+    # once the holder has finished, the directory holds a finished run: the old advice, and the probe left
+    # the lock free
+    with pytest.raises(ConfigError, match="already holds a run.*delete the old directory"):
+        check_run_dir_is_new(str(run_dir))
+    with lock_run_dir(run_dir):
+        pass
 
 
 def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
