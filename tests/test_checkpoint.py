@@ -149,6 +149,22 @@ def test_a_new_run_in_a_live_run_dir_names_the_holder_not_delete(tmp_path):
         pass
 
 
+def test_a_new_run_in_a_stopped_run_dir_offers_resume(tmp_path):
+    # after a stop signal the user re-typed the train command and was told to delete the directory; the
+    # run there was one `--resume` away from finishing
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run_dir / "checkpoints" / "step-00000020.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="already holds a run") as e:
+        check_run_dir_is_new(str(run_dir))
+    assert f"scalesgd train --resume {run_dir}" in str(e.value) and "delete" not in str(e.value)
+    (run_dir / "summary.json").write_text("{}")  # finished: nothing to resume
+    with pytest.raises(ConfigError, match="delete the old directory") as e:
+        check_run_dir_is_new(str(run_dir))
+    assert "--resume" not in str(e.value)
+
+
 def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     truncate_metrics(tmp_path, len('{"step": 1}\n'))
@@ -259,7 +275,7 @@ HOSTILE = [
     ("resume a broken config", lambda r: ["--resume", str(r)],
      lambda r: (r / "checkpoints" / "config.json").write_text("{"), ["unreadable"]),
     ("run dir is a file", lambda r: [*RUN, "--run-dir", str(r / "config.json")], None, ["is a file"]),
-    ("run dir holds a run", lambda r: [*RUN, "--run-dir", str(r)], None, ["already holds a run"]),
+    ("run dir holds a run", lambda r: [*RUN, "--run-dir", str(r)], None, ["already holds a run", "--resume"]),
     ("negative checkpoint steps", lambda r: [*RUN, "--checkpoint-every-steps", "-1"], None,
      ["--checkpoint-every-steps"]),
     ("NaN checkpoint seconds", lambda r: [*RUN, "--checkpoint-every-s", "nan"], None, ["--checkpoint-every-s"]),

@@ -82,9 +82,15 @@ def check_run_dir_is_new(run_dir: str | None, *, locked: bool = False) -> None:
         raise ConfigError(f"--run-dir {run_dir} is in use by another scalesgd run (pid {holder}); wait for it to "
                           "end, stop it, or pick another --run-dir")
     if found:
+        # a run stopped before its end (no summary, a checkpoint) is most likely one to continue, not to delete
+        stopped = (not (Path(run_dir) / "summary.json").exists()
+                   and any((Path(run_dir) / "checkpoints").glob("step-*.pt")))
+        advice = (f"Continue it with `scalesgd train --resume {run_dir}`, pick a new --run-dir, or leave it out "
+                  "for a fresh one under runs/." if stopped else
+                  "Pick a new --run-dir, or leave it out for a fresh one under runs/, or delete the old directory "
+                  "first.")
         raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(found)}); a new run there would "
-                          "mix its metrics with the old ones. Pick a new --run-dir, or leave it out for a fresh "
-                          "one under runs/, or delete the old directory first.")
+                          f"mix its metrics with the old ones. {advice}")
 
 
 def _lock_holder(run_dir: Path) -> str | None:
