@@ -14,7 +14,7 @@ import torch
 from scalesgd import checkpoint
 from scalesgd.config import RunConfig
 from scalesgd.errors import CheckpointError, ConfigError
-from scalesgd.writer import lock_run_dir, truncate_metrics
+from scalesgd.writer import check_run_dir_is_new, lock_run_dir, truncate_metrics
 
 
 def _blob(step: int, n: int = 5) -> dict:
@@ -129,6 +129,42 @@ def test_a_locked_run_dir_names_its_holder(tmp_path):
             pass
 
 
+def test_a_new_run_in_a_live_run_dir_names_the_holder_not_delete(tmp_path):
+    # a second `scalesgd train --run-dir D` while the first still trains there was told to "delete the old
+    # directory first": the live run's directory, under it. It must name the holder, as the lock does.
+    run_dir = tmp_path / "run"
+    with lock_run_dir(run_dir):
+        (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+        with pytest.raises(ConfigError, match=f"in use by another scalesgd run \\(pid {os.getpid()}\\)") as e:
+            check_run_dir_is_new(str(run_dir))
+        assert "delete" not in str(e.value)
+        # the launcher's own second check, under the lock it holds, is not fooled by that lock
+        with pytest.raises(ConfigError, match="already holds a run"):
+            check_run_dir_is_new(str(run_dir), locked=True)
+    # once the holder has finished, the directory holds a finished run: the old advice, and the probe left
+    # the lock free
+    with pytest.raises(ConfigError, match="already holds a run.*delete the old directory"):
+        check_run_dir_is_new(str(run_dir))
+    with lock_run_dir(run_dir):
+        pass
+
+
+def test_a_new_run_in_a_stopped_run_dir_offers_resume(tmp_path):
+    # after a stop signal the user re-typed the train command and was told to delete the directory; the
+    # run there was one `--resume` away from finishing
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run_dir / "checkpoints" / "step-00000020.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="already holds a run") as e:
+        check_run_dir_is_new(str(run_dir))
+    assert f"scalesgd train --resume {run_dir}" in str(e.value) and "delete" not in str(e.value)
+    (run_dir / "summary.json").write_text("{}")  # finished: nothing to resume
+    with pytest.raises(ConfigError, match="delete the old directory") as e:
+        check_run_dir_is_new(str(run_dir))
+    assert "--resume" not in str(e.value)
+
+
 def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     truncate_metrics(tmp_path, len('{"step": 1}\n'))
@@ -239,7 +275,7 @@ HOSTILE = [
     ("resume a broken config", lambda r: ["--resume", str(r)],
      lambda r: (r / "checkpoints" / "config.json").write_text("{"), ["unreadable"]),
     ("run dir is a file", lambda r: [*RUN, "--run-dir", str(r / "config.json")], None, ["is a file"]),
-    ("run dir holds a run", lambda r: [*RUN, "--run-dir", str(r)], None, ["already holds a run"]),
+    ("run dir holds a run", lambda r: [*RUN, "--run-dir", str(r)], None, ["already holds a run", "--resume"]),
     ("negative checkpoint steps", lambda r: [*RUN, "--checkpoint-every-steps", "-1"], None,
      ["--checkpoint-every-steps"]),
     ("NaN checkpoint seconds", lambda r: [*RUN, "--checkpoint-every-s", "nan"], None, ["--checkpoint-every-s"]),

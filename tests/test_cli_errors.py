@@ -43,6 +43,12 @@ def _toml(tmp_path, text):
 CASES = [
     ("unknown data set", lambda t: ["--dataset", "imagenet"], ["imagenet", "mnist1d"]),
     ("unknown model", lambda t: ["--model", "resnet"], ["resnet", "mlp"]),
+    # a user's model file without its function: the refusal listed only the built-in names, not the
+    # MODULE:FUNCTION form the file needs
+    ("own model without its function", lambda t: ["--model", "examples/own.py"],
+     ["examples/own.py", "mlp", "MODULE:FUNCTION", "examples/own.py:make_model"]),
+    ("own data without its function", lambda t: ["--dataset", "examples/own.py"],
+     ["examples/own.py", "digits", "MODULE:FUNCTION", "examples/own.py:make_data"]),
     ("missing data file", lambda t: ["--dataset", f"idx:{t / 'nowhere'}"], ["nowhere"]),
     ("truncated data file", lambda t: ["--dataset", f"idx:{_idx_dir(t, truncate=True)}", "--model", "mlp"],
      ["truncated"]),
@@ -176,3 +182,18 @@ def test_run_dir_that_already_holds_a_run_is_refused_and_left_as_it_was(tmp_path
     assert len(lines) == 1 and lines[0].startswith("scalesgd: error:"), err
     assert "already holds a run" in lines[0] and "metrics.jsonl" in lines[0] and "--run-dir" in lines[0]
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # the old run is intact
+
+
+# `scalesgd diversity --every 0` trained, measured nothing exact and plotted an empty diversity.png with exit 0;
+# --every -3 was refused under another option's name (--exact-diversity-every), which the user never typed
+@pytest.mark.parametrize("every", ["0", "-3"])
+def test_diversity_every_must_be_positive(tmp_path, capsys, every):
+    run_dir = tmp_path / "run"
+    code = main(["diversity", "--every", every, "--dataset", "digits", "--model", "mlp", "--steps", "2",
+                 "--workers", "1", "--run-dir", str(run_dir), "--no-progress"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("scalesgd: error:"), err
+    assert f"--every {every}" in lines[0] and "positive" in lines[0] and "--every 100" in lines[0], err
+    assert not run_dir.exists(), "nothing may be written for bad input"

@@ -286,6 +286,9 @@ def cmd_diversity(args: argparse.Namespace) -> int:
         return 0
     from scalesgd.run import train
 
+    if args.every < 1:  # 0 would train, measure nothing exact and plot an empty diversity.png
+        raise ConfigError(f"--every {args.every}: steps between exact measurements must be a positive integer; "
+                          "e.g. --every 100")
     cfg = config_from_args(args)
     check_launch(args, cfg)
     if not cfg.exact_diversity_every:

@@ -147,8 +147,11 @@ class RunConfig:
             _positive_int("dim", self.dim)
         if self.noise is not None and self.noise < 0:
             raise ConfigError(f"--noise must be >= 0, got {self.noise}")
-        if not (is_import_string(self.model) or self.model.startswith(OBJECT_PREFIX)):
-            _choice("model", self.model, tuple(MODELS))
+        if not (is_import_string(self.model) or self.model.startswith(OBJECT_PREFIX)) and self.model not in MODELS:
+            # a user's own model file given without its function is the likely slip: show the form it needs
+            own = f"{self.model}:make_model" if self.model.endswith(".py") else "mypkg.models:make_model"
+            raise ConfigError(f"--model: unknown value {self.model!r}; choose one of {', '.join(MODELS)}, or your "
+                              f"own as MODULE:FUNCTION, e.g. {own}")
         if self.loss is not None and not (is_import_string(self.loss) or self.loss.startswith(OBJECT_PREFIX)):
             raise ConfigError(f"--loss {self.loss!r} is not an import string; write MODULE:FUNCTION, e.g. "
                               "mypkg.losses:my_loss or path/to/file.py:my_loss")

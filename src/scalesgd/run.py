@@ -954,7 +954,7 @@ def train(cfg: RunConfig, ds: Dataset | None = None, *, model: nn.Module | None 
         if main and not locked:
             lock.enter_context(lock_run_dir(cfg.run_dir))
         if main and not resume:
-            check_run_dir_is_new(cfg.run_dir)  # again under the lock: a run that finished meanwhile
+            check_run_dir_is_new(cfg.run_dir, locked=True)  # again under the lock: a run that finished meanwhile
         if rdv is not None:
             return worker(rdv, cfg, ds, prepared, resume=resume)
         if cfg.workers == 1 and cfg.max_restarts == 0:

@@ -60,19 +60,59 @@ def check_output_dir(path: Path | str | None, option: str) -> None:
                           "you can write to")
 
 
-def check_run_dir_is_new(run_dir: str | None) -> None:
+def check_run_dir_is_new(run_dir: str | None, *, locked: bool = False) -> None:
     """Refuse a ``--run-dir`` that already holds a run: the new run would append its steps to the old
     ``metrics.jsonl`` (two runs' records in one file, silently wrong curves and times) and replace the old
     summary and checkpoint. A file, or a place that cannot be created or written, is refused too
-    (:func:`check_output_dir`). Call before anything is spawned or written."""
+    (:func:`check_output_dir`). Call before anything is spawned or written.
+
+    Args:
+        run_dir: the ``--run-dir`` given, or None (a fresh one will be named).
+        locked: this process already holds the directory's lock (:func:`lock_run_dir`), so a held lock is its
+            own and says nothing about another run.
+
+    Raises:
+        ConfigError: the directory holds a run (naming the pid of a run still writing there), or cannot be used."""
     if not run_dir:
         return
     check_output_dir(run_dir, "--run-dir")
     found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+    holder = _lock_holder(Path(run_dir)) if found and not locked else None
+    if holder is not None:  # a run still writing there: "delete the old directory" would pull it from under it
+        raise ConfigError(f"--run-dir {run_dir} is in use by another scalesgd run (pid {holder}); wait for it to "
+                          "end, stop it, or pick another --run-dir")
     if found:
+        # a run stopped before its end (no summary, a checkpoint) is most likely one to continue, not to delete
+        stopped = (not (Path(run_dir) / "summary.json").exists()
+                   and any((Path(run_dir) / "checkpoints").glob("step-*.pt")))
+        advice = (f"Continue it with `scalesgd train --resume {run_dir}`, pick a new --run-dir, or leave it out "
+                  "for a fresh one under runs/." if stopped else
+                  "Pick a new --run-dir, or leave it out for a fresh one under runs/, or delete the old directory "
+                  "first.")
         raise ConfigError(f"--run-dir {run_dir} already holds a run ({', '.join(found)}); a new run there would "
-                          "mix its metrics with the old ones. Pick a new --run-dir, or leave it out for a fresh "
-                          "one under runs/, or delete the old directory first.")
+                          f"mix its metrics with the old ones. {advice}")
+
+
+def _lock_holder(run_dir: Path) -> str | None:
+    """The pid written in ``run_dir/.lock`` while another process holds that lock (see :func:`lock_run_dir`),
+    else None. Only probes: creates nothing and leaves the lock free."""
+    try:
+        import fcntl
+    except ModuleNotFoundError:  # pragma: no cover - not POSIX: no lock
+        return None
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDONLY)
+    except OSError:  # no lock file: no run has held this directory
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -613,7 +613,10 @@ def load_dataset(spec: str, *, n_train: int | None = None, seed: int | None = No
     name, _, path = spec.partition(":")
     if name not in ("idx", "cifar10") and (path or name not in DATASET_NAMES):
         hint = " (only idx and cifar10 take a :PATH)" if path and name in DATASET_NAMES else ""
-        raise DataError(f"unknown data set {spec!r}{hint}; choose one of {', '.join(DATASET_NAMES)}")
+        # a user's own data file given without its function is the likely slip: show the form it needs
+        own = f"{spec}:make_data" if spec.endswith(".py") else "mypkg.data:make_data"
+        raise DataError(f"unknown data set {spec!r}{hint}; choose one of {', '.join(DATASET_NAMES)}, or your own "
+                        f"as MODULE:FUNCTION, e.g. {own}")
     allowed = {"synthetic-linreg": ("--dim", "--noise"),
                "synthetic-logreg": ("--dim", "--noise", "num_classes")}.get(name, ())
     given = [option for option, value in (("--dim", dim), ("--noise", noise), ("num_classes", num_classes))
